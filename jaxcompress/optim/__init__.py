@@ -1,0 +1,10 @@
+"""Optax transformations that compress while they optimise.
+
+Every factory returns an ``optax.GradientTransformation`` (or ``...ExtraArgs``) whose state
+holds the masks, so ``optax.apply_updates`` alone yields compressed params, Orbax saves the
+masks with the optimizer state, and shardings follow the params.
+"""
+
+from jaxcompress.optim._masked import MaskedState, masked, masked_params
+
+__all__ = ["MaskedState", "masked", "masked_params"]

@@ -1,0 +1,169 @@
+"""Fixed-support sparse training: an optax wrapper that keeps pruned weights at exactly zero."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxcompress.masks import map_masked, validate_masks
+
+__all__ = ["MaskedState", "masked", "masked_params"]
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+class MaskedState(NamedTuple):
+    """State of :func:`masked`.
+
+    Attributes:
+      masks: the mask tree (mirrors the params; boolean arrays with ``True`` = kept, ``None``
+        for leaves that are not pruned). It lives in the state so that checkpoints save it and
+        so that its arrays carry the params' shardings.
+      inner_state: the state of the wrapped optimizer.
+    """
+
+    masks: Any
+    inner_state: optax.OptState
+
+
+def _cancel_pruned(mask: Any, update: Any, param: Any) -> Any:
+    """``where(mask, update, -param)``, so that ``param + update`` is exactly 0 off the mask."""
+    if mask is None:
+        return update
+    # jnp.where promotes to result_type(update, param): an update narrower than its param
+    # (e.g. bf16 updates for f32 params) is widened so that -param is represented exactly.
+    return jnp.where(mask, update, -param)
+
+
+def masked(
+    inner: optax.GradientTransformation, masks: Any
+) -> optax.GradientTransformationExtraArgs:
+    r"""Runs ``inner`` on a fixed sparse support, keeping pruned weights at exactly zero.
+
+    With a boolean mask :math:`m` (``True`` = kept) per pruned leaf, gradients :math:`g_t`,
+    params :math:`\theta_t` and inner update rule :math:`U` with state :math:`s_t`, one step is
+
+    .. math::
+
+        \tilde g_t &= m \odot g_t, \qquad \tilde\theta_t = m \odot \theta_t, \\
+        (u_t, s_{t+1}) &= U(\tilde g_t, s_t, \tilde\theta_t), \\
+        \Delta_t &= m \odot u_t + (1 - m) \odot (-\theta_t),
+
+    so that ``optax.apply_updates(params, updates)`` gives :math:`m \odot (\theta_t + u_t)`:
+    pruned entries become exactly ``0`` (in IEEE arithmetic :math:`x + (-x) = +0` for every
+    finite :math:`x`), with no separate re-masking call, whatever ``inner`` is (momentum,
+    decoupled weight decay, Lion, Adafactor, clipping, schedules, ``inject_hyperparams``).
+    Because the inner optimizer only ever sees the masked gradients and masked params, its
+    moments at pruned entries stay at zero and the kept entries evolve exactly as if ``inner``
+    were run on the masked problem :math:`\theta \mapsto L(m \odot \theta)` restricted to the
+    support (global statistics such as the gradient norm of ``clip_by_global_norm`` or
+    Adafactor's factored moments are those of the masked gradients).
+
+    This is the "fixed support" sparse fine-tuning used between mask updates by the reference
+    code of CrAM (Peste et al., 2023, "CrAM: A Compression-Aware Minimizer", sparse
+    fine-tuning after one-shot pruning) and in the compressed phases of AC/DC (Peste et al.,
+    2021, "AC/DC: Alternating Compressed/DeCompressed Training of Deep Neural Networks"),
+    where gradients are masked and the weights are re-masked after every optimizer step.
+
+    The masks are stored in :class:`MaskedState`, so Orbax checkpoints include them; they are
+    placed on the params' shardings when ``init`` is called on concrete (sharded) params.
+
+    Args:
+      inner: the optimizer to run on the support. Extra arguments given to ``update`` are
+        forwarded to it when it accepts them (``optax.with_extra_args_support``).
+      masks: a mask tree mirroring the params: boolean arrays of the param's shape (``True`` =
+        kept) for pruned leaves, ``None`` for leaves that are not pruned. Validated against the
+        params in ``init``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose ``update`` requires ``params``.
+    """
+    if not isinstance(inner, optax.GradientTransformation):
+        raise TypeError(
+            "masked(): argument 'inner' must be an optax.GradientTransformation, got "
+            f"{type(inner).__name__}: {inner!r}"
+        )
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params: optax.Params) -> MaskedState:
+        validate_masks(params, masks, "masks")
+        state_masks = jax.tree.map(_place_like, masks, params, is_leaf=_is_none)
+        inner_params = map_masked(_mask_leaf, params, state_masks)
+        return MaskedState(masks=state_masks, inner_state=inner.init(inner_params))
+
+    def update_fn(
+        updates: optax.Updates,
+        state: MaskedState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, MaskedState]:
+        if params is None:
+            raise ValueError(
+                "masked(): update() needs the current params to keep pruned weights at zero; "
+                "call tx.update(grads, opt_state, params)."
+            )
+        grads = map_masked(_mask_leaf, updates, state.masks)
+        support_params = map_masked(_mask_leaf, params, state.masks)
+        inner_updates, inner_state = inner.update(
+            grads, state.inner_state, support_params, **extra_args
+        )
+        new_updates = jax.tree.map(
+            _cancel_pruned, state.masks, inner_updates, params, is_leaf=_is_none
+        )
+        return new_updates, MaskedState(masks=state.masks, inner_state=inner_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _mask_leaf(x: jax.Array, mask: jax.Array) -> jax.Array:
+    return jnp.where(mask, x, jnp.zeros((), dtype=x.dtype))
+
+
+def _place_like(mask: Any, param: Any) -> Any:
+    """Returns ``mask`` as a bool array on ``param``'s sharding when that sharding is known."""
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask, dtype=bool)
+    if (
+        isinstance(param, jax.Array)
+        and not isinstance(param, jax.core.Tracer)
+        and not isinstance(mask, jax.core.Tracer)
+        and not param.sharding.is_equivalent_to(mask.sharding, param.ndim)
+    ):
+        mask = jax.device_put(mask, param.sharding)
+    return mask
+
+
+def masked_params(params: optax.Params, state: Any) -> optax.Params:
+    """Returns ``params`` with the entries pruned by the masks of ``state`` set to zero.
+
+    Useful once, before training starts, when the params are not yet sparse: ``masked`` makes
+    every pruned entry exactly zero after the first update anyway, but a forward pass taken
+    before that update should already see the sparse model.
+
+    Args:
+      params: the params tree.
+      state: a :class:`MaskedState`, or an optimizer state that contains exactly one (for
+        example the state of ``optax.chain(..., masked(...))``).
+
+    Returns:
+      :math:`m \\odot \\theta` with the same structure, dtypes and shardings as ``params``.
+    """
+    found = [
+        s
+        for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, MaskedState))
+        if isinstance(s, MaskedState)
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            "masked_params(): argument 'state' must contain exactly one MaskedState, found "
+            f"{len(found)} in a {type(state).__name__}."
+        )
+    masks = found[0].masks
+    validate_masks(params, masks, "state.masks")
+    return map_masked(_mask_leaf, params, masks)
