@@ -5,6 +5,7 @@ holds the masks, so ``optax.apply_updates`` alone yields compressed params, Orba
 masks with the optimizer state, and shardings follow the params.
 """
 
+from jaxcompress.optim._cram import CramState, cram
 from jaxcompress.optim._masked import MaskedState, masked, masked_params
 
-__all__ = ["MaskedState", "masked", "masked_params"]
+__all__ = ["CramState", "MaskedState", "cram", "masked", "masked_params"]
