@@ -5,7 +5,25 @@ holds the masks, so ``optax.apply_updates`` alone yields compressed params, Orba
 masks with the optimizer state, and shardings follow the params.
 """
 
+from jaxcompress.optim._acdc import AcdcState, acdc, moment_leaves
 from jaxcompress.optim._cram import CramState, cram
+from jaxcompress.optim._gmp import GmpState, gmp, gmp_sparsity
 from jaxcompress.optim._masked import MaskedState, masked, masked_params
+from jaxcompress.optim._schedule import AcdcSchedule, acdc_schedule, acdc_schedule_from_epochs
 
-__all__ = ["CramState", "MaskedState", "cram", "masked", "masked_params"]
+__all__ = [
+    "AcdcSchedule",
+    "AcdcState",
+    "CramState",
+    "GmpState",
+    "MaskedState",
+    "acdc",
+    "acdc_schedule",
+    "acdc_schedule_from_epochs",
+    "cram",
+    "gmp",
+    "gmp_sparsity",
+    "masked",
+    "masked_params",
+    "moment_leaves",
+]
