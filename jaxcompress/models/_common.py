@@ -1,0 +1,60 @@
+"""Shared argument checks and initialisers for the Flax NNX models."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+
+import jax
+from flax import nnx
+
+# He et al. (2015), "Delving Deep into Rectifiers", arXiv:1502.01852: N(0, 2 / fan_out) keeps the
+# variance of the back-propagated signal constant through ReLU convolutions.
+conv_kernel_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+# Flax's BatchNorm momentum is the weight of the *old* running statistic; 0.9 is PyTorch's 0.1.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """Return ``value`` as ``int`` or raise ``TypeError``/``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int, got {value!r} ({type(value).__name__})")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def check_int_tuple(name: str, value: object, *, allow_empty: bool = False) -> tuple[int, ...]:
+    """Return ``value`` as a tuple of positive ints or raise naming ``name``."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a sequence of positive ints, got {value!r}")
+    out = tuple(check_positive_int(f"{name}[{i}]", v) for i, v in enumerate(value))
+    if not out and not allow_empty:
+        raise ValueError(f"{name} must hold at least one positive int, got {value!r}")
+    return out
+
+
+def check_rate(name: str, value: object) -> float:
+    """Return a dropout rate in ``[0, 1)`` or raise naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float in [0, 1), got {value!r}")
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
+    return float(value)
+
+
+def check_rngs(rngs: object) -> nnx.Rngs:
+    """Raise ``TypeError`` unless ``rngs`` is an ``nnx.Rngs``."""
+    if not isinstance(rngs, nnx.Rngs):
+        raise TypeError(f"rngs must be an flax.nnx.Rngs, got {type(rngs).__name__}")
+    return rngs
+
+
+def check_image_batch(name: str, x: jax.Array, in_channels: int) -> None:
+    """Check a static NHWC shape ``(N, H, W, in_channels)``; shapes are static under ``jit``."""
+    if x.ndim != 4 or x.shape[-1] != in_channels:
+        raise ValueError(
+            f"{name} expects an NHWC batch of shape (N, H, W, {in_channels}), got shape {x.shape}"
+        )
