@@ -1,0 +1,198 @@
+"""Shared validation, metadata layout and backend selection for the N:M kernels.
+
+Everything here is static (Python ints, strings, dtypes): it runs once per trace and never
+touches traced values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IMPLEMENTATIONS = ("xla", "pallas", "interpret")
+"""Valid values of every ``implementation=`` argument (``None`` picks by platform)."""
+
+MAX_M = 16
+"""Largest group size the kernels support (indices fit a 4-bit field)."""
+
+META_DTYPE = jnp.uint8
+"""Storage type of the packed index words."""
+
+_GPU_BACKENDS = ("gpu", "cuda", "rocm")
+
+
+def check_nm(n: Any, m: Any) -> tuple[int, int]:
+    """Validates an N:M pattern: ``1 <= n < m <= MAX_M``; returns ``(n, m)`` as ints."""
+    for name, value in (("m", m), ("n", n)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise TypeError(f"{name} must be an int, got {name}={value!r} ({type(value).__name__})")
+    n, m = int(n), int(m)
+    if not 2 <= m <= MAX_M:
+        raise ValueError(f"m must satisfy 2 <= m <= {MAX_M} (group size), got m={m}")
+    if not 1 <= n < m:
+        raise ValueError(f"n must satisfy 1 <= n < m (kept per group), got n={n} with m={m}")
+    return n, m
+
+
+def check_array(name: str, value: Any, *, ndim: int | None = None, min_ndim: int = 0) -> jax.Array:
+    """Checks ``value`` is a real floating array of the requested rank."""
+    if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+        raise TypeError(f"{name} must be an array, got {type(value).__name__}")
+    dtype = jnp.dtype(value.dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"{name} must be a real floating-point array, got dtype {dtype}")
+    if ndim is not None and value.ndim != ndim:
+        raise ValueError(f"{name} must have ndim == {ndim}, got shape {tuple(value.shape)}")
+    if value.ndim < min_ndim:
+        raise ValueError(f"{name} must have ndim >= {min_ndim}, got shape {tuple(value.shape)}")
+    return value
+
+
+def is_gpu_backend() -> bool:
+    """Whether JAX's default backend is a GPU (CUDA or ROCm)."""
+    return jax.default_backend() in _GPU_BACKENDS
+
+
+def resolve_implementation(implementation: str | None) -> str:
+    """Maps ``implementation=`` to one of :data:`IMPLEMENTATIONS`.
+
+    ``None`` picks ``'pallas'`` on a GPU backend and ``'xla'`` elsewhere. ``'pallas'`` on a
+    platform without the Pallas Triton backend is an error (use ``'interpret'`` to run the
+    same kernel through the Pallas interpreter, or ``'xla'`` for the reference).
+    """
+    if implementation is None:
+        return "pallas" if is_gpu_backend() else "xla"
+    if not isinstance(implementation, str) or implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}"
+        )
+    if implementation == "pallas" and not is_gpu_backend():
+        raise ValueError(
+            "implementation='pallas' needs a GPU (Pallas Triton backend), but the default JAX "
+            f"backend is {jax.default_backend()!r}; use implementation='xla' (reference) or "
+            "'interpret' (the Pallas kernel in interpret mode)"
+        )
+    return implementation
+
+
+def triton_compiler_params(*, num_warps: int = 4, num_stages: int = 3):
+    """Pallas Triton compiler params (selects the Triton backend, not Mosaic GPU).
+
+    ``CompilerParams`` in jax >= 0.7; older releases called it ``TritonCompilerParams``.
+    """
+    from jax.experimental.pallas import triton as pltriton
+
+    params = getattr(pltriton, "CompilerParams", None) or pltriton.TritonCompilerParams
+    return params(num_warps=num_warps, num_stages=num_stages)
+
+
+def next_power_of_2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+def largest_pow2_divisor(x: int, cap: int) -> int:
+    """Largest power of two ``p <= cap`` with ``x % p == 0`` (``x >= 1``)."""
+    p = 1
+    while p * 2 <= cap and x % (p * 2) == 0:
+        p *= 2
+    return p
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaLayout:
+    """Bit layout of the packed index words for an N:M pattern.
+
+    The kept entries of a ``(K, N)`` weight are stored row-major as ``values`` of shape
+    ``(K*n/m, N)``: row ``r = g*n + t`` holds, for every column, the ``t``-th kept entry (in
+    increasing index order) of group ``g`` (rows ``g*m .. g*m+m-1`` of the weight). Their
+    in-group indices ``idx[r, j]`` in ``[0, m)`` are packed into ``uint8`` words: each index
+    takes ``bits`` bits (the smallest power of two ``>= ceil(log2 m)``: 1 bit for m=2, 2 bits
+    for m=3..4, 4 bits for m=5..16, so m=8 uses 4-bit fields and one bit of each field stays
+    zero), ``per_word = 8 // bits`` indices share a byte, and
+
+    ``meta[w, j] = sum_f idx[w*per_word + f, j] << (f*bits)``  for ``f < per_word``,
+
+    i.e. little-endian fields along the contracting axis, column by column. ``meta`` has
+    ``ceil(K*n/m / per_word)`` rows; unused fields of the last row are zero. For 2:4 that is
+    4 bits per group of 4 weights (two 2-bit indices), the format of the 2:4 sparse tensor
+    cores.
+
+    The kernels walk the rows in *periods* of ``period_rows = lcm(n, per_word)`` value rows,
+    which span ``period_words`` meta rows, ``period_groups`` groups and ``period_dense``
+    weight rows, so every period starts at a word boundary.
+    """
+
+    n: int
+    m: int
+
+    @property
+    def bits(self) -> int:
+        need = max(1, math.ceil(math.log2(self.m)))
+        return next_power_of_2(need)
+
+    @property
+    def per_word(self) -> int:
+        return 8 // self.bits
+
+    @property
+    def field_mask(self) -> int:
+        return (1 << self.bits) - 1
+
+    @property
+    def period_rows(self) -> int:
+        return math.lcm(self.n, self.per_word)
+
+    @property
+    def period_words(self) -> int:
+        return self.period_rows // self.per_word
+
+    @property
+    def period_groups(self) -> int:
+        return self.period_rows // self.n
+
+    @property
+    def period_dense(self) -> int:
+        return self.period_groups * self.m
+
+    def value_rows(self, k: int) -> int:
+        return k // self.m * self.n
+
+    def meta_rows(self, k: int) -> int:
+        return -(-self.value_rows(k) // self.per_word)
+
+
+def magnitude_keys(a: jax.Array) -> jax.Array:
+    """int32 keys monotone in ``|a|``: the bit pattern of ``|a|`` as float32.
+
+    Non-negative floats order like their bit patterns, so comparing keys compares
+    magnitudes exactly (no flush-to-zero of subnormals) and a NaN (any payload) ranks above
+    ``inf``. Same keys as :func:`jaxcompress.masks.nm`.
+    """
+    return jax.lax.bitcast_convert_type(jnp.abs(a).astype(jnp.float32), jnp.int32)
+
+
+def magnitude_ranks(members: list[jax.Array]) -> list[jax.Array]:
+    """Rank of each member of a group by decreasing magnitude, ties to the lowest index.
+
+    ``members[c]`` holds member ``c`` of many groups (any common shape, floating dtype).
+    Returns int32 arrays ``rank[c] = #{c' : key_c' > key_c} + #{c' < c : key_c' == key_c}``
+    with ``key`` = :func:`magnitude_keys`: a permutation of ``0..m-1`` in every group, so
+    exactly ``n`` members have ``rank < n``. Built from elementwise ops only, so the same
+    code runs in the reference and inside the Pallas kernels.
+    """
+    keys = [magnitude_keys(a) for a in members]
+    ranks = []
+    for c, kc in enumerate(keys):
+        rank = jnp.zeros(kc.shape, jnp.int32)
+        for c2, kc2 in enumerate(keys):
+            if c2 == c:
+                continue
+            beats = (kc2 >= kc) if c2 < c else (kc2 > kc)
+            rank = rank + beats.astype(jnp.int32)
+        ranks.append(rank)
+    return ranks

@@ -1,0 +1,96 @@
+"""Public pack / unpack entry points with ``implementation=`` dispatch."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxcompress.kernels._common import check_array, check_nm, resolve_implementation
+from jaxcompress.kernels.nm_mask.reference import nm_violations_reference
+from jaxcompress.kernels.nm_pack.format import PackedNM, check_packed
+from jaxcompress.kernels.nm_pack.kernel import pack_pallas, unpack_pallas
+from jaxcompress.kernels.nm_pack.reference import pack_reference, unpack_reference
+
+_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def pack_nm(w: jax.Array, n: int = 2, m: int = 4, *, implementation: str | None = None) -> PackedNM:
+    """Packs an N:M-sparse ``(K, N)`` weight into values + 2-bit (m=4) index metadata.
+
+    Groups are ``m`` consecutive rows of the contracting axis ``K`` (the ``in`` axis of a
+    Flax Dense kernel), per column. Of every group the ``n`` kept entries are stored in index
+    order in ``values`` ``(K*n/m, N)`` and their in-group indices in ``meta`` (layout in
+    :class:`PackedNM`). Bytes: ``K*N*(n/m)*itemsize + K*N*(n/m)*bits/8``; for bf16 2:4 that
+    is 9/16 of the dense weight (36 of 64 bits per group), the 1.78x bandwidth ceiling of
+    Mishra et al. (2021), arXiv:2104.08378.
+
+    Other layouts reshape to 2-D first: a Conv kernel ``(kh, kw, in, out)`` becomes
+    ``w.reshape(kh*kw*in, out)`` (its im2col order; when ``in % m == 0`` the groups are the
+    ``in``-axis groups of ``nm_mask(w, axis=-2)``; a 1x1 conv is just ``(in, out)``), and a
+    stack of layers ``(L, K, N)`` is packed layer by layer (a Python loop, or ``jax.vmap``
+    under which the check below is skipped).
+
+    Args:
+      w: ``(K, N)`` float32/bfloat16/float16 weight with ``K % m == 0``.
+      n: entries kept per group, ``1 <= n < m``.
+      m: group size, ``2 <= m <= 16``.
+      implementation: ``'xla'``, ``'pallas'``, ``'interpret'`` or ``None`` (by platform).
+
+    Returns:
+      :class:`PackedNM` with ``unpack_nm(pack_nm(w)) == w`` bit for bit.
+
+    Raises:
+      ValueError: if ``w`` is concrete and some group has more than ``n`` nonzeros (the
+        message gives the count). Under ``jit``/``vmap`` ``w`` is a tracer and cannot be
+        checked without a host sync, so no error is raised; instead each group keeps its
+        ``n`` largest magnitudes, i.e. ``pack_nm(w)`` packs ``w * nm_mask(w, n, m)``. Call
+        :func:`nm_violations` inside the jitted code to detect that case.
+    """
+    n, m = check_nm(n, m)
+    w = check_array("w", w, ndim=2)
+    if jnp.dtype(w.dtype) not in [jnp.dtype(d) for d in _FLOAT_DTYPES]:
+        raise TypeError(f"w must be float32, bfloat16 or float16, got dtype {w.dtype}")
+    k, cols = w.shape
+    if k % m:
+        raise ValueError(
+            f"w.shape[0]={k} (the contracting axis K of a (K, N) weight) must be divisible by "
+            f"m={m}; got w of shape {tuple(w.shape)}"
+        )
+    impl = resolve_implementation(implementation)
+    if _is_concrete(w) and w.size:
+        bad = int(nm_violations_reference(w, n, m))
+        if bad:
+            raise ValueError(
+                f"w is not {n}:{m} sparse along axis 0: {bad} of {k // m * cols} groups of {m} "
+                f"have more than {n} nonzeros; apply nm_mask first (w * nm_mask(w, {n}, {m}))"
+            )
+    if w.size == 0 or impl == "xla":
+        values, meta = pack_reference(w, n, m)
+    else:
+        values, meta = pack_pallas(w, n, m, interpret=impl == "interpret")
+    return PackedNM(values=values, meta=meta, shape=(int(k), int(cols)), n=n, m=m)
+
+
+def unpack_nm(packed: PackedNM, *, implementation: str | None = None) -> jax.Array:
+    """Dense ``(K, N)`` weight of a :class:`PackedNM`; the exact inverse of :func:`pack_nm`.
+
+    Args:
+      packed: output of :func:`pack_nm` (or a pytree-mapped copy of one).
+      implementation: ``'xla'``, ``'pallas'``, ``'interpret'`` or ``None`` (by platform).
+    """
+    packed = check_packed("packed", packed)
+    impl = resolve_implementation(implementation)
+    if impl == "xla" or packed.values.size == 0:
+        return unpack_reference(packed.values, packed.meta, packed.shape, packed.n, packed.m)
+    return unpack_pallas(
+        packed.values,
+        packed.meta,
+        shape=packed.shape,
+        n=packed.n,
+        m=packed.m,
+        interpret=impl == "interpret",
+    )

@@ -1,0 +1,141 @@
+"""Tests for jaxcompress.kernels.nnx: NNX inference conversion and Orbax round trip."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxcompress.kernels import PackedNM, nm_mask
+from jaxcompress.kernels.nnx import NMConv1x1, NMLinear, NMMeta, sparsify_for_inference
+
+
+class _Net(nnx.Module):
+    """Linear -> relu -> Linear -> 1x1 Conv (stride 2) -> 3x3 Conv -> Linear head."""
+
+    def __init__(self, rngs, dtype=None, param_dtype=jnp.float32):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.layers = nnx.List([nnx.Linear(16, 32, **kw), nnx.Linear(32, 8, **kw)])
+        self.pointwise = nnx.Conv(8, 8, (1, 1), strides=2, **kw)
+        self.spatial = nnx.Conv(8, 4, (3, 3), **kw)
+        self.head = nnx.Linear(4, 3, **kw)
+
+    def __call__(self, x):
+        h = jax.nn.relu(self.layers[0](x))
+        h = self.pointwise(self.layers[1](h))
+        return self.head(self.spatial(jax.nn.relu(h)))
+
+
+def _nm_net(seed=0, n=2, m=4, **kw):
+    """A _Net whose Linear / 1x1 Conv kernels satisfy n:m (as after N:M training)."""
+    model = _Net(nnx.Rngs(seed), **kw)
+    for layer in (*model.layers, model.pointwise):
+        k = layer.kernel[...]
+        layer.kernel[...] = k * nm_mask(k, n, m)
+    return model
+
+
+_CONVERTIBLE = lambda path, layer: path not in ("spatial", "head")  # noqa: E731
+
+
+def _x(dtype=jnp.float32):
+    return jax.random.normal(jax.random.key(1), (2, 6, 6, 16)).astype(dtype)
+
+
+def test_converted_model_equals_masked_dense_model_f32():
+    model = _nm_net()
+    kernel_before = np.asarray(model.layers[0].kernel[...])
+    sparse, report = sparsify_for_inference(model, where=_CONVERTIBLE)
+    assert isinstance(sparse.layers[0], NMLinear) and isinstance(sparse.pointwise, NMConv1x1)
+    assert isinstance(sparse.spatial, nnx.Conv) and isinstance(sparse.head, nnx.Linear)
+    np.testing.assert_allclose(sparse(_x()), model(_x()), rtol=1e-5, atol=1e-6)
+    # the input model is untouched
+    assert isinstance(model.layers[0], nnx.Linear)
+    np.testing.assert_array_equal(model.layers[0].kernel[...], kernel_before)
+    # jitted, through nnx.jit, with the same result
+    np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(sparse, _x()), sparse(_x()), rtol=1e-6)
+
+
+def test_converted_model_equals_masked_dense_model_bf16():
+    model = _nm_net(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    sparse, _ = sparsify_for_inference(model, where=_CONVERTIBLE)
+    got = np.asarray(sparse(_x(jnp.bfloat16)), np.float32)
+    want = np.asarray(model(_x(jnp.bfloat16)), np.float32)
+    assert sparse(_x(jnp.bfloat16)).dtype == jnp.bfloat16
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
+
+
+def test_size_report_counts_packed_bytes():
+    model = _nm_net(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    sparse, report = sparsify_for_inference(model, where=_CONVERTIBLE)
+    packed = {r.path: r for r in report.layers}
+    assert set(packed) == {"layers/0", "layers/1", "pointwise"}
+    # bf16 2:4: 16 bits x 2 values + 4 bits of indices per 4 weights = 9/16 of dense
+    assert packed["layers/0"].dense_bytes == 16 * 32 * 2
+    assert packed["layers/0"].packed_bytes == 16 * 32 * 2 * 9 // 16
+    assert report.compression == pytest.approx(16 / 9)
+    saved = report.dense_bytes - report.packed_bytes
+    assert report.model_bytes_before - report.model_bytes_after == saved
+    assert "layers/0" in str(report) and "1.78x" in str(report)
+
+
+def test_strict_conversion_names_the_offending_layer():
+    model = _nm_net()
+    with pytest.raises(ValueError, match=r"'head' \(Linear, kernel \(4, 3\)\).*3 of 3 groups"):
+        sparsify_for_inference(model)
+    with pytest.raises(ValueError, match=r"'spatial'.*kernel_size \(3, 3\) is not 1x1"):
+        sparsify_for_inference(model, where=lambda path, layer: path != "head")
+    model.layers[1].kernel[...] = jnp.ones_like(model.layers[1].kernel[...])
+    with pytest.raises(ValueError, match=r"'layers/1'.*not 2:4: 64 of 64 groups"):
+        sparsify_for_inference(model, where=_CONVERTIBLE)
+    sparse, report = sparsify_for_inference(model, strict=False)
+    status = {r.path: r.status for r in report.layers}
+    assert status["layers/0"] == "packed"
+    assert status["layers/1"].startswith("skipped: not 2:4")
+    assert status["head"] == "skipped: not 2:4: 3 of 3 groups have more than 2 nonzeros"
+    assert status["spatial"] == "skipped: kernel_size (3, 3) is not 1x1"
+    assert isinstance(sparse.layers[1], nnx.Linear)
+    np.testing.assert_allclose(sparse(_x()), model(_x()), rtol=1e-5, atol=1e-6)
+
+
+def test_interpret_kernel_layer_matches_reference_layer():
+    model = _nm_net()
+    only_first = lambda path, layer: path == "layers/0"  # noqa: E731
+    ref, _ = sparsify_for_inference(model, where=only_first, implementation="xla")
+    ker, _ = sparsify_for_inference(model, where=only_first, implementation="interpret")
+    x = _x()[:1, :2, :2]
+    np.testing.assert_allclose(ker.layers[0](x), ref.layers[0](x), rtol=1e-5, atol=1e-6)
+
+
+def test_orbax_round_trip_of_the_packed_model(tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    sparse, _ = sparsify_for_inference(_nm_net(seed=3), where=_CONVERTIBLE)
+    state = nnx.state(sparse)
+    path = tmp_path / "packed"
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path, state)
+    checkpointer.wait_until_finished()
+
+    # restore target: the same conversion of a fresh (abstract) model
+    abstract = nnx.eval_shape(
+        lambda: sparsify_for_inference(_nm_net(seed=9), where=_CONVERTIBLE)[0]
+    )
+    graphdef, abstract_state = nnx.split(abstract)
+    restored_state = checkpointer.restore(path, abstract_state)
+    restored = nnx.merge(graphdef, restored_state)
+    meta = restored.layers[0].meta
+    assert isinstance(meta, NMMeta) and meta[...].dtype == jnp.uint8
+    np.testing.assert_array_equal(meta[...], sparse.layers[0].meta[...])
+    assert isinstance(restored.layers[0].packed, PackedNM)
+    np.testing.assert_array_equal(restored(_x()), sparse(_x()))
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(TypeError, match="model must be an nnx.Module"):
+        sparsify_for_inference({"kernel": jnp.zeros((4, 4))})
+    with pytest.raises(ValueError, match="n must satisfy"):
+        sparsify_for_inference(_nm_net(), n=4, m=4)
+    with pytest.raises(TypeError, match="packed must be a PackedNM"):
+        NMLinear(jnp.zeros((4, 4)))
