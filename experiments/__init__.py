@@ -1,0 +1,1 @@
+"""Experiments reproducing the papers' claims with jaxcompress; never imported by the library."""

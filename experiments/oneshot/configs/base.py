@@ -1,0 +1,129 @@
+"""The configuration dataclass of the one-shot pruning experiment."""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+
+DATASETS = ("fashion_mnist", "mnist", "digits")
+CALIBRATION_MODES = ("ema", "cumulative")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every setting of one run; :meth:`validate` checks them all before any work.
+
+    Attributes:
+      dataset: ``fashion_mnist``, ``mnist`` or ``digits``.
+      data_dir: data root (default ``$JAXCOMPRESS_DATA_DIR``).
+      seed: model initialisation, shuffling and calibration-subset seed.
+      epochs: training epochs.
+      batch_size: training batch size.
+      learning_rate: peak SGD learning rate (cosine decay to 0 over all steps).
+      momentum: SGD (heavy-ball) momentum.
+      weight_decay: coupled L2 weight decay added to the gradient (as torch SGD).
+      widths: conv widths of :class:`jaxcompress.models.SmallCNN`.
+      train_subset: train on a random subset of this size (``None``: all).
+      test_subset: evaluate on a random test subset of this size (``None``: all).
+      sparsities: global magnitude sparsities to prune at.
+      nm: ``(n, m)`` of the N:M pruning, or ``None`` to skip it.
+      calib_batches: BatchNorm recalibration forward passes.
+      calib_batch_size: calibration batch size.
+      calib_momentum: EMA weight of each new batch (PyTorch convention; CrAM uses 0.1).
+      calib_mode: ``ema`` or ``cumulative``.
+      eval_batch_size: evaluation batch size.
+      progress: show progress bars.
+    """
+
+    dataset: str = "fashion_mnist"
+    data_dir: str | None = None
+    seed: int = 0
+    epochs: int = 6
+    batch_size: int = 128
+    learning_rate: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    widths: tuple[int, ...] = (32, 64, 128)
+    train_subset: int | None = None
+    test_subset: int | None = None
+    sparsities: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95)
+    nm: tuple[int, int] | None = (2, 4)
+    calib_batches: int = 100
+    calib_batch_size: int = 128
+    calib_momentum: float = 0.1
+    calib_mode: str = "ema"
+    eval_batch_size: int = 1000
+    progress: bool = True
+
+    def replace(self, **changes) -> Config:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> Config:
+        """Raise ``ValueError``/``TypeError`` naming the first bad field; return ``self``."""
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        if self.data_dir is not None and not isinstance(self.data_dir, str):
+            raise TypeError(f"data_dir must be a str path or None, got {self.data_dir!r}")
+        for name in ("seed",):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        for name in ("epochs", "batch_size", "calib_batches", "calib_batch_size"):
+            value = getattr(self, name)
+            if not _is_int(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not _is_int(self.eval_batch_size) or self.eval_batch_size <= 0:
+            raise ValueError(
+                f"eval_batch_size must be a positive int, got {self.eval_batch_size!r}"
+            )
+        for name in ("train_subset", "test_subset"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value <= 0):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        for name, lo, hi in (
+            ("learning_rate", 0.0, float("inf")),
+            ("momentum", 0.0, 1.0),
+            ("weight_decay", 0.0, float("inf")),
+        ):
+            value = getattr(self, name)
+            if not _is_real(value) or not lo <= value < hi:
+                raise ValueError(f"{name} must be a float in [{lo}, {hi}), got {value!r}")
+        if not _is_real(self.calib_momentum) or not 0.0 < self.calib_momentum <= 1.0:
+            raise ValueError(f"calib_momentum must be in (0, 1], got {self.calib_momentum!r}")
+        if self.calib_mode not in CALIBRATION_MODES:
+            raise ValueError(
+                f"calib_mode must be one of {CALIBRATION_MODES}, got {self.calib_mode!r}"
+            )
+        if (
+            not isinstance(self.widths, tuple)
+            or not self.widths
+            or not all(_is_int(w) and w > 0 for w in self.widths)
+        ):
+            raise ValueError(
+                f"widths must be a non-empty tuple of positive ints, got {self.widths!r}"
+            )
+        if not isinstance(self.sparsities, tuple) or not all(
+            _is_real(s) and 0.0 <= s < 1.0 for s in self.sparsities
+        ):
+            raise ValueError(
+                f"sparsities must be a tuple of floats in [0, 1), got {self.sparsities!r}"
+            )
+        if len(set(self.sparsities)) != len(self.sparsities):
+            raise ValueError(f"sparsities must be distinct, got {self.sparsities!r}")
+        if self.nm is not None and (
+            not isinstance(self.nm, tuple)
+            or len(self.nm) != 2
+            or not all(_is_int(v) for v in self.nm)
+            or not 0 < self.nm[0] < self.nm[1]
+        ):
+            raise ValueError(f"nm must be None or a pair (n, m) with 0 < n < m, got {self.nm!r}")
+        return self
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

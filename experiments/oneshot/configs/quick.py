@@ -1,0 +1,17 @@
+"""Quick run (well under 3 minutes on 2 CPU cores): a training subset, one epoch, fewer
+calibration batches and a test subset. Same pipeline and output schema as the full run."""
+
+from experiments.oneshot.configs.base import Config
+
+
+def get_config() -> Config:
+    """The quick configuration."""
+    return Config(
+        epochs=1,
+        train_subset=12_000,
+        test_subset=2_000,
+        widths=(16, 32, 64),
+        learning_rate=0.1,
+        calib_batches=20,
+        calib_mode="cumulative",  # exact mean of 20 batches; EMA would need ~100
+    )

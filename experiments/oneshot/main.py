@@ -1,0 +1,79 @@
+"""Command line of the one-shot pruning experiment (``python -m experiments.oneshot``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from experiments.oneshot.configs import default, quick
+from experiments.oneshot.configs.base import DATASETS
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.oneshot",
+        description=(
+            "Train a BatchNorm CNN, prune it in one shot (global magnitude at several sparsities "
+            "and 2:4), with and without BatchNorm recalibration; write results.json and a plot."
+        ),
+    )
+    parser.add_argument("--dataset", choices=DATASETS, default=None, help="default fashion_mnist")
+    parser.add_argument(
+        "--quick", action="store_true", help="small settings (under 3 minutes on 2 CPU cores)"
+    )
+    parser.add_argument("--seed", type=_non_negative_int, default=None)
+    parser.add_argument("--epochs", type=_positive_int, default=None)
+    parser.add_argument("--out", default="runs/oneshot", help="output directory")
+    parser.add_argument(
+        "--data-dir", default=None, help="data root (default $JAXCOMPRESS_DATA_DIR)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.data_dir is not None and not os.path.isdir(args.data_dir):
+        parser.error(f"--data-dir: {args.data_dir!r} is not a directory")
+    config = (quick if args.quick else default).get_config()
+    changes = {"progress": not args.no_progress}
+    for name in ("dataset", "seed", "epochs", "data_dir"):
+        value = getattr(args, name)
+        if value is not None:
+            changes[name] = value
+    config = config.replace(**changes)
+    try:
+        config.validate()
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))
+
+    from experiments.oneshot.train import format_table, run
+
+    start = time.perf_counter()
+    results = run(config, args.out)
+    print(format_table(results))
+    print(f"wall time: {time.perf_counter() - start:.1f} s; results in {args.out}", file=sys.stdout)
+    return 0

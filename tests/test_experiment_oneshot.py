@@ -1,0 +1,80 @@
+"""The one-shot pruning experiment runs end to end on a tiny real setting and keeps its schema."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+# ``experiments`` is a top-level folder of the repository, not part of the installed package.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from experiments.oneshot import main as cli  # noqa: E402
+from experiments.oneshot.configs import default, quick  # noqa: E402
+from experiments.oneshot.configs.base import Config  # noqa: E402
+from experiments.oneshot.train import format_table, run  # noqa: E402
+
+
+def _tiny() -> Config:
+    return quick.get_config().replace(
+        dataset="digits",
+        epochs=3,
+        batch_size=32,
+        learning_rate=0.05,
+        widths=(8, 16),
+        sparsities=(0.5, 0.8),
+        calib_batches=5,
+        progress=False,
+    )
+
+
+def test_run_writes_schema_and_files(tmp_path):
+    results = run(_tiny(), tmp_path)
+    assert 0.6 < results["dense_accuracy"] <= 1.0
+    assert set(results["oneshot"]) == {"0.5", "0.8"}
+    for entry in [*results["oneshot"].values(), results["nm_2_4"]]:
+        assert 0.0 <= entry["raw"] <= 1.0 and 0.0 <= entry["bn_recalibrated"] <= 1.0
+    assert results["oneshot"]["0.8"]["actual_sparsity"] == pytest.approx(0.8, abs=1e-3)
+    assert 0.3 < results["nm_2_4"]["actual_sparsity"] <= 0.5
+    assert results["config"]["dataset"] == "digits"
+    assert results["timing"]["total_seconds"] > 0
+    assert len(results["history"]) == 3
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["oneshot"] == results["oneshot"]
+    assert (tmp_path / "accuracy_vs_sparsity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+    table = format_table(results)
+    assert "global 0.8" in table and "N:M 2:4" in table
+
+
+def test_configs_validate():
+    assert default.get_config().validate().dataset == "fashion_mnist"
+    assert quick.get_config().validate().epochs >= 1
+    with pytest.raises(ValueError, match="sparsities"):
+        Config(sparsities=(0.5, 1.0)).validate()
+    with pytest.raises(ValueError, match="nm"):
+        Config(nm=(4, 4)).validate()
+    with pytest.raises(ValueError, match="calib_mode"):
+        Config(calib_mode="median").validate()
+    with pytest.raises(TypeError, match="config"):
+        run({"dataset": "digits"})
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--dataset", "cifar10"], "invalid choice"),
+        (["--epochs", "0"], "positive integer"),
+        (["--seed", "-1"], "non-negative"),
+        (["--data-dir", "/nonexistent/dir"], "not a directory"),
+    ],
+)
+def test_cli_rejects_bad_flags(argv, match, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert match in capsys.readouterr().err

@@ -1,0 +1,55 @@
+"""Execute every notebook in notebooks/ with small settings (JAXCOMPRESS_NOTEBOOK_QUICK=1)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+_ROOT = pathlib.Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((_ROOT / "notebooks").glob("*.ipynb"))
+TIMEOUT_S = 600
+
+
+def test_notebooks_exist():
+    assert NOTEBOOKS, "notebooks/ has no .ipynb file"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_executes(path, monkeypatch):
+    nb = nbformat.read(path, as_version=4)
+    # Committed notebooks carry no outputs.
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert not cell.get("outputs"), f"{path.name}: commit notebooks with outputs cleared"
+    # The kernel inherits this environment. jupyter_client starts the "python3" kernelspec with
+    # sys.executable, i.e. this venv's interpreter; the repository root goes on PYTHONPATH.
+    monkeypatch.setenv("JAXCOMPRESS_NOTEBOOK_QUICK", "1")
+    monkeypatch.setenv("JAX_PLATFORMS", os.environ.get("JAX_PLATFORMS", "cpu"))
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(_ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(":")
+    )
+    # One device in the kernel: drop the 8 emulated devices the test process uses.
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    monkeypatch.setenv(
+        "XLA_FLAGS", " ".join(f for f in flags if "xla_force_host_platform_device_count" not in f)
+    )
+    client = nbclient.NotebookClient(
+        nb,
+        timeout=TIMEOUT_S,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(path.parent)}},
+    )
+    client.execute()
+    errors = [
+        out
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.get("outputs", [])
+        if out.get("output_type") == "error"
+    ]
+    assert not errors
