@@ -1,0 +1,681 @@
+"""Extraction of a physically smaller plain model from a gated one, plus timing, fine-tuning
+and the uniform-width baseline.
+
+Nasery et al., arXiv:2306.05785 (spec 4.2, "Extraction"):
+
+1. threshold each gate group: unit ``j`` survives iff
+   :math:`\\alpha_j \\ge \\tau \\max_k \\alpha_k` and :math:`\\alpha_j > 0`, with
+   :math:`\\tau = 10^{-2}` by default (a team choice: the paper's value is not verified); a
+   group keeps at least its largest unit, so every layer keeps a width >= 1 (an all-zero group
+   keeps one unit whose folded gate is 0: the function is unchanged);
+2. remove the other channels / neurons / heads / ranks / quantization levels;
+3. fold the surviving gates into the weights: into BatchNorm's ``scale``/``bias`` for the CNN
+   (gate after BN, before the ReLU), into the next layer's input rows for the MLP, the
+   attention output projection and ``mlp_out`` (gate after the activation), into ``v``'s rows
+   for a low-rank layer, into the level gains for the quantized layer;
+4. :func:`finetune` the result briefly;
+5. report the exact cost from the extracted shapes (:func:`jaxcompress.latency.count_macs`).
+
+When every removed gate is exactly 0 the extracted model computes the same function (up to
+float rounding of the folding), in train and in eval mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxcompress.latency import gates as _g
+from jaxcompress.models import MLP, SmallCNN, TransformerClassifier
+from jaxcompress.models._common import check_int_tuple, check_positive_int, check_rngs
+
+__all__ = [
+    "DEFAULT_TAU",
+    "Extracted",
+    "FactorizedLinear",
+    "FactorizedMLP",
+    "LevelDense",
+    "SlimTransformerClassifier",
+    "extract",
+    "finetune",
+    "kept_units",
+    "measure_latency",
+    "scale_width",
+    "uniform_width_models",
+]
+
+DEFAULT_TAU = 1e-2
+
+
+# --------------------------------------------------------------------------------------------
+# Plain (extracted) modules
+# --------------------------------------------------------------------------------------------
+
+
+class FactorizedLinear(nnx.Module):
+    """Plain low-rank Dense ``y = (x @ u) @ v + b`` with ``u`` ``(in, rank)``, ``v``
+    ``(rank, out)``: ``(in + out) * rank`` multiply-adds per row."""
+
+    def __init__(
+        self, in_features: int, out_features: int, rank: int, *, use_bias=True, rngs: nnx.Rngs
+    ):
+        self.in_features = check_positive_int("in_features", in_features)
+        self.out_features = check_positive_int("out_features", out_features)
+        self.rank = check_positive_int("rank", rank)
+        check_rngs(rngs)
+        init = nnx.initializers.lecun_normal()
+        self.u = nnx.Param(init(rngs.params(), (self.in_features, self.rank)))
+        self.v = nnx.Param(init(rngs.params(), (self.rank, self.out_features)))
+        self.bias = nnx.Param(jnp.zeros((self.out_features,))) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = (x @ self.u[...]) @ self.v[...]
+        return y if self.bias is None else y + self.bias[...]
+
+
+class FactorizedMLP(nnx.Module):
+    """ReLU MLP whose hidden layers are :class:`FactorizedLinear` (ranks per layer) and whose
+    head is a Dense layer; the extracted form of a low-rank :class:`GatedMLP`."""
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden: Sequence[int],
+        ranks: Sequence[int],
+        num_classes: int = 10,
+        *,
+        rngs: nnx.Rngs,
+    ):
+        self.in_features = check_positive_int("in_features", in_features)
+        self.hidden = check_int_tuple("hidden", hidden)
+        self.ranks = check_int_tuple("ranks", ranks)
+        if len(self.ranks) != len(self.hidden):
+            raise ValueError(f"ranks {self.ranks} needs one entry per hidden layer {self.hidden}")
+        self.num_classes = check_positive_int("num_classes", num_classes)
+        check_rngs(rngs)
+        sizes = (self.in_features, *self.hidden)
+        self.layers = nnx.List(
+            [
+                FactorizedLinear(a, b, r, rngs=rngs)
+                for a, b, r in zip(sizes[:-1], sizes[1:], self.ranks, strict=True)
+            ]
+        )
+        self.head = nnx.Linear(self.hidden[-1], self.num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.ndim < 2 or math.prod(x.shape[1:]) != self.in_features:
+            raise ValueError(
+                f"FactorizedMLP expects x of shape (N, ...) with {self.in_features} features, "
+                f"got shape {x.shape}"
+            )
+        h = jnp.reshape(x, (x.shape[0], self.in_features))
+        for layer in self.layers:
+            h = jax.nn.relu(layer(h))
+        return self.head(h)
+
+
+class LevelCodes(nnx.Variable):
+    """Fixed int8 ternary codes of a :class:`LevelDense` (not trained)."""
+
+
+class LevelDense(nnx.Module):
+    """Quantized Dense with the kept residual levels of a :class:`BitGatedDense`:
+
+    .. math::  W = \\sum_{k \\in \\text{kept}} (s_k c_k)\\, g_k,
+
+    ``codes`` ``int8[bits, in, out]`` in ``{-1, 0, 1}``, ``steps`` and ``gains`` ``[bits]``.
+    ``bits`` (the number of kept levels) is the layer's bit-width; ``max_levels`` the gated
+    layer's ``levels``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        *,
+        max_levels: int | None = None,
+        use_bias: bool = True,
+    ):
+        self.in_features = check_positive_int("in_features", in_features)
+        self.out_features = check_positive_int("out_features", out_features)
+        self.bits = check_positive_int("bits", bits)
+        self.max_levels = check_positive_int("max_levels", max_levels or bits)
+        self.codes = LevelCodes(
+            jnp.zeros((self.bits, self.in_features, self.out_features), jnp.int8)
+        )
+        self.steps = LevelCodes(jnp.ones((self.bits,), jnp.float32))
+        self.gains = nnx.Param(jnp.ones((self.bits,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((self.out_features,))) if use_bias else None
+
+    def kernel(self) -> jax.Array:
+        steps, gains = self.steps[...], self.gains[...]
+        codes = self.codes[...].astype(gains.dtype)
+        w = (steps[0] * codes[0]) * gains[0]
+        for k in range(1, self.bits):
+            w = w + (steps[k] * codes[k]) * gains[k]
+        return w
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.kernel()
+        return y if self.bias is None else y + self.bias[...]
+
+
+class SlimTransformerClassifier(_g._EncoderClassifier):
+    """Plain transformer classifier with per-layer head counts and FFN widths (the extracted
+    form of :class:`~jaxcompress.latency.gates.GatedTransformerClassifier`; same call API).
+
+    Args: ``vocab_size``, ``num_classes``, ``d_model``, ``head_dim``, ``heads`` (per layer),
+    ``mlp_dims`` (per layer), ``max_len``, ``dropout``, ``rngs``.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        num_classes: int = 2,
+        *,
+        d_model: int,
+        head_dim: int,
+        heads: Sequence[int],
+        mlp_dims: Sequence[int],
+        max_len: int = 64,
+        dropout: float = 0.1,
+        rngs: nnx.Rngs,
+    ):
+        self._build(
+            vocab_size,
+            num_classes,
+            d_model,
+            head_dim,
+            heads,
+            mlp_dims,
+            max_len,
+            dropout,
+            False,
+            "identity",
+            rngs,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Thresholding and gate checks
+# --------------------------------------------------------------------------------------------
+
+
+def _check_tau(tau: Any) -> float:
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0 <= tau < 1:
+        raise ValueError(f"tau must be a float in [0, 1), got {tau!r}")
+    return float(tau)
+
+
+def kept_units(a: Any, tau: float = DEFAULT_TAU) -> np.ndarray:
+    """Sorted indices of the units that survive: ``a_j >= tau * max(a)`` and ``a_j > 0``; the
+    index of the largest gate if none does (so a layer never becomes empty)."""
+    tau = _check_tau(tau)
+    a = np.asarray(a, np.float64)
+    keep = np.flatnonzero((a >= tau * a.max()) & (a > 0))
+    return keep if keep.size else np.array([int(np.argmax(a))])
+
+
+def _resolve_gates(model: nnx.Module, gates: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
+    own = {k: np.asarray(v) for k, v in _g.gate_values(model).items()}
+    if not own:
+        raise TypeError(f"{type(model).__name__} has no Gate variables to extract from")
+    if gates is None:
+        out = own
+    else:
+        if isinstance(gates, nnx.State) or not isinstance(gates, Mapping):
+            gates = _g.gate_values(gates)
+        out = {}
+        extra = sorted(set(gates) - set(own))
+        missing = sorted(set(own) - set(gates))
+        if extra or missing:
+            raise ValueError(
+                f"gates do not match the model: missing {missing}, unexpected {extra}; the "
+                f"model's gates are {sorted(own)}"
+            )
+        for name, ref in own.items():
+            arr = np.asarray(gates[name])
+            if arr.shape != ref.shape:
+                raise ValueError(
+                    f"gate {name!r} has shape {arr.shape}, the model's gate has shape {ref.shape}"
+                )
+            out[name] = arr
+    for name, arr in out.items():
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"gate {name!r} has non-finite values")
+        if np.any(arr < 0):
+            raise ValueError(
+                f"gate {name!r} has negative values (min {float(arr.min())!r}); gates must be "
+                "non-negative: train with project_nonnegative() or the softplus parametrization"
+            )
+    return out
+
+
+@dataclasses.dataclass
+class Extracted:
+    """What :func:`extract` returns.
+
+    Attributes:
+      model: the plain, smaller model (in eval mode; ``fit`` trains it in train mode). Its
+        dropout RNG streams, if any, start from ``key(0)``.
+      kept: ``{gate group: kept unit indices}``.
+      widths: ``{gate group: number kept}``.
+      macs: exact multiply-adds per example from the extracted shapes (with ``input_shape``),
+        else ``None``.
+    """
+
+    model: nnx.Module
+    kept: dict[str, np.ndarray]
+    widths: dict[str, int]
+    macs: int | None = None
+
+
+def _blank(ctor: Any) -> nnx.Module:
+    """Build ``ctor()`` without running its initialisers: every array is zeros (RNG stream
+    keys ``key(0)``). Extraction overwrites each parameter, so random initialisation (and its
+    per-shape compilation) would be wasted work."""
+    graphdef, state = nnx.split(nnx.eval_shape(ctor))
+
+    def concrete(leaf):
+        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            key = jax.random.key(0)
+            return key if leaf.shape == () else jax.random.split(key, leaf.shape)
+        return jnp.zeros(leaf.shape, leaf.dtype)
+
+    return nnx.merge(graphdef, jax.tree.map(concrete, state))
+
+
+def _set(var: nnx.Variable, value: Any) -> None:
+    value = jnp.asarray(value, var[...].dtype)
+    if value.shape != var[...].shape:
+        raise AssertionError(f"internal shape mismatch {value.shape} vs {var[...].shape}")
+    var[...] = value
+
+
+def _np(var: nnx.Variable) -> np.ndarray:
+    return np.asarray(var[...])
+
+
+def _copy_linear(dst: nnx.Linear, src: nnx.Linear, rows=None, cols=None, row_scale=None):
+    k = _np(src.kernel)
+    if rows is not None:
+        k = k[rows]
+    if cols is not None:
+        k = k[:, cols]
+    if row_scale is not None:
+        k = k * row_scale[:, None]
+    _set(dst.kernel, k)
+    if src.bias is not None:
+        b = _np(src.bias)
+        _set(dst.bias, b if cols is None else b[cols])
+
+
+def _copy_layernorm(dst: nnx.LayerNorm, src: nnx.LayerNorm):
+    for attr in ("scale", "bias"):
+        if getattr(src, attr, None) is not None:
+            _set(getattr(dst, attr), _np(getattr(src, attr)))
+
+
+def _extract_cnn(model: _g.GatedCNN, gates, tau):
+    n = len(model.blocks)
+    kept = {
+        f"blocks/{i}/gate/alpha": kept_units(gates[f"blocks/{i}/gate/alpha"], tau) for i in range(n)
+    }
+    widths = tuple(len(kept[f"blocks/{i}/gate/alpha"]) for i in range(len(model.blocks)))
+    new = _blank(
+        lambda: SmallCNN(
+            model.in_channels,
+            model.num_classes,
+            widths,
+            strides=model.strides,
+            pool_after=model.pool_after,
+            rngs=nnx.Rngs(0),
+        )
+    )
+    prev = np.arange(model.in_channels)
+    for i, (src, dst) in enumerate(zip(model.blocks, new.blocks, strict=True)):
+        k = kept[f"blocks/{i}/gate/alpha"]
+        a = gates[f"blocks/{i}/gate/alpha"][k]
+        _set(dst.conv.kernel, _np(src.conv.kernel)[:, :, prev][:, :, :, k])
+        # gate after BN: a * (gamma * z_hat + beta) = (a gamma) z_hat + a beta
+        _set(dst.bn.scale, _np(src.bn.scale)[k] * a)
+        _set(dst.bn.bias, _np(src.bn.bias)[k] * a)
+        _set(dst.bn.mean, _np(src.bn.mean)[k])
+        _set(dst.bn.var, _np(src.bn.var)[k])
+        prev = k
+    _copy_linear(new.head, model.head, rows=prev)
+    return new, kept
+
+
+def _extract_mlp(model: _g.GatedMLP, gates, tau):
+    n = len(model.hidden)
+    kept = {f"gates/{i}/alpha": kept_units(gates[f"gates/{i}/alpha"], tau) for i in range(n)}
+    widths = tuple(len(kept[f"gates/{i}/alpha"]) for i in range(n))
+    prev, prev_scale = np.arange(model.in_features), None
+    if model.ranks is None:
+        new = _blank(lambda: MLP(model.in_features, widths, model.num_classes, rngs=nnx.Rngs(0)))
+        dsts = list(new.layers)
+        for i in range(n):
+            k = kept[f"gates/{i}/alpha"]
+            _copy_linear(dsts[i], model.layers[i], rows=prev, cols=k, row_scale=prev_scale)
+            prev, prev_scale = k, gates[f"gates/{i}/alpha"][k]
+        _copy_linear(dsts[-1], model.head, rows=prev, row_scale=prev_scale)
+        return new, kept
+    for i in range(n):
+        kept[f"layers/{i}/alpha"] = kept_units(gates[f"layers/{i}/alpha"], tau)
+    ranks = tuple(len(kept[f"layers/{i}/alpha"]) for i in range(n))
+    new = _blank(
+        lambda: FactorizedMLP(model.in_features, widths, ranks, model.num_classes, rngs=nnx.Rngs(0))
+    )
+    for i in range(n):
+        src, dst = model.layers[i], new.layers[i]
+        k, r = kept[f"gates/{i}/alpha"], kept[f"layers/{i}/alpha"]
+        u = _np(src.u)[prev][:, r]
+        if prev_scale is not None:
+            u = u * prev_scale[:, None]
+        _set(dst.u, u)
+        _set(dst.v, (_np(src.v)[r] * gates[f"layers/{i}/alpha"][r][:, None])[:, k])
+        _set(dst.bias, _np(src.bias)[k])
+        prev, prev_scale = k, gates[f"gates/{i}/alpha"][k]
+    _copy_linear(new.head, model.head, rows=prev, row_scale=prev_scale)
+    return new, kept
+
+
+def _extract_transformer(model: _g.GatedTransformerClassifier, gates, tau):
+    kept, heads, mlps = {}, [], []
+    for i in range(model.num_layers):
+        hk, fk = f"blocks/{i}/attn/head_gate/alpha", f"blocks/{i}/ffn_gate/alpha"
+        kept[hk], kept[fk] = kept_units(gates[hk], tau), kept_units(gates[fk], tau)
+        heads.append(len(kept[hk]))
+        mlps.append(len(kept[fk]))
+    new = _blank(
+        lambda: SlimTransformerClassifier(
+            model.vocab_size,
+            model.num_classes,
+            d_model=model.d_model,
+            head_dim=model.head_dim,
+            heads=heads,
+            mlp_dims=mlps,
+            max_len=model.max_len,
+            dropout=model.dropout_rate,
+            rngs=nnx.Rngs(0),
+        )
+    )
+    _set(new.embed.embedding, _np(model.embed.embedding))
+    _set(new.pos_embed, _np(model.pos_embed))
+    dh = model.head_dim
+    for i, (src, dst) in enumerate(zip(model.blocks, new.blocks, strict=True)):
+        hk, fk = f"blocks/{i}/attn/head_gate/alpha", f"blocks/{i}/ffn_gate/alpha"
+        h = kept[hk]
+        cols = (h[:, None] * dh + np.arange(dh)[None]).reshape(-1)
+        head_scale = np.repeat(gates[hk][h], dh)
+        for name in ("q_proj", "k_proj", "v_proj"):
+            _copy_linear(getattr(dst.attn, name), getattr(src.attn, name), cols=cols)
+        _copy_linear(dst.attn.out_proj, src.attn.out_proj, rows=cols, row_scale=head_scale)
+        f = kept[fk]
+        _copy_linear(dst.mlp_in, src.mlp_in, cols=f)
+        _copy_linear(dst.mlp_out, src.mlp_out, rows=f, row_scale=gates[fk][f])
+        _copy_layernorm(dst.ln1, src.ln1)
+        _copy_layernorm(dst.ln2, src.ln2)
+    _copy_layernorm(new.final_ln, model.final_ln)
+    _copy_linear(new.head, model.head)
+    return new, kept
+
+
+def _extract_lowrank(model: _g.LowRankLinear, gates, tau):
+    r = kept_units(gates["alpha"], tau)
+    new = _blank(
+        lambda: FactorizedLinear(
+            model.in_features,
+            model.out_features,
+            len(r),
+            use_bias=model.bias is not None,
+            rngs=nnx.Rngs(0),
+        )
+    )
+    _set(new.u, _np(model.u)[:, r])
+    _set(new.v, _np(model.v)[r] * gates["alpha"][r][:, None])
+    if model.bias is not None:
+        _set(new.bias, _np(model.bias))
+    return new, {"alpha": r}
+
+
+def _extract_bits(model: _g.BitGatedDense, gates, tau):
+    k = kept_units(gates["alpha"], tau)
+    codes, steps = _g.residual_levels(model.kernel[...], model.levels)
+    new = LevelDense(
+        model.in_features,
+        model.out_features,
+        len(k),
+        max_levels=model.levels,
+        use_bias=model.bias is not None,
+    )
+    _set(new.codes, np.asarray(codes)[k])
+    _set(new.steps, np.asarray(steps)[k])
+    _set(new.gains, gates["alpha"][k])
+    if model.bias is not None:
+        _set(new.bias, _np(model.bias))
+    return new, {"alpha": k}
+
+
+_EXTRACTORS = (
+    (_g.GatedCNN, _extract_cnn),
+    (_g.GatedMLP, _extract_mlp),
+    (_g.GatedTransformerClassifier, _extract_transformer),
+    (_g.LowRankLinear, _extract_lowrank),
+    (_g.BitGatedDense, _extract_bits),
+)
+
+
+def extract(
+    model: nnx.Module,
+    *,
+    gates: Mapping[str, Any] | nnx.State | None = None,
+    tau: float = DEFAULT_TAU,
+    input_shape: Sequence[int] | None = None,
+) -> Extracted:
+    """Threshold the gates, drop the removed units, fold the rest into the weights.
+
+    Args:
+      model: a :class:`~jaxcompress.latency.gates.GatedCNN`, ``GatedMLP`` (dense or low-rank),
+        ``GatedTransformerClassifier``, ``LowRankLinear`` or ``BitGatedDense``. It is not
+        modified.
+      gates: optional gate values ``{name: array}`` (or an ``nnx.State`` holding the gates) to
+        use instead of the model's own, e.g. from a checkpoint; names and shapes must match
+        the model's (see :func:`~jaxcompress.latency.gates.gate_values`).
+      tau: relative threshold (default ``1e-2``): keep ``alpha_j >= tau * max(alpha)``.
+      input_shape: one example's shape; when given, ``macs`` is counted exactly from the
+        extracted model (:func:`~jaxcompress.latency.count_macs`). For a :class:`LevelDense`
+        that is its plain multiply-adds; the bit-weighted cost is
+        ``cost_graph(result.model, input_shape).dense()``.
+
+    Returns:
+      An :class:`Extracted` with the plain model (``SmallCNN``, ``MLP``, :class:`FactorizedMLP`,
+      :class:`SlimTransformerClassifier`, :class:`FactorizedLinear` or :class:`LevelDense`).
+
+    Raises:
+      TypeError: an unsupported model.
+      ValueError: ``tau`` outside ``[0, 1)``; ``gates`` with missing/unexpected names or wrong
+        shapes; negative or non-finite gates.
+    """
+    tau = _check_tau(tau)
+    fn = next((f for cls, f in _EXTRACTORS if isinstance(model, cls)), None)
+    if fn is None:
+        supported = ", ".join(c.__name__ for c, _ in _EXTRACTORS)
+        raise TypeError(f"extract supports {supported}; got a {type(model).__name__}")
+    values = _resolve_gates(model, gates)
+    values = {k: np.asarray(v, np.float32) for k, v in values.items()}
+    new, kept = fn(model, values, tau)
+    new.eval()
+    macs = None
+    if input_shape is not None:
+        from jaxcompress.latency.cost import count_macs
+
+        macs = count_macs(new, input_shape)
+    return Extracted(new, kept, {k: len(v) for k, v in kept.items()}, macs)
+
+
+# --------------------------------------------------------------------------------------------
+# Timing and fine-tuning
+# --------------------------------------------------------------------------------------------
+
+
+def _is_token_model(model: nnx.Module) -> bool:
+    return isinstance(model, (TransformerClassifier, _g._EncoderClassifier))
+
+
+def measure_latency(
+    model: nnx.Module,
+    input_shape: Sequence[int],
+    *,
+    batch_size: int = 1,
+    repeats: int = 50,
+    warmup: int = 5,
+    dtype: Any = None,
+) -> float:
+    """Median wall time (seconds) of the jitted eval-mode forward pass on the current device.
+
+    The model is split once; ``jit(forward)(params, x)`` is compiled, run ``warmup`` times,
+    then timed ``repeats`` times (each ending with ``block_until_ready``), via
+    :func:`jaxcompress.spdy.time_callable`. ``x`` is zeros of ``(batch_size, *input_shape)``,
+    or, for transformer classifiers, ``int32`` ones (token id 1 everywhere: no padding, since
+    id 0 is padding).
+    """
+    from jaxcompress.spdy import time_callable
+
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"model must be an nnx.Module, got {type(model).__name__}")
+    if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence):
+        raise TypeError(f"input_shape must be a tuple of ints, got {input_shape!r}")
+    shape = check_int_tuple("input_shape", input_shape)
+    batch_size = check_positive_int("batch_size", batch_size)
+    token = _is_token_model(model)
+    dtype = dtype or (jnp.int32 if token else jnp.float32)
+    x = (jnp.ones if token else jnp.zeros)((batch_size, *shape), dtype)
+    view = nnx.view(model, deterministic=True, use_running_average=True, raise_if_not_found=False)
+    graphdef, state = nnx.split(view)
+
+    def forward(state, x):
+        return nnx.merge(graphdef, state)(x)
+
+    median, _ = time_callable(forward, (state, x), repeats=repeats, warmup=warmup)
+    return median
+
+
+def finetune(
+    model: nnx.Module,
+    train_ds: Any,
+    *,
+    epochs: int = 1,
+    batch_size: int = 128,
+    tx: optax.GradientTransformation | None = None,
+    learning_rate: float = 1e-3,
+    **fit_kwargs: Any,
+):
+    """Fine-tune an extracted model in place with :func:`jaxcompress.train.fit` (default
+    ``optax.adam(learning_rate)``); returns the ``History``."""
+    from jaxcompress.train import fit
+
+    if tx is None:
+        if not learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}")
+        tx = optax.adam(learning_rate)
+    return fit(model, tx, train_ds, epochs=epochs, batch_size=batch_size, **fit_kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Uniform width multipliers
+# --------------------------------------------------------------------------------------------
+
+
+def scale_width(width: int, multiplier: float, *, min_width: int = 1) -> int:
+    """``max(min_width, round(width * multiplier))``."""
+    width = check_positive_int("width", width)
+    if (
+        isinstance(multiplier, bool)
+        or not isinstance(multiplier, numbers.Real)
+        or not (multiplier > 0)
+    ):
+        raise ValueError(f"multiplier must be a float > 0, got {multiplier!r}")
+    return max(check_positive_int("min_width", min_width), round(width * float(multiplier)))
+
+
+def uniform_width_models(
+    model: nnx.Module,
+    multipliers: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
+    *,
+    rngs: nnx.Rngs,
+) -> dict[float, nnx.Module]:
+    """The uniform width-multiplier baseline (MobileNet/EfficientNet style): the same
+    architecture family as ``model`` with every prunable width scaled by each multiplier,
+    freshly initialised from ``rngs``.
+
+    * ``GatedCNN`` / ``SmallCNN`` -> ``SmallCNN`` with scaled conv widths;
+    * ``GatedMLP`` / ``MLP`` -> ``MLP`` (or :class:`FactorizedMLP`, ranks scaled too);
+    * ``GatedTransformerClassifier`` / ``TransformerClassifier`` ->
+      :class:`SlimTransformerClassifier` with scaled head counts and FFN widths (``head_dim``
+      fixed).
+    """
+    check_rngs(rngs)
+    mults = tuple(multipliers)
+    if not mults:
+        raise ValueError("multipliers must be non-empty")
+    for m in mults:
+        scale_width(1, m)  # validates
+    out = {}
+    for m in mults:
+        if isinstance(model, (_g.GatedCNN, SmallCNN)):
+            out[m] = SmallCNN(
+                model.in_channels,
+                model.num_classes,
+                tuple(scale_width(w, m) for w in model.widths),
+                strides=model.strides,
+                pool_after=model.pool_after,
+                rngs=rngs,
+            )
+        elif isinstance(model, (_g.GatedMLP, MLP, FactorizedMLP)):
+            hidden = tuple(scale_width(w, m) for w in model.hidden)
+            if not hidden:
+                raise ValueError("an MLP without hidden layers has no width to scale")
+            ranks = getattr(model, "ranks", None)
+            if ranks is None:
+                out[m] = MLP(model.in_features, hidden, model.num_classes, rngs=rngs)
+            else:
+                out[m] = FactorizedMLP(
+                    model.in_features,
+                    hidden,
+                    tuple(scale_width(r, m) for r in ranks),
+                    model.num_classes,
+                    rngs=rngs,
+                )
+        elif isinstance(model, (_g._EncoderClassifier, TransformerClassifier)):
+            if isinstance(model, TransformerClassifier):
+                heads = (model.num_heads,) * model.num_layers
+                mlps = (model.mlp_dim,) * model.num_layers
+                head_dim = model.d_model // model.num_heads
+            else:
+                heads, mlps, head_dim = model.heads, model.mlp_dims, model.head_dim
+            out[m] = SlimTransformerClassifier(
+                model.vocab_size,
+                model.num_classes,
+                d_model=model.d_model,
+                head_dim=head_dim,
+                heads=tuple(scale_width(h, m) for h in heads),
+                mlp_dims=tuple(scale_width(f, m) for f in mlps),
+                max_len=model.max_len,
+                dropout=model.dropout_rate,
+                rngs=rngs,
+            )
+        else:
+            raise TypeError(f"no width-multiplier family for a {type(model).__name__}")
+    return out

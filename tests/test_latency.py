@@ -1,0 +1,409 @@
+"""Gates, cost models, the l1/l2 surrogate, lambda control (jaxcompress.latency)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jaxcompress.latency as L
+from jaxcompress.masks import path_str
+from jaxcompress.models import MLP, SmallCNN, TransformerClassifier
+from jaxcompress.spdy import TimingTable
+
+
+def _abstract(ctor):
+    """The model's structure without running its initialisers (counting needs shapes only)."""
+    return nnx.eval_shape(ctor)
+
+
+def _gate_names(model):
+    state = nnx.state(model, L.Gate)
+    flat = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda v: isinstance(v, L.Gate))
+    return {path_str(p) for p, _ in flat[0]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact FLOPs (MAC) counting
+# ---------------------------------------------------------------------------------------------
+
+
+def test_layer_formulas_by_hand():
+    assert L.conv_macs(3, 3, 4, 8, 5, 5) == 9 * 25 * 4 * 8
+    assert L.conv_macs(3, 3, 4, 8, 5, 5, groups=4) == 9 * 25 * 1 * 8
+    assert L.dense_macs(10, 7, tokens=3) == 210
+    # QK^T and AV: 2 L^2 h d_h; projections: 4 L d h d_h
+    assert L.attention_macs(6, 16, 2, 8, projections=False) == 2 * 36 * 16
+    assert L.attention_macs(6, 16, 2, 8) == 2 * 36 * 16 + 4 * 6 * 16 * 16
+    with pytest.raises(ValueError, match="groups"):
+        L.conv_macs(3, 3, 4, 8, 5, 5, groups=3)
+    with pytest.raises(ValueError, match="d_in"):
+        L.dense_macs(-1, 3)
+
+
+def test_count_macs_on_hand_computed_models():
+    # SmallCNN on 8x8x3, widths (4, 6), strides (1, 1), pool after block 0:
+    # 9*64*3*4 + 9*16*4*6 + 6*10
+    cnn = _abstract(lambda: SmallCNN(3, 10, (4, 6), strides=(1, 1), rngs=nnx.Rngs(0)))
+    hand = 9 * 64 * 3 * 4 + 9 * 16 * 4 * 6 + 6 * 10
+    assert L.count_macs(cnn, (8, 8, 3)) == hand == L.cost_graph(cnn, (8, 8, 3)).dense()
+    # stride 2 first block (SAME): 7x7 -> 4x4, pool -> 2x2
+    cnn2 = _abstract(lambda: SmallCNN(3, 10, (4, 6), strides=(2, 1), rngs=nnx.Rngs(0)))
+    hand2 = 9 * 16 * 3 * 4 + 9 * 4 * 4 * 6 + 6 * 10
+    assert L.count_macs(cnn2, (7, 7, 3)) == hand2 == L.cost_graph(cnn2, (7, 7, 3)).dense()
+    mlp = _abstract(lambda: MLP(12, (5,), 3, rngs=nnx.Rngs(0)))
+    assert L.count_macs(mlp, (12,)) == 12 * 5 + 5 * 3 == L.cost_graph(mlp, (3, 4)).dense()
+    # one encoder block, L=8, d=16, 2 heads of 8, mlp 32, 2 classes
+    tfm = _abstract(
+        lambda: TransformerClassifier(
+            20, 2, d_model=16, num_heads=2, num_layers=1, mlp_dim=32, max_len=8, rngs=nnx.Rngs(0)
+        )
+    )
+    hand_t = 3 * 8 * 16 * 16 + 2 * 64 * 16 + 8 * 16 * 16 + 2 * 8 * 16 * 32 + 16 * 2
+    assert L.count_macs(tfm, (8,)) == hand_t == L.cost_graph(tfm, (8,)).dense()
+
+
+def test_count_macs_functions_scan_and_cond():
+    w = jnp.ones((4, 5))
+
+    def body(c, _):
+        return c @ jnp.ones((5, 5)), None
+
+    def fn(x):
+        y = x @ w  # 4*5 per example
+        y, _ = jax.lax.scan(body, y, None, length=3)  # 3 * 25
+        return jax.lax.cond(True, lambda v: v @ jnp.ones((5, 2)), lambda v: v[:, :2], y)
+
+    assert L.count_macs(fn, (4,)) == 20 + 75 + 10
+    conv = lambda x: jax.lax.conv_general_dilated(
+        x, jnp.ones((3, 3, 2, 4)), (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    assert L.count_macs(conv, (6, 6, 2)) == 16 * 9 * 2 * 4
+    with pytest.raises(ValueError, match="while_loop"):
+        L.count_macs(lambda x: jax.lax.while_loop(lambda c: c[0, 0] < 3, lambda c: 2 * c, x), (2,))
+
+
+def test_gated_graphs_match_the_counter_and_gate_names():
+    cnn = _abstract(lambda: L.GatedCNN(rngs=nnx.Rngs(0)))
+    g = L.cost_graph(cnn, (28, 28, 1))
+    # default strides (2, 1, 1, 1): blocks at 14, 7, 4, 2 pixels
+    hand = 9 * (196 * 32 + 49 * 32 * 64 + 16 * 64 * 64 + 4 * 64 * 128) + 128 * 10
+    assert g.dense() == hand == L.count_macs(cnn, (28, 28, 1))
+    assert set(g.group_sizes) == _gate_names(cnn)
+    lowrank = _abstract(lambda: L.GatedMLP(20, (8, 6), 3, ranks=(4, 3), rngs=nnx.Rngs(0)))
+    g = L.cost_graph(lowrank, (20,))
+    assert g.dense() == (20 + 8) * 4 + (8 + 6) * 3 + 6 * 3 == L.count_macs(lowrank, (20,))
+    assert set(g.group_sizes) == _gate_names(lowrank)
+    tfm = _abstract(
+        lambda: L.GatedTransformerClassifier(
+            20, d_model=16, num_heads=4, num_layers=1, mlp_dim=8, max_len=6, rngs=nnx.Rngs(0)
+        )
+    )
+    g = L.cost_graph(tfm, (6,))
+    assert g.dense() == L.count_macs(tfm, (6,))
+    assert set(g.group_sizes) == _gate_names(tfm)
+    with pytest.raises(ValueError, match="channels"):
+        L.cost_graph(cnn, (28, 28, 3))
+    with pytest.raises(ValueError, match="max_len"):
+        L.cost_graph(tfm, (7,))
+    with pytest.raises(TypeError, match="no cost graph"):
+        L.cost_graph(_abstract(lambda: nnx.Linear(2, 2, rngs=nnx.Rngs(0))), (2,))
+
+
+def test_layer_graph_validation():
+    with pytest.raises(ValueError, match="unknown groups"):
+        L.LayerGraph((L.CostTerm("a", 1, (("g",), (3,))),))
+    with pytest.raises(ValueError, match="duplicate term"):
+        t = L.CostTerm("a", 1, ((2,), (3,)))
+        L.LayerGraph((t, t))
+    with pytest.raises(ValueError, match="coef"):
+        L.CostTerm("a", -1, ((2,),))
+
+
+# ---------------------------------------------------------------------------------------------
+# The surrogate
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
+def test_ratio_is_scale_invariant(p):
+    a = jax.random.uniform(jax.random.key(0), (37,))
+    for c in (1e-2, 0.5, 7.0, 1e3):
+        np.testing.assert_allclose(L.ratio(c * a, p), L.ratio(a, p), rtol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 3, 10, 64])
+def test_ratio_equals_count_when_nonzeros_are_equal(k):
+    a = jnp.zeros(64).at[jnp.arange(0, 64, 64 // k)[:k]].set(0.37)
+    np.testing.assert_allclose(L.ratio(a), k, rtol=1e-5)
+    np.testing.assert_allclose(L.ratio(a, 1.0), math.sqrt(k), rtol=1e-5)
+    # unequal non-zeros: strictly below the count for p = 2
+    b = a.at[0].set(3.0)
+    assert float(L.ratio(b)) < k or k == 1
+
+
+@pytest.mark.parametrize("p", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("scale", [0.0, 1e-30, 1e-12, 1e-6])
+def test_gradients_finite_at_and_near_zero(p, scale):
+    a = scale * jnp.arange(1.0, 9.0)
+    g = jax.grad(lambda a: L.ratio(a, p))(a)
+    assert np.all(np.isfinite(g))
+    graph = L.LayerGraph((L.CostTerm("l", 2.0, (("x",), ("y",))),), (("x", 8), ("y", 8)))
+    g2 = jax.grad(lambda z: L.flops_regularizer({"x": z, "y": z + 1.0}, graph, p=p))(a)
+    assert np.all(np.isfinite(g2))
+    assert float(L.ratio(jnp.zeros(4), p)) == 0.0
+
+
+def test_flops_regularizer_is_exact_for_equal_gates():
+    model = _abstract(lambda: L.GatedCNN(1, 10, (8, 8, 8, 16), rngs=nnx.Rngs(0)))
+    graph = L.cost_graph(model, (16, 16, 1))
+    gates = {k: jnp.ones(n) for k, n in graph.group_sizes.items()}
+    np.testing.assert_allclose(L.flops_regularizer(gates, graph), 1.0, rtol=1e-6)
+    gates["blocks/1/gate/alpha"] = jnp.zeros(8).at[:3].set(2.5)
+    gates["blocks/3/gate/alpha"] = jnp.zeros(16).at[5:9].set(0.1)
+    counts = {k: int(jnp.sum(v > 0)) for k, v in gates.items()}
+    expected = graph.macs(counts) / graph.dense()
+    np.testing.assert_allclose(L.flops_regularizer(gates, graph), expected, rtol=1e-5)
+    active = L.active_counts(gates, graph)
+    assert {k: int(v) for k, v in active.items()} == counts
+    # scale invariance of the whole regulariser
+    scaled = {k: 10.0 * v for k, v in gates.items()}
+    np.testing.assert_allclose(
+        L.flops_regularizer(scaled, graph), L.flops_regularizer(gates, graph), rtol=1e-6
+    )
+    # l1 baseline shrinks with scale
+    assert float(L.l1_penalty(scaled, graph)) == pytest.approx(10 * float(L.l1_penalty(gates)))
+
+
+def test_surrogate_errors():
+    graph = L.LayerGraph((L.CostTerm("l", 1.0, (("x",), (3,))),), (("x", 4),))
+    with pytest.raises(ValueError, match="p must be"):
+        L.ratio(jnp.ones(3), 0.0)
+    with pytest.raises(ValueError, match="p must be"):
+        L.ratio(jnp.ones(3), -2.0)
+    with pytest.raises(ValueError, match="missing groups"):
+        L.flops_regularizer({"y": jnp.ones(4)}, graph)
+    with pytest.raises(ValueError, match="shape"):
+        L.flops_regularizer({"x": jnp.ones(5)}, graph)
+    with pytest.raises(ValueError, match="target"):
+        L.lambda_controller(13.0, graph)  # dense is 12
+    with pytest.raises(ValueError, match="target"):
+        L.lambda_controller(0.0, graph)
+    with pytest.raises(ValueError, match="mode"):
+        L.lambda_controller(6.0, graph, mode="bang-bang")
+    with pytest.raises(ValueError, match="feedback"):
+        L.surrogate_penalty(graph, 1.0, feedback="oracle")
+    with pytest.raises(ValueError, match="strength"):
+        L.surrogate_penalty(graph, -1.0)
+    with pytest.raises(ValueError, match="ramp_steps"):
+        L.linear_ramp(1.0, 0)
+    with pytest.raises(ValueError, match="init"):
+        L.ChannelGate(3, init=0.0, parametrization="softplus")
+    with pytest.raises(ValueError, match="parametrization"):
+        L.ChannelGate(3, parametrization="relu")
+    tx = L.surrogate_penalty(graph, 1.0)
+    with pytest.raises(ValueError, match="gate groups"):
+        tx.update({"z": jnp.ones(4)}, tx.init({"z": jnp.ones(4)}), {"z": jnp.ones(4)})
+
+
+def test_linear_ramp():
+    sched = L.linear_ramp(0.5, 10, delay=5)
+    assert [float(sched(t)) for t in (0, 5, 10, 15, 100)] == [0.0, 0.0, 0.25, 0.5, 0.5]
+
+
+# ---------------------------------------------------------------------------------------------
+# Positivity and the optax transforms
+# ---------------------------------------------------------------------------------------------
+
+
+def test_projection_keeps_gates_nonnegative_through_optax():
+    model = L.GatedMLP(6, (5, 4), 2, rngs=nnx.Rngs(0))
+    _, params, _ = nnx.split(model, nnx.Param, ...)
+    tx = optax.chain(optax.sgd(0.5), L.project_nonnegative())
+    state = tx.init(params)
+    # a gradient pushing every parameter up => sgd steps them down by 0.5 per step
+    grads = jax.tree.map(lambda v: jnp.ones_like(v), params)
+    step = jax.jit(lambda p, s: optax.apply_updates(p, tx.update(grads, s, p)[0]))
+    for _ in range(3):
+        params = step(params, state)
+    gates = L.gate_values(params)
+    assert all(float(jnp.min(g)) == 0.0 for g in gates.values())  # clipped exactly at 0
+    assert float(params["layers"][0]["kernel"][...].max()) < 0  # other params are free
+    # plain pytrees: select by path
+    tx2 = L.project_nonnegative(where=lambda path, leaf: path.startswith("g"))
+    p2 = {"g": jnp.array([0.1, 2.0]), "w": jnp.array([0.1, 2.0])}
+    u, _ = tx2.update({"g": -jnp.ones(2), "w": -jnp.ones(2)}, tx2.init(p2), p2)
+    new = optax.apply_updates(p2, u)
+    np.testing.assert_array_equal(new["g"], [0.0, 1.0])
+    np.testing.assert_allclose(new["w"], [-0.9, 1.0])
+    with pytest.raises(ValueError, match="params"):
+        tx2.update(u, tx2.init(p2))
+
+
+def test_softplus_gates_are_positive_and_untouched_by_projection():
+    gate = L.ChannelGate(4, init=0.5, parametrization="softplus")
+    np.testing.assert_allclose(gate.values(), 0.5, rtol=1e-6)
+    gate.alpha[...] = jnp.array([-50.0, -1.0, 0.0, 3.0])
+    assert float(jnp.min(gate.values())) > 0
+    vals = L.gate_values(nnx.state(gate, L.Gate))
+    np.testing.assert_allclose(vals["alpha"], jax.nn.softplus(gate.alpha[...]))
+    state = nnx.state(gate, L.Gate)
+    tx = L.project_nonnegative()
+    u, _ = tx.update(jax.tree.map(lambda v: -10 * jnp.ones_like(v), state), tx.init(state), state)
+    np.testing.assert_allclose(u["alpha"][...], -10.0)
+
+
+def test_surrogate_penalty_adds_lambda_grad_of_r():
+    model = L.GatedMLP(6, (5, 4), 2, parametrization="softplus", rngs=nnx.Rngs(0))
+    model.gates[0].alpha[...] = jnp.array([0.3, -1.0, 2.0, 0.0, 1.0])
+    graph = L.cost_graph(model, (6,))
+    _, params, _ = nnx.split(model, nnx.Param, ...)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    tx = L.surrogate_penalty(graph, 0.7)
+    updates, state = jax.jit(tx.update)(zeros, tx.init(params), params)
+
+    def reg(raw0):
+        gates = L.gate_values(model)
+        gates["gates/0/alpha"] = jax.nn.softplus(raw0)
+        return 0.7 * L.flops_regularizer(gates, graph)
+
+    expected = jax.grad(reg)(model.gates[0].alpha[...])
+    np.testing.assert_allclose(updates["gates"][0]["alpha"][...], expected, rtol=1e-5, atol=1e-8)
+    assert float(jnp.abs(updates["layers"][0]["kernel"][...]).max()) == 0.0
+    np.testing.assert_allclose(state.value, L.flops_regularizer(L.gate_values(model), graph))
+
+
+def _toy(feedback):
+    sizes = {"a": 16, "b": 32, "c": 16}
+    graph = L.LayerGraph(
+        (
+            L.CostTerm("l1", 10, ((3,), ("a",))),
+            L.CostTerm("l2", 5, (("a",), ("b",))),
+            L.CostTerm("l3", 5, (("b",), ("c",))),
+            L.CostTerm("head", 1, (("c",), (4,))),
+        ),
+        tuple(sizes.items()),
+    )
+    keys = jax.random.split(jax.random.key(0), 3)
+    importance = {
+        n: jax.random.uniform(k, (s,), minval=0.1, maxval=1.0)
+        for (n, s), k in zip(sizes.items(), keys, strict=True)
+    }
+    ctrl = L.lambda_controller(0.4 * graph.dense(), graph, lam0=0.01, gain=0.05)
+    tx = optax.chain(
+        L.surrogate_penalty(graph, ctrl, feedback=feedback),
+        optax.sgd(0.05),
+        L.project_nonnegative(where=lambda path, leaf: True),
+    )
+
+    def task(p):  # every gate wants to be 1, some more than others
+        return sum(jnp.sum(importance[n] * (p[n] - 1.0) ** 2) for n in p)
+
+    def step(carry, _):
+        p, s = carry
+        u, s = tx.update(jax.grad(task)(p), s, p)
+        return (optax.apply_updates(p, u), s), None
+
+    params = {n: jnp.ones(s) for n, s in sizes.items()}
+    (params, state), _ = jax.jit(lambda c: jax.lax.scan(step, c, None, length=800))(
+        (params, tx.init(params))
+    )
+    return graph, params, state[0]
+
+
+def test_controller_reaches_the_surrogate_target():
+    graph, params, state = _toy("surrogate")
+    assert abs(float(state.value) - 0.4) < 0.01
+    assert abs(float(L.flops_regularizer(params, graph)) - 0.4) < 0.01
+    assert all(float(jnp.min(v)) >= 0 for v in params.values())
+
+
+def test_controller_with_active_feedback_reaches_the_real_flops_target():
+    graph, params, state = _toy("active")
+    real = graph.macs(L.active_counts(params, graph)) / graph.dense()
+    assert abs(float(real) - 0.4) < 0.03
+    np.testing.assert_allclose(state.value, real, rtol=1e-6)
+
+
+def test_pi_controller_update():
+    ctrl = L.lambda_controller(50.0, 100.0, lam0=1.0, gain=2.0, mode="pi", ki=0.5, lam_max=10.0)
+    s = ctrl.init()
+    s = ctrl.update(s, 0.75)  # error (0.75 - 0.5) / 0.5 = 0.5
+    np.testing.assert_allclose(s.lam, 1.0 + 2.0 * 0.5 + 0.5 * 0.5)
+    s = ctrl.update(s, 0.25)  # error -0.5, integral 0
+    np.testing.assert_allclose(s.lam, 1.0 - 1.0)
+
+
+def test_surrogate_step_does_not_recompile():
+    traces = []
+    graph = L.LayerGraph((L.CostTerm("l", 1.0, (("x",), (3,))),), (("x", 4),))
+    tx = optax.chain(L.surrogate_penalty(graph, L.linear_ramp(1.0, 5)), L.project_nonnegative())
+
+    @jax.jit
+    def step(p, s):
+        traces.append(1)
+        u, s = tx.update(jax.tree.map(jnp.zeros_like, p), s, p)
+        return optax.apply_updates(p, u), s
+
+    p = {"x": jnp.array([1.0, 0.5, 0.2, 0.1])}
+    s = tx.init(p)
+    for _ in range(3):
+        p, s = step(p, s)
+    assert len(traces) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Latency model
+# ---------------------------------------------------------------------------------------------
+
+
+def _synthetic_latency_model():
+    graph = L.LayerGraph(
+        (
+            L.CostTerm("a", 1.0, ((4,), ("x",)), L.OpSpec("dense", (1,), (1, 1))),
+            L.CostTerm("b", 1.0, (("x",), ("y",)), L.OpSpec("dense", (1,), (1, 1))),
+            L.CostTerm("c", 1.0, ((4,), (2,)), L.OpSpec("dense", (1,), (1, 1))),
+        ),
+        (("x", 8), ("y", 4)),
+    )
+    xs, ys = np.array([2.0, 4.0, 8.0]), np.array([2.0, 4.0])
+    grids = {
+        "a": (("x",), (xs,), 0.1 * xs),
+        "b": (("x", "y"), (xs, ys), 0.01 * xs[:, None] * ys[None, :] + 0.05),
+        "c": ((), (), np.array(0.2)),
+    }
+    return graph, L.LatencyModel(graph, grids, overhead=0.5)
+
+
+def test_latency_model_interpolates_and_round_trips_through_a_timing_table():
+    graph, model = _synthetic_latency_model()
+    dense = 0.5 + 0.8 + (0.32 + 0.05) + 0.2
+    assert model.dense() == pytest.approx(dense, rel=1e-6)
+    # bilinear inside the grid: x = 6 (between 4 and 8), y = 3 (between 2 and 4)
+    got = model.latency({"x": 6.0, "y": 3.0})
+    assert float(got) == pytest.approx(0.5 + 0.6 + (0.01 * 18 + 0.05) + 0.2, rel=1e-5)
+    table = model.to_table()
+    assert isinstance(table, TimingTable) and table["b"].labels[0] == "x=8,y=4"
+    back = L.LatencyModel.from_table(graph, TimingTable.from_json(table.to_json()))
+    assert float(back.latency({"x": 5.0, "y": 2.5})) == pytest.approx(
+        float(model.latency({"x": 5.0, "y": 2.5})), rel=1e-6
+    )
+    gates = {"x": jnp.ones(8).at[:3].set(0.0), "y": jnp.ones(4)}
+    reg = L.latency_regularizer(gates, model)
+    assert float(reg) == pytest.approx(float(model.latency({"x": 5.0, "y": 4.0})) / dense, 1e-5)
+    assert np.all(np.isfinite(jax.grad(lambda g: L.latency_regularizer(g, model))(gates)["x"]))
+
+
+def test_measure_latency_model_on_this_device():
+    model = _abstract(lambda: L.GatedMLP(16, (8,), 4, rngs=nnx.Rngs(0)))
+    graph = L.cost_graph(model, (16,))
+    lat = L.measure_latency_model(graph, multipliers=(0.5, 1.0), repeats=2, warmup=0)
+    _, axes, times = lat.grids["layers/0"]
+    np.testing.assert_array_equal(axes[0], [4.0, 8.0])
+    assert times.shape == (2,) and np.all(times > 0)
+    assert lat.dense() > 0
+    with pytest.raises(ValueError, match="multipliers"):
+        L.measure_latency_model(graph, multipliers=(0.0,))

@@ -1,0 +1,235 @@
+"""Extraction of plain models from gated ones (jaxcompress.latency.extract)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jaxcompress.latency as L
+from jaxcompress.models import MLP, SmallCNN, TransformerClassifier
+from jaxcompress.train import eval_view, fit, train_view
+
+
+def _set_gates(model, zero_frac=0.4, seed=0):
+    """Random positive gates with about ``zero_frac`` of every group set exactly to 0."""
+    rng = np.random.default_rng(seed)
+    values = {}
+    for name, a in L.gate_values(model).items():
+        v = rng.uniform(0.2, 2.0, a.shape).astype(np.float32)
+        n_zero = int(round(zero_frac * a.shape[0]))
+        v[rng.permutation(a.shape[0])[:n_zero]] = 0.0
+        values[name] = v
+    for path, var in nnx.iter_graph(model):
+        if isinstance(var, L.Gate):
+            var[...] = jnp.asarray(values["/".join(str(p) for p in path)])
+    return values
+
+
+def _randomize_bn(model, seed=1):
+    rng = np.random.default_rng(seed)
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.BatchNorm):
+            n = node.scale.shape[0]
+            node.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, n), jnp.float32)
+            node.bias[...] = jnp.asarray(rng.normal(size=n), jnp.float32)
+            node.mean[...] = jnp.asarray(rng.normal(size=n), jnp.float32)
+            node.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, n), jnp.float32)
+
+
+def _fwd(model, x, train=False):
+    """One jitted forward pass (eager NNX calls dispatch op by op, which is slower on CPU)."""
+    graphdef, state = nnx.split(train_view(model) if train else eval_view(model))
+    return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
+
+
+def _expected_widths(values, tau=L.DEFAULT_TAU):
+    return {k: int(len(L.kept_units(v, tau))) for k, v in values.items()}
+
+
+def test_cnn_extraction_is_exact_in_eval_mode():
+    model = L.GatedCNN(1, 10, (6, 8, 8, 12), strides=(1, 1, 2, 1), rngs=nnx.Rngs(0))
+    _randomize_bn(model)
+    values = _set_gates(model)
+    x = jax.random.normal(jax.random.key(1), (4, 12, 12, 1))
+    out = L.extract(model, input_shape=(12, 12, 1))
+    assert out.model.strides == (1, 1, 2, 1)
+    assert isinstance(out.model, SmallCNN)
+    assert out.widths == _expected_widths(values)
+    assert out.model.widths == tuple(out.widths[f"blocks/{i}/gate/alpha"] for i in range(4))
+    np.testing.assert_allclose(_fwd(out.model, x), _fwd(model, x), rtol=1e-5, atol=1e-5)
+    graph = L.cost_graph(model, (12, 12, 1))
+    assert out.macs == graph.macs(out.widths) == L.count_macs(out.model, (12, 12, 1))
+    assert out.macs < graph.dense()
+
+
+def test_mlp_extraction_is_exact():
+    model = L.GatedMLP(20, (16, 12), 5, rngs=nnx.Rngs(0))
+    values = _set_gates(model, 0.5)
+    x = jax.random.normal(jax.random.key(2), (7, 20))
+    out = L.extract(model, input_shape=(20,))
+    assert isinstance(out.model, MLP)
+    assert out.model.hidden == (out.widths["gates/0/alpha"], out.widths["gates/1/alpha"])
+    assert out.widths == _expected_widths(values)
+    np.testing.assert_allclose(_fwd(out.model, x), _fwd(model, x), rtol=1e-5, atol=1e-5)
+    assert out.macs == 20 * out.model.hidden[0] + out.model.hidden[0] * out.model.hidden[1] + (
+        out.model.hidden[1] * 5
+    )
+
+
+def test_lowrank_extraction_is_exact():
+    model = L.GatedMLP(20, (16, 12), 5, ranks=(6, 4), rngs=nnx.Rngs(0))
+    values = _set_gates(model, 0.5, seed=3)
+    x = jax.random.normal(jax.random.key(3), (7, 20))
+    out = L.extract(model, input_shape=(20,))
+    assert isinstance(out.model, L.FactorizedMLP)
+    assert out.widths == _expected_widths(values)
+    assert out.model.ranks == (out.widths["layers/0/alpha"], out.widths["layers/1/alpha"])
+    np.testing.assert_allclose(_fwd(out.model, x), _fwd(model, x), rtol=1e-5, atol=1e-5)
+    h0, h1 = out.model.hidden
+    r0, r1 = out.model.ranks
+    assert out.macs == (20 + h0) * r0 + (h0 + h1) * r1 + h1 * 5
+
+    layer = L.LowRankLinear(9, 7, 5, rngs=nnx.Rngs(1))
+    layer.alpha[...] = jnp.array([0.5, 0.0, 2.0, 0.0, 1.0])
+    small = L.extract(layer, input_shape=(9,))
+    assert small.model.rank == 3 and small.macs == (9 + 7) * 3
+    xs = jax.random.normal(jax.random.key(4), (3, 9))
+    np.testing.assert_allclose(small.model(xs), layer(xs), rtol=1e-5, atol=1e-6)
+
+
+def test_transformer_head_and_ffn_extraction_is_exact():
+    model = L.GatedTransformerClassifier(
+        50, 3, d_model=16, num_heads=4, num_layers=2, mlp_dim=24, max_len=10, rngs=nnx.Rngs(0)
+    )
+    values = _set_gates(model, 0.5, seed=4)
+    tokens = jax.random.randint(jax.random.key(5), (3, 10), 1, 50)
+    tokens = tokens.at[0, 6:].set(0)  # padding
+    out = L.extract(model, input_shape=(10,))
+    assert isinstance(out.model, L.SlimTransformerClassifier)
+    assert out.widths == _expected_widths(values)
+    assert out.model.heads == (2, 2)
+    np.testing.assert_allclose(_fwd(out.model, tokens), _fwd(model, tokens), rtol=1e-5, atol=1e-5)
+    graph = L.cost_graph(model, (10,))
+    assert out.macs == graph.macs(out.widths) == L.count_macs(out.model, (10,))
+
+
+def test_gated_transformer_has_transformer_classifier_api_and_cost():
+    kw = dict(d_model=16, num_heads=4, num_layers=1, mlp_dim=24, max_len=10, dropout=0.0)
+    gated = L.GatedTransformerClassifier(50, 3, **kw, rngs=nnx.Rngs(0))
+    plain = TransformerClassifier(50, 3, **kw, rngs=nnx.Rngs(0))
+    tokens = jnp.ones((2, 10), jnp.int32)
+    assert _fwd(gated, tokens).shape == _fwd(plain, tokens).shape == (2, 3)
+    assert L.count_macs(gated, (10,)) == L.count_macs(plain, (10,))
+    with pytest.raises(ValueError, match="max_len"):
+        gated(jnp.ones((2, 11), jnp.int32))
+
+
+def test_bit_levels_extraction_and_prefix_quantizer():
+    layer = L.BitGatedDense(6, 4, levels=6, rngs=nnx.Rngs(0))
+    w = layer.kernel[...]
+    layer.alpha[...] = jnp.array([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    # keeping the first m levels is the m-level round-to-nearest quantizer
+    step = jnp.max(jnp.abs(w)) / 4.0
+    np.testing.assert_allclose(layer.quantized_kernel(), step * jnp.round(w / step), atol=1e-6)
+    layer.alpha[...] = jnp.array([1.0, 0.7, 0.0, 1.3, 0.0, 0.0])
+    out = L.extract(layer, input_shape=(6,))
+    assert isinstance(out.model, L.LevelDense) and out.model.bits == 3
+    assert set(np.unique(np.asarray(out.model.codes[...]))) <= {-1, 0, 1}
+    x = jax.random.normal(jax.random.key(0), (5, 6))
+    np.testing.assert_array_equal(out.model(x), layer(x))
+    graph = L.cost_graph(layer, (6,))
+    assert graph.dense() == 24 and graph.macs(out.widths) == pytest.approx(24 * 3 / 6)
+
+
+def test_threshold_removes_small_nonzero_gates():
+    a = np.array([1.0, 5e-3, 0.02, 0.0, 0.5])
+    np.testing.assert_array_equal(L.kept_units(a), [0, 2, 4])
+    np.testing.assert_array_equal(L.kept_units(a, tau=0.0), [0, 1, 2, 4])
+    np.testing.assert_array_equal(L.kept_units(np.zeros(3)), [0])  # never empty
+
+
+def test_all_zero_group_keeps_one_unit_and_the_function():
+    model = L.GatedMLP(8, (6,), 3, rngs=nnx.Rngs(0))
+    model.gates[0].alpha[...] = jnp.zeros(6)
+    out = L.extract(model)
+    assert out.model.hidden == (1,) and out.macs is None
+    x = jnp.ones((2, 8))
+    np.testing.assert_allclose(out.model(x), model(x), atol=1e-6)
+
+
+def test_extraction_errors():
+    model = L.GatedMLP(8, (6,), 3, rngs=nnx.Rngs(0))
+    model.gates[0].alpha[...] = jnp.array([1.0, -0.1, 1.0, 1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="negative"):
+        L.extract(model)
+    good = {"gates/0/alpha": np.ones(6)}
+    with pytest.raises(ValueError, match="do not match"):
+        L.extract(model, gates={"gates/1/alpha": np.ones(6)})
+    with pytest.raises(ValueError, match="shape"):
+        L.extract(model, gates={"gates/0/alpha": np.ones(5)})
+    with pytest.raises(ValueError, match="tau"):
+        L.extract(model, gates=good, tau=1.0)
+    assert L.extract(model, gates=good).model.hidden == (6,)
+    with pytest.raises(TypeError, match="extract supports"):
+        L.extract(MLP(8, (6,), 3, rngs=nnx.Rngs(0)))
+
+
+def test_measure_latency_and_uniform_widths():
+    model = L.GatedCNN(1, 10, (4, 8), rngs=nnx.Rngs(0))
+    family = L.uniform_width_models(model, (0.5, 1.0), rngs=nnx.Rngs(1))
+    assert family[0.5].widths == (2, 4) and family[1.0].widths == (4, 8)
+    assert family[0.5].strides == model.strides
+    macs = [L.count_macs(family[m], (8, 8, 1)) for m in (0.5, 1.0)]
+    assert macs[0] < macs[1] == L.cost_graph(model, (8, 8, 1)).dense()
+    t = L.measure_latency(family[0.5], (8, 8, 1), repeats=3, warmup=1)
+    assert 0 < t < 1.0
+
+    # the other families: shapes only (nnx.eval_shape skips the initialisers)
+    mlp = nnx.eval_shape(
+        lambda: L.uniform_width_models(L.GatedMLP(6, (8,), 2, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(0))
+    )
+    assert sorted(mlp) == [0.25, 0.5, 0.75, 1.0]
+    assert [mlp[m].hidden for m in sorted(mlp)] == [(2,), (4,), (6,), (8,)]
+    assert all(isinstance(m, MLP) for m in mlp.values())
+
+    def slim_family():
+        tfm = L.GatedTransformerClassifier(
+            30, d_model=16, num_heads=4, mlp_dim=32, max_len=8, rngs=nnx.Rngs(0)
+        )
+        return L.uniform_width_models(tfm, (0.5,), rngs=nnx.Rngs(0))[0.5]
+
+    slim = nnx.eval_shape(slim_family)
+    assert slim.heads == (2, 2) and slim.mlp_dims == (16, 16) and slim.head_dim == 4
+    assert slim.blocks[0].attn.q_proj.kernel.shape == (16, 8)
+    lr = nnx.eval_shape(
+        lambda: L.uniform_width_models(
+            L.GatedMLP(10, (8,), 2, ranks=(4,), rngs=nnx.Rngs(0)), (0.5,), rngs=nnx.Rngs(0)
+        )[0.5]
+    )
+    assert lr.hidden == (4,) and lr.ranks == (2,)
+    with pytest.raises(ValueError, match="multiplier"):
+        L.uniform_width_models(model, (0.0,), rngs=nnx.Rngs(0))
+
+
+def test_train_with_surrogate_then_extract_and_finetune():
+    """End to end on a tiny synthetic task: fit with the surrogate, extract, fine-tune."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 12)).astype(np.float32)
+    y = (x[:, 0] + x[:, 1] > 0).astype(np.int32)
+    model = L.GatedMLP(12, (16,), 2, rngs=nnx.Rngs(0))
+    graph = L.cost_graph(model, (12,))
+    tx = optax.chain(L.surrogate_penalty(graph, 2.0), optax.adam(5e-2), L.project_nonnegative())
+    hist = fit(model, tx, (x, y), epochs=3, batch_size=32, progress=False)
+    gates = L.gate_values(model)["gates/0/alpha"]
+    assert float(jnp.min(gates)) == 0.0  # the projection produced exact zeros
+    assert float(hist.opt_state[0].value) < 1.0
+    out = L.extract(model, input_shape=(12,))
+    assert out.macs < graph.dense()
+    # exact once the sub-threshold gates are zeroed in the gated model too
+    removed = np.setdiff1d(np.arange(16), out.kept["gates/0/alpha"])
+    model.gates[0].alpha[...] = model.gates[0].alpha[...].at[removed].set(0.0)
+    np.testing.assert_allclose(_fwd(out.model, x[:8]), _fwd(model, x[:8]), rtol=1e-5, atol=1e-5)
+    hist = L.finetune(out.model, (x, y), epochs=1, batch_size=64, progress=False)
+    assert hist.steps == 4 and np.isfinite(hist.final["train_loss"])
