@@ -1,0 +1,1 @@
+"""Reproduce SPDY's reference DP profiles from the published timing tables."""
