@@ -6,6 +6,10 @@
   ``from_flops``, measured with :func:`measure`).
 * :func:`budget`, :func:`max_speedup`, :func:`modelled_speedup`, :func:`prior_errors`: the
   reference's budget and error-prior accounting.
+* :func:`search`: the reference's random-restart plus local search over per-layer error
+  coefficients, scored by the calibration loss of the stitched model (seeded, reproducible).
+* :func:`build_database`, :func:`adaprune_layer`, :func:`global_adaprune`: the layer-wise
+  reconstruction database (AdaPrune) and global AdaPrune after stitching.
 
 Float64 is the default DP dtype (needed for bit-parity with the reference); it runs under a
 local ``jax.enable_x64(True)`` and never flips the global flag.
@@ -21,6 +25,16 @@ from jaxcompress.spdy._dp import (
     solve_batch,
 )
 from jaxcompress.spdy._measure import measure, time_callable
+from jaxcompress.spdy._reconstruct import (
+    Database,
+    adaprune_layer,
+    build_database,
+    channel_mask,
+    global_adaprune,
+    layer_error,
+    unstructured_mask,
+)
+from jaxcompress.spdy._search import SearchResult, search
 from jaxcompress.spdy._tables import (
     LayerOptions,
     TimingTable,
@@ -31,6 +45,15 @@ from jaxcompress.spdy._tables import (
 )
 
 __all__ = [
+    "Database",
+    "SearchResult",
+    "adaprune_layer",
+    "build_database",
+    "channel_mask",
+    "global_adaprune",
+    "layer_error",
+    "search",
+    "unstructured_mask",
     "InfeasibleBudgetError",
     "LayerOptions",
     "PreparedDP",

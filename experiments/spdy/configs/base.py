@@ -1,0 +1,151 @@
+"""The configuration dataclass of the SPDY experiment."""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+
+DATASETS = ("fashion_mnist", "mnist", "digits")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every setting of one run; :meth:`validate` checks them all before any work.
+
+    Attributes:
+      dataset, data_dir, seed: data set, data root (default ``$JAXCOMPRESS_DATA_DIR``), seed of
+        initialisation, shuffling, calibration subset, reconstruction and search.
+      epochs, batch_size, learning_rate, momentum, weight_decay: dense training (SGD with
+        cosine decay, as ``experiments.oneshot``).
+      widths: conv widths of :class:`jaxcompress.models.SmallCNN`.
+      train_subset, test_subset: random subsets (``None``: all).
+      checkpoint: directory of an Orbax checkpoint written by an earlier run
+        (``<out>/checkpoint``); when set, training is skipped and the dense model is restored.
+      speedups: modelled speedup targets.
+      num_levels: compressed options per layer besides dense: sparsities geometric in density
+        from ``min_sparsity`` to ``max_sparsity`` (the reference: 41 levels, 0.4 to 0.99).
+      min_sparsity, max_sparsity: range of the levels.
+      calib_samples: calibration images (reference 1024), no augmentation.
+      adaprune_epochs, adaprune_lr, adaprune_batch: layer-wise AdaPrune (reference 10, 1e-3, 32).
+      gap_epochs, gap_lr, gap_batch: global AdaPrune (reference 100, 1e-5, 32 on ImageNet,
+        i.e. 3 200 steps; with 1 024 images and 30 passes we take 1e-4, since 1e-5 barely moves
+        the weights in ~1 000 steps).
+      randinits, maxnoimp, layerperc: SPDY search (reference 100, 100, 0.1).
+      buckets: DP resolution (reference 10 000).
+      timing_batch, timing_repeats: batch size and repeats of the CPU timing measurements.
+      eval_batch_size: evaluation batch size.
+      progress: progress output.
+    """
+
+    dataset: str = "fashion_mnist"
+    data_dir: str | None = None
+    seed: int = 0
+    epochs: int = 4
+    batch_size: int = 128
+    learning_rate: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    widths: tuple[int, ...] = (32, 64, 128)
+    train_subset: int | None = None
+    test_subset: int | None = None
+    checkpoint: str | None = None
+    speedups: tuple[float, ...] = (1.5, 2.0, 3.0)
+    num_levels: int = 16
+    min_sparsity: float = 0.4
+    max_sparsity: float = 0.95
+    calib_samples: int = 1024
+    adaprune_epochs: int = 10
+    adaprune_lr: float = 1e-3
+    adaprune_batch: int = 32
+    gap_epochs: int = 30
+    gap_lr: float = 1e-4
+    gap_batch: int = 32
+    randinits: int = 100
+    maxnoimp: int = 100
+    layerperc: float = 0.1
+    buckets: int = 10_000
+    timing_batch: int = 256
+    timing_repeats: int = 25
+    eval_batch_size: int = 1000
+    progress: bool = True
+
+    def replace(self, **changes) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> Config:
+        """Raise ``ValueError``/``TypeError`` naming the first bad field; return ``self``."""
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        for name in ("data_dir", "checkpoint"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name} must be a str path or None, got {value!r}")
+        if not _is_int(self.seed) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        for name in (
+            "epochs",
+            "batch_size",
+            "num_levels",
+            "calib_samples",
+            "adaprune_epochs",
+            "adaprune_batch",
+            "gap_epochs",
+            "gap_batch",
+            "randinits",
+            "buckets",
+            "timing_batch",
+            "timing_repeats",
+            "eval_batch_size",
+        ):
+            value = getattr(self, name)
+            if not _is_int(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not _is_int(self.maxnoimp) or self.maxnoimp < 0:
+            raise ValueError(f"maxnoimp must be a non-negative int, got {self.maxnoimp!r}")
+        for name in ("train_subset", "test_subset"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value <= 0):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        for name in ("learning_rate", "weight_decay", "adaprune_lr", "gap_lr"):
+            value = getattr(self, name)
+            if not _is_real(value) or not value >= 0 or value == float("inf"):
+                raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
+        if not _is_real(self.momentum) or not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if not _is_real(self.layerperc) or not 0.0 <= self.layerperc <= 1.0:
+            raise ValueError(f"layerperc must be in [0, 1], got {self.layerperc!r}")
+        if not (
+            _is_real(self.min_sparsity)
+            and _is_real(self.max_sparsity)
+            and 0.0 < self.min_sparsity < self.max_sparsity < 1.0
+        ):
+            raise ValueError(
+                "need 0 < min_sparsity < max_sparsity < 1, got "
+                f"min_sparsity={self.min_sparsity!r}, max_sparsity={self.max_sparsity!r}"
+            )
+        if (
+            not isinstance(self.widths, tuple)
+            or not self.widths
+            or not all(_is_int(w) and w > 0 for w in self.widths)
+        ):
+            raise ValueError(
+                f"widths must be a non-empty tuple of positive ints, got {self.widths!r}"
+            )
+        if (
+            not isinstance(self.speedups, tuple)
+            or not self.speedups
+            or not all(_is_real(s) and s > 1.0 for s in self.speedups)
+            or len(set(self.speedups)) != len(self.speedups)
+        ):
+            raise ValueError(
+                f"speedups must be a non-empty tuple of distinct floats > 1, got {self.speedups!r}"
+            )
+        return self
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

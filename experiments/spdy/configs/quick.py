@@ -1,0 +1,22 @@
+"""Quick run (under 5 minutes on 2 CPU cores): a training subset and one epoch, 6 levels,
+512 calibration images, a short search and short reconstructions. Same pipeline and schema."""
+
+from experiments.spdy.configs.base import Config
+
+
+def get_config() -> Config:
+    """The quick configuration."""
+    return Config(
+        epochs=1,
+        train_subset=12_000,
+        test_subset=1_000,
+        num_levels=6,
+        calib_samples=512,
+        adaprune_epochs=3,
+        gap_epochs=5,
+        randinits=16,
+        maxnoimp=8,
+        layerperc=0.5,
+        timing_repeats=7,
+        timing_batch=128,
+    )

@@ -1,0 +1,76 @@
+"""Command line of the SPDY experiment (``python -m experiments.spdy``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from experiments.spdy.configs import default, quick
+from experiments.spdy.configs.base import DATASETS
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.spdy",
+        description=(
+            "Train a SmallCNN, build SPDY reconstruction databases (unstructured with a FLOPs "
+            "timing table, output channels with a table measured on this CPU), and compare "
+            "SPDY search, DP-only, uniform and global-magnitude profiles at 1.5x/2x/3x."
+        ),
+    )
+    parser.add_argument("--dataset", choices=DATASETS, default=None, help="default fashion_mnist")
+    parser.add_argument(
+        "--quick", action="store_true", help="small settings (under 5 minutes on 2 CPU cores)"
+    )
+    parser.add_argument("--seed", type=_non_negative_int, default=None)
+    parser.add_argument("--out", default="runs/spdy", help="output directory")
+    parser.add_argument(
+        "--data-dir", default=None, help="data root (default $JAXCOMPRESS_DATA_DIR)"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="restore the dense model from this Orbax directory (<out>/checkpoint of a run)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide progress output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.data_dir is not None and not os.path.isdir(args.data_dir):
+        parser.error(f"--data-dir: {args.data_dir!r} is not a directory")
+    if args.checkpoint is not None and not os.path.isdir(args.checkpoint):
+        parser.error(f"--checkpoint: {args.checkpoint!r} is not a directory")
+    config = (quick if args.quick else default).get_config()
+    changes = {"progress": not args.no_progress}
+    for name in ("dataset", "seed", "data_dir", "checkpoint"):
+        value = getattr(args, name)
+        if value is not None:
+            changes[name] = os.path.abspath(value) if name == "checkpoint" else value
+    config = config.replace(**changes)
+    try:
+        config.validate()
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))
+
+    from experiments.spdy.train import format_table, run
+
+    start = time.perf_counter()
+    results = run(config, args.out)
+    print(format_table(results))
+    print(f"wall time: {time.perf_counter() - start:.1f} s; results in {args.out}", file=sys.stdout)
+    return 0
