@@ -1,0 +1,105 @@
+"""Command line of the CrAM experiment (``python -m experiments.cram``)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+from experiments.cram.configs import default, quick
+from experiments.cram.configs.base import METHODS, MODELS
+from experiments.oneshot.configs.base import DATASETS
+from experiments.oneshot.main import _non_negative_int, _positive_int
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
+    return value
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    bad = [name for name in names if name not in METHODS]
+    if not names or bad or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"expected distinct comma-separated names from {', '.join(METHODS)}, got {text!r}"
+        )
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.cram",
+        description=(
+            "Train a BatchNorm CNN with SGD, CrAM+Multi and CrAM+N:M, prune each one-shot "
+            "(global magnitude at several sparsities, 2:4 and 4:8) with BatchNorm "
+            "recalibration; print a table, write results.json and a plot."
+        ),
+    )
+    parser.add_argument("--dataset", choices=DATASETS, default=None, help="default fashion_mnist")
+    parser.add_argument("--model", choices=MODELS, default=None, help="default small_cnn")
+    parser.add_argument(
+        "--quick", action="store_true", help="small settings (under 5 minutes on 2 CPU cores)"
+    )
+    parser.add_argument(
+        "--seeds", type=_positive_int, default=None, help="repetitions (mean and std), default 1"
+    )
+    parser.add_argument("--seed", type=_non_negative_int, default=None, help="first seed")
+    parser.add_argument("--epochs", type=_positive_int, default=None)
+    parser.add_argument("--rho", type=_non_negative_float, default=None, help="CrAM radius")
+    parser.add_argument(
+        "--methods",
+        type=_methods,
+        default=None,
+        help=f"comma-separated subset of {','.join(METHODS)} (default all)",
+    )
+    parser.add_argument("--out", default="runs/cram", help="output directory")
+    parser.add_argument(
+        "--data-dir", default=None, help="data root (default $JAXCOMPRESS_DATA_DIR)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.data_dir is not None and not os.path.isdir(args.data_dir):
+        parser.error(f"--data-dir: {args.data_dir!r} is not a directory")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out: {args.out!r} exists and is not a directory")
+    config = (quick if args.quick else default).get_config()
+    changes = {"progress": not args.no_progress}
+    for flag, field in (
+        ("dataset", "dataset"),
+        ("model", "model"),
+        ("seeds", "num_seeds"),
+        ("seed", "seed"),
+        ("epochs", "epochs"),
+        ("rho", "rho"),
+        ("methods", "methods"),
+        ("data_dir", "data_dir"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            changes[field] = value
+    config = config.replace(**changes)
+    try:
+        config.validate()
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))
+
+    from experiments.cram.train import format_table, run
+
+    start = time.perf_counter()
+    results = run(config, args.out)
+    print(format_table(results))
+    print(f"wall time: {time.perf_counter() - start:.1f} s; results in {args.out}", file=sys.stdout)
+    return 0

@@ -1,0 +1,401 @@
+r"""The CrAM experiment: is a CrAM+-trained model prunable in one shot, where an SGD one is not?
+
+Claim tested (Peste, Vladu, Kurtic, Lampert, Alistarh, "CrAM: A Compression-Aware Minimizer",
+ICLR 2023, arXiv:2207.14200; algorithms.md section 1): training with CrAM+,
+
+.. math::
+
+    \theta \leftarrow \theta - \eta\,\bigl[\nabla L(\theta)
+        + M \odot \nabla L(C_k(\theta + \rho\,\nabla L(\theta)))\bigr],
+    \qquad M = \mathrm{mask}\,C_k(\theta + \rho\,\nabla L(\theta)),
+
+with :math:`C_k` a compression operator drawn at random every step, gives a *dense* model as
+accurate as SGD whose one-shot compressions (followed by BatchNorm re-estimation, "BNT") lose
+little accuracy over the trained range of compressions. Two CrAM+ variants are trained:
+
+* **CrAM+Multi** (``cram``): :math:`C_k` is global magnitude pruning at a sparsity drawn from
+  ``cram_sparsities`` (the reference's ImageNet setting uses :math:`\{0.5, 0.7, 0.9\}`);
+* **CrAM+N:M** (``cram_nm``): :math:`C_k` is N:M pruning with a pattern drawn from
+  ``nm_patterns`` (2:4 or 4:8 with probability 1/2 each, as the reference ``NMTopkCrAM``).
+
+Pipeline of :func:`run`, for every seed:
+
+1. train one model per method, each from the same initialisation and data order, with SGD
+   (heavy-ball momentum, coupled weight decay, cosine learning rate:
+   :func:`experiments.oneshot.train.make_optimizer`) as the optimizer or as CrAM's inner
+   optimizer (:func:`jaxcompress.optim.cram`, ``pass_grad_fn=True``);
+2. for every trained model: evaluate it dense; then, restoring the dense weights each time,
+   prune it one-shot (global magnitude at each of ``sparsities``, and each N:M pattern), evaluate
+   ("raw"), recalibrate BatchNorm on ``calib_batches`` batches from a random training subset
+   (the reference BNT: 100 batches of 128, EMA momentum 0.1) and evaluate again;
+3. average over seeds; write ``results.json``, per-method ``metrics_<method>_seed<k>.jsonl``
+   training curves and ``accuracy_vs_sparsity.png``.
+
+N:M (training and pruning) applies to every conv/dense kernel whose contracting (input)
+dimension is divisible by every ``m`` of ``nm_patterns`` (lcm), so a first conv with one input
+channel stays dense: the same set of kernels for 2:4 and 4:8 and for every model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from experiments.cram.configs.base import METHODS, Config
+from experiments.oneshot.train import _nm_selector, _prune_and_measure, load_datasets
+from experiments.oneshot.train import make_optimizer as make_sgd
+from jaxcompress import optim, prune
+from jaxcompress import train as jtrain
+from jaxcompress.models import SmallCNN, resnet8
+
+__all__ = [
+    "build_model",
+    "format_table",
+    "make_transform",
+    "nm_selector",
+    "oneshot_sweep",
+    "run",
+    "write_plot",
+]
+
+#: Labels of the methods in tables and plots.
+METHOD_LABELS = {"sgd": "SGD", "cram": "CrAM+Multi", "cram_nm": "CrAM+N:M"}
+
+
+def sparsity_key(s: float) -> str:
+    """The results key of a global sparsity level, e.g. ``"0.9"``."""
+    return f"{float(s):g}"
+
+
+def nm_key(n: int, m: int) -> str:
+    """The results key of an N:M pattern, e.g. ``"2:4"``."""
+    return f"{n}:{m}"
+
+
+def nm_selector(config: Config):
+    """Conv/dense kernels whose contracting dimension is divisible by every ``m`` (their lcm)."""
+    return _nm_selector(math.lcm(*(m for _, m in config.nm_patterns)))
+
+
+def build_model(config: Config, in_channels: int, num_classes: int, seed: int) -> nnx.Module:
+    """A freshly initialised BatchNorm CNN (``config.model``) for ``in_channels`` inputs."""
+    rngs = nnx.Rngs(seed)
+    if config.model == "resnet8":
+        return resnet8(
+            in_channels=in_channels, num_classes=num_classes, width=config.widths[0], rngs=rngs
+        )
+    return SmallCNN(in_channels, num_classes, config.widths, rngs=rngs)
+
+
+def make_transform(
+    config: Config, method: str, total_steps: int, seed: int
+) -> optax.GradientTransformation:
+    """The optimizer of ``method``: SGD, or CrAM+ (Multi or N:M) wrapping the same SGD.
+
+    SGD is torch's (coupled weight decay, heavy-ball momentum) with a cosine learning rate over
+    ``total_steps``; CrAM+ keeps the reference defaults (``plus=True``, ``sparse_grad=True``, no
+    gradient normalisation) with radius ``config.rho``; its operator draws are seeded by ``seed``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    sgd = make_sgd(config, total_steps)
+    if method == "sgd":
+        return sgd
+    if method == "cram":
+        return optim.cram(
+            sgd,
+            rho=config.rho,
+            sparsities=tuple(float(s) for s in config.cram_sparsities),
+            compressor="global",
+            seed=seed,
+        )
+    return optim.cram(
+        sgd,
+        rho=config.rho,
+        compressor="nm",
+        nm_patterns=config.nm_patterns,
+        where=nm_selector(config),
+        seed=seed,
+    )
+
+
+def oneshot_sweep(
+    model: nnx.Module, config: Config, calib: list[np.ndarray], test_ds: Any
+) -> dict[str, Any]:
+    """Dense accuracy, then one-shot global and N:M pruning of ``model``, each with BNT.
+
+    The model is left with its dense weights and statistics. Returns ``{"dense", "dense_loss",
+    "oneshot": {key: entry}, "nm": {key: entry}}`` with each entry as returned by
+    :func:`experiments.oneshot.train._prune_and_measure` (``raw``, ``bn_recalibrated``,
+    ``actual_sparsity``, ...).
+    """
+    model.eval()
+    dense = jtrain.evaluate(model, test_ds, batch_size=config.eval_batch_size)
+    dense_state = jax.tree.map(lambda a: a.copy(), nnx.state(model))
+    where_nm = nm_selector(config)
+    oneshot = {
+        sparsity_key(s): _prune_and_measure(
+            model, dense_state, calib, test_ds, config, sparsity=float(s), scope="global"
+        )
+        for s in config.sparsities
+    }
+    nm = {
+        nm_key(n, m): _prune_and_measure(
+            model, dense_state, calib, test_ds, config, n=n, m=m, where=where_nm
+        )
+        for n, m in config.nm_patterns
+    }
+    nnx.update(model, dense_state)
+    return {"dense": dense["accuracy"], "dense_loss": dense["loss"], "oneshot": oneshot, "nm": nm}
+
+
+def _train(
+    config: Config, method: str, seed: int, train_ds: Any, out: str | None
+) -> tuple[nnx.Module, jtrain.History]:
+    model = build_model(config, train_ds.x.shape[-1], train_ds.num_classes, seed)
+    total_steps = config.epochs * (len(train_ds) // config.batch_size)
+    bar = tqdm(
+        total=config.epochs,
+        desc=f"train {METHOD_LABELS[method]} (seed {seed})",
+        unit="epoch",
+        disable=not config.progress,
+    )
+    try:
+        history = jtrain.fit(
+            model,
+            make_transform(config, method, total_steps, seed),
+            train_ds,
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            seed=seed,
+            progress=config.progress,
+            metrics_path=None
+            if out is None
+            else os.path.join(out, f"metrics_{method}_seed{seed}.jsonl"),
+            pass_grad_fn=method != "sgd",
+            eval_batch_size=config.eval_batch_size,
+            callback=lambda epoch, record, model: bar.update(1),
+        )
+    finally:
+        bar.close()
+    return model, history
+
+
+def _run_seed(config: Config, seed: int, train_ds, test_ds, out: str | None) -> dict[str, Any]:
+    calib = prune.calibration_batches(
+        train_ds,
+        num_batches=config.calib_batches,
+        batch_size=min(config.calib_batch_size, len(train_ds)),
+        seed=seed,
+    )
+    record: dict[str, Any] = {
+        "seed": seed,
+        "dense": {},
+        "dense_loss": {},
+        "oneshot": {},
+        "nm": {},
+        "raw": {"oneshot": {}, "nm": {}},
+        "actual_sparsity": {"oneshot": {}, "nm": {}},
+        "history": {},
+        "train_seconds": {},
+        "prune_seconds": {},
+    }
+    for method in config.methods:
+        t0 = time.perf_counter()
+        model, history = _train(config, method, seed, train_ds, out)
+        t1 = time.perf_counter()
+        sweep = oneshot_sweep(model, config, calib, test_ds)
+        record["prune_seconds"][method] = time.perf_counter() - t1
+        record["train_seconds"][method] = t1 - t0
+        record["history"][method] = history.epochs
+        record["dense"][method] = sweep["dense"]
+        record["dense_loss"][method] = sweep["dense_loss"]
+        for kind in ("oneshot", "nm"):
+            entries = sweep[kind]
+            record[kind][method] = {k: v["bn_recalibrated"] for k, v in entries.items()}
+            record["raw"][kind][method] = {k: v["raw"] for k, v in entries.items()}
+            record["actual_sparsity"][kind][method] = {
+                k: v["actual_sparsity"] for k, v in entries.items()
+            }
+    return record
+
+
+def _reduce(records: list[Any], fn) -> Any:
+    """Map ``fn`` over aligned leaves (floats) of same-shaped nested dicts."""
+    first = records[0]
+    if isinstance(first, dict):
+        return {k: _reduce([r[k] for r in records], fn) for k in first}
+    return float(fn(np.asarray(records, dtype=np.float64)))
+
+
+def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Run the experiment; write ``results.json``, training curves and the plot to ``out``.
+
+    Args:
+      config: a :class:`Config` (validated first).
+      out: output directory (created); ``None`` writes nothing.
+
+    Returns:
+      The results dict (also ``results.json``). Accuracies are BN-recalibrated test accuracies,
+      means over the seeds:
+
+      * ``dense[method]``; ``oneshot[method][str(s)]``; ``nm[method]["n:m"]``;
+      * ``raw``: the same ``oneshot``/``nm`` accuracies before BN recalibration;
+      * ``std``: sample standard deviations of ``dense``/``oneshot``/``nm``/``raw`` over
+        seeds (only when ``num_seeds > 1``);
+      * ``actual_sparsity``: measured sparsity of the pruned kernels;
+      * ``per_seed``: every seed's record, with its training ``history`` per method;
+      * ``config``, ``timing`` (seconds), ``dataset_sizes``, ``environment``.
+    """
+    if not isinstance(config, Config):
+        raise TypeError(f"config must be an experiments.cram Config, got {type(config).__name__}")
+    config.validate()
+    out = None if out is None else os.fspath(out)
+    t0 = time.perf_counter()
+    train_ds, test_ds = load_datasets(config)
+    if config.batch_size > len(train_ds):
+        raise ValueError(
+            f"batch_size={config.batch_size} is larger than the training set ({len(train_ds)})"
+        )
+    t_data = time.perf_counter()
+    if out is not None:
+        os.makedirs(out, exist_ok=True)
+
+    seeds = [config.seed + i for i in range(config.num_seeds)]
+    per_seed = [_run_seed(config, seed, train_ds, test_ds, out) for seed in seeds]
+    t_end = time.perf_counter()
+
+    accuracy_keys = ("dense", "oneshot", "nm", "raw")
+    results: dict[str, Any] = {k: _reduce([r[k] for r in per_seed], np.mean) for k in accuracy_keys}
+    if len(seeds) > 1:
+        results["std"] = {
+            k: _reduce([r[k] for r in per_seed], lambda a: np.std(a, ddof=1)) for k in accuracy_keys
+        }
+    results["dense_loss"] = _reduce([r["dense_loss"] for r in per_seed], np.mean)
+    results["actual_sparsity"] = _reduce([r["actual_sparsity"] for r in per_seed], np.mean)
+    results["per_seed"] = per_seed
+    results["config"] = {**dataclasses.asdict(config), "seeds": seeds}
+    results["dataset_sizes"] = {"train": len(train_ds), "test": len(test_ds)}
+    train_seconds = _reduce([r["train_seconds"] for r in per_seed], np.sum)
+    results["timing"] = {
+        "data_seconds": t_data - t0,
+        "train_seconds": train_seconds,
+        "seconds_per_epoch": {
+            m: s / (config.epochs * len(seeds)) for m, s in train_seconds.items()
+        },
+        "prune_and_recalibrate_seconds": _reduce([r["prune_seconds"] for r in per_seed], np.sum),
+        "total_seconds": t_end - t0,
+    }
+    results["environment"] = {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": len(jax.devices()),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    if out is not None:
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        write_plot(results, os.path.join(out, "accuracy_vs_sparsity.png"))
+    return results
+
+
+def _epochs(config: dict[str, Any]) -> str:
+    return f"{config['epochs']} epoch{'' if config['epochs'] == 1 else 's'}"
+
+
+def _cell(results: dict[str, Any], path: tuple[str, ...]) -> str:
+    value: Any = results
+    for key in path:
+        value = value[key]
+    text = f"{100 * value:6.2f}"
+    if "std" in results:
+        std: Any = results["std"]
+        for key in path:
+            std = std[key]
+        text += f"±{100 * std:4.2f}"
+    return text
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Plain-text tables (test accuracy in %): after one-shot pruning + BNT, and before BNT."""
+    methods = list(results["dense"])
+    levels = list(next(iter(results["oneshot"].values())))
+    patterns = list(next(iter(results["nm"].values())))
+    width = 13 if "std" in results else 7
+    header = f"{'method':<11} {'dense':>{width}}" + "".join(
+        f" {k:>{width}}" for k in [*(f"{float(s):.0%}" for s in levels), *patterns]
+    )
+    cfg = results["config"]
+    lines = [
+        f"{cfg['model']} on {cfg['dataset']}, {_epochs(cfg)}, rho={cfg['rho']}, "
+        f"seeds={cfg['seeds']}; test accuracy (%) after one-shot pruning",
+    ]
+    for title, source in (("with BN recalibration", None), ("raw (no BN recalibration)", "raw")):
+        lines += ["", f"-- {title}", header]
+        for method in methods:
+            row = f"{METHOD_LABELS[method]:<11} {_cell(results, ('dense', method)):>{width}}"
+            for kind, keys in (("oneshot", levels), ("nm", patterns)):
+                for key in keys:
+                    path = (kind, method, key) if source is None else (source, kind, method, key)
+                    row += f" {_cell(results, path):>{width}}"
+            lines.append(row)
+    return "\n".join(lines)
+
+
+def write_plot(results: dict[str, Any], path: str) -> None:
+    """Accuracy (after one-shot pruning + BNT) vs sparsity: one line per method, dashed dense
+    references, N:M patterns as markers at their sparsity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    std = results.get("std")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    nm_markers = ["^", "v", "D", "P", "X"]
+    for i, method in enumerate(results["dense"]):
+        color = colors[i % len(colors)]
+        label = METHOD_LABELS[method]
+        levels = sorted(results["oneshot"][method].items(), key=lambda kv: float(kv[0]))
+        xs = [float(k) for k, _ in levels]
+        ys = [v for _, v in levels]
+        errs = None if std is None else [std["oneshot"][method][k] for k, _ in levels]
+        ax.errorbar(xs, ys, yerr=errs, fmt="o-", color=color, capsize=3, label=f"{label}, global")
+        ax.axhline(results["dense"][method], color=color, ls="--", lw=1, label=f"{label}, dense")
+        for j, (key, acc) in enumerate(results["nm"][method].items()):
+            x = results["actual_sparsity"]["nm"][method][key]
+            err = None if std is None else std["nm"][method][key]
+            ax.errorbar(
+                [x + 0.006 * (i - 1)],
+                [acc],
+                yerr=err,
+                fmt=nm_markers[j % len(nm_markers)],
+                color=color,
+                ms=8,
+                mfc="none",
+                label=f"{label}, {key}",
+            )
+    cfg = results["config"]
+    ax.set_xlabel("sparsity of the pruned kernels")
+    ax.set_ylabel("test accuracy after one-shot pruning + BNT")
+    ax.set_title(f"{cfg['model']} on {cfg['dataset']}: SGD vs CrAM+ ({_epochs(cfg)})")
+    lows = [v for m in results["oneshot"].values() for v in m.values()]
+    ax.set_ylim(max(0.0, min(lows) - 0.05), 1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
