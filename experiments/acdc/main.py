@@ -1,0 +1,92 @@
+"""Command line of the AC/DC experiment (``python -m experiments.acdc``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from experiments.acdc.configs import default, quick
+from experiments.acdc.configs.base import MODELS
+from experiments.oneshot.configs.base import DATASETS
+from experiments.oneshot.main import _non_negative_int, _positive_int
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        widths = ()
+    if not widths or any(w <= 0 for w in widths):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers such as 16,32,64, got {text!r}"
+        )
+    return widths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.acdc",
+        description=(
+            "Train a BatchNorm CNN densely, with AC/DC, with GMP and with one-shot pruning + "
+            "fine-tuning at the same epoch budget (global magnitude, 90%% and 95%%); evaluate "
+            "the AC/DC sparse-dense pair; track memorisation of random labels under AC/DC. "
+            "Writes results.json, accuracy_curves.png and memorisation.png."
+        ),
+    )
+    parser.add_argument("--dataset", choices=DATASETS, default=None, help="default fashion_mnist")
+    parser.add_argument("--model", choices=MODELS, default=None, help="default small_cnn")
+    parser.add_argument("--widths", type=_widths, default=None, help="conv widths, e.g. 16,32,64")
+    parser.add_argument(
+        "--quick", action="store_true", help="small settings (under 5 minutes on 2 CPU cores)"
+    )
+    parser.add_argument("--seed", type=_non_negative_int, default=None, help="first seed")
+    parser.add_argument(
+        "--seeds", type=_positive_int, default=None, help="number of seeds (mean and std)"
+    )
+    parser.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=None,
+        help="epoch budget of every method; the AC/DC phases scale with it",
+    )
+    parser.add_argument("--out", default="runs/acdc", help="output directory")
+    parser.add_argument(
+        "--data-dir", default=None, help="data root (default $JAXCOMPRESS_DATA_DIR)"
+    )
+    parser.add_argument(
+        "--no-memorisation", action="store_true", help="skip the random-label memorisation runs"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.data_dir is not None and not os.path.isdir(args.data_dir):
+        parser.error(f"--data-dir: {args.data_dir!r} is not a directory")
+    config = (quick if args.quick else default).get_config()
+    changes: dict = {"progress": not args.no_progress}
+    if args.no_memorisation:
+        changes["memorisation"] = False
+    if args.seeds is not None:
+        changes["num_seeds"] = args.seeds
+    for name in ("dataset", "model", "widths", "seed", "epochs", "data_dir"):
+        value = getattr(args, name)
+        if value is not None:
+            changes[name] = value
+    config = config.replace(**changes)
+    try:
+        config.validate()
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))
+
+    from experiments.acdc.train import format_table, run
+
+    start = time.perf_counter()
+    results = run(config, args.out)
+    print(format_table(results))
+    print(f"wall time: {time.perf_counter() - start:.1f} s; results in {args.out}", file=sys.stdout)
+    return 0

@@ -1,0 +1,718 @@
+r"""The AC/DC experiment: sparse-dense co-training against GMP and one-shot + fine-tuning.
+
+Claims tested (Peste, Iofinova, Vladu, Alistarh, "AC/DC: Alternating Compressed/DeCompressed
+Training of Deep Neural Networks", NeurIPS 2021, arXiv:2106.12379; algorithms.md section 2):
+
+1. at the same epoch budget, AC/DC's sparse model is at least as accurate as gradual magnitude
+   pruning (GMP; Zhu & Gupta, 2018, arXiv:1710.01878), more so at high sparsity;
+2. the dense model at the end of the last decompressed phase (the "dense half" of the
+   sparse-dense pair) is about as accurate as a dense model trained for the whole budget;
+3. with part of the training labels randomised, the accuracy on the relabelled examples (with
+   respect to their random labels, i.e. memorisation) drops in every compressed phase and
+   recovers in the decompressed ones.
+
+Every method trains :class:`jaxcompress.models.SmallCNN` (BatchNorm; or ResNet-8) for the same
+:math:`E` epochs with the same inner optimizer, torch-style SGD with coupled weight decay and
+heavy-ball momentum, :math:`d = g + \lambda\theta`, :math:`b \leftarrow \mu b + d`,
+:math:`\theta \leftarrow \theta - \eta_e b`, and the reference ``CosineLR`` stepped once per
+epoch :math:`e`: :math:`\eta_e = \eta_0 (e + 1) / w` for :math:`e < w`, then
+:math:`\eta_e = \tfrac12 \eta_0 (1 + \cos(\pi (e - w) / (E - w)))`. Sparsity is global
+magnitude over every conv/dense kernel (:func:`jaxcompress.masks.prunable`; biases and
+BatchNorm stay dense, as the reference's ``weight_only``). Methods, per target sparsity ``s``:
+
+* ``dense``: the inner SGD alone;
+* ``acdc``: :func:`jaxcompress.optim.acdc`, dense warm-up :math:`W`, compressed/decompressed
+  phases of :math:`C`/:math:`D` epochs, final compressed phase of :math:`L` epochs
+  (:meth:`~experiments.acdc.configs.base.Config.phase_epochs`);
+* ``gmp``: :func:`jaxcompress.optim.gmp`, the cubic ramp from 0 at epoch :math:`W` to ``s`` at
+  epoch :math:`E - L` with a mask update every epoch, then :math:`L` epochs on the fixed
+  support;
+* ``oneshot_finetune``: the ``dense`` run's model at epoch :math:`E - L`, pruned once
+  (:func:`jaxcompress.prune.oneshot`, global), then trained for the last :math:`L` epochs on
+  its fixed support (:func:`jaxcompress.optim.masked`) with a fresh momentum and the remaining
+  part of the same cosine schedule. The split: :math:`E - L` dense epochs shared with
+  ``dense``, :math:`L` sparse epochs, :math:`E` in total like every other method.
+
+Phase boundaries and evaluation. :func:`jaxcompress.optim.acdc` computes the mask of a
+compressed phase starting at step :math:`t_c` at the end of update :math:`t_c - 1`, which
+already zeroes the pruned weights (its module docstring). If the phases started exactly at
+epoch boundaries, the model seen at the end of the epoch before a compressed phase would
+already be pruned, and neither the dense half nor the end of any decompressed phase could be
+evaluated. Every phase boundary is therefore placed **one step after** the epoch boundary
+(step :math:`k\,S + 1` for epoch :math:`k`, :math:`S` steps per epoch): the model at the end of
+epoch :math:`k` is the fully trained model of the phase that ends there (dense at the end of a
+decompressed phase, sparse at the end of a compressed one), and the first update of epoch
+:math:`k` computes and applies the new mask. Each phase thus differs from the reference
+(whose pruner runs before the epoch's first batch) by one minibatch; GMP's pruning steps get
+the same offset. The dense half is then the model at the end of epoch :math:`E - L`, read by
+the ``fit`` callback at that epoch boundary.
+
+:func:`run` writes ``results.json`` (see its docstring), ``metrics_<run>_seed<k>.jsonl``
+training logs, ``accuracy_curves.png`` (test accuracy per epoch, one panel per method and
+sparsity, compressed phases shaded) and ``memorisation.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from experiments.acdc.configs.base import Config
+from experiments.oneshot.train import load_datasets
+from jaxcompress import data as jdata
+from jaxcompress import masks as jmasks
+from jaxcompress import optim, prune
+from jaxcompress import train as jtrain
+from jaxcompress.models import SmallCNN, resnet8
+
+__all__ = [
+    "Timeline",
+    "build_model",
+    "cosine_lr",
+    "format_table",
+    "make_sgd",
+    "make_timeline",
+    "run",
+    "sparsity_key",
+    "write_accuracy_plot",
+    "write_memorisation_plot",
+]
+
+
+def sparsity_key(s: float) -> str:
+    """The results key of a sparsity, e.g. ``"0.9"``."""
+    return f"{float(s):g}"
+
+
+# --------------------------------------------------------------------------------------------
+# Model, optimizer, schedules
+# --------------------------------------------------------------------------------------------
+
+
+def build_model(config: Config, in_channels: int, num_classes: int, seed: int) -> nnx.Module:
+    """A freshly initialised BatchNorm CNN (``config.model``) for ``in_channels`` inputs."""
+    rngs = nnx.Rngs(seed)
+    if config.model == "resnet8":
+        return resnet8(
+            in_channels=in_channels, num_classes=num_classes, width=config.widths[0], rngs=rngs
+        )
+    return SmallCNN(in_channels, num_classes, config.widths, rngs=rngs)
+
+
+def cosine_lr(config: Config, steps_per_epoch: int, offset_steps: int = 0) -> optax.Schedule:
+    r"""The reference ``CosineLR`` (stepped per epoch) as an optax schedule over steps.
+
+    Epoch :math:`e = \lfloor (t + \text{offset}) / S \rfloor` of step :math:`t`;
+    :math:`\eta_e = \eta_0 (e + 1)/w` during the warm-up :math:`e < w`, else
+    :math:`\tfrac12 \eta_0 (1 + \cos(\pi (e - w)/(E - w)))`. ``offset_steps`` continues the
+    schedule of a run that already took that many steps (one-shot fine-tuning).
+    """
+    if not isinstance(steps_per_epoch, int) or steps_per_epoch <= 0:
+        raise ValueError(f"steps_per_epoch must be a positive int, got {steps_per_epoch!r}")
+    if not isinstance(offset_steps, int) or offset_steps < 0:
+        raise ValueError(f"offset_steps must be a non-negative int, got {offset_steps!r}")
+    base = float(config.learning_rate)
+    warm = int(config.lr_warmup_epochs)
+    span = float(config.epochs - warm)
+
+    def schedule(step):
+        epoch = (jnp.asarray(step, jnp.int32) + offset_steps) // steps_per_epoch
+        e = epoch.astype(jnp.float32)
+        warmup = base * (e + 1.0) / max(warm, 1)
+        cosine = 0.5 * base * (1.0 + jnp.cos(jnp.pi * (e - warm) / span))
+        return jnp.where(epoch < warm, warmup, cosine)
+
+    return schedule
+
+
+def make_sgd(
+    config: Config, steps_per_epoch: int, offset_steps: int = 0
+) -> optax.GradientTransformation:
+    """Torch SGD: coupled weight decay, heavy-ball momentum, :func:`cosine_lr`."""
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay),
+        optax.sgd(cosine_lr(config, steps_per_epoch, offset_steps), momentum=config.momentum),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Timeline:
+    """The epoch timeline shared by AC/DC and GMP, and its step schedules.
+
+    Attributes:
+      steps_per_epoch: optimizer steps per epoch :math:`S`.
+      acdc: the :class:`jaxcompress.optim.AcdcSchedule`, every boundary one step after the
+        epoch boundary (module docstring).
+      phases: ``(start_epoch, end_epoch, kind)`` with ``kind`` in ``dense``, ``compressed``,
+        ``decompressed``.
+      final_start: the epoch :math:`E - L` where the final compressed phase starts.
+      gmp_begin_step, gmp_end_step, gmp_every: GMP's ramp: first and last pruning steps, one
+        mask update per epoch.
+      gmp_begin_epoch: :math:`W`, the epoch GMP starts pruning.
+    """
+
+    steps_per_epoch: int
+    acdc: optim.AcdcSchedule
+    phases: tuple[tuple[int, int, str], ...]
+    final_start: int
+    gmp_begin_step: int
+    gmp_end_step: int
+    gmp_every: int
+    gmp_begin_epoch: int
+
+
+def make_timeline(config: Config, steps_per_epoch: int) -> Timeline:
+    """The AC/DC and GMP step schedules of ``config`` at ``steps_per_epoch`` (at least 2)."""
+    if not isinstance(steps_per_epoch, int) or steps_per_epoch < 2:
+        raise ValueError(
+            "steps_per_epoch must be an int >= 2 (phase boundaries sit one step after epoch "
+            f"boundaries); got {steps_per_epoch!r}: use a smaller batch_size or more data"
+        )
+    w, c, d, final = config.phase_epochs()
+    spe = steps_per_epoch
+    final_start = config.epochs - final
+    schedule = optim.AcdcSchedule(
+        warmup_steps=w * spe + 1,
+        compressed_steps=c * spe,
+        decompressed_steps=d * spe,
+        final_compressed_start=final_start * spe + 1,
+        total_steps=config.epochs * spe,
+    )
+    phases = tuple((start // spe, end // spe, kind) for start, end, kind in schedule.phases())
+    if w == 0:  # the single dense step 0 is not an epoch
+        phases = phases[1:]
+    return Timeline(
+        steps_per_epoch=spe,
+        acdc=schedule,
+        phases=phases,
+        final_start=final_start,
+        gmp_begin_step=w * spe + 1,
+        gmp_end_step=final_start * spe + 1,
+        gmp_every=spe,
+        gmp_begin_epoch=w,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# One training run
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Run:
+    """What :func:`_train` returns: per-epoch curves (index = epochs completed, 0 = init)."""
+
+    model: nnx.Module
+    history: jtrain.History
+    test_accuracy: list[float]
+    sparsity: list[float]
+    probe_accuracy: list[float]
+    snapshot: Any
+    seconds: float
+
+
+def _copy_state(model: nnx.Module) -> Any:
+    return jax.tree.map(lambda a: jnp.array(a, copy=True), nnx.state(model))
+
+
+def _sparsity(model: nnx.Module) -> float:
+    return float(jmasks.summary(nnx.state(model, nnx.Param)).sparsity)
+
+
+def _train(
+    config: Config,
+    model: nnx.Module,
+    tx: optax.GradientTransformation,
+    train_ds: Any,
+    test_ds: Any,
+    *,
+    seed: int,
+    epochs: int,
+    metrics_path: str | None,
+    probe_ds: Any = None,
+    snapshot_epoch: int | None = None,
+) -> _Run:
+    """``fit`` with a callback that logs sparsity (and ``probe_ds`` accuracy) every epoch."""
+
+    def accuracy(m: nnx.Module, ds: Any) -> float:
+        return jtrain.evaluate(m, ds, batch_size=config.eval_batch_size)["accuracy"]
+
+    test_acc = [accuracy(model, test_ds)]
+    sparsity = [_sparsity(model)]
+    probe = [] if probe_ds is None else [accuracy(model, probe_ds)]
+    snapshot: dict[str, Any] = {}
+
+    def callback(epoch: int, record: dict[str, float], trained: nnx.Module) -> None:
+        test_acc.append(record["eval_accuracy"])
+        sparsity.append(_sparsity(trained))
+        if probe_ds is not None:
+            probe.append(accuracy(trained, probe_ds))
+        if epoch == snapshot_epoch:
+            snapshot["state"] = _copy_state(trained)
+
+    start = time.perf_counter()
+    history = jtrain.fit(
+        model,
+        tx,
+        train_ds,
+        epochs=epochs,
+        batch_size=config.batch_size,
+        eval_ds=test_ds,
+        seed=seed,
+        progress=config.progress,
+        metrics_path=metrics_path,
+        eval_batch_size=config.eval_batch_size,
+        callback=callback,
+    )
+    return _Run(
+        model=model,
+        history=history,
+        test_accuracy=test_acc,
+        sparsity=sparsity,
+        probe_accuracy=probe,
+        snapshot=snapshot.get("state"),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _acdc_entry(run_: _Run, timeline: Timeline) -> dict[str, Any]:
+    state = run_.history.opt_state
+    total = jmasks.summary(state.masks).total_count
+    f = timeline.final_start
+    return {
+        "sparse": run_.test_accuracy[-1],
+        "dense_half": run_.test_accuracy[f],
+        "final_sparsity": run_.sparsity[-1],
+        "dense_half_sparsity": run_.sparsity[f],
+        "final_mask_change": int(state.mask_hamming) / total,
+    }
+
+
+def _phase_changes(curve: list[float], phases: tuple[tuple[int, int, str], ...]) -> dict:
+    """Change of ``curve`` over each compressed / decompressed phase (end minus start)."""
+    out: dict[str, list[float]] = {"compressed": [], "decompressed": []}
+    for start, end, kind in phases:
+        if kind in out:
+            out[kind].append(curve[end] - curve[start])
+    return out
+
+
+def _run_seed(
+    config: Config, seed: int, train_ds: Any, test_ds: Any, out: str | None, bar: Any
+) -> dict[str, Any]:
+    channels, classes = train_ds.x.shape[-1], train_ds.num_classes
+    spe = jdata.num_batches(train_ds, config.batch_size)
+    timeline = make_timeline(config, spe)
+    sgd = make_sgd(config, spe)
+
+    def metrics(name: str) -> str | None:
+        return None if out is None else os.path.join(out, f"metrics_{name}_seed{seed}.jsonl")
+
+    seconds: dict[str, float] = {}
+    seconds_per_epoch: dict[str, float] = {}
+
+    def train(name, tx, model=None, epochs=config.epochs, data=train_ds, **kwargs) -> _Run:
+        bar.set_description(f"seed {seed}: {name}")
+        model = build_model(config, channels, classes, seed) if model is None else model
+        result = _train(
+            config,
+            model,
+            tx,
+            data,
+            test_ds,
+            seed=seed,
+            epochs=epochs,
+            metrics_path=metrics(name),
+            **kwargs,
+        )
+        seconds[name] = result.seconds
+        seconds_per_epoch[name] = result.seconds / epochs
+        bar.update(1)
+        return result
+
+    record: dict[str, Any] = {"seed": seed, "acdc": {}, "gmp": {}, "oneshot_finetune": {}}
+    curves: dict[str, list[float]] = {}
+    sparsity_curves: dict[str, list[float]] = {}
+
+    dense = train("dense", sgd, snapshot_epoch=timeline.final_start)
+    record["dense"] = dense.test_accuracy[-1]
+    curves["dense"], sparsity_curves["dense"] = dense.test_accuracy, dense.sparsity
+
+    for s in config.sparsities:
+        key = sparsity_key(s)
+        tx = optim.acdc(sgd, sparsity=float(s), schedule=timeline.acdc, scope="global")
+        res = train(f"acdc_{key}", tx)
+        record["acdc"][key] = _acdc_entry(res, timeline)
+        curves[f"acdc_{key}"], sparsity_curves[f"acdc_{key}"] = res.test_accuracy, res.sparsity
+
+        tx = optim.gmp(
+            sgd,
+            sparsity=float(s),
+            begin_step=timeline.gmp_begin_step,
+            end_step=timeline.gmp_end_step,
+            every=timeline.gmp_every,
+            scope="global",
+        )
+        res = train(f"gmp_{key}", tx)
+        record["gmp"][key] = {"sparse": res.test_accuracy[-1], "final_sparsity": res.sparsity[-1]}
+        curves[f"gmp_{key}"], sparsity_curves[f"gmp_{key}"] = res.test_accuracy, res.sparsity
+
+        model = build_model(config, channels, classes, seed)
+        nnx.update(model, dense.snapshot)
+        pruned, masks = prune.oneshot(nnx.state(model, nnx.Param), sparsity=float(s))
+        nnx.update(model, pruned)
+        finetune_sgd = make_sgd(config, spe, offset_steps=timeline.final_start * spe)
+        res = train(
+            f"oneshot_finetune_{key}",
+            optim.masked(finetune_sgd, masks),
+            model=model,
+            epochs=config.epochs - timeline.final_start,
+        )
+        record["oneshot_finetune"][key] = {
+            "sparse": res.test_accuracy[-1],
+            "after_prune": res.test_accuracy[0],
+            "final_sparsity": res.sparsity[-1],
+        }
+        # The curve over the whole budget: the dense run up to the pruning epoch, then this run.
+        name = f"oneshot_finetune_{key}"
+        curves[name] = dense.test_accuracy[: timeline.final_start] + res.test_accuracy
+        sparsity_curves[name] = dense.sparsity[: timeline.final_start] + res.sparsity
+
+    if config.memorisation:
+        record["memorisation"] = _memorisation(config, seed, train_ds, test_ds, train)
+    record["curves"] = {"test_accuracy": curves, "sparsity": sparsity_curves}
+    record["seconds"] = seconds
+    record["seconds_per_epoch"] = seconds_per_epoch
+    record["phases"] = [list(p) for p in timeline.phases]
+    record["steps_per_epoch"] = spe
+    return record
+
+
+def _memorisation(
+    config: Config, seed: int, train_ds: Any, test_ds: Any, train: Callable[..., _Run]
+) -> dict[str, Any]:
+    """Dense vs AC/DC on a training set with ``memorisation_fraction`` random labels."""
+    base = train_ds
+    if config.memorisation_subset is not None and config.memorisation_subset < len(train_ds):
+        base = jdata.subset(train_ds, config.memorisation_subset, seed=seed)
+    noisy, changed = jdata.random_labels(base, config.memorisation_fraction, seed=seed)
+    probe = noisy.replace(x=noisy.x[changed], y=noisy.y[changed])
+    spe = jdata.num_batches(noisy, config.batch_size)
+    timeline = make_timeline(config, spe)
+    sgd = make_sgd(config, spe)
+    s = float(config.memorisation_sparsity)
+    dense = train("memorisation_dense", sgd, data=noisy, probe_ds=probe)
+    tx = optim.acdc(sgd, sparsity=s, schedule=timeline.acdc, scope="global")
+    acdc = train(f"memorisation_acdc_{sparsity_key(s)}", tx, data=noisy, probe_ds=probe)
+    return {
+        "sparsity": s,
+        "fraction": float(config.memorisation_fraction),
+        "num_relabelled": int(changed.size),
+        "train_size": len(noisy),
+        "steps_per_epoch": spe,
+        "phases": [list(p) for p in timeline.phases],
+        "dense": dense.probe_accuracy,
+        "acdc": acdc.probe_accuracy,
+        "acdc_sparsity": acdc.sparsity,
+        "dense_test_accuracy": dense.test_accuracy,
+        "acdc_test_accuracy": acdc.test_accuracy,
+        "acdc_phase_changes": _phase_changes(acdc.probe_accuracy, timeline.phases),
+        "dense_phase_changes": _phase_changes(dense.probe_accuracy, timeline.phases),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Seeds, aggregation, entry point
+# --------------------------------------------------------------------------------------------
+
+_NOT_AVERAGED = ("seed", "phases", "steps_per_epoch", "num_relabelled", "train_size")
+
+
+def _reduce(records: list[Any], fn: Callable[[np.ndarray], Any]) -> Any:
+    """``fn`` over seeds of aligned numbers (elementwise for lists) of same-shaped dicts."""
+    first = records[0]
+    if isinstance(first, dict):
+        return {
+            k: first[k] if k in _NOT_AVERAGED else _reduce([r[k] for r in records], fn)
+            for k in first
+        }
+    values = np.asarray(records, dtype=np.float64)
+    reduced = fn(values)
+    return reduced.tolist() if values.ndim > 1 else float(reduced)
+
+
+def _mean(values: np.ndarray) -> np.ndarray:
+    return values.mean(axis=0)
+
+
+def _std(values: np.ndarray) -> np.ndarray:
+    return values.std(axis=0, ddof=1)
+
+
+def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Run the experiment; write ``results.json``, training logs and the plots to ``out``.
+
+    Args:
+      config: a :class:`Config` (validated first).
+      out: output directory (created); ``None`` writes nothing.
+
+    Returns:
+      The results dict (also ``results.json``). Accuracies are test accuracies at the final
+      epoch, means over seeds; sparsities are measured over the conv/dense kernels with
+      :func:`jaxcompress.masks.summary` (exact zeros of the trained params):
+
+      * ``dense``;
+      * ``acdc[str(s)]``: ``sparse``, ``dense_half`` (end of the last decompressed phase),
+        ``final_sparsity``, ``dense_half_sparsity``, ``final_mask_change`` (fraction of mask
+        entries that changed at the last mask update, ``AcdcState.mask_hamming``);
+      * ``gmp[str(s)]``: ``sparse``, ``final_sparsity``;
+      * ``oneshot_finetune[str(s)]``: ``sparse``, ``after_prune`` (before fine-tuning),
+        ``final_sparsity``;
+      * ``memorisation``: per-epoch accuracy on the relabelled examples w.r.t. their random
+        labels, ``dense`` and ``acdc`` (index = epochs completed), their test accuracies, the
+        change of each over every compressed / decompressed phase, ``phases``;
+      * ``curves``: ``epochs`` (0..E), ``test_accuracy[run]`` and ``sparsity[run]`` per epoch
+        for every run (``dense``, ``acdc_<s>``, ``gmp_<s>``, ``oneshot_finetune_<s>``),
+        ``phases`` (the AC/DC timeline in epochs), ``gmp_ramp`` and ``final_start``;
+      * ``std``: sample standard deviations over seeds of all of the above (``num_seeds > 1``);
+      * ``per_seed``, ``config``, ``timing`` (seconds), ``dataset_sizes``, ``environment``.
+    """
+    if not isinstance(config, Config):
+        raise TypeError(f"config must be an experiments.acdc Config, got {type(config).__name__}")
+    config.validate()
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    train_ds, test_ds = load_datasets(config)
+    spe = jdata.num_batches(train_ds, config.batch_size)
+    timeline = make_timeline(config, spe)  # validates steps_per_epoch before any training
+    if config.memorisation:
+        mem_size = len(train_ds)
+        if config.memorisation_subset is not None:
+            mem_size = min(mem_size, config.memorisation_subset)
+        make_timeline(config, jdata.num_batches(mem_size, config.batch_size))
+    t_data = time.perf_counter()
+    if out is not None:
+        out = os.fspath(out)
+        os.makedirs(out, exist_ok=True)
+
+    runs_per_seed = 1 + 3 * len(config.sparsities) + (2 if config.memorisation else 0)
+    bar = tqdm(
+        total=runs_per_seed * config.num_seeds, disable=not config.progress, desc="acdc", leave=True
+    )
+    seeds = [config.seed + k for k in range(config.num_seeds)]
+    try:
+        records = [_run_seed(config, seed, train_ds, test_ds, out, bar) for seed in seeds]
+    finally:
+        bar.close()
+    t_train = time.perf_counter()
+
+    keys = (
+        "dense",
+        "acdc",
+        "gmp",
+        "oneshot_finetune",
+        "memorisation",
+        "curves",
+        "seconds",
+        "seconds_per_epoch",
+    )
+    averaged = _reduce([{k: r[k] for k in keys if k in r} for r in records], _mean)
+    results: dict[str, Any] = {k: averaged[k] for k in keys[:4]}
+    results["memorisation"] = averaged.get("memorisation", {})
+    results["curves"] = {
+        "epochs": list(range(config.epochs + 1)),
+        **averaged["curves"],
+        "phases": [list(p) for p in timeline.phases],
+        "gmp_ramp": [timeline.gmp_begin_epoch, timeline.final_start],
+        "final_start": timeline.final_start,
+    }
+    if len(records) > 1:
+        results["std"] = _reduce([{k: r[k] for k in keys if k in r} for r in records], _std)
+    results["per_seed"] = records
+    results["config"] = {**dataclasses.asdict(config), "phase_epochs": config.phase_epochs()}
+    results["schedule"] = {
+        "steps_per_epoch": spe,
+        "acdc_steps": dataclasses.asdict(timeline.acdc),
+        "gmp_steps": {
+            "begin_step": timeline.gmp_begin_step,
+            "end_step": timeline.gmp_end_step,
+            "every": timeline.gmp_every,
+        },
+    }
+    results["dataset_sizes"] = {"train": len(train_ds), "test": len(test_ds)}
+    results["timing"] = {
+        "data_seconds": t_data - t0,
+        "train_seconds": t_train - t_data,
+        "per_run_seconds": averaged["seconds"],
+        "seconds_per_epoch": averaged["seconds_per_epoch"],
+        "total_seconds": t_train - t0,
+    }
+    results["environment"] = {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": len(jax.devices()),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    if out is not None:
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        write_accuracy_plot(results, os.path.join(out, "accuracy_curves.png"))
+        if config.memorisation:
+            write_memorisation_plot(results, os.path.join(out, "memorisation.png"))
+        results["timing"]["total_seconds"] = time.perf_counter() - t0
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------------
+
+
+def _pm(results: dict[str, Any], path: tuple[str, ...]) -> str:
+    value: Any = results
+    for k in path:
+        value = value[k]
+    text = f"{value:.4f}"
+    std: Any = results.get("std")
+    if std is not None:
+        for k in path:
+            std = std[k]
+        text += f" ± {std:.4f}"
+    return text
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A plain-text table: final test accuracy, sparsity, AC/DC dense half; memorisation."""
+    lines = [f"dense: {_pm(results, ('dense',))}"]
+    header = f"{'method':<18} {'target':>6} {'sparsity':>8}  {'sparse acc':<17} {'dense half':<17}"
+    lines.append(header)
+    for method in ("acdc", "gmp", "oneshot_finetune"):
+        for key, entry in results[method].items():
+            half = _pm(results, (method, key, "dense_half")) if "dense_half" in entry else "-"
+            lines.append(
+                f"{method:<18} {key:>6} {entry['final_sparsity']:>8.4f}  "
+                f"{_pm(results, (method, key, 'sparse')):<17} {half:<17}"
+            )
+    mem = results.get("memorisation")
+    if mem:
+        changes = mem["acdc_phase_changes"]
+        fmt = ", ".join
+        lines.append(
+            f"memorisation ({mem['num_relabelled']} random labels, AC/DC {mem['sparsity']:g}): "
+            f"final dense {mem['dense'][-1]:.4f}, AC/DC {mem['acdc'][-1]:.4f}"
+        )
+        lines.append(
+            "  AC/DC change over compressed phases: "
+            + fmt(f"{c:+.4f}" for c in changes["compressed"])
+        )
+        lines.append(
+            "  AC/DC change over decompressed phases: "
+            + fmt(f"{c:+.4f}" for c in changes["decompressed"])
+        )
+    return "\n".join(lines)
+
+
+def _shade(ax, phases, color="tab:red", alpha=0.12, label="compressed") -> None:
+    for start, end, kind in phases:
+        if kind == "compressed":
+            ax.axvspan(start, end, color=color, alpha=alpha, lw=0, label=label)
+            label = None
+
+
+def write_accuracy_plot(results: dict[str, Any], path: str) -> None:
+    """Test accuracy over epochs, one panel per (method, sparsity), sparse phases shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = results["curves"]
+    epochs = curves["epochs"]
+    acc = curves["test_accuracy"]
+    spars = curves["sparsity"]
+    keys = list(results["acdc"])
+    methods = (
+        ("acdc", "AC/DC", curves["phases"]),
+        ("gmp", "GMP", [[curves["gmp_ramp"][0], epochs[-1], "compressed"]]),
+        ("oneshot_finetune", "one-shot + FT", [[curves["final_start"], epochs[-1], "compressed"]]),
+    )
+    fig, axes = plt.subplots(
+        len(methods), len(keys), figsize=(4.2 * len(keys), 2.8 * len(methods)), squeeze=False
+    )
+    dense = acc["dense"]
+    lo = min(min(v) for k, v in acc.items())
+    for row, (method, title, phases) in enumerate(methods):
+        for col, key in enumerate(keys):
+            ax = axes[row][col]
+            name = f"{method}_{key}"
+            _shade(ax, phases, label="sparse phase")
+            if method == "gmp":
+                ax.axvline(curves["final_start"], color="tab:red", lw=0.8, ls=":")
+            ax.plot(epochs, dense, color="0.5", lw=1, label="dense")
+            ax.plot(epochs, acc[name], color="tab:blue", lw=1.5, marker=".", label=title)
+            ax.set_ylim(max(0.0, lo - 0.02), 1.0)
+            ax.set_title(f"{title}, sparsity {key}", fontsize=10)
+            ax.grid(alpha=0.3)
+            twin = ax.twinx()
+            twin.plot(epochs, spars[name], color="tab:red", lw=1, ls="--", label="sparsity")
+            twin.set_ylim(0.0, 1.0)
+            twin.tick_params(labelsize=7)
+            if row == len(methods) - 1:
+                ax.set_xlabel("epoch")
+            if col == 0:
+                ax.set_ylabel("test accuracy")
+            if row == 0 and col == 0:
+                lines, labels = ax.get_legend_handles_labels()
+                twin_lines, twin_labels = twin.get_legend_handles_labels()
+                ax.legend(lines + twin_lines, labels + twin_labels, fontsize=7, loc="lower left")
+    cfg = results["config"]
+    fig.suptitle(f"{cfg['model']} on {cfg['dataset']}: test accuracy per epoch", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_memorisation_plot(results: dict[str, Any], path: str) -> None:
+    """Accuracy on the relabelled examples (random labels) and test accuracy, AC/DC vs dense."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mem = results["memorisation"]
+    epochs = list(range(len(mem["dense"])))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    panels = (
+        (axes[0], "dense", "acdc", "accuracy on relabelled examples (random labels)"),
+        (axes[1], "dense_test_accuracy", "acdc_test_accuracy", "test accuracy"),
+    )
+    for ax, dense_key, acdc_key, ylabel in panels:
+        _shade(ax, mem["phases"])
+        ax.plot(epochs, mem[dense_key], color="0.4", marker=".", label="dense")
+        ax.plot(epochs, mem[acdc_key], color="tab:blue", marker=".", label="AC/DC")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    cfg = results["config"]
+    fig.suptitle(
+        f"Memorisation: {mem['num_relabelled']} of {mem['train_size']} {cfg['dataset']} labels "
+        f"randomised, AC/DC at {mem['sparsity']:g}",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,168 @@
+"""The AC/DC experiment runs end to end on a tiny real setting, keeps its schema and timeline."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import pytest
+
+# ``experiments`` is a top-level folder of the repository, not part of the installed package.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from experiments.acdc import main as cli  # noqa: E402
+from experiments.acdc.configs import default, quick  # noqa: E402
+from experiments.acdc.configs.base import Config  # noqa: E402
+from experiments.acdc.train import cosine_lr, format_table, make_timeline, run  # noqa: E402
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _tiny() -> Config:
+    # 1437 digits / 64 = 22 steps per epoch; 4 epochs: dense 0-1, C 1-2, D 2-3, final C 3-4.
+    return quick.get_config().replace(
+        dataset="digits",
+        epochs=4,
+        batch_size=64,
+        learning_rate=0.05,
+        widths=(16, 32),
+        train_subset=None,
+        test_subset=None,
+        sparsities=(0.8,),
+        memorisation_subset=720,  # 11 steps per epoch
+        progress=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("acdc")
+    return run(_tiny(), out), out
+
+
+def test_run_writes_schema_and_files(tiny_run):
+    results, out = tiny_run
+    for key in ("dense", "acdc", "gmp", "oneshot_finetune", "memorisation", "curves"):
+        assert key in results
+    assert {"config", "timing", "schedule", "per_seed"} <= set(results)
+    assert 0.6 < results["dense"] <= 1.0
+    entry = results["acdc"]["0.8"]
+    assert set(entry) >= {"sparse", "dense_half", "final_sparsity", "dense_half_sparsity"}
+    for method in ("acdc", "gmp", "oneshot_finetune"):
+        assert 0.0 <= results[method]["0.8"]["sparse"] <= 1.0
+        assert results[method]["0.8"]["final_sparsity"] == pytest.approx(0.8, abs=2e-3)
+    assert 0.0 < entry["final_mask_change"] <= 1.0
+    assert results["timing"]["total_seconds"] > 0
+    assert tuple(results["config"]["phase_epochs"]) == (1, 1, 1, 1)
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["acdc"] == results["acdc"]
+    assert (out / "accuracy_curves.png").read_bytes()[:8] == PNG
+    assert (out / "memorisation.png").read_bytes()[:8] == PNG
+    assert len((out / "metrics_dense_seed0.jsonl").read_text().splitlines()) == 4
+    table = format_table(results)
+    assert "acdc" in table and "gmp" in table and "memorisation" in table
+
+
+def test_timeline_is_evaluated_at_phase_ends(tiny_run):
+    """The model read at an epoch boundary is the trained model of the phase ending there."""
+    results, _ = tiny_run
+    curves = results["curves"]
+    assert curves["epochs"] == list(range(5))
+    assert [tuple(p) for p in curves["phases"]] == [
+        (0, 1, "dense"),
+        (1, 2, "compressed"),
+        (2, 3, "decompressed"),
+        (3, 4, "compressed"),
+    ]
+    sp = curves["sparsity"]["acdc_0.8"]
+    assert len(sp) == 5
+    assert sp[0] == 0.0 and sp[1] == 0.0  # end of warm-up: dense, not yet pruned
+    for end in (2, 4):  # ends of compressed phases: exactly on the mask
+        assert sp[end] == pytest.approx(0.8, abs=2e-3)
+    assert sp[3] < 0.4  # end of the decompressed phase: the pruned weights moved off zero
+    # The dense half is the model at the end of epoch 3, before the final mask.
+    assert results["acdc"]["0.8"]["dense_half"] == curves["test_accuracy"]["acdc_0.8"][3]
+    assert results["acdc"]["0.8"]["dense_half_sparsity"] == sp[3]
+    # GMP: masks at the first step of epochs 1, 2, 3 (cubic: 0, 0.7, 0.8), then fixed.
+    gmp = curves["sparsity"]["gmp_0.8"]
+    assert gmp[:3] == [0.0, 0.0, 0.0]
+    assert gmp[3] == pytest.approx(0.7, abs=2e-3) and gmp[4] == pytest.approx(0.8, abs=2e-3)
+    one = curves["sparsity"]["oneshot_finetune_0.8"]
+    assert one[:3] == [0.0, 0.0, 0.0] and one[3] == pytest.approx(0.8, abs=2e-3)
+
+
+def test_memorisation_tracks_relabelled_examples(tiny_run):
+    results, _ = tiny_run
+    mem = results["memorisation"]
+    assert mem["num_relabelled"] == round(0.1 * mem["train_size"])
+    assert len(mem["dense"]) == len(mem["acdc"]) == 5
+    assert all(0.0 <= a <= 1.0 for a in mem["dense"] + mem["acdc"])
+    changes = mem["acdc_phase_changes"]
+    assert len(changes["compressed"]) == 2 and len(changes["decompressed"]) == 1
+    assert changes["compressed"][0] == pytest.approx(mem["acdc"][2] - mem["acdc"][1])
+
+
+def test_timeline_and_cosine_lr():
+    config = default.get_config()  # 30 epochs: W = C = D = 3, L = 6
+    timeline = make_timeline(config, 10)
+    assert timeline.phases == (
+        (0, 3, "dense"),
+        (3, 6, "compressed"),
+        (6, 9, "decompressed"),
+        (9, 12, "compressed"),
+        (12, 15, "decompressed"),
+        (15, 18, "compressed"),
+        (18, 24, "decompressed"),
+        (24, 30, "compressed"),
+    )
+    schedule = timeline.acdc
+    # Each boundary is one step after the epoch boundary.
+    assert schedule.phase_at(30) == "dense" and schedule.phase_at(31) == "compressed"
+    assert schedule.phase_at(240) == "decompressed" and schedule.phase_at(241) == "compressed"
+    assert (timeline.gmp_begin_step, timeline.gmp_end_step) == (31, 241)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        make_timeline(config, 1)
+    lr = cosine_lr(config.replace(lr_warmup_epochs=2), 10)
+    assert float(lr(0)) == pytest.approx(0.05)  # warm-up: base * (e + 1) / w
+    assert float(lr(19)) == pytest.approx(0.1)
+    assert float(lr(20)) == pytest.approx(0.1)  # cosine starts at base
+    assert float(lr(299)) == pytest.approx(0.05 * (1 + math.cos(math.pi * 27 / 28)), rel=1e-5)
+    tail = cosine_lr(config, 10, offset_steps=240)
+    assert float(tail(0)) == pytest.approx(float(cosine_lr(config, 10)(240)))
+
+
+def test_configs_validate():
+    assert default.get_config().validate().dataset == "fashion_mnist"
+    assert quick.get_config().validate().phase_epochs() == (1, 1, 1, 2)
+    with pytest.raises(ValueError, match="sparsities"):
+        Config(sparsities=(0.9, 1.0)).validate()
+    with pytest.raises(ValueError, match="epochs"):
+        Config(epochs=3).validate()
+    with pytest.raises(ValueError, match="compressed_epochs"):
+        Config(compressed_epochs=0).validate()
+    with pytest.raises(ValueError, match="memorisation_fraction"):
+        Config(memorisation_fraction=1.5).validate()
+    with pytest.raises(TypeError, match="config"):
+        run({"dataset": "digits"})
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--dataset", "cifar10"], "invalid choice"),
+        (["--epochs", "0"], "positive integer"),
+        (["--seeds", "0"], "positive integer"),
+        (["--widths", "16,x"], "comma-separated"),
+        (["--epochs", "2"], "epochs"),
+        (["--data-dir", "/nonexistent/dir"], "not a directory"),
+    ],
+)
+def test_cli_rejects_bad_flags(argv, match, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert match in capsys.readouterr().err
