@@ -10,7 +10,7 @@ import time
 from experiments.acdc.configs import default, quick
 from experiments.acdc.configs.base import MODELS
 from experiments.oneshot.configs.base import DATASETS
-from experiments.oneshot.main import _non_negative_int, _positive_int
+from experiments.oneshot.main import non_negative_int, positive_int
 
 
 def _widths(text: str) -> tuple[int, ...]:
@@ -41,13 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick", action="store_true", help="small settings (under 5 minutes on 2 CPU cores)"
     )
-    parser.add_argument("--seed", type=_non_negative_int, default=None, help="first seed")
+    parser.add_argument("--seed", type=non_negative_int, default=None, help="first seed")
     parser.add_argument(
-        "--seeds", type=_positive_int, default=None, help="number of seeds (mean and std)"
+        "--seeds", type=positive_int, default=None, help="number of seeds (mean and std)"
     )
     parser.add_argument(
         "--epochs",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="epoch budget of every method; the AC/DC phases scale with it",
     )

@@ -11,7 +11,7 @@ import time
 from experiments.cram.configs import default, quick
 from experiments.cram.configs.base import METHODS, MODELS
 from experiments.oneshot.configs.base import DATASETS
-from experiments.oneshot.main import _non_negative_int, _positive_int
+from experiments.oneshot.main import non_negative_int, positive_int
 
 
 def _non_negative_float(text: str) -> float:
@@ -49,10 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="small settings (under 5 minutes on 2 CPU cores)"
     )
     parser.add_argument(
-        "--seeds", type=_positive_int, default=None, help="repetitions (mean and std), default 1"
+        "--seeds", type=positive_int, default=None, help="repetitions (mean and std), default 1"
     )
-    parser.add_argument("--seed", type=_non_negative_int, default=None, help="first seed")
-    parser.add_argument("--epochs", type=_positive_int, default=None)
+    parser.add_argument("--seed", type=non_negative_int, default=None, help="first seed")
+    parser.add_argument("--epochs", type=positive_int, default=None)
     parser.add_argument("--rho", type=_non_negative_float, default=None, help="CrAM radius")
     parser.add_argument(
         "--methods",

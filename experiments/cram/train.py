@@ -53,8 +53,9 @@ from flax import nnx
 from tqdm import tqdm
 
 from experiments.cram.configs.base import METHODS, Config
-from experiments.oneshot.train import _nm_selector, _prune_and_measure, load_datasets
+from experiments.oneshot.train import load_datasets, prune_and_measure
 from experiments.oneshot.train import make_optimizer as make_sgd
+from experiments.oneshot.train import nm_selector as nm_selector_for_group
 from jaxcompress import optim, prune
 from jaxcompress import train as jtrain
 from jaxcompress.models import SmallCNN, resnet8
@@ -85,7 +86,7 @@ def nm_key(n: int, m: int) -> str:
 
 def nm_selector(config: Config):
     """Conv/dense kernels whose contracting dimension is divisible by every ``m`` (their lcm)."""
-    return _nm_selector(math.lcm(*(m for _, m in config.nm_patterns)))
+    return nm_selector_for_group(math.lcm(*(m for _, m in config.nm_patterns)))
 
 
 def build_model(config: Config, in_channels: int, num_classes: int, seed: int) -> nnx.Module:
@@ -137,7 +138,7 @@ def oneshot_sweep(
 
     The model is left with its dense weights and statistics. Returns ``{"dense", "dense_loss",
     "oneshot": {key: entry}, "nm": {key: entry}}`` with each entry as returned by
-    :func:`experiments.oneshot.train._prune_and_measure` (``raw``, ``bn_recalibrated``,
+    :func:`experiments.oneshot.train.prune_and_measure` (``raw``, ``bn_recalibrated``,
     ``actual_sparsity``, ...).
     """
     model.eval()
@@ -145,13 +146,13 @@ def oneshot_sweep(
     dense_state = jax.tree.map(lambda a: a.copy(), nnx.state(model))
     where_nm = nm_selector(config)
     oneshot = {
-        sparsity_key(s): _prune_and_measure(
+        sparsity_key(s): prune_and_measure(
             model, dense_state, calib, test_ds, config, sparsity=float(s), scope="global"
         )
         for s in config.sparsities
     }
     nm = {
-        nm_key(n, m): _prune_and_measure(
+        nm_key(n, m): prune_and_measure(
             model, dense_state, calib, test_ds, config, n=n, m=m, where=where_nm
         )
         for n, m in config.nm_patterns

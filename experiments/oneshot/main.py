@@ -11,7 +11,7 @@ from experiments.oneshot.configs import default, quick
 from experiments.oneshot.configs.base import DATASETS
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -21,7 +21,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _non_negative_int(text: str) -> int:
+def non_negative_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick", action="store_true", help="small settings (under 3 minutes on 2 CPU cores)"
     )
-    parser.add_argument("--seed", type=_non_negative_int, default=None)
-    parser.add_argument("--epochs", type=_positive_int, default=None)
+    parser.add_argument("--seed", type=non_negative_int, default=None)
+    parser.add_argument("--epochs", type=positive_int, default=None)
     parser.add_argument("--out", default="runs/oneshot", help="output directory")
     parser.add_argument(
         "--data-dir", default=None, help="data root (default $JAXCOMPRESS_DATA_DIR)"

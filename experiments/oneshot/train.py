@@ -66,7 +66,7 @@ def _sparsity_of(params: Any, where) -> float:
     return float(jmasks.summary(params, where=where).sparsity)
 
 
-def _nm_selector(m: int):
+def nm_selector(m: int):
     """Prunable kernels whose contracting (input) dimension splits into groups of ``m``."""
 
     def where(path, leaf) -> bool:
@@ -75,7 +75,7 @@ def _nm_selector(m: int):
     return where
 
 
-def _prune_and_measure(model, dense_state, calib, test_ds, config, **criterion) -> dict:
+def prune_and_measure(model, dense_state, calib, test_ds, config, **criterion) -> dict:
     """Restore the dense weights, prune, evaluate, recalibrate BN, evaluate."""
     nnx.update(model, dense_state)
     params = nnx.state(model, nnx.Param)
@@ -157,7 +157,7 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
     )
     oneshot = {}
     for s in config.sparsities:
-        oneshot[f"{s:g}"] = _prune_and_measure(
+        oneshot[f"{s:g}"] = prune_and_measure(
             model, dense_state, calib, test_ds, config, sparsity=float(s), scope="global"
         )
     results: dict[str, Any] = {
@@ -167,8 +167,8 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
     }
     if config.nm is not None:
         n, m = config.nm
-        results[f"nm_{n}_{m}"] = _prune_and_measure(
-            model, dense_state, calib, test_ds, config, n=n, m=m, where=_nm_selector(m)
+        results[f"nm_{n}_{m}"] = prune_and_measure(
+            model, dense_state, calib, test_ds, config, n=n, m=m, where=nm_selector(m)
         )
     nnx.update(model, dense_state)
     t_prune = time.perf_counter()

@@ -7,18 +7,9 @@ import os
 import sys
 import time
 
+from experiments.oneshot.main import non_negative_int
 from experiments.spdy.configs import default, quick
 from experiments.spdy.configs.base import DATASETS
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick", action="store_true", help="small settings (under 5 minutes on 2 CPU cores)"
     )
-    parser.add_argument("--seed", type=_non_negative_int, default=None)
+    parser.add_argument("--seed", type=non_negative_int, default=None)
     parser.add_argument("--out", default="runs/spdy", help="output directory")
     parser.add_argument(
         "--data-dir", default=None, help="data root (default $JAXCOMPRESS_DATA_DIR)"

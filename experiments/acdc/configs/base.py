@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from experiments.oneshot.configs.base import DATASETS, _is_int, _is_real
+from experiments.oneshot.configs.base import DATASETS, is_int, is_real
 
 MODELS = ("small_cnn", "resnet8")
 
@@ -121,20 +121,20 @@ class Config:
             raise TypeError(f"data_dir must be a str path or None, got {self.data_dir!r}")
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
-        if not _is_int(self.seed) or self.seed < 0:
+        if not is_int(self.seed) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
         for name in ("num_seeds", "epochs", "batch_size", "eval_batch_size"):
             value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not _is_int(self.lr_warmup_epochs) or not 0 <= self.lr_warmup_epochs < self.epochs:
+        if not is_int(self.lr_warmup_epochs) or not 0 <= self.lr_warmup_epochs < self.epochs:
             raise ValueError(
                 f"lr_warmup_epochs must be an int in [0, epochs={self.epochs}), got "
                 f"{self.lr_warmup_epochs!r}"
             )
         for name in ("train_subset", "test_subset", "memorisation_subset"):
             value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value <= 0):
+            if value is not None and (not is_int(value) or value <= 0):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
         for name, lo, hi in (
             ("learning_rate", 0.0, math.inf),
@@ -142,12 +142,12 @@ class Config:
             ("weight_decay", 0.0, math.inf),
         ):
             value = getattr(self, name)
-            if not _is_real(value) or not lo <= value < hi:
+            if not is_real(value) or not lo <= value < hi:
                 raise ValueError(f"{name} must be a float in [{lo}, {hi}), got {value!r}")
         if (
             not isinstance(self.widths, tuple)
             or not self.widths
-            or not all(_is_int(w) and w > 0 for w in self.widths)
+            or not all(is_int(w) and w > 0 for w in self.widths)
         ):
             raise ValueError(
                 f"widths must be a non-empty tuple of positive ints, got {self.widths!r}"
@@ -155,7 +155,7 @@ class Config:
         if (
             not isinstance(self.sparsities, tuple)
             or not self.sparsities
-            or not all(_is_real(s) and 0.0 < s < 1.0 for s in self.sparsities)
+            or not all(is_real(s) and 0.0 < s < 1.0 for s in self.sparsities)
         ):
             raise ValueError(
                 f"sparsities must be a non-empty tuple of floats in (0, 1), got {self.sparsities!r}"
@@ -166,12 +166,12 @@ class Config:
             raise TypeError(f"memorisation must be a bool, got {self.memorisation!r}")
         if not isinstance(self.progress, bool):
             raise TypeError(f"progress must be a bool, got {self.progress!r}")
-        if not _is_real(self.memorisation_fraction) or not 0.0 < self.memorisation_fraction < 1.0:
+        if not is_real(self.memorisation_fraction) or not 0.0 < self.memorisation_fraction < 1.0:
             raise ValueError(
                 f"memorisation_fraction must be a float in (0, 1), got "
                 f"{self.memorisation_fraction!r}"
             )
-        if not _is_real(self.memorisation_sparsity) or not 0.0 < self.memorisation_sparsity < 1.0:
+        if not is_real(self.memorisation_sparsity) or not 0.0 < self.memorisation_sparsity < 1.0:
             raise ValueError(
                 f"memorisation_sparsity must be a float in (0, 1), got "
                 f"{self.memorisation_sparsity!r}"
@@ -184,7 +184,7 @@ class Config:
         ):
             value = getattr(self, name)
             minimum = 0 if name == "warmup_epochs" else 1
-            if value is not None and (not _is_int(value) or value < minimum):
+            if value is not None and (not is_int(value) or value < minimum):
                 raise ValueError(f"{name} must be None or an int >= {minimum}, got {value!r}")
         w, c, d, final = self.phase_epochs()
         if w + c + d + final > self.epochs:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from experiments.oneshot.configs.base import CALIBRATION_MODES, DATASETS, _is_int, _is_real
+from experiments.oneshot.configs.base import CALIBRATION_MODES, DATASETS, is_int, is_real
 
 MODELS = ("small_cnn", "resnet8")
 METHODS = ("sgd", "cram", "cram_nm")
@@ -96,7 +96,7 @@ class Config:
             raise TypeError(f"data_dir must be a str path or None, got {self.data_dir!r}")
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
-        if not _is_int(self.seed) or self.seed < 0:
+        if not is_int(self.seed) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
         for name in (
             "num_seeds",
@@ -107,11 +107,11 @@ class Config:
             "eval_batch_size",
         ):
             value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         for name in ("train_subset", "test_subset"):
             value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value <= 0):
+            if value is not None and (not is_int(value) or value <= 0):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
         for name, lo, hi in (
             ("learning_rate", 0.0, float("inf")),
@@ -120,11 +120,11 @@ class Config:
             ("rho", 0.0, float("inf")),
         ):
             value = getattr(self, name)
-            if not _is_real(value) or not lo <= value < hi:
+            if not is_real(value) or not lo <= value < hi:
                 raise ValueError(f"{name} must be a float in [{lo}, {hi}), got {value!r}")
         if self.learning_rate == 0.0:
             raise ValueError("learning_rate must be > 0, got 0.0")
-        if not _is_real(self.calib_momentum) or not 0.0 < self.calib_momentum <= 1.0:
+        if not is_real(self.calib_momentum) or not 0.0 < self.calib_momentum <= 1.0:
             raise ValueError(f"calib_momentum must be in (0, 1], got {self.calib_momentum!r}")
         if self.calib_mode not in CALIBRATION_MODES:
             raise ValueError(
@@ -133,7 +133,7 @@ class Config:
         if (
             not isinstance(self.widths, tuple)
             or not self.widths
-            or not all(_is_int(w) and w > 0 for w in self.widths)
+            or not all(is_int(w) and w > 0 for w in self.widths)
         ):
             raise ValueError(
                 f"widths must be a non-empty tuple of positive ints, got {self.widths!r}"
@@ -153,7 +153,7 @@ class Config:
             if (
                 not isinstance(value, tuple)
                 or not value
-                or not all(_is_real(s) and 0.0 <= s < 1.0 for s in value)
+                or not all(is_real(s) and 0.0 <= s < 1.0 for s in value)
             ):
                 raise ValueError(
                     f"{name} must be a non-empty tuple of floats in [0, 1), got {value!r}"
@@ -166,7 +166,7 @@ class Config:
             or not all(
                 isinstance(p, tuple)
                 and len(p) == 2
-                and all(_is_int(v) for v in p)
+                and all(is_int(v) for v in p)
                 and 0 < p[0] < p[1]
                 for p in self.nm_patterns
             )

@@ -67,19 +67,19 @@ class Config:
             raise TypeError(f"data_dir must be a str path or None, got {self.data_dir!r}")
         for name in ("seed",):
             value = getattr(self, name)
-            if not _is_int(value) or value < 0:
+            if not is_int(value) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
         for name in ("epochs", "batch_size", "calib_batches", "calib_batch_size"):
             value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not _is_int(self.eval_batch_size) or self.eval_batch_size <= 0:
+        if not is_int(self.eval_batch_size) or self.eval_batch_size <= 0:
             raise ValueError(
                 f"eval_batch_size must be a positive int, got {self.eval_batch_size!r}"
             )
         for name in ("train_subset", "test_subset"):
             value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value <= 0):
+            if value is not None and (not is_int(value) or value <= 0):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
         for name, lo, hi in (
             ("learning_rate", 0.0, float("inf")),
@@ -87,9 +87,9 @@ class Config:
             ("weight_decay", 0.0, float("inf")),
         ):
             value = getattr(self, name)
-            if not _is_real(value) or not lo <= value < hi:
+            if not is_real(value) or not lo <= value < hi:
                 raise ValueError(f"{name} must be a float in [{lo}, {hi}), got {value!r}")
-        if not _is_real(self.calib_momentum) or not 0.0 < self.calib_momentum <= 1.0:
+        if not is_real(self.calib_momentum) or not 0.0 < self.calib_momentum <= 1.0:
             raise ValueError(f"calib_momentum must be in (0, 1], got {self.calib_momentum!r}")
         if self.calib_mode not in CALIBRATION_MODES:
             raise ValueError(
@@ -98,13 +98,13 @@ class Config:
         if (
             not isinstance(self.widths, tuple)
             or not self.widths
-            or not all(_is_int(w) and w > 0 for w in self.widths)
+            or not all(is_int(w) and w > 0 for w in self.widths)
         ):
             raise ValueError(
                 f"widths must be a non-empty tuple of positive ints, got {self.widths!r}"
             )
         if not isinstance(self.sparsities, tuple) or not all(
-            _is_real(s) and 0.0 <= s < 1.0 for s in self.sparsities
+            is_real(s) and 0.0 <= s < 1.0 for s in self.sparsities
         ):
             raise ValueError(
                 f"sparsities must be a tuple of floats in [0, 1), got {self.sparsities!r}"
@@ -114,16 +114,16 @@ class Config:
         if self.nm is not None and (
             not isinstance(self.nm, tuple)
             or len(self.nm) != 2
-            or not all(_is_int(v) for v in self.nm)
+            or not all(is_int(v) for v in self.nm)
             or not 0 < self.nm[0] < self.nm[1]
         ):
             raise ValueError(f"nm must be None or a pair (n, m) with 0 < n < m, got {self.nm!r}")
         return self
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _is_real(value) -> bool:
+def is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import numbers
 
-DATASETS = ("fashion_mnist", "mnist", "digits")
+from experiments.oneshot.configs.base import DATASETS, is_int, is_real
+
+__all__ = ["DATASETS", "Config"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +81,7 @@ class Config:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise TypeError(f"{name} must be a str path or None, got {value!r}")
-        if not _is_int(self.seed) or self.seed < 0:
+        if not is_int(self.seed) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
         for name in (
             "epochs",
@@ -98,25 +99,25 @@ class Config:
             "eval_batch_size",
         ):
             value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not _is_int(self.maxnoimp) or self.maxnoimp < 0:
+        if not is_int(self.maxnoimp) or self.maxnoimp < 0:
             raise ValueError(f"maxnoimp must be a non-negative int, got {self.maxnoimp!r}")
         for name in ("train_subset", "test_subset"):
             value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value <= 0):
+            if value is not None and (not is_int(value) or value <= 0):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
         for name in ("learning_rate", "weight_decay", "adaprune_lr", "gap_lr"):
             value = getattr(self, name)
-            if not _is_real(value) or not value >= 0 or value == float("inf"):
+            if not is_real(value) or not value >= 0 or value == float("inf"):
                 raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
-        if not _is_real(self.momentum) or not 0.0 <= self.momentum < 1.0:
+        if not is_real(self.momentum) or not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
-        if not _is_real(self.layerperc) or not 0.0 <= self.layerperc <= 1.0:
+        if not is_real(self.layerperc) or not 0.0 <= self.layerperc <= 1.0:
             raise ValueError(f"layerperc must be in [0, 1], got {self.layerperc!r}")
         if not (
-            _is_real(self.min_sparsity)
-            and _is_real(self.max_sparsity)
+            is_real(self.min_sparsity)
+            and is_real(self.max_sparsity)
             and 0.0 < self.min_sparsity < self.max_sparsity < 1.0
         ):
             raise ValueError(
@@ -126,7 +127,7 @@ class Config:
         if (
             not isinstance(self.widths, tuple)
             or not self.widths
-            or not all(_is_int(w) and w > 0 for w in self.widths)
+            or not all(is_int(w) and w > 0 for w in self.widths)
         ):
             raise ValueError(
                 f"widths must be a non-empty tuple of positive ints, got {self.widths!r}"
@@ -134,18 +135,10 @@ class Config:
         if (
             not isinstance(self.speedups, tuple)
             or not self.speedups
-            or not all(_is_real(s) and s > 1.0 for s in self.speedups)
+            or not all(is_real(s) and s > 1.0 for s in self.speedups)
             or len(set(self.speedups)) != len(self.speedups)
         ):
             raise ValueError(
                 f"speedups must be a non-empty tuple of distinct floats > 1, got {self.speedups!r}"
             )
         return self
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
