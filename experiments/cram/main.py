@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
-import time
 
+from experiments.cli import check_dirs, non_negative_int, positive_int, run_config
 from experiments.cram.configs import default, quick
 from experiments.cram.configs.base import METHODS, MODELS
 from experiments.oneshot.configs.base import DATASETS
-from experiments.oneshot.main import non_negative_int, positive_int
 
 
 def _non_negative_float(text: str) -> float:
@@ -71,10 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.data_dir is not None and not os.path.isdir(args.data_dir):
-        parser.error(f"--data-dir: {args.data_dir!r} is not a directory")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        parser.error(f"--out: {args.out!r} exists and is not a directory")
+    check_dirs(parser, args)
     config = (quick if args.quick else default).get_config()
     changes = {"progress": not args.no_progress}
     for flag, field in (
@@ -90,16 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, flag)
         if value is not None:
             changes[field] = value
-    config = config.replace(**changes)
-    try:
-        config.validate()
-    except (TypeError, ValueError) as err:
-        parser.error(str(err))
 
     from experiments.cram.train import format_table, run
 
-    start = time.perf_counter()
-    results = run(config, args.out)
-    print(format_table(results))
-    print(f"wall time: {time.perf_counter() - start:.1f} s; results in {args.out}", file=sys.stdout)
-    return 0
+    return run_config(parser, config, changes, run=run, format_table=format_table, out=args.out)

@@ -3,32 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-import time
 
+from experiments.cli import check_dirs, non_negative_int, positive_int, run_config
 from experiments.oneshot.configs import default, quick
 from experiments.oneshot.configs.base import DATASETS
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,24 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.data_dir is not None and not os.path.isdir(args.data_dir):
-        parser.error(f"--data-dir: {args.data_dir!r} is not a directory")
+    check_dirs(parser, args)
     config = (quick if args.quick else default).get_config()
     changes = {"progress": not args.no_progress}
     for name in ("dataset", "seed", "epochs", "data_dir"):
         value = getattr(args, name)
         if value is not None:
             changes[name] = value
-    config = config.replace(**changes)
-    try:
-        config.validate()
-    except (TypeError, ValueError) as err:
-        parser.error(str(err))
 
     from experiments.oneshot.train import format_table, run
 
-    start = time.perf_counter()
-    results = run(config, args.out)
-    print(format_table(results))
-    print(f"wall time: {time.perf_counter() - start:.1f} s; results in {args.out}", file=sys.stdout)
-    return 0
+    return run_config(parser, config, changes, run=run, format_table=format_table, out=args.out)
