@@ -319,3 +319,41 @@ def test_bad_input(kwargs, exc, match):
 def test_oracle_helper_consistency():
     # the oracle reproduces the reference's -1 profile on an infeasible budget
     assert oracle_dp([[1.0]], [[5]], 3) == ([-1], float("inf"), -1)
+
+
+def test_row_prefixes_cover_reach_and_match_oracle():
+    # Early rows can only be finite on a short prefix; they are computed on a shorter span.
+    rng = np.random.default_rng(11)
+    scales, counts = [0.05, 0.1, 0.3, 1.0, 2.0], [3, 5, 2, 6, 4]
+    times = [rng.uniform(0.0, s, size=n) for s, n in zip(scales, counts, strict=True)]
+    costs = [rng.uniform(size=t.shape[0]) for t in times]
+    budget = float(sum(t.max() for t in times)) * 0.6
+    prep = spdy.prepare(times, budget, buckets=4000)
+    plan = prep._plan
+    spans = _dp._spans(plan.width)
+    assert len(set(plan.span.tolist())) > 1  # several compiled prefixes are exercised
+    for layer, k in enumerate(plan.span.tolist()):
+        top = sum(
+            int(plan.slot_shift[i][plan.slot_shift[i] < plan.valid_width].max())
+            for i in range(layer + 1)
+        )
+        assert spans[k] >= min(top, plan.valid_width - 1) + 1
+    ref = oracle_solve([c.tolist() for c in costs], [t.tolist() for t in times], budget, 4000)
+    _assert_matches_oracle(spdy.solve(costs, times, budget, buckets=4000), ref)
+
+
+def test_threaded_batch_matches_oracle_inside_caller_x64_context():
+    # A concrete CPU batch is split over host threads; each chunk must keep the caller's
+    # (thread-local) float64 mode and the result must equal the oracle solve by solve.
+    rng = np.random.default_rng(12)
+    times = rng.uniform(0.1, 1.0, size=(4, 3))
+    costs = rng.uniform(size=(7, 4, 3))
+    if jax.default_backend() == "cpu":
+        assert _dp._num_workers(costs, 1) == min(7, os.cpu_count() or 1, _dp._MAX_WORKERS)
+    assert _dp._num_workers(costs, None) == 1
+    with jax.enable_x64(True):
+        out = spdy.solve_batch(costs, times, 2.0, buckets=300)
+    assert out.cost.dtype == np.float64 and out.choice.shape == (7, 4)
+    for i in range(7):
+        ref = oracle_solve(costs[i].tolist(), times.tolist(), 2.0, 300)
+        _assert_matches_oracle(jax.tree.map(lambda x, i=i: x[i], out), ref)

@@ -28,7 +28,16 @@ Implementation (same results, fewer operations than the reference loop):
 * **Values first, choices on the way back.** The forward pass keeps only the values. Options
   that share a shift are merged into one with their minimum cost: floating-point addition
   is monotone, so ``min_j fl(p + c_j) = fl(p + min_j c_j)`` exactly. Each layer loops over
-  its distinct shifts only (a dynamic trip count), two per fused step.
+  its distinct shifts only (a dynamic trip count), eight per fused step (padding slots read
+  the ``+inf`` region), which halves the accumulator traffic of two per step.
+* **Reachable prefix.** Row ``l`` can be finite only at ``i <= r_l = sum_{k <= l} max_j
+  s[k, j]``. Each row is computed on the shortest of a few compiled prefix lengths covering
+  ``[0, r_l]`` (``lax.switch`` on a per-layer index, so shapes never depend on the table) and
+  padded with ``+inf``; the values are unchanged. ResNet-50 at 2x: ~15% fewer operations.
+* **Host threads for CPU batches.** XLA's CPU client runs an executable on the calling
+  thread, so :func:`solve_batch` with a concrete NumPy batch splits it into one chunk per
+  core and dispatches the chunks from a small thread pool; each solve is independent, so the
+  results equal one call's.
 * **Backtracking recomputes the choice.** At layer ``l`` and bucket ``i`` the chosen option is
   the first ``argmin_j D[l-1, i - s[l, j]] + c[l, j]`` over *all* options in their original
   order, with the same floating-point operations as the forward pass. ``jnp.argmin`` returns
@@ -46,6 +55,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
+import threading
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -65,6 +76,9 @@ __all__ = [
 ]
 
 _WIDTH_QUANTUM = 256  # compiled window widths are rounded up to a multiple of this
+_FUSE = 8  # distinct shifts merged per fused loop step (a power of two)
+_NUM_SPANS = 8  # rows are computed on one of this many prefix lengths (lax.switch)
+_MAX_WORKERS = 8  # host threads that dispatch independent chunks of a CPU batch
 
 
 class InfeasibleBudgetError(ValueError):
@@ -112,6 +126,7 @@ class _Plan:
     group: np.ndarray  # int32[L, S], merged slot of each option; num_slots = dump slot
     slot_shift: np.ndarray  # int32[L, U], distinct usable shifts, padded with `width`
     num_pairs: np.ndarray  # int32[L], ceil(distinct usable shifts / 2)
+    span: np.ndarray  # int32[L], index into _spans(width) of the prefix each row is computed on
     valid_width: int  # W = B + 1 - sum_l m_l
     width: int  # compiled width, W rounded up to _WIDTH_QUANTUM
     offset: int  # sum_l m_l
@@ -244,7 +259,7 @@ def _plan(times: Any, budget: float, buckets: int, lengths: Any) -> _Plan:
         shift[i, : s.shape[0]] = s
         usable_per_layer.append(np.unique(s[s < valid_width]))
     counts = np.array([u.shape[0] for u in usable_per_layer], np.int64)
-    num_slots = -(-int(counts.max()) // 4) * 4  # padded to a multiple of 4 (>= 2 per pair)
+    num_slots = -(-int(counts.max()) // _FUSE) * _FUSE  # whole fused steps
     slot_shift = np.full((num_layers, num_slots), width, np.int64)
     group = np.full((num_layers, num_options), num_slots, np.int64)  # num_slots = discard
     for i, usable in enumerate(usable_per_layer):
@@ -252,6 +267,11 @@ def _plan(times: Any, budget: float, buckets: int, lengths: Any) -> _Plan:
         slot_of = {int(v): p for p, v in enumerate(usable)}
         n = int(lens[i])
         group[i, :n] = [slot_of.get(int(v), num_slots) for v in shift[i, :n]]
+    # Row l can be finite only at i <= reach_l = sum_{k <= l} max usable shift of layer k.
+    top = np.array([int(u.max()) if u.shape[0] else 0 for u in usable_per_layer], np.int64)
+    reach = np.minimum(np.cumsum(top), valid_width - 1)
+    spans = np.asarray(_spans(width), np.int64)
+    span = np.searchsorted(spans, reach + 1)  # smallest span covering [0, reach_l]
     return _Plan(
         num_layers=num_layers,
         num_options=num_options,
@@ -260,11 +280,18 @@ def _plan(times: Any, budget: float, buckets: int, lengths: Any) -> _Plan:
         shift=shift.astype(np.int32),
         group=group.astype(np.int32),
         slot_shift=slot_shift.astype(np.int32),
-        num_pairs=((counts + 1) // 2).astype(np.int32),
+        num_pairs=(-(-counts // _FUSE)).astype(np.int32),
+        span=span.astype(np.int32),
         valid_width=int(valid_width),
         width=int(width),
         offset=offset,
     )
+
+
+def _spans(width: int) -> tuple[int, ...]:
+    """Compiled row prefixes: ``width * k / _NUM_SPANS`` rounded up to ``_WIDTH_QUANTUM``."""
+    q = _WIDTH_QUANTUM
+    return tuple(sorted({-(-width * k // (_NUM_SPANS * q)) * q for k in range(1, _NUM_SPANS + 1)}))
 
 
 def _pad_costs(costs: Any, plan: _Plan, dtype: np.dtype, *, batched: bool) -> Any:
@@ -334,7 +361,7 @@ def _select_min(a, b):
     return jnp.where(a < b, a, b)
 
 
-def _forward(costs, group, slot_shift, num_pairs, *, width):
+def _forward(costs, group, slot_shift, num_pairs, span, *, width):
     """Value DP in window coordinates.
 
     Returns ``(row0, rows)``: layer 0's row and the ``(L - 1, width)`` stack of the others
@@ -351,19 +378,35 @@ def _forward(costs, group, slot_shift, num_pairs, *, width):
     pad = jnp.full((width,), inf, dtype)
 
     def layer(prev, xs):
-        cost, shift, pairs = xs
+        cost, shift, pairs, span = xs
         padded = jnp.concatenate([pad, prev])  # padded[width + i] = prev[i]; inf below
         start = width - shift
 
-        def two_options(p, acc):
-            a = lax.dynamic_slice(padded, (start[2 * p],), (width,)) + cost[2 * p]
-            b = lax.dynamic_slice(padded, (start[2 * p + 1],), (width,)) + cost[2 * p + 1]
-            return _select_min(acc, _select_min(a, b))
+        def on_prefix(size):
+            def branch():
+                def fused_options(p, acc):
+                    vals = [
+                        lax.dynamic_slice(padded, (start[_FUSE * p + k],), (size,))
+                        + cost[_FUSE * p + k]
+                        for k in range(_FUSE)
+                    ]
+                    while len(vals) > 1:  # pairwise tree of compare-selects
+                        vals = [
+                            _select_min(a, b) for a, b in zip(vals[::2], vals[1::2], strict=True)
+                        ]
+                    return _select_min(acc, vals[0])
 
-        row = lax.fori_loop(0, pairs, two_options, jnp.full((width,), inf, dtype))
+                row = lax.fori_loop(0, pairs, fused_options, jnp.full((size,), inf, dtype))
+                if size == width:
+                    return row
+                return jnp.concatenate([row, jnp.full((width - size,), inf, dtype)])
+
+            return branch
+
+        row = lax.switch(span, [on_prefix(size) for size in _spans(width)])
         return row, row
 
-    last, rows = lax.scan(layer, row0, (slot_cost[1:], slot_shift[1:], num_pairs[1:]))
+    last, rows = lax.scan(layer, row0, (slot_cost[1:], slot_shift[1:], num_pairs[1:], span[1:]))
     return row0, rows, last
 
 
@@ -395,8 +438,10 @@ def _backtrack(row0, rows, last, costs, shift, valid_width):
     return choice, total, end
 
 
-def _solve_one(costs, times, shift, group, slot_shift, num_pairs, valid_width, offset, *, width):
-    row0, rows, last = _forward(costs, group, slot_shift, num_pairs, width=width)
+def _solve_one(
+    costs, times, shift, group, slot_shift, num_pairs, span, valid_width, offset, *, width
+):
+    row0, rows, last = _forward(costs, group, slot_shift, num_pairs, span, width=width)
     choice, total, end = _backtrack(row0, rows, last, costs, shift, valid_width)
     feasible = jnp.isfinite(total)
     time = jnp.sum(jnp.take_along_axis(times.astype(costs.dtype), choice[:, None], 1))
@@ -410,15 +455,28 @@ def _solve_one(costs, times, shift, group, slot_shift, num_pairs, valid_width, o
 
 
 @functools.partial(jax.jit, static_argnames=("width",))
-def _solve_jit(costs, times, shift, group, slot_shift, num_pairs, valid_width, offset, *, width):
+def _solve_jit(
+    costs, times, shift, group, slot_shift, num_pairs, span, valid_width, offset, *, width
+):
     return _solve_one(
-        costs, times, shift, group, slot_shift, num_pairs, valid_width, offset, width=width
+        costs, times, shift, group, slot_shift, num_pairs, span, valid_width, offset, width=width
     )
 
 
 @functools.partial(jax.jit, static_argnames=("width", "batch_size"))
 def _solve_batch_jit(
-    costs, times, shift, group, slot_shift, num_pairs, valid_width, offset, *, width, batch_size
+    costs,
+    times,
+    shift,
+    group,
+    slot_shift,
+    num_pairs,
+    span,
+    valid_width,
+    offset,
+    *,
+    width,
+    batch_size,
 ):
     one = functools.partial(
         _solve_one,
@@ -427,6 +485,7 @@ def _solve_batch_jit(
         group=group,
         slot_shift=slot_shift,
         num_pairs=num_pairs,
+        span=span,
         valid_width=valid_width,
         offset=offset,
         width=width,
@@ -506,6 +565,7 @@ class PreparedDP:
                 jnp.asarray(p.group),
                 jnp.asarray(p.slot_shift),
                 jnp.asarray(p.num_pairs),
+                jnp.asarray(p.span),
                 jnp.asarray(np.int32(p.valid_width)),
                 jnp.asarray(np.int32(p.offset)),
             )
@@ -533,9 +593,51 @@ class PreparedDP:
 
         def run():
             c = _pad_costs(costs, self._plan, dt, batched=True)
-            return _solve_batch_jit(c, *self._args(dt), width=self.width, batch_size=batch_size)
+            args = self._args(dt)
+
+            x64 = bool(need_x64 or jax.config.jax_enable_x64)  # the caller's effective mode
+
+            def chunk(part):  # may run on a pool thread: re-enter the caller's x64 mode
+                with jax.enable_x64(x64):
+                    return _solve_batch_jit(part, *args, width=self.width, batch_size=batch_size)
+
+            workers = _num_workers(c, batch_size)
+            if workers == 1:
+                return chunk(c)
+            # Concrete batch on CPU: XLA runs one executable on the calling thread, so
+            # independent chunks dispatched from several threads use several cores. Each
+            # solve is independent, so results are identical to one call.
+            bounds = np.linspace(0, c.shape[0], workers + 1).astype(int)
+            parts = [c[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+            outs = list(_executor().map(chunk, parts))
+            return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
 
         return _run(run, need_x64)
+
+
+def _num_workers(costs: Any, batch_size: int | None) -> int:
+    """Host threads for a batch: > 1 only for a concrete NumPy batch of >= 2 solves on CPU
+    run one after another (``batch_size=1``); traced or vmapped batches stay one call."""
+    if batch_size != 1 or not isinstance(costs, np.ndarray) or jax.default_backend() != "cpu":
+        return 1
+    return max(1, min(costs.shape[0], os.cpu_count() or 1, _MAX_WORKERS))
+
+
+_POOL = None
+_POOL_LOCK = threading.Lock()
+
+
+def _executor():
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _POOL = ThreadPoolExecutor(
+                max_workers=min(os.cpu_count() or 1, _MAX_WORKERS),
+                thread_name_prefix="spdy-dp",
+            )
+        return _POOL
 
 
 _CACHE: dict = {}
@@ -635,7 +737,8 @@ def solve_batch(
       times, budget, buckets, lengths, dtype: as in :func:`solve`.
       batch_size: solves vectorised together (``jax.lax.map`` over chunks of ``vmap``). The
         default 1 runs them one after another inside one compiled loop, which is fastest on
-        CPU (a solve's rows stay in cache); larger values suit accelerators. ``None`` vmaps
+        CPU (a solve's rows stay in cache; a concrete NumPy batch is also split over one host
+        thread per core, up to 8); larger values suit accelerators. ``None`` vmaps
         the whole batch at once (memory ``N * L * width`` floats).
 
     Returns:
