@@ -38,19 +38,21 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 from jaxcompress import masks, train
-from jaxcompress.models import SmallCNN, resnet8
 from jaxcompress.optim._acdc import acdc
 from jaxcompress.optim._gmp import gmp
 from jaxcompress.optim._schedule import acdc_schedule
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import Variant, benchmark_model, copy_tree  # noqa: E402
 
 TARGET_RATIO = 1.05
 # Long phases so that a variant stays in its phase for the whole benchmark.
@@ -89,39 +91,9 @@ def _parse(argv=None) -> argparse.Namespace:
     return args
 
 
-def _model(name: str, seed: int) -> nnx.Module:
-    rngs = nnx.Rngs(seed)
-    if name == "smallcnn":
-        return SmallCNN(1, 10, rngs=rngs)
-    return resnet8(in_channels=1, num_classes=10, rngs=rngs)
-
-
-def _copy(tree):
-    return jax.tree.map(lambda a: jnp.array(a, copy=True), tree)
-
-
-class _Variant:
-    """A chained computation ``carry -> carry`` timed in blocks of ``steps`` calls."""
-
-    def __init__(self, name: str, fn, carry):
-        self.name, self.fn, self.carry = name, fn, carry
-        self.times: list[float] = []  # wall-clock seconds per step
-        self.cpu_times: list[float] = []  # process CPU seconds per step (all threads)
-
-    def block(self, steps: int) -> None:
-        start, cpu_start = time.perf_counter(), time.process_time()
-        carry = self.carry
-        for _ in range(steps):
-            carry = self.fn(carry)
-        jax.block_until_ready(carry)
-        self.carry = carry
-        self.times.append((time.perf_counter() - start) / steps)
-        self.cpu_times.append((time.process_time() - cpu_start) / steps)
-
-
 def main(argv=None) -> dict:
     args = _parse(argv)
-    model = _model(args.model, args.seed)
+    model = benchmark_model(args.model, args.seed)
     graphdef, params, rest = train.split_model(train.train_view(model))
     rng = np.random.default_rng(args.seed)
     x = jnp.asarray(rng.random((args.batch, 28, 28, 1), np.float32))
@@ -141,10 +113,10 @@ def main(argv=None) -> dict:
 
     def variant(name, opt, count=None, reset_count=False):
         step = train.make_train_step(graphdef, opt)
-        state = opt.init(_copy(params))
+        state = opt.init(copy_tree(params))
         if count is not None:
-            state = state._replace(count=jnp.int32(count), masks=_copy(sparse_masks))
-        carry = (_copy(params), _copy(rest), state)
+            state = state._replace(count=jnp.int32(count), masks=copy_tree(sparse_masks))
+        carry = (copy_tree(params), copy_tree(rest), state)
 
         def fn(c):
             p, r, s = c
@@ -153,7 +125,7 @@ def main(argv=None) -> dict:
             p, r, s, _ = step(p, r, s, x, y)
             return (p, r, s)
 
-        return _Variant(name, fn, carry)
+        return Variant(name, fn, carry)
 
     first_c = SCHEDULE.warmup_steps
     first_d = first_c + SCHEDULE.compressed_steps

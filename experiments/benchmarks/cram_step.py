@@ -35,17 +35,19 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 from jaxcompress import masks, train
-from jaxcompress.models import SmallCNN, resnet8
 from jaxcompress.optim._cram import cram
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import Variant, benchmark_model, copy_tree  # noqa: E402
 
 TARGET_RATIO = 2.15
 
@@ -71,39 +73,9 @@ def _parse(argv=None) -> argparse.Namespace:
     return args
 
 
-def _model(name: str, seed: int) -> nnx.Module:
-    rngs = nnx.Rngs(seed)
-    if name == "smallcnn":
-        return SmallCNN(1, 10, rngs=rngs)
-    return resnet8(in_channels=1, num_classes=10, rngs=rngs)
-
-
-def _copy(tree):
-    return jax.tree.map(lambda a: jnp.array(a, copy=True), tree)
-
-
-class _Variant:
-    """A jitted chained computation ``carry -> carry`` timed in blocks of ``steps`` calls."""
-
-    def __init__(self, name: str, fn, carry):
-        self.name, self.fn, self.carry = name, fn, carry
-        self.times: list[float] = []  # wall-clock seconds per step
-        self.cpu_times: list[float] = []  # process CPU seconds per step (all threads)
-
-    def block(self, steps: int) -> None:
-        start, cpu_start = time.perf_counter(), time.process_time()
-        carry = self.carry
-        for _ in range(steps):
-            carry = self.fn(carry)
-        jax.block_until_ready(carry)
-        self.carry = carry
-        self.times.append((time.perf_counter() - start) / steps)
-        self.cpu_times.append((time.process_time() - cpu_start) / steps)
-
-
 def main(argv=None) -> dict:
     args = _parse(argv)
-    model = _model(args.model, args.seed)
+    model = benchmark_model(args.model, args.seed)
     graphdef, params, rest = train.split_model(train.train_view(model))
     rng = np.random.default_rng(args.seed)
     x = jnp.asarray(rng.random((args.batch, 28, 28, 1), np.float32))
@@ -115,13 +87,13 @@ def main(argv=None) -> dict:
 
     def train_variant(name, opt, pass_grad_fn):
         step = train.make_train_step(graphdef, opt, pass_grad_fn=pass_grad_fn)
-        carry = (_copy(params), _copy(rest), opt.init(_copy(params)))
+        carry = (copy_tree(params), copy_tree(rest), opt.init(copy_tree(params)))
 
         def fn(c):
             p, r, s, _ = step(*c, x, y)
             return (p, r, s)
 
-        return _Variant(name, fn, carry)
+        return Variant(name, fn, carry)
 
     def mask_of(p, s):
         if args.compressor == "nm":
@@ -135,12 +107,12 @@ def main(argv=None) -> dict:
         # A data dependency on the mask chains the blocks like the steps (s is unchanged).
         return p, s + 0.0 * kept.astype(s.dtype)
 
-    mask_carry = (_copy(params), jnp.asarray(args.sparsities[0], jnp.float32))
+    mask_carry = (copy_tree(params), jnp.asarray(args.sparsities[0], jnp.float32))
 
     variants = [
         train_variant("inner", inner, False),
         train_variant("cram", tx, True),
-        _Variant("mask", mask_variant, mask_carry),
+        Variant("mask", mask_variant, mask_carry),
     ]
     compile_s = {}
     for v in variants:
