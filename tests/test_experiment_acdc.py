@@ -34,6 +34,7 @@ def _tiny() -> Config:
         test_subset=None,
         sparsities=(0.8,),
         memorisation_subset=720,  # 11 steps per epoch
+        memorisation_epochs=4,  # the same timeline as the main runs
         progress=False,
     )
 
@@ -91,6 +92,13 @@ def test_timeline_is_evaluated_at_phase_ends(tiny_run):
     gmp = curves["sparsity"]["gmp_0.8"]
     assert gmp[:3] == [0.0, 0.0, 0.0]
     assert gmp[3] == pytest.approx(0.7, abs=2e-3) and gmp[4] == pytest.approx(0.8, abs=2e-3)
+    # The ftdense member continues the dense half densely from epoch 3: shares epochs 0-3.
+    ft = curves["test_accuracy"]["acdc_0.8_dense_finetune"]
+    assert ft[:4] == curves["test_accuracy"]["acdc_0.8"][:4]
+    assert results["acdc"]["0.8"]["dense_finetuned"] == ft[-1]
+    ft_sparsity = curves["sparsity"]["acdc_0.8_dense_finetune"]
+    assert ft_sparsity[-1] < 0.4  # trained densely: pruned weights moved off zero
+    assert results["dense_at_final_start"] == curves["test_accuracy"]["dense"][3]
     one = curves["sparsity"]["oneshot_finetune_0.8"]
     assert one[:3] == [0.0, 0.0, 0.0] and one[3] == pytest.approx(0.8, abs=2e-3)
 

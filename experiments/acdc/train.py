@@ -347,14 +347,31 @@ def _run_seed(
 
     dense = train("dense", sgd, snapshot_epoch=timeline.final_start)
     record["dense"] = dense.test_accuracy[-1]
+    record["dense_at_final_start"] = dense.test_accuracy[timeline.final_start]
     curves["dense"], sparsity_curves["dense"] = dense.test_accuracy, dense.sparsity
 
     for s in config.sparsities:
         key = sparsity_key(s)
         tx = optim.acdc(sgd, sparsity=float(s), schedule=timeline.acdc, scope="global")
-        res = train(f"acdc_{key}", tx)
+        res = train(f"acdc_{key}", tx, snapshot_epoch=timeline.final_start)
         record["acdc"][key] = _acdc_entry(res, timeline)
         curves[f"acdc_{key}"], sparsity_curves[f"acdc_{key}"] = res.test_accuracy, res.sparsity
+
+        # The reference's ``ftdense`` member: the dense half trained on densely for the last L
+        # epochs (remaining cosine schedule, fresh momentum), an E-epoch dense model.
+        model = build_model(config, channels, classes, seed)
+        nnx.update(model, res.snapshot)
+        finetune_sgd = make_sgd(config, spe, offset_steps=timeline.final_start * spe)
+        ft = train(
+            f"acdc_{key}_dense_finetune",
+            finetune_sgd,
+            model=model,
+            epochs=config.epochs - timeline.final_start,
+        )
+        record["acdc"][key]["dense_finetuned"] = ft.test_accuracy[-1]
+        name = f"acdc_{key}_dense_finetune"
+        curves[name] = res.test_accuracy[: timeline.final_start] + ft.test_accuracy
+        sparsity_curves[name] = res.sparsity[: timeline.final_start] + ft.sparsity
 
         tx = optim.gmp(
             sgd,
@@ -402,7 +419,9 @@ def _run_seed(
 def _memorisation(
     config: Config, seed: int, train_ds: Any, test_ds: Any, train: Callable[..., _Run]
 ) -> dict[str, Any]:
-    """Dense vs AC/DC on a training set with ``memorisation_fraction`` random labels."""
+    """Dense vs AC/DC on a training set with ``memorisation_fraction`` random labels, both
+    trained for ``memorisation_epochs`` (:meth:`Config.memorisation_config`)."""
+    config = config.memorisation_config()
     base = train_ds
     if config.memorisation_subset is not None and config.memorisation_subset < len(train_ds):
         base = jdata.subset(train_ds, config.memorisation_subset, seed=seed)
@@ -412,9 +431,12 @@ def _memorisation(
     timeline = make_timeline(config, spe)
     sgd = make_sgd(config, spe)
     s = float(config.memorisation_sparsity)
-    dense = train("memorisation_dense", sgd, data=noisy, probe_ds=probe)
+    epochs = config.epochs
+    dense = train("memorisation_dense", sgd, data=noisy, probe_ds=probe, epochs=epochs)
     tx = optim.acdc(sgd, sparsity=s, schedule=timeline.acdc, scope="global")
-    acdc = train(f"memorisation_acdc_{sparsity_key(s)}", tx, data=noisy, probe_ds=probe)
+    acdc = train(
+        f"memorisation_acdc_{sparsity_key(s)}", tx, data=noisy, probe_ds=probe, epochs=epochs
+    )
     return {
         "sparsity": s,
         "fraction": float(config.memorisation_fraction),
@@ -472,8 +494,12 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
       epoch, means over seeds; sparsities are measured over the conv/dense kernels with
       :func:`jaxcompress.masks.summary` (exact zeros of the trained params):
 
-      * ``dense``;
+      * ``dense``; ``dense_at_final_start`` (the dense run at epoch :math:`E - L`, the epoch of
+        the dense half, at the same point of the learning-rate schedule);
       * ``acdc[str(s)]``: ``sparse``, ``dense_half`` (end of the last decompressed phase),
+        ``dense_finetuned`` (the reference's ``ftdense`` member: the dense half trained on
+        densely for the last :math:`L` epochs with the rest of the cosine schedule and fresh
+        momentum, an :math:`E`-epoch dense model; :math:`L` extra epochs of compute),
         ``final_sparsity``, ``dense_half_sparsity``, ``final_mask_change`` (fraction of mask
         entries that changed at the last mask update, ``AcdcState.mask_hamming``);
       * ``gmp[str(s)]``: ``sparse``, ``final_sparsity``;
@@ -483,7 +509,8 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
         labels, ``dense`` and ``acdc`` (index = epochs completed), their test accuracies, the
         change of each over every compressed / decompressed phase, ``phases``;
       * ``curves``: ``epochs`` (0..E), ``test_accuracy[run]`` and ``sparsity[run]`` per epoch
-        for every run (``dense``, ``acdc_<s>``, ``gmp_<s>``, ``oneshot_finetune_<s>``),
+        for every run (``dense``, ``acdc_<s>``, ``acdc_<s>_dense_finetune``, ``gmp_<s>``,
+        ``oneshot_finetune_<s>``),
         ``phases`` (the AC/DC timeline in epochs), ``gmp_ramp`` and ``final_start``;
       * ``std``: sample standard deviations over seeds of all of the above (``num_seeds > 1``);
       * ``per_seed``, ``config``, ``timing`` (seconds), ``dataset_sizes``, ``environment``.
@@ -501,13 +528,13 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
         mem_size = len(train_ds)
         if config.memorisation_subset is not None:
             mem_size = min(mem_size, config.memorisation_subset)
-        make_timeline(config, jdata.num_batches(mem_size, config.batch_size))
+        make_timeline(config.memorisation_config(), jdata.num_batches(mem_size, config.batch_size))
     t_data = time.perf_counter()
     if out is not None:
         out = os.fspath(out)
         os.makedirs(out, exist_ok=True)
 
-    runs_per_seed = 1 + 3 * len(config.sparsities) + (2 if config.memorisation else 0)
+    runs_per_seed = 1 + 4 * len(config.sparsities) + (2 if config.memorisation else 0)
     bar = tqdm(
         total=runs_per_seed * config.num_seeds, disable=not config.progress, desc="acdc", leave=True
     )
@@ -520,6 +547,7 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
 
     keys = (
         "dense",
+        "dense_at_final_start",
         "acdc",
         "gmp",
         "oneshot_finetune",
@@ -529,7 +557,7 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
         "seconds_per_epoch",
     )
     averaged = _reduce([{k: r[k] for k in keys if k in r} for r in records], _mean)
-    results: dict[str, Any] = {k: averaged[k] for k in keys[:4]}
+    results: dict[str, Any] = {k: averaged[k] for k in keys[:5]}
     results["memorisation"] = averaged.get("memorisation", {})
     results["curves"] = {
         "epochs": list(range(config.epochs + 1)),
@@ -596,15 +624,26 @@ def _pm(results: dict[str, Any], path: tuple[str, ...]) -> str:
 
 def format_table(results: dict[str, Any]) -> str:
     """A plain-text table: final test accuracy, sparsity, AC/DC dense half; memorisation."""
-    lines = [f"dense: {_pm(results, ('dense',))}"]
-    header = f"{'method':<18} {'target':>6} {'sparsity':>8}  {'sparse acc':<17} {'dense half':<17}"
+    lines = [
+        f"dense: {_pm(results, ('dense',))} (at the dense-half epoch: "
+        f"{_pm(results, ('dense_at_final_start',))})"
+    ]
+    header = (
+        f"{'method':<18} {'target':>6} {'sparsity':>8}  {'sparse acc':<17} {'dense half':<17} "
+        f"{'dense half + ft':<17}"
+    )
     lines.append(header)
     for method in ("acdc", "gmp", "oneshot_finetune"):
         for key, entry in results[method].items():
             half = _pm(results, (method, key, "dense_half")) if "dense_half" in entry else "-"
+            ft = (
+                _pm(results, (method, key, "dense_finetuned"))
+                if "dense_finetuned" in entry
+                else "-"
+            )
             lines.append(
                 f"{method:<18} {key:>6} {entry['final_sparsity']:>8.4f}  "
-                f"{_pm(results, (method, key, 'sparse')):<17} {half:<17}"
+                f"{_pm(results, (method, key, 'sparse')):<17} {half:<17} {ft:<17}"
             )
     mem = results.get("memorisation")
     if mem:
@@ -663,6 +702,16 @@ def write_accuracy_plot(results: dict[str, Any], path: str) -> None:
                 ax.axvline(curves["final_start"], color="tab:red", lw=0.8, ls=":")
             ax.plot(epochs, dense, color="0.5", lw=1, label="dense")
             ax.plot(epochs, acc[name], color="tab:blue", lw=1.5, marker=".", label=title)
+            if method == "acdc":
+                f = curves["final_start"]
+                ax.plot(
+                    epochs[f:],
+                    acc[f"{name}_dense_finetune"][f:],
+                    color="tab:green",
+                    lw=1.2,
+                    ls="--",
+                    label="dense half + dense FT",
+                )
             ax.set_ylim(max(0.0, lo - 0.02), 1.0)
             ax.set_title(f"{title}, sparsity {key}", fontsize=10)
             ax.grid(alpha=0.3)

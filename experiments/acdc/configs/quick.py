@@ -13,5 +13,6 @@ def get_config() -> Config:
         test_subset=2_000,
         widths=(16, 32, 64),
         memorisation_subset=2_000,
+        memorisation_epochs=20,
         eval_batch_size=500,
     )
