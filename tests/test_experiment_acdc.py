@@ -112,6 +112,20 @@ def test_memorisation_tracks_relabelled_examples(tiny_run):
     changes = mem["acdc_phase_changes"]
     assert len(changes["compressed"]) == 2 and len(changes["decompressed"]) == 1
     assert changes["compressed"][0] == pytest.approx(mem["acdc"][2] - mem["acdc"][1])
+    extremes = mem["acdc_phase_extremes"]
+    # One-epoch phases: the extreme inside is the end value.
+    assert extremes["compressed"] == pytest.approx(changes["compressed"])
+    assert extremes["decompressed"] == pytest.approx(changes["decompressed"])
+
+
+def test_phase_extremes_see_a_drop_that_recovers_inside_the_phase():
+    from experiments.acdc.train import _phase_changes, _phase_extremes
+
+    curve = [0.1, 0.5, 0.2, 0.6, 0.7, 0.9]
+    phases = ((0, 1, "dense"), (1, 3, "compressed"), (3, 5, "decompressed"))
+    assert _phase_changes(curve, phases)["compressed"] == pytest.approx([0.1])
+    assert _phase_extremes(curve, phases)["compressed"] == pytest.approx([-0.3])
+    assert _phase_extremes(curve, phases)["decompressed"] == pytest.approx([0.3])
 
 
 def test_timeline_and_cosine_lr():
@@ -174,3 +188,18 @@ def test_cli_rejects_bad_flags(argv, match, capsys):
         cli.main(argv)
     assert exc.value.code == 2
     assert match in capsys.readouterr().err
+
+
+def test_memorisation_only_runs_just_the_random_label_runs(tmp_path):
+    config = _tiny().replace(memorisation_only=True, memorisation_epochs=5)
+    results = run(config, tmp_path)
+    assert "dense" not in results and "curves" not in results
+    mem = results["memorisation"]
+    assert len(mem["dense"]) == len(mem["acdc"]) == 6
+    assert (tmp_path / "memorisation.png").read_bytes()[:8] == PNG
+    assert not (tmp_path / "accuracy_curves.png").exists()
+    assert "memorisation" in format_table(results)
+    with pytest.raises(ValueError, match="memorisation_only"):
+        config.replace(memorisation=False).validate()
+    with pytest.raises(ValueError, match="memorisation_epochs"):
+        config.replace(memorisation_epochs=0).validate()

@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-memorisation", action="store_true", help="skip the random-label memorisation runs"
     )
+    parser.add_argument(
+        "--memorisation-only",
+        action="store_true",
+        help="run only the random-label memorisation runs (dense and AC/DC)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
@@ -65,8 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     check_dirs(parser, args)
     config = (quick if args.quick else default).get_config()
     changes: dict = {"progress": not args.no_progress}
+    if args.no_memorisation and args.memorisation_only:
+        parser.error("--no-memorisation and --memorisation-only exclude each other")
     if args.no_memorisation:
         changes["memorisation"] = False
+    if args.memorisation_only:
+        changes["memorisation_only"] = True
     if args.seeds is not None:
         changes["num_seeds"] = args.seeds
     for name in ("dataset", "model", "widths", "seed", "epochs", "data_dir"):

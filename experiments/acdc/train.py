@@ -308,6 +308,23 @@ def _phase_changes(curve: list[float], phases: tuple[tuple[int, int, str], ...])
     return out
 
 
+def _phase_extremes(curve: list[float], phases: tuple[tuple[int, int, str], ...]) -> dict:
+    r"""Largest excursion of ``curve`` inside each phase, relative to its value at the start.
+
+    ``compressed``: :math:`\min_{s < e \le t} c_e - c_s` (the deepest drop, usually right
+    after the new mask); ``decompressed``: :math:`\max_{s < e \le t} c_e - c_s` (the highest
+    recovery). A sparse model may re-fit within a long compressed phase what the mask removed, so
+    the end-minus-start change (:func:`_phase_changes`) alone can hide the drop.
+    """
+    out: dict[str, list[float]] = {"compressed": [], "decompressed": []}
+    for start, end, kind in phases:
+        if kind in out:
+            inside = curve[start + 1 : end + 1]
+            extreme = min(inside) if kind == "compressed" else max(inside)
+            out[kind].append(extreme - curve[start])
+    return out
+
+
 def _run_seed(
     config: Config, seed: int, train_ds: Any, test_ds: Any, out: str | None, bar: Any
 ) -> dict[str, Any]:
@@ -340,6 +357,14 @@ def _run_seed(
         seconds_per_epoch[name] = result.seconds / epochs
         bar.update(1)
         return result
+
+    if config.memorisation_only:
+        return {
+            "seed": seed,
+            "memorisation": _memorisation(config, seed, train_ds, test_ds, train),
+            "seconds": seconds,
+            "seconds_per_epoch": seconds_per_epoch,
+        }
 
     record: dict[str, Any] = {"seed": seed, "acdc": {}, "gmp": {}, "oneshot_finetune": {}}
     curves: dict[str, list[float]] = {}
@@ -450,6 +475,7 @@ def _memorisation(
         "dense_test_accuracy": dense.test_accuracy,
         "acdc_test_accuracy": acdc.test_accuracy,
         "acdc_phase_changes": _phase_changes(acdc.probe_accuracy, timeline.phases),
+        "acdc_phase_extremes": _phase_extremes(acdc.probe_accuracy, timeline.phases),
         "dense_phase_changes": _phase_changes(dense.probe_accuracy, timeline.phases),
     }
 
@@ -507,7 +533,9 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
         ``final_sparsity``;
       * ``memorisation``: per-epoch accuracy on the relabelled examples w.r.t. their random
         labels, ``dense`` and ``acdc`` (index = epochs completed), their test accuracies, the
-        change of each over every compressed / decompressed phase, ``phases``;
+        change of each over every compressed / decompressed phase (end minus start,
+        ``*_phase_changes``) and AC/DC's deepest drop / highest rise inside each
+        (``acdc_phase_extremes``), ``phases``;
       * ``curves``: ``epochs`` (0..E), ``test_accuracy[run]`` and ``sparsity[run]`` per epoch
         for every run (``dense``, ``acdc_<s>``, ``acdc_<s>_dense_finetune``, ``gmp_<s>``,
         ``oneshot_finetune_<s>``),
@@ -535,6 +563,8 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
         os.makedirs(out, exist_ok=True)
 
     runs_per_seed = 1 + 4 * len(config.sparsities) + (2 if config.memorisation else 0)
+    if config.memorisation_only:
+        runs_per_seed = 2
     bar = tqdm(
         total=runs_per_seed * config.num_seeds, disable=not config.progress, desc="acdc", leave=True
     )
@@ -557,28 +587,30 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
         "seconds_per_epoch",
     )
     averaged = _reduce([{k: r[k] for k in keys if k in r} for r in records], _mean)
-    results: dict[str, Any] = {k: averaged[k] for k in keys[:5]}
+    results: dict[str, Any] = {k: averaged[k] for k in keys[:5] if k in averaged}
     results["memorisation"] = averaged.get("memorisation", {})
-    results["curves"] = {
-        "epochs": list(range(config.epochs + 1)),
-        **averaged["curves"],
-        "phases": [list(p) for p in timeline.phases],
-        "gmp_ramp": [timeline.gmp_begin_epoch, timeline.final_start],
-        "final_start": timeline.final_start,
-    }
+    if not config.memorisation_only:
+        results["curves"] = {
+            "epochs": list(range(config.epochs + 1)),
+            **averaged["curves"],
+            "phases": [list(p) for p in timeline.phases],
+            "gmp_ramp": [timeline.gmp_begin_epoch, timeline.final_start],
+            "final_start": timeline.final_start,
+        }
     if len(records) > 1:
         results["std"] = _reduce([{k: r[k] for k in keys if k in r} for r in records], _std)
     results["per_seed"] = records
     results["config"] = {**dataclasses.asdict(config), "phase_epochs": config.phase_epochs()}
-    results["schedule"] = {
-        "steps_per_epoch": spe,
-        "acdc_steps": dataclasses.asdict(timeline.acdc),
-        "gmp_steps": {
-            "begin_step": timeline.gmp_begin_step,
-            "end_step": timeline.gmp_end_step,
-            "every": timeline.gmp_every,
-        },
-    }
+    if not config.memorisation_only:
+        results["schedule"] = {
+            "steps_per_epoch": spe,
+            "acdc_steps": dataclasses.asdict(timeline.acdc),
+            "gmp_steps": {
+                "begin_step": timeline.gmp_begin_step,
+                "end_step": timeline.gmp_end_step,
+                "every": timeline.gmp_every,
+            },
+        }
     results["dataset_sizes"] = {"train": len(train_ds), "test": len(test_ds)}
     results["timing"] = {
         "data_seconds": t_data - t0,
@@ -597,7 +629,8 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
     if out is not None:
         with open(os.path.join(out, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
-        write_accuracy_plot(results, os.path.join(out, "accuracy_curves.png"))
+        if not config.memorisation_only:
+            write_accuracy_plot(results, os.path.join(out, "accuracy_curves.png"))
         if config.memorisation:
             write_memorisation_plot(results, os.path.join(out, "memorisation.png"))
         results["timing"]["total_seconds"] = time.perf_counter() - t0
@@ -622,8 +655,7 @@ def _pm(results: dict[str, Any], path: tuple[str, ...]) -> str:
     return text
 
 
-def format_table(results: dict[str, Any]) -> str:
-    """A plain-text table: final test accuracy, sparsity, AC/DC dense half; memorisation."""
+def _main_table(results: dict[str, Any]) -> list[str]:
     lines = [
         f"dense: {_pm(results, ('dense',))} (at the dense-half epoch: "
         f"{_pm(results, ('dense_at_final_start',))})"
@@ -645,6 +677,14 @@ def format_table(results: dict[str, Any]) -> str:
                 f"{method:<18} {key:>6} {entry['final_sparsity']:>8.4f}  "
                 f"{_pm(results, (method, key, 'sparse')):<17} {half:<17} {ft:<17}"
             )
+    return lines
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A plain-text table: final test accuracy, sparsity, AC/DC dense half; memorisation."""
+    lines = []
+    if "dense" in results:
+        lines += _main_table(results)
     mem = results.get("memorisation")
     if mem:
         changes = mem["acdc_phase_changes"]
@@ -661,6 +701,16 @@ def format_table(results: dict[str, Any]) -> str:
             "  AC/DC change over decompressed phases: "
             + fmt(f"{c:+.4f}" for c in changes["decompressed"])
         )
+        extremes = mem.get("acdc_phase_extremes")
+        if extremes:
+            lines.append(
+                "  AC/DC deepest drop inside compressed phases: "
+                + fmt(f"{c:+.4f}" for c in extremes["compressed"])
+            )
+            lines.append(
+                "  AC/DC highest rise inside decompressed phases: "
+                + fmt(f"{c:+.4f}" for c in extremes["decompressed"])
+            )
     return "\n".join(lines)
 
 
