@@ -1,0 +1,328 @@
+"""The configuration dataclass of the latency-surrogate experiment."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from experiments.oneshot.configs.base import is_int, is_real
+
+TASKS = ("cnn", "sst2", "mlp")
+IMAGE_DATASETS = ("fashion_mnist", "mnist", "digits")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every setting of one run; :meth:`validate` checks them all before any work.
+
+    FLOPs targets are fractions of the full-width reference model's multiply-adds. Every
+    compressed model of a task gets the same total epoch budget as that task's reference
+    (see :mod:`experiments.surrogate.train`).
+
+    Shared:
+
+    Attributes:
+      tasks: which of ``cnn`` (gated BN CNN), ``sst2`` (gated transformer) and ``mlp``
+        (low-rank MLP) to run.
+      data_dir: data root (default ``$JAXCOMPRESS_DATA_DIR``).
+      seed: first seed (initialisation, shuffling, subsets).
+      num_seeds: repetitions with seeds ``seed, seed + 1, ...``; points report the mean over
+        seeds and the sample standard deviation (``num_seeds > 1``).
+      gate_init: initial value of every gate. Adam moves each parameter by about the learning
+        rate per step, so a gate needs about ``gate_init / lr`` steps to reach zero, and the
+        real FLOPs the controller steers lag lambda by that much; at 1.0 lambda overshoots
+        and too many units are removed. 0.1 puts the gates on the scale of the weights. In
+        the CNN the gates of all but the last block are followed by a BatchNorm, so their
+        scale does not change the function; the MLP folds ``1 / gate_init`` into the next
+        weights (same function as the dense model).
+      p: exponent of the surrogate width :math:`r(\\alpha) = (\\|\\alpha\\|_1 /
+        \\|\\alpha\\|_2)^p`.
+      tau: extraction threshold, relative to the largest gate of a group.
+      lam0: initial lambda of the l1/l2 surrogate (its penalty is the cost ratio in [0, 1]).
+      l1_lam0: initial lambda of the l1 baseline (its penalty is the sum of all gates).
+      lam_max: upper clip of lambda.
+      latency_batch_size: batch of the timed forward passes.
+      latency_repeats: timed repetitions per round (the median is taken).
+      latency_rounds: interleaved rounds over all models of a task (the median of the round
+        medians is reported).
+      eval_batch_size: evaluation batch size.
+      progress: show progress bars.
+
+    CNN on images (``cnn_*``): :class:`jaxcompress.latency.GatedCNN` vs uniform widths.
+
+    Attributes:
+      cnn_dataset: ``fashion_mnist``, ``mnist`` or ``digits``.
+      cnn_widths: full conv widths.
+      cnn_strides: conv strides per block.
+      cnn_pool_after: a 2x2 max pool after the block (the default uses strides instead:
+        XLA's CPU max-pool gradient is several times slower than a strided conv).
+      cnn_epochs: epoch budget of every model (uniform: all of it; surrogate and l1:
+        ``cnn_epochs - cnn_finetune_epochs`` with the penalty, then fine-tuning).
+      cnn_finetune_epochs: fine-tuning epochs of the extracted models.
+      cnn_batch_size, cnn_learning_rate: Adam with a cosine decay over the budget.
+      cnn_targets: FLOPs targets of the surrogate and l1 runs.
+      cnn_gain: gain :math:`k` of the multiplicative lambda controller,
+        :math:`\\lambda \\leftarrow \\lambda e^{k (F - F^*)/F^*}` per step, with :math:`F` the
+        cost at the widths extraction would keep (``feedback="active"``). It must be small
+        against the ``gate_init / lr`` steps by which the real cost lags lambda.
+      cnn_multipliers: uniform width multipliers; must contain 1.0 (the reference).
+      cnn_train_subset, cnn_test_subset: random subsets (``None``: all).
+
+    Transformer on SST-2 (``sst2_*``): :class:`jaxcompress.latency.GatedTransformerClassifier`
+    with gated heads and FFN neurons.
+
+    Attributes:
+      sst2_d_model, sst2_num_heads, sst2_num_layers, sst2_mlp_dim, sst2_dropout: the model.
+      sst2_max_len: tokens per sentence (longer ones are truncated); FLOPs are counted at it.
+      sst2_min_freq: minimum training count of a word to get its own id.
+      sst2_epochs, sst2_finetune_epochs, sst2_batch_size, sst2_learning_rate: as for the CNN
+        (Adam, linear warm-up over ``sst2_warmup_steps``, cosine decay).
+      sst2_targets: FLOPs targets.
+      sst2_gain: controller gain (see ``cnn_gain``).
+      sst2_multipliers: optional uniform width multipliers (heads and FFN widths), ``()``
+        for none.
+      sst2_train_subset: random training subset (``None``: all 67,349 phrases).
+
+    Low-rank MLP (``mlp_*``): a dense MLP, its full-rank SVD as a
+    :class:`jaxcompress.latency.GatedMLP` with rank and neuron gates, against uniform
+    truncated SVD at equal FLOPs.
+
+    Attributes:
+      mlp_dataset: ``mnist``, ``fashion_mnist`` or ``digits``.
+      mlp_hidden: hidden widths of the dense MLP.
+      mlp_epochs: epochs of the dense MLP (shared by both methods).
+      mlp_penalty_epochs: epochs of the gated model with the penalty.
+      mlp_finetune_epochs: fine-tuning epochs of its extracted model; truncated SVD is
+        fine-tuned for ``mlp_penalty_epochs + mlp_finetune_epochs``.
+      mlp_batch_size, mlp_learning_rate: Adam, cosine decay.
+      mlp_targets: FLOPs targets (fractions of the dense MLP).
+      mlp_gain: controller gain (see ``cnn_gain``).
+      mlp_train_subset, mlp_test_subset: random subsets (``None``: all).
+    """
+
+    tasks: tuple[str, ...] = TASKS
+    data_dir: str | None = None
+    seed: int = 0
+    num_seeds: int = 1
+    gate_init: float = 0.1
+    p: float = 2.0
+    tau: float = 1e-2
+    lam0: float = 0.1
+    l1_lam0: float = 1e-3
+    lam_max: float = 1e3
+    latency_batch_size: int = 64
+    latency_repeats: int = 30
+    latency_rounds: int = 3
+    eval_batch_size: int = 1000
+    progress: bool = True
+
+    cnn_dataset: str = "fashion_mnist"
+    cnn_widths: tuple[int, ...] = (32, 64, 64, 128)
+    cnn_strides: tuple[int, ...] = (2, 2, 2, 1)
+    cnn_pool_after: tuple[bool, ...] = (False, False, False, False)
+    cnn_epochs: int = 8
+    cnn_finetune_epochs: int = 2
+    cnn_batch_size: int = 128
+    cnn_learning_rate: float = 3e-3
+    cnn_targets: tuple[float, ...] = (0.5, 0.35, 0.2)
+    cnn_gain: float = 0.005
+    cnn_multipliers: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+    cnn_train_subset: int | None = None
+    cnn_test_subset: int | None = None
+
+    sst2_d_model: int = 64
+    sst2_num_heads: int = 4
+    sst2_num_layers: int = 2
+    sst2_mlp_dim: int = 128
+    sst2_dropout: float = 0.0
+    sst2_max_len: int = 32
+    sst2_min_freq: int = 2
+    sst2_epochs: int = 2
+    sst2_finetune_epochs: int = 1
+    sst2_batch_size: int = 128
+    sst2_learning_rate: float = 1e-3
+    sst2_warmup_steps: int = 100
+    sst2_targets: tuple[float, ...] = (0.5, 0.3, 0.2)
+    sst2_gain: float = 0.01
+    sst2_multipliers: tuple[float, ...] = ()
+    sst2_train_subset: int | None = None
+
+    mlp_dataset: str = "mnist"
+    mlp_hidden: tuple[int, ...] = (300, 100)
+    mlp_epochs: int = 6
+    mlp_penalty_epochs: int = 2
+    mlp_finetune_epochs: int = 2
+    mlp_batch_size: int = 128
+    mlp_learning_rate: float = 1e-3
+    mlp_targets: tuple[float, ...] = (0.4, 0.25, 0.15)
+    mlp_gain: float = 0.003
+    mlp_train_subset: int | None = None
+    mlp_test_subset: int | None = None
+
+    def replace(self, **changes) -> Config:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> Config:
+        """Raise ``ValueError``/``TypeError`` naming the first bad field; return ``self``."""
+        if (
+            not isinstance(self.tasks, tuple)
+            or not self.tasks
+            or not all(t in TASKS for t in self.tasks)
+            or len(set(self.tasks)) != len(self.tasks)
+        ):
+            raise ValueError(
+                f"tasks must be a non-empty tuple of distinct names from {TASKS}, got "
+                f"{self.tasks!r}"
+            )
+        if self.data_dir is not None and not isinstance(self.data_dir, str):
+            raise TypeError(f"data_dir must be a str path or None, got {self.data_dir!r}")
+        for name in ("progress",):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if not is_int(self.seed) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        for name in (
+            "num_seeds",
+            "latency_batch_size",
+            "latency_repeats",
+            "latency_rounds",
+            "eval_batch_size",
+            "cnn_epochs",
+            "cnn_batch_size",
+            "sst2_d_model",
+            "sst2_num_heads",
+            "sst2_num_layers",
+            "sst2_mlp_dim",
+            "sst2_max_len",
+            "sst2_min_freq",
+            "sst2_epochs",
+            "sst2_batch_size",
+            "mlp_epochs",
+            "mlp_penalty_epochs",
+            "mlp_batch_size",
+        ):
+            _positive_int(self, name)
+        for name in ("cnn_finetune_epochs", "sst2_finetune_epochs", "mlp_finetune_epochs"):
+            value = getattr(self, name)
+            if not is_int(value) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if not is_int(self.sst2_warmup_steps) or self.sst2_warmup_steps < 0:
+            raise ValueError(
+                f"sst2_warmup_steps must be an int >= 0, got {self.sst2_warmup_steps!r}"
+            )
+        for task in ("cnn", "sst2"):
+            epochs = getattr(self, f"{task}_epochs")
+            finetune = getattr(self, f"{task}_finetune_epochs")
+            if finetune >= epochs:
+                raise ValueError(
+                    f"{task}_finetune_epochs must be < {task}_epochs={epochs} (the penalty phase "
+                    f"needs at least one epoch of the budget), got {finetune!r}"
+                )
+        for name in (
+            "cnn_train_subset",
+            "cnn_test_subset",
+            "sst2_train_subset",
+            "mlp_train_subset",
+            "mlp_test_subset",
+        ):
+            value = getattr(self, name)
+            if value is not None and (not is_int(value) or value <= 0):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        for name in ("gate_init", "p", "lam0", "l1_lam0", "lam_max"):
+            _positive_real(self, name)
+        for name in ("lam0", "l1_lam0"):
+            if getattr(self, name) > self.lam_max:
+                raise ValueError(
+                    f"{name} must be <= lam_max={self.lam_max!r}, got {getattr(self, name)!r}"
+                )
+        for name in (
+            "cnn_learning_rate",
+            "sst2_learning_rate",
+            "mlp_learning_rate",
+            "cnn_gain",
+            "sst2_gain",
+            "mlp_gain",
+        ):
+            _positive_real(self, name)
+        if not is_real(self.tau) or not 0.0 <= self.tau < 1.0:
+            raise ValueError(f"tau must be a float in [0, 1), got {self.tau!r}")
+        if not is_real(self.sst2_dropout) or not 0.0 <= self.sst2_dropout < 1.0:
+            raise ValueError(f"sst2_dropout must be a float in [0, 1), got {self.sst2_dropout!r}")
+        for name in ("cnn_dataset", "mlp_dataset"):
+            if getattr(self, name) not in IMAGE_DATASETS:
+                raise ValueError(
+                    f"{name} must be one of {IMAGE_DATASETS}, got {getattr(self, name)!r}"
+                )
+        for name in ("cnn_widths", "cnn_strides", "mlp_hidden"):
+            value = getattr(self, name)
+            if (
+                not isinstance(value, tuple)
+                or not value
+                or not all(is_int(v) and v > 0 for v in value)
+            ):
+                raise ValueError(
+                    f"{name} must be a non-empty tuple of positive ints, got {value!r}"
+                )
+        if len(self.cnn_strides) != len(self.cnn_widths):
+            raise ValueError(
+                f"cnn_strides must have one entry per conv block (len(cnn_widths)="
+                f"{len(self.cnn_widths)}), got {self.cnn_strides!r}"
+            )
+        if (
+            not isinstance(self.cnn_pool_after, tuple)
+            or len(self.cnn_pool_after) != len(self.cnn_widths)
+            or not all(isinstance(v, bool) for v in self.cnn_pool_after)
+        ):
+            raise ValueError(
+                f"cnn_pool_after must be a tuple of {len(self.cnn_widths)} bools, got "
+                f"{self.cnn_pool_after!r}"
+            )
+        if self.sst2_d_model % self.sst2_num_heads:
+            raise ValueError(
+                f"sst2_d_model must be divisible by sst2_num_heads={self.sst2_num_heads}, got "
+                f"{self.sst2_d_model!r}"
+            )
+        for name in ("cnn_targets", "sst2_targets", "mlp_targets"):
+            _fractions(self, name, allow_empty=False, upper_inclusive=False)
+        for name, required in (("cnn_multipliers", True), ("sst2_multipliers", False)):
+            value = _fractions(self, name, allow_empty=not required, upper_inclusive=True)
+            if required and 1.0 not in value:
+                raise ValueError(
+                    f"{name} must contain 1.0 (the full-width reference), got {value!r}"
+                )
+        return self
+
+
+def _positive_int(config: Config, name: str) -> None:
+    value = getattr(config, name)
+    if not is_int(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _positive_real(config: Config, name: str) -> None:
+    value = getattr(config, name)
+    if not is_real(value) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite float > 0, got {value!r}")
+
+
+def _fractions(
+    config: Config, name: str, *, allow_empty: bool, upper_inclusive: bool
+) -> tuple[Any, ...]:
+    value = getattr(config, name)
+    bound = "(0, 1]" if upper_inclusive else "(0, 1)"
+
+    def ok(v) -> bool:
+        return is_real(v) and 0.0 < v and (v <= 1.0 if upper_inclusive else v < 1.0)
+
+    if (
+        not isinstance(value, tuple)
+        or (not value and not allow_empty)
+        or not all(ok(v) for v in value)
+    ):
+        empty = "" if allow_empty else "non-empty "
+        raise ValueError(f"{name} must be a {empty}tuple of floats in {bound}, got {value!r}")
+    if len({f"{float(v):g}" for v in value}) != len(value):
+        raise ValueError(f"{name} must be distinct, got {value!r}")
+    return value

@@ -1,0 +1,107 @@
+"""Command line of the latency-surrogate experiment (``python -m experiments.surrogate``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from experiments.cli import check_dirs, non_negative_int, positive_int, run_config
+from experiments.surrogate.configs import default, quick
+from experiments.surrogate.configs.base import IMAGE_DATASETS, TASKS
+
+
+def _tasks(text: str) -> tuple[str, ...]:
+    tasks = tuple(part.strip() for part in text.split(","))
+    if not tasks or any(t not in TASKS for t in tasks) or len(set(tasks)) != len(tasks):
+        raise argparse.ArgumentTypeError(
+            f"expected distinct comma-separated tasks from {','.join(TASKS)}, got {text!r}"
+        )
+    return tasks
+
+
+def _targets(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or not all(0.0 < v < 1.0 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated FLOPs fractions in (0, 1) such as 0.5,0.35,0.2, got {text!r}"
+        )
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.surrogate",
+        description=(
+            "FLOPs-vs-accuracy Pareto curves of the l1/l2 latency surrogate (Nasery et al., "
+            "2023): a gated BN CNN against l1 gates and uniform widths, a gated transformer on "
+            "SST-2, and low-rank gates against truncated SVD on an MLP; every compressed model "
+            "is extracted, counted exactly and timed on this CPU. Writes results.json and "
+            "pareto_<task>.png."
+        ),
+    )
+    parser.add_argument(
+        "--tasks", type=_tasks, default=None, help=f"comma-separated subset of {','.join(TASKS)}"
+    )
+    parser.add_argument(
+        "--cnn-dataset", choices=IMAGE_DATASETS, default=None, help="default fashion_mnist"
+    )
+    parser.add_argument("--mlp-dataset", choices=IMAGE_DATASETS, default=None, help="default mnist")
+    parser.add_argument(
+        "--quick", action="store_true", help="small settings (under 5 minutes on 2 CPU cores)"
+    )
+    parser.add_argument("--seed", type=non_negative_int, default=None, help="first seed")
+    parser.add_argument(
+        "--seeds", type=positive_int, default=None, help="number of seeds (mean and std)"
+    )
+    parser.add_argument(
+        "--cnn-epochs", type=positive_int, default=None, help="epoch budget of every CNN"
+    )
+    parser.add_argument(
+        "--sst2-epochs", type=positive_int, default=None, help="epoch budget of every transformer"
+    )
+    parser.add_argument(
+        "--mlp-epochs", type=positive_int, default=None, help="epochs of the dense MLP"
+    )
+    parser.add_argument(
+        "--cnn-targets", type=_targets, default=None, help="CNN FLOPs targets, e.g. 0.5,0.35,0.2"
+    )
+    parser.add_argument("--sst2-targets", type=_targets, default=None, help="SST-2 FLOPs targets")
+    parser.add_argument("--mlp-targets", type=_targets, default=None, help="MLP FLOPs targets")
+    parser.add_argument("--out", default="runs/surrogate", help="output directory")
+    parser.add_argument(
+        "--data-dir", default=None, help="data root (default $JAXCOMPRESS_DATA_DIR)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_dirs(parser, args)
+    config = (quick if args.quick else default).get_config()
+    changes: dict = {"progress": not args.no_progress}
+    if args.seeds is not None:
+        changes["num_seeds"] = args.seeds
+    for name in (
+        "tasks",
+        "cnn_dataset",
+        "mlp_dataset",
+        "seed",
+        "cnn_epochs",
+        "sst2_epochs",
+        "mlp_epochs",
+        "cnn_targets",
+        "sst2_targets",
+        "mlp_targets",
+        "data_dir",
+    ):
+        value = getattr(args, name)
+        if value is not None:
+            changes[name] = value
+
+    from experiments.surrogate.train import format_table, run
+
+    return run_config(parser, config, changes, run=run, format_table=format_table, out=args.out)
