@@ -271,7 +271,9 @@ def test_measure_fewer_channels():
     )  # fmt: skip
     assert table.names == ("dense1", "dense2")
     assert table["dense1"].labels == ("width=256", "width=64", "width=8")
-    assert np.all(table["dense1"].times > 0) and table["dense1"].noise.shape == (3,)
+    # entries are net of the per-call overhead (clipped at 0); the dense layer is real work
+    assert table["dense1"].times[0] > 0 and np.all(table["dense1"].times >= 0)
+    assert table["dense1"].noise.shape == (3,)
     assert table.prunable == pytest.approx(float(table.dense_times().sum()))
     assert table.base == pytest.approx(table.prunable + 1e-4)
     assert spdy.TimingTable.from_json(table.to_json()) == table
@@ -279,3 +281,125 @@ def test_measure_fewer_channels():
         spdy.measure({"a": lambda o: 3}, [1], repeats=1)
     with pytest.raises(ValueError, match="at most one"):
         spdy.measure({"a": builder}, [8], model=(builder(8)[0], builder(8)[1]), overhead=0.0)
+
+
+# ---- measurement method: overhead, context, clocks (a fake clock makes the maths exact) -------
+
+
+def _fake_samples(monkeypatch, cost, repeats=3, drift=3.0):
+    """Replace the sampler inside ``measure``: run ``r`` of call ``i`` takes
+    ``cost(fn, args) + drift * r`` on both clocks (a load that grows over the rounds)."""
+    from jaxcompress.spdy import _measure
+
+    seen = {}
+
+    def fake(calls, **kwargs):
+        seen.update(kwargs, n=len(calls), calls=list(calls))
+        base = np.array([[cost(fn, args)] for fn, args in calls], np.float64)
+        out = base + drift * np.arange(repeats)[None, :]
+        return out, out.copy()
+
+    monkeypatch.setattr(_measure, "_samples", fake)
+    return seen
+
+
+def _tagged(tag):
+    def fn(*args):
+        return args[0]
+
+    fn.tag = tag
+    return fn
+
+
+def test_measure_subtracts_call_overhead_and_times_layers_in_context(monkeypatch):
+    from jaxcompress.spdy import _measure
+
+    iso = {("a", 4): 10.0, ("a", 2): 6.0, ("a", 1): 4.5, ("b", 4): 3.0, ("b", 2): 2.0}
+    ctx = {("a", 2): 96.0, ("a", 1): 97.0, ("b", 2): 98.5}  # whole model: 100
+
+    def cost(fn, args):
+        if fn is _measure.null_call:
+            return 1.0 if args[0] == "a" else 2.5
+        return {"iso": lambda: iso[args[:2]], "ctx": lambda: ctx[args[:2]],
+                "model": lambda: 100.0}[fn.tag]()  # fmt: skip
+
+    seen = _fake_samples(monkeypatch, cost)
+    layers = {n: (lambda o, n=n: (_tagged("iso"), (n, o))) for n in ("a", "b")}
+    opts = {"a": [4, 2, 1], "b": [4, 2]}
+    model = (_tagged("model"), ("m", 0))
+    # on its own: each entry minus its layer's null call (b's 2.0 - 2.5 clips to 0); the
+    # drift (+3 s per round) cancels because every callable sees it
+    t = spdy.measure(layers, opts, model=model, clock="cpu", repeats=3)
+    np.testing.assert_allclose(t["a"].times, [9.0, 5.0, 3.5])
+    np.testing.assert_allclose(t["b"].times, [0.5, 0.0])
+    assert t.prunable == pytest.approx(9.5) and t.base == pytest.approx(103.0)
+    assert seen["repeats"] == 3 and seen["interleave"] is True
+    assert seen["n"] == 1 + 3 + 1 + 2 + 1  # model, a's options + null, b's options + null
+    t = spdy.measure(layers, opts, model=model, subtract_call_overhead=False)
+    np.testing.assert_allclose(t["a"].times, [13.0, 9.0, 7.5])  # raw medians (drift median 3)
+    # in context: t(j) = t(0) + median of paired [T(model with the layer at j) - T(model)];
+    # only option 0 is timed on its own; a dense run precedes every context run
+    t = spdy.measure(layers, opts, model=model, context=lambda n, o: (_tagged("ctx"), (n, o)))
+    np.testing.assert_allclose(t["a"].times, [9.0, 5.0, 6.0])
+    np.testing.assert_allclose(t["b"].times, [0.5, 0.0])  # 0.5 - 1.5 clips at 0
+    assert seen["n"] == 1 + (1 + 1 + 2 * 2) + (1 + 1 + 2 * 1)
+    tags = [getattr(fn, "tag", "null") for fn, _ in seen["calls"]]
+    assert tags == ["model", "iso", "null", "model", "ctx", "model", "ctx",
+                    "iso", "null", "model", "ctx"]  # fmt: skip
+    np.testing.assert_allclose(t["a"].noise[1:], [0.0, 0.0])  # paired: the drift cancels
+    # a profile changing one layer is predicted as the measured model with that layer changed
+    assert t.base - t.prunable + t["a"].times[1] + t["b"].times[0] == pytest.approx(96.0 + 3.0)
+    # the very same (fn, args) object from context is timed once
+    same = (_tagged("ctx"), ("a", 2))
+    t = spdy.measure(layers, opts, model=model, context=lambda n, o: same if n == "a" else
+                     (_tagged("ctx"), (n, o)))  # fmt: skip
+    np.testing.assert_allclose(t["a"].times, [9.0, 5.0, 5.0])
+    assert seen["n"] == 1 + (1 + 1 + 2) + (1 + 1 + 2)
+    # noise cannot push base below the summed dense layers
+    big = {("a", 4): 150.0, ("b", 4): 3.0}
+    _fake_samples(monkeypatch, lambda fn, a: 0.0 if fn is _measure.null_call
+                  else (100.0 if fn.tag == "model" else big[a[:2]]), drift=0.0)  # fmt: skip
+    t = spdy.measure(layers, {"a": [4], "b": [4]}, model=model)
+    assert t.base == pytest.approx(t.prunable) == pytest.approx(153.0)
+
+
+def test_measure_rejects_bad_arguments():
+    def builder(o):
+        return (lambda x: x * o), (jnp.ones(3),)
+
+    with pytest.raises(ValueError, match="context needs model"):
+        spdy.measure({"a": builder}, [1], context=lambda n, o: builder(o))
+    with pytest.raises(TypeError, match="context must be callable"):
+        spdy.measure({"a": builder}, [1], model=builder(1), context=3)
+    with pytest.raises(TypeError, match="context for layer 'a'"):
+        spdy.measure({"a": builder}, [1, 2], model=builder(1), context=lambda n, o: None)
+    with pytest.raises(TypeError, match="model must return"):
+        spdy.measure({"a": builder}, [1], model=3)
+    with pytest.raises(ValueError, match="clock"):
+        spdy.measure({"a": builder}, [1], clock="gpu")
+    with pytest.raises(TypeError, match="compiler_options"):
+        spdy.measure({"a": builder}, [1], compiler_options=["x"])
+
+
+def test_time_callables_clocks_and_order():
+    from jaxcompress.spdy._measure import CLOCKS, Timing, time_callables
+
+    assert CLOCKS == ("wall", "cpu")
+    x = jnp.ones((128, 128))
+    calls = [(lambda a: a @ a, (x,)), (lambda a: jnp.sum(a), (x,))]
+    for clock in CLOCKS:
+        for interleave in (True, False):
+            out = time_callables(calls, repeats=3, warmup=0, clock=clock, interleave=interleave)
+            assert len(out) == 2 and all(isinstance(t, Timing) for t in out)
+            for t in out:
+                assert t.median > 0 and t.wall > 0 and t.cpu >= 0 and t.noise >= 0
+                assert t.median == (t.wall if clock == "wall" else t.cpu)
+    single = time_callables(calls[:1], repeats=2, warmup=0, clock="cpu",
+                            compiler_options={"xla_cpu_multi_thread_eigen": False})  # fmt: skip
+    assert single[0].cpu > 0
+    med, noise = spdy.time_callable(calls[0][0], calls[0][1], repeats=2, clock="cpu")
+    assert med > 0 and noise >= 0
+    with pytest.raises(TypeError, match=r"calls\[0\] must be \(fn, args\)"):
+        time_callables([3])
+    with pytest.raises(ValueError, match="repeats"):
+        time_callables(calls, repeats=0)

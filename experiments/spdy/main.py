@@ -14,9 +14,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m experiments.spdy",
         description=(
-            "Train a SmallCNN, build SPDY reconstruction databases (unstructured with a FLOPs "
-            "timing table, output channels with a table measured on this CPU), and compare "
-            "SPDY search, DP-only, uniform and global-magnitude profiles at 1.5x/2x/3x."
+            "Train a 7-conv SmallCNN, build SPDY reconstruction databases (unstructured masks "
+            "with a FLOPs table and with a sparse-CPU-runtime table, channel units with a table "
+            "measured on this CPU), and compare SPDY search, DP-only, uniform and "
+            "global-magnitude profiles at 1.5x/2x/3x; check measured vs predicted time."
         ),
     )
     parser.add_argument("--dataset", choices=DATASETS, default=None, help="default fashion_mnist")
