@@ -10,17 +10,20 @@ warm-up, compulsory bytes moved and achieved bandwidth, a correctness check agai
 and mask/pack throughput. It writes ``results.csv``, ``results.json``, ``speedup.png`` and
 ``nm_policy.json`` (the measured dispatch table for this GPU: merge its ``devices`` entry into
 ``jaxcompress/kernels/nm_policy.json`` or point ``$JAXCOMPRESS_NM_POLICY`` at it).
-``--sweep`` also tries a small grid of tile configs per point and keeps the fastest.
+``--sweep`` also searches tile configs per point (batches up to ``--sweep-max-batch``) and
+keeps the fastest; every trial goes to ``sweep.json``.
 
 On CPU there is no Pallas backend: the script times the reference path (unpack +
 ``jnp.dot``) on small shapes and says so (``"platform": "cpu"`` and a ``note`` in the JSON).
 That run only proves the pipeline works; it is not a kernel measurement.
 
-Timing: every measured call reads a different ``x`` and cycles through enough weight copies
-to exceed ``--flush-mb`` (default 128 MiB, above the H100's 50 MiB L2), so weights come from
-HBM as in decoding; ``--calls`` calls are issued inside one jitted function so Python
-dispatch does not dominate microsecond kernels; the reported time is the median over
-``--reps`` repetitions divided by the number of calls.
+Timing: ``--calls`` calls are issued inside one jitted function so Python dispatch does not
+dominate microsecond kernels, and every call reads its own ``x`` and its own copy of the
+weight: no weight is in L2 when it is read (16 copies of the smallest weight are 512 MiB,
+ten times the H100's L2), as in decoding, and XLA cannot merge dense dots that share an
+operand into one GEMM (its ``dot_merger`` pass does that, which made an earlier version of
+this benchmark report dense bandwidths above HBM's). Mask and pack are timed the same way.
+The reported time is the median over ``--reps`` repetitions divided by the number of calls.
 """
 
 from __future__ import annotations
@@ -65,8 +68,14 @@ def _parse_args(argv):
     p.add_argument("--shapes", nargs="*", help="override weight shapes as KxN (e.g. 4096x4096)")
     p.add_argument("--reps", type=int, default=None, help="timing repetitions (median)")
     p.add_argument("--calls", type=int, default=None, help="calls per timed jitted function")
-    p.add_argument("--flush-mb", type=float, default=128.0, help="weight bytes cycled per rep")
-    p.add_argument("--sweep", action="store_true", help="GPU: try a grid of tile configs")
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="GPU: coordinate search over tile configs per point (about 25 compiles each)",
+    )
+    p.add_argument(
+        "--sweep-max-batch", type=int, default=64, help="sweep only batches up to this size"
+    )
     p.add_argument("--no-plot", action="store_true")
     return p.parse_args(argv)
 
@@ -83,13 +92,19 @@ def _timed(fn, args, reps):
     return statistics.median(times)
 
 
-def _many(op, calls):
-    """jit of ``calls`` applications ``op(xs[i], ws[i % len(ws)])`` in one executable."""
+def _many(op):
+    """jit of ``[op(xs[i], ws[i]) for i]`` in one executable: one launch sequence, no Python
+    dispatch between calls, and no operand shared between calls."""
 
     def run(xs, ws):
-        return [op(xs[i], ws[i % len(ws)]) for i in range(calls)]
+        return [op(x, w) for x, w in zip(xs, ws, strict=True)]
 
     return jax.jit(run)
+
+
+def _many1(op):
+    """jit of ``[op(w) for w in ws]`` in one executable (mask/pack throughput)."""
+    return jax.jit(lambda ws: [op(w) for w in ws])
 
 
 def _dense_op(x, w):
@@ -101,18 +116,45 @@ def _dense_f32(x, w):
     return jnp.dot(x, w, preferred_element_type=jnp.float32)
 
 
-def _sweep_configs(batch, k, cols, layout, base):
-    out = {base}
-    for block_n in (32, 64, 128):
-        for split_k in (1, 4, 16):
-            for warps in (4, 8):
-                cfg = dataclasses.replace(base, block_n=block_n, split_k=split_k, num_warps=warps)
-                try:
-                    cfg.check(k, cols, layout, min_dot=16)
-                except ValueError:
-                    continue
-                out.add(cfg)
-    return sorted(out, key=str)
+def _sweep(time_config, base, k, cols, layout):
+    """Coordinate search over tile configs from ``base``; returns ``(seconds, config, trials)``.
+
+    Stage 1 crosses ``block_k`` (rows per phase 16/32/64) with ``split_k`` (1..16); stage 2
+    crosses ``block_n`` with ``num_warps`` around the best; stage 3 tries ``num_stages``.
+    Configs that do not fit the shape are skipped; ones that fail to compile are reported.
+    """
+    pd = layout.period_dense
+    trials = {}
+
+    def consider(cfg):
+        if cfg in trials:
+            return
+        try:
+            cfg.check(k, cols, layout, min_dot=16)
+        except ValueError:
+            return
+        try:
+            trials[cfg] = time_config(cfg)
+        except Exception as e:  # a config that fails to compile or run is skipped
+            print(f"  config {cfg} failed: {type(e).__name__}: {str(e)[:200]}")
+            trials[cfg] = math.inf
+
+    def best():
+        return min(trials, key=trials.get)
+
+    consider(base)
+    for rows in (16, 32, 64):
+        for split_k in (1, 2, 4, 8, 16):
+            consider(dataclasses.replace(base, block_k=rows * pd, split_k=split_k))
+    top = best()
+    for block_n in (32, 64, 128, 256):
+        for warps in (2, 4, 8):
+            consider(dataclasses.replace(top, block_n=block_n, num_warps=warps))
+    top = best()
+    for stages in (2, 3, 4, 5):
+        consider(dataclasses.replace(top, num_stages=stages))
+    top = best()
+    return trials[top], top, [{"config": str(c), "us": t * 1e6} for c, t in trials.items()]
 
 
 def _policy_entries(rows, n, m):
@@ -191,7 +233,7 @@ def main(argv=None) -> dict:
     if not on_gpu:
         print("NOTE: " + CPU_NOTE)
 
-    rows, mask_pack = [], []
+    rows, mask_pack, sweeps = [], [], []
     key = jax.random.key(0)
     for dtype_name in dtypes:
         dtype = jnp.dtype(dtype_name)
@@ -199,14 +241,16 @@ def main(argv=None) -> dict:
         for k, cols in shapes:
             key, kw, kx = jax.random.split(key, 3)
             w = jax.random.normal(kw, (k, cols), jnp.float32).astype(dtype)
-            copies = max(1, math.ceil(args.flush_mb * 2**20 / (k * cols * size)))
-            copies = min(copies, calls)
-            # mask / pack throughput (dense bytes read per second)
-            mask_fn = jax.jit(lambda w: nm_mask(w, n, m, implementation=impl))
-            t_mask = _timed(mask_fn, (w,), reps)
-            w_nm = jnp.where(mask_fn(w), w, 0).astype(dtype)
-            pack_fn = jax.jit(lambda w: pack_nm(w, n, m, implementation=impl))
-            t_pack = _timed(pack_fn, (w_nm,), reps)
+            # mask / pack throughput (dense bytes read per second), one weight copy per call
+            ws = [jnp.array(w, copy=True) for _ in range(calls)]
+            mask_fn = _many1(lambda w: nm_mask(w, n, m, implementation=impl))
+            t_mask = _timed(mask_fn, (ws,), reps) / calls
+            ws_dense = [
+                jnp.where(mk, wc, 0).astype(dtype) for mk, wc in zip(mask_fn(ws), ws, strict=True)
+            ]
+            del ws
+            pack_fn = _many1(lambda w: pack_nm(w, n, m, implementation=impl))
+            t_pack = _timed(pack_fn, (ws_dense,), reps) / calls
             mask_pack.append(
                 {
                     "dtype": dtype_name,
@@ -218,32 +262,42 @@ def main(argv=None) -> dict:
                     "pack_GBps": k * cols * size / t_pack / 1e9,
                 }
             )
-            ws_dense = [jnp.array(w_nm, copy=True) for _ in range(copies)]
             ws_packed = [pack_nm(wd, n, m) for wd in ws_dense]
             packed_bytes = ws_packed[0].nbytes
             for batch in batches:
                 xs = list(jax.random.normal(kx, (calls, batch, k), jnp.float32).astype(dtype))
-                dense = _many(_dense_op, calls)
-                t_dense = _timed(dense, (xs, ws_dense), reps) / calls
-                base = NMMatmulConfig.default(batch, k, cols, layout) if on_gpu else None
-                configs = (
-                    _sweep_configs(batch, k, cols, layout, base)
-                    if (on_gpu and args.sweep)
-                    else [base]
+                t_dense = _timed(_many(_dense_op), (xs, ws_dense), reps) / calls
+
+                def time_config(cfg, xs=xs, ws_packed=ws_packed):
+                    op = lambda x, p: nm_matmul(x, p, implementation=impl, config=cfg)
+                    return _timed(_many(op), (xs, ws_packed), reps) / calls
+
+                base = (
+                    NMMatmulConfig.default(batch, k, cols, layout, itemsize=size)
+                    if on_gpu
+                    else None
                 )
-                best = None
-                for cfg in configs:
-                    op = lambda x, p, cfg=cfg: nm_matmul(x, p, implementation=impl, config=cfg)
-                    try:
-                        t = _timed(_many(op, calls), (xs, ws_packed), reps) / calls
-                    except Exception as e:  # a sweep config that fails to compile is skipped
-                        if len(configs) == 1:
-                            raise
-                        print(f"  config {cfg} failed: {type(e).__name__}: {e}")
-                        continue
-                    if best is None or t < best[0]:
-                        best = (t, cfg)
-                t_sparse, cfg = best
+                if on_gpu and args.sweep and batch <= args.sweep_max_batch:
+                    t_sparse, cfg, trials = _sweep(time_config, base, k, cols, layout)
+                    sweeps.append(
+                        {
+                            "dtype": dtype_name,
+                            "k": k,
+                            "n": cols,
+                            "batch": batch,
+                            "default": str(base),
+                            "default_us": trials[0]["us"],
+                            "best": str(cfg),
+                            "best_us": t_sparse * 1e6,
+                            "trials": trials,
+                        }
+                    )
+                    print(
+                        f"  sweep: default {trials[0]['us']:.1f} us -> best "
+                        f"{t_sparse * 1e6:.1f} us {cfg}"
+                    )
+                else:
+                    t_sparse, cfg = time_config(base), base
                 y = nm_matmul(xs[0], ws_packed[0], implementation=impl, config=cfg)
                 y_ref = _dense_f32(xs[0], ws_dense[0])
                 err = float(
@@ -293,7 +347,6 @@ def main(argv=None) -> dict:
         "pattern": f"{n}:{m}",
         "reps": reps,
         "calls_per_timing": calls,
-        "flush_mb": args.flush_mb,
         "time_unit": "microseconds per call, median over reps",
         "bytes": "compulsory bytes: weight (dense, or values+meta) + x + y",
         "results": rows,
@@ -315,6 +368,9 @@ def main(argv=None) -> dict:
         result["policy"] = policy
         with open(os.path.join(args.out, "nm_policy.json"), "w", encoding="utf-8") as f:
             json.dump(policy, f, indent=2)
+    if sweeps:
+        with open(os.path.join(args.out, "sweep.json"), "w", encoding="utf-8") as f:
+            json.dump(sweeps, f, indent=2)
     with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
     with open(os.path.join(args.out, "results.csv"), "w", newline="", encoding="utf-8") as f:

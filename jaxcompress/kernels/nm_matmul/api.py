@@ -19,7 +19,13 @@ _FLOAT_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.floa
 
 
 def resolve_config(
-    config: NMMatmulConfig | None, batch: int, shape: tuple[int, int], n: int, m: int, impl: str
+    config: NMMatmulConfig | None,
+    batch: int,
+    shape: tuple[int, int],
+    n: int,
+    m: int,
+    impl: str,
+    itemsize: int = 2,
 ) -> NMMatmulConfig | None:
     """The checked tile config for ``impl`` (``None`` for ``'xla'``)."""
     if impl == "xla":
@@ -29,7 +35,9 @@ def resolve_config(
     layout = MetaLayout(n, m)
     min_dot = MIN_GPU_DOT if impl == "pallas" else 1
     if config is None:
-        config = NMMatmulConfig.default(batch, shape[0], shape[1], layout, min_dot=min_dot)
+        config = NMMatmulConfig.default(
+            batch, shape[0], shape[1], layout, min_dot=min_dot, itemsize=itemsize
+        )
     config.check(shape[0], shape[1], layout, min_dot=min_dot)
     return config
 
@@ -133,7 +141,7 @@ def nm_matmul(
     batch = int(np.prod(lead)) if lead else 1
     if batch == 0 or cols == 0 or k == 0:
         return jnp.zeros((*lead, cols), x.dtype)
-    config = resolve_config(config, batch, packed.shape, packed.n, packed.m, impl)
+    config = resolve_config(config, batch, packed.shape, packed.n, packed.m, impl, x.dtype.itemsize)
     y = _nm_matmul_2d_jit(
         x.reshape(batch, k),
         packed.values,

@@ -28,9 +28,8 @@ class NMMatmulConfig:
         added afterwards); raises parallelism for small batches (decode).
       num_warps, num_stages: Triton launch parameters (ignored in interpret mode).
 
-    ``NMMatmulConfig.default(...)`` gives per-shape defaults. They are heuristics written
-    without GPU access and are meant to be checked with ``experiments/benchmarks/nm_kernels.py``
-    (``--sweep``) on the target GPU.
+    ``NMMatmulConfig.default(...)`` gives per-shape defaults, fitted to an H100 sweep of
+    ``experiments/benchmarks/nm_kernels.py --sweep``; run that sweep on another GPU.
     """
 
     block_m: int = 16
@@ -78,27 +77,41 @@ class NMMatmulConfig:
 
     @classmethod
     def default(
-        cls, batch: int, k: int, n_cols: int, layout: MetaLayout, *, min_dot: int = MIN_GPU_DOT
+        cls,
+        batch: int,
+        k: int,
+        n_cols: int,
+        layout: MetaLayout,
+        *,
+        min_dot: int = MIN_GPU_DOT,
+        itemsize: int = 2,
     ) -> NMMatmulConfig:
         """Per-shape defaults for ``x (batch, K) @ W (K, N)``.
 
-        Small batches are bandwidth bound: wide ``block_k`` (long streaming loops), narrow
-        ``block_n`` and ``split_k`` up to 16 so that up to ~512 programs are in flight, as long
-        as the float32 partial sums stay under ~10% of the weight bytes; ``block_n`` drops to
-        32 when there are still fewer than 256 programs.
+        Small batches are bandwidth bound: ``block_n`` 64, ``block_k`` 16 rows per phase and
+        ``split_k`` up to 16 so that ~512 programs are in flight, as long as the float32
+        partial sums stay under ~40% of the weight bytes. These choices come from the
+        coordinate search of ``experiments/benchmarks/nm_kernels.py --sweep`` on an H100
+        (bf16, batches 1 and 16, the four benchmark shapes), where they were the best or
+        within 10% of it.
         Large batches are compute bound: square 128x128 output tiles, ``block_k`` 32 per
-        phase. Raises ``ValueError`` if no tile fits (e.g. ``N`` not a multiple of 16 on GPU).
+        phase. 4-byte (float32) operands take half the ``block_k`` so that the pipelined
+        tiles fit the shared memory of an H100 (a 128x256 float32 ``x`` tile in 3 stages
+        does not). Raises ``ValueError`` if no tile fits (e.g. ``N`` not a multiple of 16 on
+        GPU).
         """
         pd = layout.period_dense
         if batch <= 64:
             block_m = max(min_dot, min(64, next_power_of_2(batch)))
-            want_n, rows_cap, warps = 64, 64, 4
+            want_n, rows_cap, warps = 64, 16, 4
         else:
             block_m = 128 if min_dot > 1 else min(128, next_power_of_2(batch))
             want_n, rows_cap, warps = 128, 32, 8
         block_n = largest_pow2_divisor(n_cols, want_n)
         if min_dot == 1:
             block_m = min(block_m, next_power_of_2(batch))
+        if itemsize > 2:
+            rows_cap = max(min_dot, rows_cap // 2)
         if k % pd:
             raise ValueError(f"K={k} must be divisible by the layout period {pd}")
         rows = largest_pow2_divisor(k // pd, rows_cap)
@@ -113,15 +126,11 @@ class NMMatmulConfig:
         if batch <= 64:
             programs = -(-batch // block_m) * (n_cols // block_n)
             steps = k // block_k
-            # float32 partials move 8*batch*N*split_k bytes; keep them under ~10% of the
-            # 16-bit packed values (2*K*N*n/m bytes): split_k <= K*n / (40*m*batch)
-            cap = min(16, k * layout.n // (40 * layout.m * max(batch, 1)))
+            # float32 partials move 8*batch*N*split_k bytes; keep them under ~40% of the
+            # 16-bit packed values (2*K*N*n/m bytes): split_k <= K*n / (10*m*batch)
+            cap = min(16, k * layout.n // (10 * layout.m * max(batch, 1)))
             while split_k * 2 <= cap and programs * split_k < 512 and steps % (split_k * 2) == 0:
                 split_k *= 2
-            # still fewer programs than a large GPU has SMs: narrower column tiles
-            while programs * split_k < 256 and block_n > 32 and n_cols % (block_n // 2) == 0:
-                block_n //= 2
-                programs *= 2
         return cls(
             block_m=block_m,
             block_n=block_n,
