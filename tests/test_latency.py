@@ -243,6 +243,19 @@ def test_projection_keeps_gates_nonnegative_through_optax():
         tx2.update(u, tx2.init(p2))
 
 
+def test_projection_prunes_gates_below_a_relative_threshold():
+    tx = L.project_nonnegative(where=lambda path, leaf: path == "g", prune_below=0.1)
+    p = {"g": jnp.array([1.0, 0.3, 0.25, 0.5]), "w": jnp.array([0.01, 1.0])}
+    # after the step: [2.0, 0.3, 0.15, -0.5] -> max 2.0, threshold 0.2: 0.15 and -0.5 go to 0
+    u, _ = tx.update({"g": jnp.array([1.0, 0.0, -0.1, -1.0]), "w": jnp.zeros(2)}, tx.init(p), p)
+    new = optax.apply_updates(p, u)
+    np.testing.assert_array_equal(new["g"], np.float32([2.0, 0.3, 0.0, 0.0]))  # exact zeros
+    np.testing.assert_array_equal(new["w"], p["w"])  # unselected leaves untouched
+    for bad in (-0.1, 1.0, True, "0.1"):
+        with pytest.raises(ValueError, match="prune_below must be a float in"):
+            L.project_nonnegative(prune_below=bad)
+
+
 def test_softplus_gates_are_positive_and_untouched_by_projection():
     gate = L.ChannelGate(4, init=0.5, parametrization="softplus")
     np.testing.assert_allclose(gate.values(), 0.5, rtol=1e-6)

@@ -23,8 +23,10 @@ Protocol (one seed; every number is a test accuracy of a model trained here):
   :math:`\alpha_j \ge \tau \max \alpha`); steering the surrogate value instead undershoots the
   real cost, since :math:`r(\alpha) \le \|\alpha\|_0`. The optax chain is
   ``surrogate_penalty -> adam -> project_nonnegative`` (projected gradient keeps
-  :math:`\alpha \ge 0` with exact zeros). The l1 baseline is the same chain with
-  ``kind="l1"`` (penalty :math:`\sum_j \alpha_j`), steered to the same targets.
+  :math:`\alpha \ge 0` with exact zeros; with ``prune_during_training`` it also zeroes
+  gates below :math:`\tau \max \alpha`, so extraction removes only zeros). The l1 baseline
+  is the same chain with ``kind="l1"`` (penalty :math:`\sum_j \alpha_j`), steered to the
+  same targets.
 * **Same epoch budget.** With budget :math:`E` epochs and :math:`E_f` fine-tuning epochs, a
   gated run trains :math:`E - E_f` epochs with the penalty, is extracted
   (:func:`jaxcompress.latency.extract`: threshold ``tau``, remove, fold the gates into BN or
@@ -317,7 +319,7 @@ def _compress(
             graph, controller, kind=kind, p=config.p, feedback="active", tau=config.tau
         ),
         optax.adam(schedule(0)),
-        L.project_nonnegative(),
+        L.project_nonnegative(prune_below=config.tau if config.prune_during_training else 0.0),
     )
     active: list[float] = []
 

@@ -717,6 +717,8 @@ class ProjectState(NamedTuple):
 
 def project_nonnegative(
     where: Callable[[str, Any], bool] | None = None,
+    *,
+    prune_below: float = 0.0,
 ) -> optax.GradientTransformation:
     """Keep gates non-negative after the update (projected gradient), inside an optax chain.
 
@@ -727,16 +729,34 @@ def project_nonnegative(
     exactly in floating point (``theta + (-theta) = 0``): the Euclidean projection of the
     unconstrained step onto :math:`\\alpha \\ge 0`. Other leaves pass through unchanged.
 
+    With ``prune_below = tau > 0`` the step also sets to zero every gate of a leaf that would
+    end below ``tau`` times the leaf's largest gate (``u' = -theta`` there): the units that
+    :func:`~jaxcompress.latency.extract` would remove at the same ``tau`` are removed during
+    training, so the network adapts to their loss and extraction changes nothing. A gate
+    set to zero in front of a ReLU receives no gradient and stays zero. The l1/l2 ratio
+    makes gates unequal rather than zero (a continuum of small gates), which is where this
+    matters; it is a hard-threshold step, not a projection onto a convex set.
+
     Args:
       where: ``where(path, leaf) -> bool`` selecting leaves of a plain pytree (``path`` as
         ``"a/b/0/c"``). Default: every :class:`Gate` with the ``"identity"`` parametrization
         (softplus gates are positive already and are left alone).
+      prune_below: relative threshold in ``[0, 1)``; 0 (default) only projects onto
+        :math:`\\alpha \\ge 0`.
 
     Raises:
-      ValueError: in ``update`` if ``params`` is not given.
+      ValueError: ``prune_below`` outside ``[0, 1)``; in ``update`` if ``params`` is not
+        given.
     """
     if where is not None and not callable(where):
         raise TypeError(f"where must be callable (path, leaf) -> bool or None, got {where!r}")
+    if (
+        isinstance(prune_below, bool)
+        or not isinstance(prune_below, (int, float))
+        or not 0.0 <= prune_below < 1.0
+    ):
+        raise ValueError(f"prune_below must be a float in [0, 1), got {prune_below!r}")
+    prune_below = float(prune_below)
 
     def init_fn(params):
         del params
@@ -756,12 +776,20 @@ def project_nonnegative(
                 "project_nonnegative needs params: call update(updates, state, params)"
             )
 
+        def step(u, p):
+            out = jnp.maximum(u, -p)
+            if prune_below > 0.0:
+                after = p + out
+                cut = after < prune_below * jnp.max(after)
+                out = jnp.where(cut, -p, out)
+            return out.astype(u.dtype)
+
         def proj(path, u, p):
             if not select(path, p):
                 return u
             if _is_var(u):
-                return u.replace(jnp.maximum(u[...], -p[...]).astype(u[...].dtype))
-            return jnp.maximum(u, -p).astype(u.dtype)
+                return u.replace(step(u[...], p[...]))
+            return step(u, p)
 
         new = jax.tree_util.tree_map_with_path(proj, updates, params, is_leaf=_is_var)
         return new, state

@@ -39,6 +39,11 @@ class Config:
       p: exponent of the surrogate width :math:`r(\\alpha) = (\\|\\alpha\\|_1 /
         \\|\\alpha\\|_2)^p`.
       tau: extraction threshold, relative to the largest gate of a group.
+      prune_during_training: zero, at every step of the penalty phase, the gates below
+        ``tau`` times their group's largest (``project_nonnegative(prune_below=tau)``), so
+        the network adapts to what extraction removes. Without it the l1/l2 ratio leaves a
+        continuum of small gates and extraction removed channels as large as kept ones
+        (90.6% -> 27.1% before fine-tuning at target 0.2 in the first full run).
       lam0: initial lambda of the l1/l2 surrogate (its penalty is the cost ratio in [0, 1]).
       l1_lam0: initial lambda of the l1 baseline (its penalty is the sum of all gates).
       lam_max: upper clip of lambda.
@@ -108,6 +113,7 @@ class Config:
     gate_init: float = 0.1
     p: float = 2.0
     tau: float = 1e-2
+    prune_during_training: bool = True
     lam0: float = 0.1
     l1_lam0: float = 1e-3
     lam_max: float = 1e3
@@ -246,6 +252,10 @@ class Config:
             "mlp_gain",
         ):
             _positive_real(self, name)
+        if not isinstance(self.prune_during_training, bool):
+            raise ValueError(
+                f"prune_during_training must be a bool, got {self.prune_during_training!r}"
+            )
         if not is_real(self.tau) or not 0.0 <= self.tau < 1.0:
             raise ValueError(f"tau must be a float in [0, 1), got {self.tau!r}")
         if not is_real(self.sst2_dropout) or not 0.0 <= self.sst2_dropout < 1.0:
