@@ -79,7 +79,7 @@ from jaxcompress import train as jtrain
 from jaxcompress.checkpoint import Checkpointer
 from jaxcompress.masks import keep_count
 from jaxcompress.models import SmallCNN
-from jaxcompress.spdy._measure import time_callables
+from jaxcompress.spdy import time_callables
 from jaxcompress.spdy._reconstruct import (
     Database,
     build_database,

@@ -4,6 +4,10 @@
   one option per layer minimising total cost under a time budget (reference semantics).
 * :class:`TimingTable`: per-layer option times (reference text format, JSON, analytic
   ``from_flops``, measured with :func:`measure`).
+* :func:`time_callables` / :func:`time_callable`: interleaved repeats of jitted calls on a
+  wall or process-CPU clock (``CLOCKS``), each reported as a :class:`Timing` (median and
+  IQR/median noise); :func:`null_call` is the trivial call whose time is the per-call
+  overhead that :func:`measure` subtracts.
 * :func:`budget`, :func:`max_speedup`, :func:`modelled_speedup`, :func:`prior_errors`: the
   reference's budget and error-prior accounting.
 * :func:`search`: the reference's random-restart plus local search over per-layer error
@@ -24,7 +28,14 @@ from jaxcompress.spdy._dp import (
     solve,
     solve_batch,
 )
-from jaxcompress.spdy._measure import measure, time_callable
+from jaxcompress.spdy._measure import (
+    CLOCKS,
+    Timing,
+    measure,
+    null_call,
+    time_callable,
+    time_callables,
+)
 from jaxcompress.spdy._reconstruct import (
     Database,
     adaprune_layer,
@@ -45,8 +56,10 @@ from jaxcompress.spdy._tables import (
 )
 
 __all__ = [
+    "CLOCKS",
     "Database",
     "SearchResult",
+    "Timing",
     "adaprune_layer",
     "build_database",
     "channel_mask",
@@ -64,9 +77,11 @@ __all__ = [
     "max_speedup",
     "measure",
     "modelled_speedup",
+    "null_call",
     "prepare",
     "prior_errors",
     "solve",
     "solve_batch",
     "time_callable",
+    "time_callables",
 ]
