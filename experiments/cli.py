@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["check_dirs", "non_negative_int", "positive_int", "run_config"]
+__all__ = ["check_dirs", "comma_separated", "non_negative_int", "positive_int", "run_config"]
 
 
 def positive_int(text: str) -> int:
@@ -36,6 +36,35 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
     return value
+
+
+def comma_separated(
+    cast: Callable[[str], Any],
+    *,
+    valid: Callable[[Any], bool],
+    expected: str,
+    distinct: bool = False,
+) -> Callable[[str], tuple]:
+    """argparse type factory: a non-empty comma-separated list, each item ``cast`` from its
+    stripped text and accepted by ``valid`` (and all different with ``distinct``).
+
+    A bad list is reported as ``expected {expected}, got '<text>'``.
+    """
+
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(cast(part.strip()) for part in text.split(","))
+        except ValueError:
+            values = ()
+        if (
+            not values
+            or not all(valid(v) for v in values)
+            or (distinct and len(set(values)) != len(values))
+        ):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return values
+
+    return parse
 
 
 def check_dirs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -6,20 +6,18 @@ import argparse
 
 from experiments.acdc.configs import default, quick
 from experiments.acdc.configs.base import MODELS
-from experiments.cli import check_dirs, non_negative_int, positive_int, run_config
+from experiments.cli import (
+    check_dirs,
+    comma_separated,
+    non_negative_int,
+    positive_int,
+    run_config,
+)
 from experiments.oneshot.configs.base import DATASETS
 
-
-def _widths(text: str) -> tuple[int, ...]:
-    try:
-        widths = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        widths = ()
-    if not widths or any(w <= 0 for w in widths):
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated positive integers such as 16,32,64, got {text!r}"
-        )
-    return widths
+_widths = comma_separated(
+    int, valid=lambda w: w > 0, expected="comma-separated positive integers such as 16,32,64"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import math
 
-from experiments.cli import check_dirs, non_negative_int, positive_int, run_config
+from experiments.cli import (
+    check_dirs,
+    comma_separated,
+    non_negative_int,
+    positive_int,
+    run_config,
+)
 from experiments.cram.configs import default, quick
 from experiments.cram.configs.base import METHODS, MODELS
 from experiments.oneshot.configs.base import DATASETS
@@ -21,14 +27,12 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def _methods(text: str) -> tuple[str, ...]:
-    names = tuple(name.strip() for name in text.split(",") if name.strip())
-    bad = [name for name in names if name not in METHODS]
-    if not names or bad or len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(
-            f"expected distinct comma-separated names from {', '.join(METHODS)}, got {text!r}"
-        )
-    return names
+_methods = comma_separated(
+    str,
+    valid=lambda name: name in METHODS,
+    distinct=True,
+    expected=f"distinct comma-separated names from {', '.join(METHODS)}",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,30 +4,27 @@ from __future__ import annotations
 
 import argparse
 
-from experiments.cli import check_dirs, non_negative_int, positive_int, run_config
+from experiments.cli import (
+    check_dirs,
+    comma_separated,
+    non_negative_int,
+    positive_int,
+    run_config,
+)
 from experiments.surrogate.configs import default, quick
 from experiments.surrogate.configs.base import IMAGE_DATASETS, TASKS
 
-
-def _tasks(text: str) -> tuple[str, ...]:
-    tasks = tuple(part.strip() for part in text.split(","))
-    if not tasks or any(t not in TASKS for t in tasks) or len(set(tasks)) != len(tasks):
-        raise argparse.ArgumentTypeError(
-            f"expected distinct comma-separated tasks from {','.join(TASKS)}, got {text!r}"
-        )
-    return tasks
-
-
-def _targets(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(part) for part in text.split(","))
-    except ValueError:
-        values = ()
-    if not values or not all(0.0 < v < 1.0 for v in values):
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated FLOPs fractions in (0, 1) such as 0.5,0.35,0.2, got {text!r}"
-        )
-    return values
+_tasks = comma_separated(
+    str,
+    valid=lambda t: t in TASKS,
+    distinct=True,
+    expected=f"distinct comma-separated tasks from {','.join(TASKS)}",
+)
+_targets = comma_separated(
+    float,
+    valid=lambda v: 0.0 < v < 1.0,
+    expected="comma-separated FLOPs fractions in (0, 1) such as 0.5,0.35,0.2",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
