@@ -5,7 +5,15 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from experiments.oneshot.configs.base import DATASETS, is_int, is_real
+from experiments.oneshot.configs.base import (
+    DATASETS,
+    check_floats,
+    check_ints,
+    check_source,
+    check_widths,
+    is_int,
+    is_real,
+)
 
 MODELS = ("small_cnn", "resnet8")
 
@@ -133,50 +141,27 @@ class Config:
 
     def validate(self) -> Config:
         """Raise ``ValueError``/``TypeError`` naming the first bad field; return ``self``."""
-        if self.dataset not in DATASETS:
-            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
-        if self.data_dir is not None and not isinstance(self.data_dir, str):
-            raise TypeError(f"data_dir must be a str path or None, got {self.data_dir!r}")
+        check_source(self, DATASETS)
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
-        if not is_int(self.seed) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
-        if self.memorisation_epochs is not None and (
-            not is_int(self.memorisation_epochs) or self.memorisation_epochs <= 0
-        ):
-            raise ValueError(
-                f"memorisation_epochs must be a positive int or None, got "
-                f"{self.memorisation_epochs!r}"
-            )
-        for name in ("num_seeds", "epochs", "batch_size", "eval_batch_size"):
-            value = getattr(self, name)
-            if not is_int(value) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_ints(self, ("seed",), minimum=0)
+        check_ints(self, ("memorisation_epochs",), optional=True)
+        check_ints(self, ("num_seeds", "epochs", "batch_size", "eval_batch_size"))
         if not is_int(self.lr_warmup_epochs) or not 0 <= self.lr_warmup_epochs < self.epochs:
             raise ValueError(
                 f"lr_warmup_epochs must be an int in [0, epochs={self.epochs}), got "
                 f"{self.lr_warmup_epochs!r}"
             )
-        for name in ("train_subset", "test_subset", "memorisation_subset"):
-            value = getattr(self, name)
-            if value is not None and (not is_int(value) or value <= 0):
-                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-        for name, lo, hi in (
-            ("learning_rate", 0.0, math.inf),
-            ("momentum", 0.0, 1.0),
-            ("weight_decay", 0.0, math.inf),
-        ):
-            value = getattr(self, name)
-            if not is_real(value) or not lo <= value < hi:
-                raise ValueError(f"{name} must be a float in [{lo}, {hi}), got {value!r}")
-        if (
-            not isinstance(self.widths, tuple)
-            or not self.widths
-            or not all(is_int(w) and w > 0 for w in self.widths)
-        ):
-            raise ValueError(
-                f"widths must be a non-empty tuple of positive ints, got {self.widths!r}"
-            )
+        check_ints(self, ("train_subset", "test_subset", "memorisation_subset"), optional=True)
+        check_floats(
+            self,
+            (
+                ("learning_rate", 0.0, math.inf),
+                ("momentum", 0.0, 1.0),
+                ("weight_decay", 0.0, math.inf),
+            ),
+        )
+        check_widths(self)
         if (
             not isinstance(self.sparsities, tuple)
             or not self.sparsities

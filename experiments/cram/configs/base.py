@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 
-from experiments.oneshot.configs.base import CALIBRATION_MODES, DATASETS, is_int, is_real
+from experiments.oneshot.configs.base import (
+    CALIBRATION_MODES,
+    DATASETS,
+    check_ints,
+    check_source,
+    check_widths,
+    is_int,
+    is_real,
+)
 
 MODELS = ("small_cnn", "resnet8")
 METHODS = ("sgd", "cram", "cram_nm")
@@ -90,29 +98,22 @@ class Config:
 
     def validate(self) -> Config:
         """Raise ``ValueError``/``TypeError`` naming the first bad field; return ``self``."""
-        if self.dataset not in DATASETS:
-            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
-        if self.data_dir is not None and not isinstance(self.data_dir, str):
-            raise TypeError(f"data_dir must be a str path or None, got {self.data_dir!r}")
+        check_source(self, DATASETS)
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
-        if not is_int(self.seed) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
-        for name in (
-            "num_seeds",
-            "epochs",
-            "batch_size",
-            "calib_batches",
-            "calib_batch_size",
-            "eval_batch_size",
-        ):
-            value = getattr(self, name)
-            if not is_int(value) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("train_subset", "test_subset"):
-            value = getattr(self, name)
-            if value is not None and (not is_int(value) or value <= 0):
-                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        check_ints(self, ("seed",), minimum=0)
+        check_ints(
+            self,
+            (
+                "num_seeds",
+                "epochs",
+                "batch_size",
+                "calib_batches",
+                "calib_batch_size",
+                "eval_batch_size",
+            ),
+        )
+        check_ints(self, ("train_subset", "test_subset"), optional=True)
         for name, lo, hi in (
             ("learning_rate", 0.0, float("inf")),
             ("momentum", 0.0, 1.0),
@@ -130,14 +131,7 @@ class Config:
             raise ValueError(
                 f"calib_mode must be one of {CALIBRATION_MODES}, got {self.calib_mode!r}"
             )
-        if (
-            not isinstance(self.widths, tuple)
-            or not self.widths
-            or not all(is_int(w) and w > 0 for w in self.widths)
-        ):
-            raise ValueError(
-                f"widths must be a non-empty tuple of positive ints, got {self.widths!r}"
-            )
+        check_widths(self)
         if (
             not isinstance(self.methods, tuple)
             or not self.methods

@@ -61,48 +61,27 @@ class Config:
 
     def validate(self) -> Config:
         """Raise ``ValueError``/``TypeError`` naming the first bad field; return ``self``."""
-        if self.dataset not in DATASETS:
-            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
-        if self.data_dir is not None and not isinstance(self.data_dir, str):
-            raise TypeError(f"data_dir must be a str path or None, got {self.data_dir!r}")
-        for name in ("seed",):
-            value = getattr(self, name)
-            if not is_int(value) or value < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-        for name in ("epochs", "batch_size", "calib_batches", "calib_batch_size"):
-            value = getattr(self, name)
-            if not is_int(value) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not is_int(self.eval_batch_size) or self.eval_batch_size <= 0:
-            raise ValueError(
-                f"eval_batch_size must be a positive int, got {self.eval_batch_size!r}"
-            )
-        for name in ("train_subset", "test_subset"):
-            value = getattr(self, name)
-            if value is not None and (not is_int(value) or value <= 0):
-                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-        for name, lo, hi in (
-            ("learning_rate", 0.0, float("inf")),
-            ("momentum", 0.0, 1.0),
-            ("weight_decay", 0.0, float("inf")),
-        ):
-            value = getattr(self, name)
-            if not is_real(value) or not lo <= value < hi:
-                raise ValueError(f"{name} must be a float in [{lo}, {hi}), got {value!r}")
+        check_source(self, DATASETS)
+        check_ints(self, ("seed",), minimum=0)
+        check_ints(
+            self, ("epochs", "batch_size", "calib_batches", "calib_batch_size", "eval_batch_size")
+        )
+        check_ints(self, ("train_subset", "test_subset"), optional=True)
+        check_floats(
+            self,
+            (
+                ("learning_rate", 0.0, float("inf")),
+                ("momentum", 0.0, 1.0),
+                ("weight_decay", 0.0, float("inf")),
+            ),
+        )
         if not is_real(self.calib_momentum) or not 0.0 < self.calib_momentum <= 1.0:
             raise ValueError(f"calib_momentum must be in (0, 1], got {self.calib_momentum!r}")
         if self.calib_mode not in CALIBRATION_MODES:
             raise ValueError(
                 f"calib_mode must be one of {CALIBRATION_MODES}, got {self.calib_mode!r}"
             )
-        if (
-            not isinstance(self.widths, tuple)
-            or not self.widths
-            or not all(is_int(w) and w > 0 for w in self.widths)
-        ):
-            raise ValueError(
-                f"widths must be a non-empty tuple of positive ints, got {self.widths!r}"
-            )
+        check_widths(self)
         if not isinstance(self.sparsities, tuple) or not all(
             is_real(s) and 0.0 <= s < 1.0 for s in self.sparsities
         ):
@@ -127,3 +106,43 @@ def is_int(value) -> bool:
 
 def is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+# Field checks shared by the experiments' ``Config.validate`` methods. Each raises a
+# ``ValueError`` (``TypeError`` for ``data_dir``) naming the field, the value and what was
+# expected.
+
+
+def check_source(config, datasets: tuple[str, ...]) -> None:
+    """``config.dataset`` in ``datasets``; ``config.data_dir`` a str path or None."""
+    if config.dataset not in datasets:
+        raise ValueError(f"dataset must be one of {datasets}, got {config.dataset!r}")
+    if config.data_dir is not None and not isinstance(config.data_dir, str):
+        raise TypeError(f"data_dir must be a str path or None, got {config.data_dir!r}")
+
+
+def check_ints(config, names, *, minimum: int = 1, optional: bool = False) -> None:
+    """Every field in ``names`` an int >= ``minimum`` (1 or 0), or None with ``optional``."""
+    what = {1: "a positive int", 0: "a non-negative int"}.get(minimum, f"an int >= {minimum}")
+    for name in names:
+        value = getattr(config, name)
+        if optional and value is None:
+            continue
+        if not is_int(value) or value < minimum:
+            suffix = " or None" if optional else ""
+            raise ValueError(f"{name} must be {what}{suffix}, got {value!r}")
+
+
+def check_floats(config, ranges) -> None:
+    """Every ``(name, lo, hi)`` field a real number in ``[lo, hi)``."""
+    for name, lo, hi in ranges:
+        value = getattr(config, name)
+        if not is_real(value) or not lo <= value < hi:
+            raise ValueError(f"{name} must be a float in [{lo}, {hi}), got {value!r}")
+
+
+def check_widths(config, name: str = "widths") -> None:
+    """A non-empty tuple of positive ints."""
+    value = getattr(config, name)
+    if not isinstance(value, tuple) or not value or not all(is_int(w) and w > 0 for w in value):
+        raise ValueError(f"{name} must be a non-empty tuple of positive ints, got {value!r}")

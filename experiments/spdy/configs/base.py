@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from experiments.oneshot.configs.base import DATASETS, is_int, is_real
+from experiments.oneshot.configs.base import DATASETS, check_widths, is_int, is_real
 
 __all__ = ["DATASETS", "Config"]
 
@@ -154,14 +154,7 @@ class Config:
                 "need 0 < min_sparsity < max_sparsity < 1, got "
                 f"min_sparsity={self.min_sparsity!r}, max_sparsity={self.max_sparsity!r}"
             )
-        if (
-            not isinstance(self.widths, tuple)
-            or not self.widths
-            or not all(is_int(w) and w > 0 for w in self.widths)
-        ):
-            raise ValueError(
-                f"widths must be a non-empty tuple of positive ints, got {self.widths!r}"
-            )
+        check_widths(self)
         if (
             not isinstance(self.strides, tuple)
             or len(self.strides) != len(self.widths)
