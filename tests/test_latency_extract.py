@@ -48,8 +48,12 @@ def _expected_widths(values, tau=L.DEFAULT_TAU):
     return {k: int(len(L.kept_units(v, tau))) for k, v in values.items()}
 
 
-def test_cnn_extraction_is_exact_in_eval_mode():
-    model = L.GatedCNN(1, 10, (6, 8, 8, 12), strides=(1, 1, 2, 1), rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("normalize_last", [False, True])
+def test_cnn_extraction_is_exact_in_eval_mode(normalize_last):
+    model = L.GatedCNN(
+        1, 10, (6, 8, 8, 12), strides=(1, 1, 2, 1), normalize_last=normalize_last,
+        rngs=nnx.Rngs(0),
+    )  # fmt: skip
     _randomize_bn(model)
     values = _set_gates(model)
     x = jax.random.normal(jax.random.key(1), (4, 12, 12, 1))
@@ -62,6 +66,25 @@ def test_cnn_extraction_is_exact_in_eval_mode():
     graph = L.cost_graph(model, (12, 12, 1))
     assert out.macs == graph.macs(out.widths) == L.count_macs(out.model, (12, 12, 1))
     assert out.macs < graph.dense()
+
+
+def test_normalized_last_gates_remove_the_logit_temperature():
+    model = L.GatedCNN(1, 10, (4, 6), normalize_last=True, rngs=nnx.Rngs(0))
+    assert [b.normalize for b in model.blocks] == [False, True]
+    x = jax.random.normal(jax.random.key(3), (2, 8, 8, 1))
+    gate = model.blocks[1].gate.alpha
+    gate[...] = jnp.linspace(0.1, 1.0, 6)
+    before = _fwd(model, x)
+    gate[...] = 7.0 * gate[...]  # a common scale changes nothing
+    np.testing.assert_allclose(_fwd(model, x), before, rtol=1e-5, atol=1e-6)
+    plain = L.GatedCNN(1, 10, (4, 6), rngs=nnx.Rngs(0))
+    plain.blocks[1].gate.alpha[...] = jnp.linspace(0.1, 1.0, 6)
+    scaled = _fwd(plain, x)
+    plain.blocks[1].gate.alpha[...] = 7.0 * plain.blocks[1].gate.alpha[...]
+    assert not np.allclose(_fwd(plain, x), scaled, rtol=1e-3)  # without it, it does
+    np.testing.assert_allclose(L.gate_rms(jnp.array([3.0, 4.0])), np.sqrt(12.5 + 1e-12), rtol=1e-6)
+    with pytest.raises(TypeError, match="normalize_last must be a bool"):
+        L.GatedCNN(1, 10, (4, 6), normalize_last=1, rngs=nnx.Rngs(0))
 
 
 def test_mlp_extraction_is_exact():

@@ -390,6 +390,7 @@ def _cnn_seed(config: Config, seed: int, data, out, bar) -> dict[str, Any]:
             config.cnn_widths,
             strides=config.cnn_strides,
             pool_after=config.cnn_pool_after,
+            normalize_last=config.cnn_normalize_last_gates,
             rngs=nnx.Rngs(seed),
         )
         return set_gates(model, config.gate_init)

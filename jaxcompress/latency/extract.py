@@ -344,8 +344,9 @@ def _extract_cnn(model: _g.GatedCNN, gates, tau):
     )
     prev = np.arange(model.in_channels)
     for i, (src, dst) in enumerate(zip(model.blocks, new.blocks, strict=True)):
+        full = gates[f"blocks/{i}/gate/alpha"]
         k = kept[f"blocks/{i}/gate/alpha"]
-        a = gates[f"blocks/{i}/gate/alpha"][k]
+        a = full[k] / (float(_g.gate_rms(full)) if src.normalize else 1.0)
         _set(dst.conv.kernel, _np(src.conv.kernel)[:, :, prev][:, :, :, k])
         # gate after BN: a * (gamma * z_hat + beta) = (a gamma) z_hat + a beta
         _set(dst.bn.scale, _np(src.bn.scale)[k] * a)

@@ -288,8 +288,23 @@ def _pool_flags(pool_after: Sequence[bool] | None, n: int) -> tuple[bool, ...]:
     return pool
 
 
+GATE_RMS_EPSILON = 1e-12
+"""Added to ``mean(alpha**2)`` before the square root of :func:`gate_rms`."""
+
+
+def gate_rms(alpha: jax.Array) -> jax.Array:
+    """``sqrt(mean(alpha**2) + eps)``: the scale that a normalised gate vector divides by."""
+    alpha = jnp.asarray(alpha)
+    return jnp.sqrt(jnp.mean(jnp.square(alpha)) + GATE_RMS_EPSILON)
+
+
 class GatedConvBlock(nnx.Module):
-    """``relu(gate(BN(conv3x3(x))))``; the gate after BN folds into BN's ``scale``/``bias``."""
+    """``relu(gate(BN(conv3x3(x))))``; the gate after BN folds into BN's ``scale``/``bias``.
+
+    With ``normalize=True`` the block uses the normalised gates ``alpha / gate_rms(alpha)``.
+    The overall scale of ``alpha`` then has no effect on the output; only the relative sizes
+    matter, as they already do for a block whose output feeds another conv and BatchNorm.
+    """
 
     def __init__(
         self,
@@ -298,8 +313,12 @@ class GatedConvBlock(nnx.Module):
         stride: int = 1,
         *,
         parametrization: str,
+        normalize: bool = False,
         rngs: nnx.Rngs,
     ):
+        if not isinstance(normalize, bool):
+            raise TypeError(f"normalize must be a bool, got {normalize!r}")
+        self.normalize = normalize
         self.conv = nnx.Conv(
             in_features,
             out_features,
@@ -314,7 +333,10 @@ class GatedConvBlock(nnx.Module):
         self.gate = ChannelGate(out_features, parametrization=parametrization)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jax.nn.relu(self.gate(self.bn(self.conv(x))))
+        h = self.gate(self.bn(self.conv(x)))
+        if self.normalize:
+            h = h / gate_rms(self.gate.values()).astype(h.dtype)
+        return jax.nn.relu(h)
 
 
 class GatedCNN(nnx.Module):
@@ -330,6 +352,13 @@ class GatedCNN(nnx.Module):
     defaults on 28x28x1 the blocks run at 14, 7, 4 and 2 pixels (1,845,632 MACs).
 
     Gate names (see :func:`gate_values`): ``blocks/{l}/gate/alpha``.
+
+    ``normalize_last=True`` normalises the gates of the last block (:class:`GatedConvBlock`).
+    Every other block feeds a conv and a BatchNorm, which remove the scale of its gates. The
+    last block feeds global pooling and the head directly. There, without normalisation, the
+    common scale of its gates acts as a logit temperature: training grows all of them
+    together. The scale-invariant l1/l2 ratio is stationary at equal gates, so it then never
+    prunes that block. Extraction folds ``alpha_j / gate_rms(alpha)`` into BN, exactly.
     """
 
     def __init__(
@@ -341,6 +370,7 @@ class GatedCNN(nnx.Module):
         strides: Sequence[int] | None = None,
         pool_after: Sequence[bool] | None = None,
         parametrization: str = "identity",
+        normalize_last: bool = False,
         rngs: nnx.Rngs,
     ):
         self.in_channels = check_positive_int("in_channels", in_channels)
@@ -359,10 +389,22 @@ class GatedCNN(nnx.Module):
         self.parametrization = _check_parametrization(parametrization)
         check_rngs(rngs)
         chans = (self.in_channels, *self.widths)
+        if not isinstance(normalize_last, bool):
+            raise TypeError(f"normalize_last must be a bool, got {normalize_last!r}")
+        last = len(self.widths) - 1
         self.blocks = nnx.List(
             [
-                GatedConvBlock(a, b, st, parametrization=self.parametrization, rngs=rngs)
-                for a, b, st in zip(chans[:-1], chans[1:], self.strides, strict=True)
+                GatedConvBlock(
+                    a,
+                    b,
+                    st,
+                    parametrization=self.parametrization,
+                    normalize=normalize_last and i == last,
+                    rngs=rngs,
+                )
+                for i, (a, b, st) in enumerate(
+                    zip(chans[:-1], chans[1:], self.strides, strict=True)
+                )
             ]
         )
         self.head = nnx.Linear(self.widths[-1], self.num_classes, rngs=rngs)

@@ -62,6 +62,10 @@ class Config:
       cnn_strides: conv strides per block.
       cnn_pool_after: a 2x2 max pool after the block (the default uses strides instead:
         XLA's CPU max-pool gradient is several times slower than a strided conv).
+      cnn_normalize_last_gates: ``GatedCNN(normalize_last=...)`` for the gated runs. The last
+        block's gates feed the head with no BatchNorm after them. Without normalisation their
+        common scale acts as a logit temperature, and the l1/l2 surrogate kept that block
+        whole (128/128) at every target in the first full run.
       cnn_epochs: epoch budget of every model (uniform: all of it; surrogate and l1:
         ``cnn_epochs - cnn_finetune_epochs`` with the penalty, then fine-tuning).
       cnn_finetune_epochs: fine-tuning epochs of the extracted models.
@@ -127,6 +131,7 @@ class Config:
     cnn_widths: tuple[int, ...] = (32, 64, 64, 128)
     cnn_strides: tuple[int, ...] = (2, 2, 2, 1)
     cnn_pool_after: tuple[bool, ...] = (False, False, False, False)
+    cnn_normalize_last_gates: bool = True
     cnn_epochs: int = 8
     cnn_finetune_epochs: int = 2
     cnn_batch_size: int = 128
@@ -252,6 +257,10 @@ class Config:
             "mlp_gain",
         ):
             _positive_real(self, name)
+        if not isinstance(self.cnn_normalize_last_gates, bool):
+            raise ValueError(
+                f"cnn_normalize_last_gates must be a bool, got {self.cnn_normalize_last_gates!r}"
+            )
         if not isinstance(self.prune_during_training, bool):
             raise ValueError(
                 f"prune_during_training must be a bool, got {self.prune_during_training!r}"
