@@ -22,6 +22,7 @@ from experiments.surrogate.configs import default, quick  # noqa: E402
 from experiments.surrogate.configs.base import Config  # noqa: E402
 from experiments.surrogate.train import (  # noqa: E402
     _aggregate,
+    _cnn_summary,
     accuracy_at,
     best_within,
     format_table,
@@ -183,6 +184,26 @@ def test_pareto_helpers():
     assert accuracy_at(200, pts) == pytest.approx(0.85)
     assert accuracy_at(50, pts) is None
     assert accuracy_at(5000, pts) == 0.92
+
+
+def test_dominance_below_l1s_cheapest_model_needs_its_accuracy():
+    def pt(key, flops, acc, **extra):
+        return {"key": key, "flops": flops, "accuracy": acc, "latency_ms": flops / 1000, **extra}
+
+    ref = pt("uniform_1", 1000, 0.92, multiplier=1.0)
+    res = {
+        "reference": ref,
+        "uniform": [pt("uniform_0.5", 300, 0.88, multiplier=0.5), ref],
+        "l1": [pt("l1_0.5", 500, 0.91, target=0.5), pt("l1_0.2", 200, 0.90, target=0.2)],
+        # 0.5: above l1's curve; 0.2: cheaper than every l1 model but less accurate than the
+        # cheapest one, which is not dominance
+        "surrogate": [pt("s_0.5", 400, 0.915, target=0.5), pt("s_0.2", 150, 0.85, target=0.2)],
+    }
+    summary = _cnn_summary(res)
+    assert [d["dominates"] for d in summary["dominance"]] == [True, False]
+    assert summary["dominance"][1]["l1_accuracy_at_surrogate_flops"] is None
+    res["surrogate"][1] = pt("s_0.2", 150, 0.905, target=0.2)  # cheaper and as accurate
+    assert [d["dominates"] for d in _cnn_summary(res)["dominance"]] == [True, True]
 
 
 def test_seeds_are_averaged_with_std():

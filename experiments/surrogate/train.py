@@ -794,15 +794,18 @@ def _cnn_summary(res: dict[str, Any]) -> dict[str, Any]:
         baseline = uniform_at if uniform_at is not None else float(ref["flops"])
         advantage = baseline / best["flops"]
     dominance = []
+    l1_front = pareto_front(res["l1"])
     for s, l1 in zip(res["surrogate"], res["l1"], strict=True):
         l1_at = accuracy_at(s["flops"], res["l1"])
+        # cheaper than every l1 model: it must also match the cheapest one's accuracy
+        reference = l1_front[0]["accuracy"] if l1_at is None else l1_at
         dominance.append(
             {
                 "target": s["target"],
                 "surrogate": _brief(s),
                 "l1": _brief(l1),
                 "l1_accuracy_at_surrogate_flops": l1_at,
-                "dominates": l1_at is None or s["accuracy"] >= l1_at,
+                "dominates": s["accuracy"] >= reference,
             }
         )
     wins = sum(d["dominates"] for d in dominance)
