@@ -256,5 +256,11 @@ def test_configs_and_levels():
         Config(structured_timing="both").validate()
     with pytest.raises(ValueError, match="timing_clock"):
         Config(timing_clock="gpu").validate()
+    for bad in ((), ("structured_measured",) * 2, ("dense",), ["unstructured_flops"]):
+        with pytest.raises(ValueError, match="families must be a non-empty tuple"):
+            Config(families=bad).validate()
+    with pytest.raises(ValueError, match="search_gap_epochs must be a non-negative int"):
+        Config(search_gap_epochs=-1).validate()
+    assert Config(families=("structured_measured",), search_gap_epochs=2).validate()
     d = default.get_config()
     assert len(d.widths) == len(d.strides) == len(d.pool_after) == 7  # odd: every block in a unit

@@ -73,7 +73,7 @@ from flax import nnx
 
 from experiments.oneshot.train import load_datasets, make_optimizer
 from experiments.spdy import model as fmodel
-from experiments.spdy.configs.base import Config
+from experiments.spdy.configs.base import FAMILIES, Config
 from jaxcompress import spdy
 from jaxcompress import train as jtrain
 from jaxcompress.checkpoint import Checkpointer
@@ -100,7 +100,6 @@ __all__ = [
     "write_plot",
 ]
 
-FAMILIES = ("unstructured_flops", "unstructured_rn50_curve", "structured_measured")
 METHODS = ("spdy", "dp", "uniform", "global_magnitude")
 BASELINES = ("uniform", "global_magnitude")
 TABLE_KINDS = ("isolated", "context")
@@ -483,7 +482,28 @@ def _run_family(family, arch, params, stats, calib, test, lv, config, cache) -> 
     eb = config.eval_batch_size
 
     def calib_loss(choice) -> float:
+        """The reference's score: calibration loss of the stitched model (eval mode)."""
         p, _ = db.stitch(params, choice)
+        return evaluate(p, stats, xc, yc, eb)[0]
+
+    def search_score(choice) -> float:
+        """``calib_loss``, or with ``search_gap_epochs`` the loss after a short global
+        AdaPrune of the stitched model."""
+        if not config.search_gap_epochs:
+            return calib_loss(choice)
+        p, m = db.stitch(params, choice)
+        p, _ = global_adaprune(
+            p,
+            m,
+            params,
+            taps_fn,
+            fns,
+            xc,
+            lr=config.gap_lr,
+            epochs=config.search_gap_epochs,
+            batch_size=config.gap_batch,
+            seed=config.seed,
+        )
         return evaluate(p, stats, xc, yc, eb)[0]
 
     x_time = jnp.asarray(xc[: config.timing_batch])
@@ -520,7 +540,7 @@ def _run_family(family, arch, params, stats, calib, test, lv, config, cache) -> 
             prior,
             table,
             budget,
-            calib_loss,
+            search_score,
             seed=config.seed,
             randinits=config.randinits,
             maxnoimp=config.maxnoimp,
@@ -679,7 +699,7 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
         "families": {},
     }
     cache: dict[str, Any] = {}
-    for family in FAMILIES:
+    for family in config.families:
         results["families"][family] = _run_family(
             family, arch, params, stats, calib, test, lv, config, cache
         )

@@ -6,6 +6,8 @@ import dataclasses
 
 from experiments.oneshot.configs.base import DATASETS, check_widths, is_int, is_real
 
+FAMILIES = ("unstructured_flops", "unstructured_rn50_curve", "structured_measured")
+
 __all__ = ["DATASETS", "Config"]
 
 
@@ -37,6 +39,11 @@ class Config:
         i.e. 3 200 steps; with 1 024 images and 20 passes, 640 steps, we take 1e-4, since 1e-5
         barely moves the weights in so few steps).
       randinits, maxnoimp, layerperc: SPDY search (reference 100, 100, 0.1).
+      search_gap_epochs: 0 (the reference) scores each candidate profile of the search by the
+        calibration loss of the stitched model; ``k > 0`` scores it after ``k`` passes of
+        global AdaPrune (same lr and batch as ``gap_*``), closer to what is finally evaluated,
+        at about ``k / gap_epochs`` of a final reconstruction per distinct profile.
+      families: the option families to run (subset of ``FAMILIES``, in that order).
       buckets: DP resolution (reference 10 000).
       timing_batch, timing_repeats: batch size and (interleaved) repeats of the CPU timing
         measurements (table and end-to-end checks).
@@ -81,6 +88,8 @@ class Config:
     randinits: int = 100
     maxnoimp: int = 100
     layerperc: float = 0.1
+    search_gap_epochs: int = 0
+    families: tuple[str, ...] = FAMILIES
     buckets: int = 10_000
     timing_batch: int = 512
     timing_repeats: int = 25
@@ -131,8 +140,20 @@ class Config:
             raise TypeError(
                 f"timing_single_thread must be a bool, got {self.timing_single_thread!r}"
             )
-        if not is_int(self.maxnoimp) or self.maxnoimp < 0:
-            raise ValueError(f"maxnoimp must be a non-negative int, got {self.maxnoimp!r}")
+        for name in ("maxnoimp", "search_gap_epochs"):
+            value = getattr(self, name)
+            if not is_int(value) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if (
+            not isinstance(self.families, tuple)
+            or not self.families
+            or any(f not in FAMILIES for f in self.families)
+            or len(set(self.families)) != len(self.families)
+        ):
+            raise ValueError(
+                f"families must be a non-empty tuple of distinct names from {FAMILIES}, "
+                f"got {self.families!r}"
+            )
         for name in ("train_subset", "test_subset"):
             value = getattr(self, name)
             if value is not None and (not is_int(value) or value <= 0):
