@@ -65,7 +65,8 @@ def _tiny() -> Config:
     )
 
 
-def test_run_writes_schema_and_files(tmp_path, monkeypatch):
+@pytest.mark.parametrize("search_gap_epochs", [0, 1])
+def test_run_writes_schema_and_files(tmp_path, monkeypatch, search_gap_epochs):
     # An 8x8-image model saves almost nothing by narrowing (dispatch dominates), so its measured
     # structured targets may all be unreachable. Measure the real table, then scale each
     # unit's narrower entries with its channel count so the profile path runs too.
@@ -81,7 +82,7 @@ def test_run_writes_schema_and_files(tmp_path, monkeypatch):
         return dataclasses.replace(table, base=table.prunable * 1.25, layers=tuple(layers))
 
     monkeypatch.setattr(train_mod, "_measured_table", table_with_reachable_targets)
-    results = run(_tiny(), tmp_path)
+    results = run(_tiny().replace(search_gap_epochs=search_gap_epochs), tmp_path)
     assert 0.3 < results["dense_accuracy"] <= 1.0
     assert set(results["families"]) == set(FAMILIES)
     unstr = results["families"]["unstructured_flops"]
@@ -101,7 +102,11 @@ def test_run_writes_schema_and_files(tmp_path, monkeypatch):
             assert e["modelled_speedup"] >= float(target) * (1 - 1e-9)
             assert 0.0 <= e["accuracy_layerwise"] <= 1.0 and 0.0 <= e["accuracy_gap"] <= 1.0
             assert e["measured_seconds"] > 0
-        assert entry["spdy"]["calib_loss"] == pytest.approx(entry["search"]["score"])
+        if search_gap_epochs == 0:  # the reference's score: the stitched calibration loss
+            assert entry["spdy"]["calib_loss"] == pytest.approx(entry["search"]["score"])
+        else:  # scored after a short global AdaPrune
+            assert entry["search"]["score_after_gap_epochs"] == search_gap_epochs
+            assert np.isfinite(entry["search"]["score"])
     curve = results["families"]["unstructured_rn50_curve"]
     assert curve["layers"] == unstr["layers"]
     assert curve["database"] == unstr["database"]  # one database, two timing tables

@@ -561,6 +561,7 @@ def _run_family(family, arch, params, stats, calib, test, lv, config, cache) -> 
             "budget": budget,
             "search": {
                 "score": res.score,
+                "score_after_gap_epochs": config.search_gap_epochs,
                 "evaluations": res.evaluations,
                 "candidates": res.candidates,
                 "seconds": res.seconds,

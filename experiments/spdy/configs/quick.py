@@ -16,6 +16,7 @@ def get_config() -> Config:
         gap_epochs=5,
         randinits=16,
         maxnoimp=8,
+        search_gap_epochs=1,
         layerperc=0.5,
         timing_repeats=7,
         timing_batch=128,
