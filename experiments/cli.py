@@ -13,7 +13,14 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["check_dirs", "comma_separated", "non_negative_int", "positive_int", "run_config"]
+__all__ = [
+    "add_run_flags",
+    "check_dirs",
+    "comma_separated",
+    "non_negative_int",
+    "positive_int",
+    "run_config",
+]
 
 
 def positive_int(text: str) -> int:
@@ -65,6 +72,16 @@ def comma_separated(
         return values
 
     return parse
+
+
+def add_run_flags(parser: argparse.ArgumentParser, out: str) -> None:
+    """The flags every experiment has: ``--out`` (default ``out``), ``--data-dir`` and
+    ``--no-progress``; :func:`check_dirs` checks the first two."""
+    parser.add_argument("--out", default=out, help="output directory")
+    parser.add_argument(
+        "--data-dir", default=None, help="data root (default $JAXCOMPRESS_DATA_DIR)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide progress output")
 
 
 def check_dirs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

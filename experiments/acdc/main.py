@@ -7,6 +7,7 @@ import argparse
 from experiments.acdc.configs import default, quick
 from experiments.acdc.configs.base import MODELS
 from experiments.cli import (
+    add_run_flags,
     check_dirs,
     comma_separated,
     non_negative_int,
@@ -46,10 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="epoch budget of every method; the AC/DC phases scale with it",
     )
-    parser.add_argument("--out", default="runs/acdc", help="output directory")
-    parser.add_argument(
-        "--data-dir", default=None, help="data root (default $JAXCOMPRESS_DATA_DIR)"
-    )
+    add_run_flags(parser, "runs/acdc")
     parser.add_argument(
         "--no-memorisation", action="store_true", help="skip the random-label memorisation runs"
     )
@@ -58,7 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run only the random-label memorisation runs (dense and AC/DC)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
 

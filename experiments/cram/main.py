@@ -6,6 +6,7 @@ import argparse
 import math
 
 from experiments.cli import (
+    add_run_flags,
     check_dirs,
     comma_separated,
     non_negative_int,
@@ -61,11 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"comma-separated subset of {','.join(METHODS)} (default all)",
     )
-    parser.add_argument("--out", default="runs/cram", help="output directory")
-    parser.add_argument(
-        "--data-dir", default=None, help="data root (default $JAXCOMPRESS_DATA_DIR)"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_run_flags(parser, "runs/cram")
     return parser
 
 

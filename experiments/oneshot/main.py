@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from experiments.cli import check_dirs, non_negative_int, positive_int, run_config
+from experiments.cli import add_run_flags, check_dirs, non_negative_int, positive_int, run_config
 from experiments.oneshot.configs import default, quick
 from experiments.oneshot.configs.base import DATASETS
 
@@ -23,11 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=non_negative_int, default=None)
     parser.add_argument("--epochs", type=positive_int, default=None)
-    parser.add_argument("--out", default="runs/oneshot", help="output directory")
-    parser.add_argument(
-        "--data-dir", default=None, help="data root (default $JAXCOMPRESS_DATA_DIR)"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_run_flags(parser, "runs/oneshot")
     return parser
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from experiments.cli import check_dirs, non_negative_int, run_config
+from experiments.cli import add_run_flags, check_dirs, non_negative_int, run_config
 from experiments.spdy.configs import default, quick
 from experiments.spdy.configs.base import DATASETS
 
@@ -25,16 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="small settings (under 5 minutes on 2 CPU cores)"
     )
     parser.add_argument("--seed", type=non_negative_int, default=None)
-    parser.add_argument("--out", default="runs/spdy", help="output directory")
-    parser.add_argument(
-        "--data-dir", default=None, help="data root (default $JAXCOMPRESS_DATA_DIR)"
-    )
+    add_run_flags(parser, "runs/spdy")
     parser.add_argument(
         "--checkpoint",
         default=None,
         help="restore the dense model from this Orbax directory (<out>/checkpoint of a run)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="hide progress output")
     return parser
 
 

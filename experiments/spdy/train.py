@@ -486,24 +486,19 @@ def _run_family(family, arch, params, stats, calib, test, lv, config, cache) -> 
         p, _ = db.stitch(params, choice)
         return evaluate(p, stats, xc, yc, eb)[0]
 
+    def reconstruct(p, m, epochs: int):
+        """Global AdaPrune of a stitched model towards the dense one on the calibration set."""
+        return global_adaprune(
+            p, m, params, taps_fn, fns, xc, lr=config.gap_lr, epochs=epochs,
+            batch_size=config.gap_batch, seed=config.seed,
+        )[0]  # fmt: skip
+
     def search_score(choice) -> float:
         """``calib_loss``, or with ``search_gap_epochs`` the loss after a short global
         AdaPrune of the stitched model."""
         if not config.search_gap_epochs:
             return calib_loss(choice)
-        p, m = db.stitch(params, choice)
-        p, _ = global_adaprune(
-            p,
-            m,
-            params,
-            taps_fn,
-            fns,
-            xc,
-            lr=config.gap_lr,
-            epochs=config.search_gap_epochs,
-            batch_size=config.gap_batch,
-            seed=config.seed,
-        )
+        p = reconstruct(*db.stitch(params, choice), config.search_gap_epochs)
         return evaluate(p, stats, xc, yc, eb)[0]
 
     x_time = jnp.asarray(xc[: config.timing_batch])
@@ -576,18 +571,7 @@ def _run_family(family, arch, params, stats, calib, test, lv, config, cache) -> 
                 continue
             p, m = db.stitch(params, choice)
             loss_lw, acc_lw = evaluate(p, stats, test[0], test[1], eb)
-            p_gap, _ = global_adaprune(
-                p,
-                m,
-                params,
-                taps_fn,
-                fns,
-                xc,
-                lr=config.gap_lr,
-                epochs=config.gap_epochs,
-                batch_size=config.gap_batch,
-                seed=config.seed,
-            )
+            p_gap = reconstruct(p, m, config.gap_epochs)
             loss_gap, acc_gap = evaluate(p_gap, stats, test[0], test[1], eb)
             chosen = float(sum(t[j] for t, j in zip(table.times(), choice, strict=True)))
             predicted = fixed + chosen

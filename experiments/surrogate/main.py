@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from experiments.cli import (
+    add_run_flags,
     check_dirs,
     comma_separated,
     non_negative_int,
@@ -66,11 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--sst2-targets", type=_targets, default=None, help="SST-2 FLOPs targets")
     parser.add_argument("--mlp-targets", type=_targets, default=None, help="MLP FLOPs targets")
-    parser.add_argument("--out", default="runs/surrogate", help="output directory")
-    parser.add_argument(
-        "--data-dir", default=None, help="data root (default $JAXCOMPRESS_DATA_DIR)"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_run_flags(parser, "runs/surrogate")
     return parser
 
 

@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Any
 
-from experiments.oneshot.configs.base import is_int, is_real
+from experiments.oneshot.configs.base import check_ints, check_widths, is_real
 
 TASKS = ("cnn", "sst2", "mlp")
 IMAGE_DATASETS = ("fashion_mnist", "mnist", "digits")
@@ -191,40 +191,43 @@ class Config:
             )
         if self.data_dir is not None and not isinstance(self.data_dir, str):
             raise TypeError(f"data_dir must be a str path or None, got {self.data_dir!r}")
-        for name in ("progress",):
+        for name in ("progress", "prune_during_training", "cnn_normalize_last_gates"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if not is_int(self.seed) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
-        for name in (
-            "num_seeds",
-            "latency_batch_size",
-            "latency_repeats",
-            "latency_rounds",
-            "eval_batch_size",
-            "cnn_epochs",
-            "cnn_batch_size",
-            "sst2_d_model",
-            "sst2_num_heads",
-            "sst2_num_layers",
-            "sst2_mlp_dim",
-            "sst2_max_len",
-            "sst2_min_freq",
-            "sst2_epochs",
-            "sst2_batch_size",
-            "mlp_epochs",
-            "mlp_penalty_epochs",
-            "mlp_batch_size",
-        ):
-            _positive_int(self, name)
-        for name in ("cnn_finetune_epochs", "sst2_finetune_epochs", "mlp_finetune_epochs"):
-            value = getattr(self, name)
-            if not is_int(value) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        if not is_int(self.sst2_warmup_steps) or self.sst2_warmup_steps < 0:
-            raise ValueError(
-                f"sst2_warmup_steps must be an int >= 0, got {self.sst2_warmup_steps!r}"
-            )
+        check_ints(self, ("seed",), minimum=0)
+        check_ints(
+            self,
+            (
+                "num_seeds",
+                "latency_batch_size",
+                "latency_repeats",
+                "latency_rounds",
+                "eval_batch_size",
+                "cnn_epochs",
+                "cnn_batch_size",
+                "sst2_d_model",
+                "sst2_num_heads",
+                "sst2_num_layers",
+                "sst2_mlp_dim",
+                "sst2_max_len",
+                "sst2_min_freq",
+                "sst2_epochs",
+                "sst2_batch_size",
+                "mlp_epochs",
+                "mlp_penalty_epochs",
+                "mlp_batch_size",
+            ),
+        )
+        check_ints(
+            self,
+            (
+                "cnn_finetune_epochs",
+                "sst2_finetune_epochs",
+                "mlp_finetune_epochs",
+                "sst2_warmup_steps",
+            ),
+            minimum=0,
+        )
         for task in ("cnn", "sst2"):
             epochs = getattr(self, f"{task}_epochs")
             finetune = getattr(self, f"{task}_finetune_epochs")
@@ -233,16 +236,17 @@ class Config:
                     f"{task}_finetune_epochs must be < {task}_epochs={epochs} (the penalty phase "
                     f"needs at least one epoch of the budget), got {finetune!r}"
                 )
-        for name in (
-            "cnn_train_subset",
-            "cnn_test_subset",
-            "sst2_train_subset",
-            "mlp_train_subset",
-            "mlp_test_subset",
-        ):
-            value = getattr(self, name)
-            if value is not None and (not is_int(value) or value <= 0):
-                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        check_ints(
+            self,
+            (
+                "cnn_train_subset",
+                "cnn_test_subset",
+                "sst2_train_subset",
+                "mlp_train_subset",
+                "mlp_test_subset",
+            ),
+            optional=True,
+        )
         for name in ("gate_init", "p", "lam0", "l1_lam0", "lam_max"):
             _positive_real(self, name)
         for name in ("lam0", "l1_lam0"):
@@ -259,14 +263,6 @@ class Config:
             "mlp_gain",
         ):
             _positive_real(self, name)
-        if not isinstance(self.cnn_normalize_last_gates, bool):
-            raise ValueError(
-                f"cnn_normalize_last_gates must be a bool, got {self.cnn_normalize_last_gates!r}"
-            )
-        if not isinstance(self.prune_during_training, bool):
-            raise ValueError(
-                f"prune_during_training must be a bool, got {self.prune_during_training!r}"
-            )
         if not is_real(self.tau) or not 0.0 <= self.tau < 1.0:
             raise ValueError(f"tau must be a float in [0, 1), got {self.tau!r}")
         if not is_real(self.sst2_dropout) or not 0.0 <= self.sst2_dropout < 1.0:
@@ -277,15 +273,7 @@ class Config:
                     f"{name} must be one of {IMAGE_DATASETS}, got {getattr(self, name)!r}"
                 )
         for name in ("cnn_widths", "cnn_strides", "mlp_hidden"):
-            value = getattr(self, name)
-            if (
-                not isinstance(value, tuple)
-                or not value
-                or not all(is_int(v) and v > 0 for v in value)
-            ):
-                raise ValueError(
-                    f"{name} must be a non-empty tuple of positive ints, got {value!r}"
-                )
+            check_widths(self, name)
         if len(self.cnn_strides) != len(self.cnn_widths):
             raise ValueError(
                 f"cnn_strides must have one entry per conv block (len(cnn_widths)="
@@ -314,12 +302,6 @@ class Config:
                     f"{name} must contain 1.0 (the full-width reference), got {value!r}"
                 )
         return self
-
-
-def _positive_int(config: Config, name: str) -> None:
-    value = getattr(config, name)
-    if not is_int(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _positive_real(config: Config, name: str) -> None:
