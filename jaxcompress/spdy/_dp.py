@@ -48,6 +48,10 @@ Float64 matches the reference bit for bit. Float32 runs the same algorithm in fl
 equals a float32 restatement of the reference exactly, and its total cost is within
 ``L * eps_f32 * sum_l max_j |c[l, j]|`` of the float64 optimum, but near-ties can resolve to a
 different profile than float64 does.
+
+Subnormal costs: XLA's CPU backend flushes subnormal floating-point values to zero, so a
+cost below the smallest normal number of its dtype (``~1.2e-38`` in float32, ``~2.2e-308``
+in float64) counts as 0 there, where NumPy would keep it.
 """
 
 from __future__ import annotations
@@ -321,6 +325,12 @@ def _pad_costs(costs: Any, plan: _Plan, dtype: np.dtype, *, batched: bool) -> An
                 f"per-solve cost specs; got {type(costs).__name__}"
             )
         return xp.stack([_pad_costs(c, plan, dtype, batched=False) for c in costs])
+    elif concrete and _is_ragged_numpy(costs, plan):
+        # Fast path for the common host call (a list of 1-D NumPy rows, e.g. in a search
+        # loop): one concatenate and one masked store; a boolean mask fills row-major, i.e.
+        # in the concatenation's order.
+        out = np.zeros(want, dtype)
+        out[np.arange(plan.num_options)[None, :] < plan.lengths[:, None]] = np.concatenate(costs)
     else:
         _, rows, lens = _as_layers("costs", costs, None)
         if len(rows) != plan.num_layers or np.any(lens != plan.lengths):
@@ -348,6 +358,18 @@ def _pad_costs(costs: Any, plan: _Plan, dtype: np.dtype, *, batched: bool) -> An
                 f"index {idx[-2:]}" + (f" of solve {idx[0]}" if batched else "")
             )
     return out
+
+
+def _is_ragged_numpy(costs: Any, plan: _Plan) -> bool:
+    """True for a sequence of ``L`` real 1-D NumPy arrays with exactly the plan's lengths."""
+    if not isinstance(costs, (list, tuple)) or len(costs) != plan.num_layers:
+        return False
+    for r, n in zip(costs, plan.lengths, strict=True):
+        if not (isinstance(r, np.ndarray) and r.ndim == 1 and r.shape[0] == n):
+            return False
+        if r.dtype.kind not in "fiub":
+            return False
+    return True
 
 
 # --------------------------------------------------------------------------------------
@@ -667,7 +689,9 @@ def _cached_prepare(times: Any, budget: float, buckets: int, lengths: Any) -> Pr
             )
         else:
             rows = [np.asarray(t, np.float64) for t in times]
-            key_t = tuple((r.shape, r.tobytes()) for r in rows)
+            if any(r.ndim != 1 for r in rows):
+                raise ValueError  # not a ragged table: let prepare() report it
+            key_t = (tuple(r.shape[0] for r in rows), np.concatenate(rows).tobytes())
         key = (key_t, float(budget), int(buckets))
     except Exception:  # unhashable / tracer / malformed: let prepare() report it
         return prepare(times, budget, buckets=buckets, lengths=lengths)
