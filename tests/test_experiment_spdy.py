@@ -269,3 +269,22 @@ def test_configs_and_levels():
     assert Config(families=("structured_measured",), search_gap_epochs=2).validate()
     d = default.get_config()
     assert len(d.widths) == len(d.strides) == len(d.pool_after) == 7  # odd: every block in a unit
+
+
+def test_cli_widths_and_families(capsys):
+    from experiments.spdy import main as cli
+
+    args = cli.build_parser().parse_args(
+        ["--widths", "8,8,16,16,32,32,64", "--families", "unstructured_flops", "--out", "x"]
+    )
+    assert args.widths == (8, 8, 16, 16, 32, 32, 64) and args.families == ("unstructured_flops",)
+    for argv, match in (
+        (["--families", "dense"], "--families: expected distinct"),
+        (["--families", "unstructured_flops,unstructured_flops"], "--families: expected"),
+        (["--widths", "8,0"], "--widths: expected"),
+        (["--widths", "8,8"], "strides must be a tuple of 2"),  # the config's own check
+    ):
+        with pytest.raises(SystemExit) as exc:
+            cli.main([*argv, "--out", "x"])
+        assert exc.value.code == 2
+        assert match in capsys.readouterr().err

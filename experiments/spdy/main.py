@@ -5,9 +5,25 @@ from __future__ import annotations
 import argparse
 import os
 
-from experiments.cli import add_run_flags, check_dirs, non_negative_int, run_config
+from experiments.cli import (
+    add_run_flags,
+    check_dirs,
+    comma_separated,
+    non_negative_int,
+    run_config,
+)
 from experiments.spdy.configs import default, quick
-from experiments.spdy.configs.base import DATASETS
+from experiments.spdy.configs.base import DATASETS, FAMILIES
+
+_widths = comma_separated(
+    int, valid=lambda w: w > 0, expected="comma-separated positive integers such as 8,8,16"
+)
+_families = comma_separated(
+    str,
+    valid=lambda f: f in FAMILIES,
+    expected=f"distinct comma-separated names from {', '.join(FAMILIES)}",
+    distinct=True,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="small settings (under 5 minutes on 2 CPU cores)"
     )
     parser.add_argument("--seed", type=non_negative_int, default=None)
+    parser.add_argument(
+        "--widths",
+        type=_widths,
+        default=None,
+        help="conv widths, one per block (default 16,16,32,32,64,64,128; strides 2,1,2,1,2,1,1)",
+    )
+    parser.add_argument(
+        "--families",
+        type=_families,
+        default=None,
+        help=f"option families to run (default all: {','.join(FAMILIES)})",
+    )
     add_run_flags(parser, "runs/spdy")
     parser.add_argument(
         "--checkpoint",
@@ -42,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--checkpoint: {args.checkpoint!r} is not a directory")
     config = (quick if args.quick else default).get_config()
     changes = {"progress": not args.no_progress}
-    for name in ("dataset", "seed", "data_dir", "checkpoint"):
+    for name in ("dataset", "seed", "widths", "families", "data_dir", "checkpoint"):
         value = getattr(args, name)
         if value is not None:
             changes[name] = os.path.abspath(value) if name == "checkpoint" else value
