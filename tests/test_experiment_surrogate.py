@@ -42,7 +42,7 @@ def _tiny() -> Config:
     # digits (1438 x 8x8) for both image tasks: 22 steps per epoch at batch 64 (SST-2: 20); a
     # strong controller gain so that two penalty epochs (44 steps) prune.
     return quick.get_config().replace(
-        lam0=0.1,
+        cnn_lam0=0.1,
         l1_lam0=0.01,
         latency_batch_size=8,
         latency_repeats=2,
@@ -237,7 +237,8 @@ def test_configs_validate():
         ({"sst2_d_model": 66}, ValueError, "sst2_d_model"),
         ({"tau": 1.0}, ValueError, "tau"),
         ({"cnn_gain": 0.0}, ValueError, "cnn_gain"),
-        ({"lam0": 1e4}, ValueError, "lam0"),
+        ({"cnn_lam0": 1e4}, ValueError, "cnn_lam0"),
+        ({"scale": "l2"}, ValueError, "scale must be"),
         ({"mlp_dataset": "cifar10"}, ValueError, "mlp_dataset"),
         ({"num_seeds": 0}, ValueError, "num_seeds"),
         ({"progress": "yes"}, TypeError, "progress"),

@@ -289,6 +289,34 @@ def test_surrogate_penalty_adds_lambda_grad_of_r():
     np.testing.assert_allclose(state.value, L.flops_regularizer(L.gate_values(model), graph))
 
 
+def test_surrogate_penalty_rms_scale_is_scale_free():
+    """``scale="rms"``: each group's added gradient is lambda * dR/da * rms(a), so scaling one
+    group's gates by c leaves it unchanged (the plain gradient scales by 1/c)."""
+    model = L.GatedMLP(6, (5, 4), 2, rngs=nnx.Rngs(0))
+    model.gates[0].alpha[...] = jnp.array([0.3, 0.1, 2.0, 0.0, 1.0])
+    model.gates[1].alpha[...] = jnp.array([0.5, 0.2, 0.7, 0.4])
+    graph = L.cost_graph(model, (6,))
+
+    def added(scale, c):
+        m = nnx.clone(model)
+        m.gates[1].alpha[...] = c * m.gates[1].alpha[...]
+        _, params, _ = nnx.split(m, nnx.Param, ...)
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        tx = L.surrogate_penalty(graph, 0.7, scale=scale)
+        updates, _ = tx.update(zeros, tx.init(params), params)
+        return [np.asarray(updates["gates"][i]["alpha"][...]) for i in range(2)]
+
+    plain, rms = added("none", 1.0), added("rms", 1.0)
+    for g_plain, g_rms, gate in zip(plain, rms, model.gates, strict=True):
+        a = np.asarray(gate.alpha[...])
+        np.testing.assert_allclose(g_rms, g_plain * np.sqrt(np.mean(a**2)), rtol=1e-5)
+    plain10, rms10 = added("none", 10.0), added("rms", 10.0)
+    np.testing.assert_allclose(plain10[1], plain[1] / 10.0, rtol=1e-4)
+    np.testing.assert_allclose(rms10[1], rms[1], rtol=1e-4)
+    with pytest.raises(ValueError, match="scale must be 'none' or 'rms'"):
+        L.surrogate_penalty(graph, 1.0, scale="l2")
+
+
 def _toy(feedback):
     sizes = {"a": 16, "b": 32, "c": 16}
     graph = L.LayerGraph(

@@ -309,14 +309,20 @@ def _compress(
     """
     config = task.config
     graph = L.cost_graph(model, task.input_shape) if graph is None else graph
-    lam0 = config.lam0 if kind == "ratio" else config.l1_lam0
+    lam0 = getattr(config, f"{task.name}_lam0") if kind == "ratio" else config.l1_lam0
     gain = getattr(config, f"{task.name}_gain")
     controller = L.lambda_controller(
         target * reference_flops, graph, lam0=lam0, gain=gain, lam_max=config.lam_max
     )
     tx = optax.chain(
         L.surrogate_penalty(
-            graph, controller, kind=kind, p=config.p, feedback="active", tau=config.tau
+            graph,
+            controller,
+            kind=kind,
+            p=config.p,
+            feedback="active",
+            tau=config.tau,
+            scale=config.scale if kind == "ratio" else "none",
         ),
         optax.adam(schedule(0)),
         L.project_nonnegative(prune_below=config.tau if config.prune_during_training else 0.0),

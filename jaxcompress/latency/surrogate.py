@@ -378,6 +378,7 @@ def surrogate_penalty(
     eps: float = DEFAULT_EPS,
     feedback: str = "surrogate",
     tau: float = DEFAULT_TAU,
+    scale: str = "none",
 ) -> optax.GradientTransformation:
     """Add :math:`\\lambda \\nabla_\\alpha R(\\alpha)` to the gate gradients (an optax transform).
 
@@ -403,6 +404,12 @@ def surrogate_penalty(
         the exact widths extraction would keep with threshold ``tau``; steers the real FLOPs,
         which the surrogate under-estimates when the surviving gates are unequal).
       tau: extraction threshold for ``feedback="active"``.
+      scale: ``"none"`` (default: the gradient of the penalty) or ``"rms"``: each group's
+        penalty gradient times the rms of its gates (held constant). The ratio is
+        scale-invariant, so its gradient shrinks as :math:`1/\\|\\alpha_l\\|`: a group whose
+        gates grow (e.g. gates read by a classifier with no normalisation after them, whose
+        common scale acts as a temperature) escapes the penalty. With ``"rms"`` the push
+        on a group no longer depends on its gates' scale. Not a gradient of any objective.
 
     State: :class:`SurrogateState` (``value`` = the feedback cost ratio at the last params,
     ``controller.lam`` = the lambda for the next step).
@@ -414,6 +421,8 @@ def surrogate_penalty(
     p, eps = _check_p(p), _check_eps(eps)
     if feedback not in ("surrogate", "active"):
         raise ValueError(f"feedback must be 'surrogate' or 'active', got {feedback!r}")
+    if scale not in ("none", "rms"):
+        raise ValueError(f"scale must be 'none' or 'rms', got {scale!r}")
     tau = _check_tau(tau)
     graph = cost if isinstance(cost, LayerGraph) else cost.graph
     group_names = {n for n, _ in graph.groups}
@@ -486,7 +495,10 @@ def surrogate_penalty(
         flat_u = treedef.flatten_up_to(updates)
         for n, i in index.items():
             u = flat_u[i]
-            g = (lam * grad[n]).astype(_leaf_value(u).dtype)
+            g = lam * grad[n]
+            if scale == "rms":
+                g = g * jax.lax.stop_gradient(jnp.sqrt(jnp.mean(jnp.square(gates[n]))))
+            g = g.astype(_leaf_value(u).dtype)
             flat_u[i] = u.replace(u[...] + g) if _is_var(u) else u + g
         new_updates = jax.tree_util.tree_unflatten(treedef, flat_u)
         new_state = SurrogateState(

@@ -14,6 +14,7 @@ def get_config() -> Config:
         cnn_epochs=3,
         cnn_finetune_epochs=1,
         cnn_targets=(0.5, 0.25),
+        cnn_lam0=0.1,  # a 125-step penalty phase has no epoch to spare before pruning starts
         cnn_gain=0.03,
         cnn_train_subset=8_000,
         cnn_test_subset=2_000,
