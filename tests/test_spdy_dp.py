@@ -146,6 +146,9 @@ def test_matches_oracle_float64(problem):
     # the ragged-list API gives the same answer as the padded one
     sol2 = spdy.solve(rc, rt, budget_value, buckets=buckets)
     assert np.array_equal(sol2.choice, sol.choice) and float(sol2.cost) == float(sol.cost)
+    # NumPy rows take a fast host path; Python lists the general one
+    sol3 = spdy.solve(_as_lists(rc), rt, budget_value, buckets=buckets)
+    assert np.array_equal(sol3.choice, sol.choice) and float(sol3.cost) == float(sol.cost)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
