@@ -340,8 +340,8 @@ def _pad_costs(costs: Any, plan: _Plan, dtype: np.dtype, *, batched: bool) -> An
             )
         if concrete:
             out = np.zeros(want, dtype)
-            for i, r in enumerate(rows):
-                out[i, : r.shape[0]] = np.asarray(r)
+            for i, (r, n) in enumerate(zip(rows, lens, strict=True)):
+                out[i, :n] = np.asarray(r)
         else:
             out = jnp.stack(
                 [
