@@ -449,5 +449,18 @@ def test_measure_latency_model_on_this_device():
     np.testing.assert_array_equal(axes[0], [256.0, 512.0])
     assert times.shape == (2,) and np.all(times > 0)
     assert lat.dense() > 0
+    # the SPDY timing options pass through: CPU clock of single-threaded executables
+    cpu = L.measure_latency_model(
+        graph,
+        multipliers=(1.0,),
+        batch=256,
+        repeats=5,
+        warmup=1,
+        clock="cpu",
+        compiler_options={"xla_cpu_multi_thread_eigen": False},
+    )
+    assert cpu.grids["layers/0"][2].shape == (1,) and cpu.dense() >= 0
     with pytest.raises(ValueError, match="multipliers"):
         L.measure_latency_model(graph, multipliers=(0.0,))
+    with pytest.raises(ValueError, match="clock"):
+        L.measure_latency_model(graph, multipliers=(1.0,), clock="gpu")

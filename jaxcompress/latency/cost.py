@@ -713,13 +713,21 @@ def measure_latency_model(
     repeats: int = 25,
     warmup: int = 3,
     dtype: Any = jnp.float32,
+    clock: str = "wall",
+    compiler_options: Mapping[str, Any] | None = None,
 ) -> LatencyModel:
     """Time every term of ``graph`` on the current device on a width grid.
 
     Each gated group ``g`` of size ``n`` is measured at widths ``round(m n)`` for ``m`` in
     ``multipliers``; a term with ``k`` groups is timed at every grid combination (``len(m)^k``
-    runs) with :func:`jaxcompress.spdy.measure` (jit, warm-up, median). Terms need an
-    :class:`OpSpec`. ``overhead`` is the time of everything outside the terms.
+    runs) with :func:`jaxcompress.spdy.measure` (jit, warm-up, interleaved rounds, median, the
+    per-call overhead subtracted). Terms need an :class:`OpSpec`. ``overhead`` is the time of
+    everything outside the terms.
+
+    ``clock`` and ``compiler_options`` are passed to :func:`jaxcompress.spdy.measure`. On a
+    shared CPU, ``clock="cpu"`` with ``compiler_options={"xla_cpu_multi_thread_eigen": False}``
+    (this process's CPU time of single-threaded executables) and a large ``batch`` give far
+    steadier grids than the wall clock (``experiments/surrogate/RESULTS.md``).
     """
     if not isinstance(graph, LayerGraph):
         raise TypeError(f"graph must be a LayerGraph, got {type(graph).__name__}")
@@ -752,7 +760,14 @@ def measure_latency_model(
         return ",".join(str(v) for v in combo) or "dense"
 
     table = measure(
-        builders, options, overhead=overhead, label_fn=label, repeats=repeats, warmup=warmup
+        builders,
+        options,
+        overhead=overhead,
+        label_fn=label,
+        repeats=repeats,
+        warmup=warmup,
+        clock=clock,
+        compiler_options=compiler_options,
     )
     grids = {}
     for t in graph.terms:
