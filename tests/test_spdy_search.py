@@ -123,6 +123,25 @@ def test_search_finds_the_optimum_of_a_layer_weighted_score():
     assert r1.history[-1] < r1.history[0]
 
 
+def test_initial_coefficients_are_scored_first_and_bound_the_result():
+    table = _table()
+    b = budget(table, 2.0)
+    score = _weighted_score([8.0, 0.05, 2.0, 0.1, 1.0])
+    dp_only = np.asarray(solve(prior_errors(table), table.times(), b).choice)
+    kw = dict(seed=2, randinits=3, maxnoimp=2, layerperc=0.2, progress=False)
+    r = search("prior", table, b, score, initial=[np.ones(5)], **kw)
+    assert r.history[0] == pytest.approx(score(dp_only))  # the DP alone, scored first
+    assert r.score <= score(dp_only)
+    # the random draws follow the given vectors: the same random initial profiles are scored
+    plain = search("prior", table, b, score, **{**kw, "maxnoimp": 0})
+    with_ones = search("prior", table, b, score, initial=[np.ones(5)], **{**kw, "maxnoimp": 0})
+    assert with_ones.candidates == plain.candidates + 1
+    assert with_ones.score == min(plain.score, score(dp_only))
+    for bad in (np.ones(5), np.ones((1, 4)), -np.ones((1, 5)), [[np.nan] * 5]):
+        with pytest.raises(ValueError, match="initial must be"):
+            search("prior", table, b, score, initial=bad, **kw)
+
+
 def test_search_validates_arguments():
     table = _table()
     b = budget(table, 2.0)

@@ -101,6 +101,7 @@ def search(
     layerperc: float = 0.1,
     buckets: int = 10_000,
     dp_batch: int = 16,
+    initial: Any = None,
     progress: bool = True,
 ) -> SearchResult:
     """SPDY's coefficient search (module docstring): best DP profile by calibration score.
@@ -119,6 +120,11 @@ def search(
       layerperc: the first ``k`` is ``max(1, round(layerperc * L))`` (reference 0.1).
       buckets: DP resolution (reference 10 000).
       dp_batch: mutations solved per batched DP call.
+      initial: optional ``(k, L)`` coefficient vectors (finite, ``>= 0``) scored before the
+        random ones, e.g. ``[np.ones(L)]``: the DP on ``errors`` as given. The reference draws
+        only random vectors, so its search can end on a profile that scores worse than the DP
+        alone; with ``np.ones`` among ``initial`` it cannot. The random draws are the same as
+        without ``initial``.
       progress: print one line per improvement and per ``k``.
 
     Returns:
@@ -146,6 +152,22 @@ def search(
         dp = prepare(times, budget, buckets=buckets)
     errs = _as_errors(errors, times, table)
     num_layers = len(errs)
+    if initial is not None:
+        try:
+            initial = np.asarray(initial, np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"initial must be a (k, {num_layers}) array; got {initial!r}") from None
+        if (
+            initial.ndim != 2
+            or initial.shape[0] < 1
+            or initial.shape[1] != num_layers
+            or not np.all(np.isfinite(initial))
+            or np.any(initial < 0)
+        ):
+            raise ValueError(
+                f"initial must be a (k >= 1, {num_layers}) array of finite values >= 0 (one "
+                f"coefficient per layer); got shape {initial.shape}"
+            )
 
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -181,12 +203,14 @@ def search(
         return improved
 
     inits = rng.random((randinits, num_layers))
+    if initial is not None:
+        inits = np.concatenate([initial, inits])
     for coef, choice in zip(inits, solve(inits), strict=True):
         consider(coef, choice)
     if best["choice"] is None:  # every score was +inf: keep the first candidate
         best.update(choice=solve(inits[:1])[0], coef=inits[0].copy())
     if progress:
-        print(f"[spdy] {randinits} random inits: best score {best['score']:.6f}", flush=True)
+        print(f"[spdy] {len(inits)} initial vectors: best score {best['score']:.6f}", flush=True)
 
     for k in range(max(1, round(layerperc * num_layers)), 0, -1):
         failures = 0
