@@ -17,6 +17,7 @@ __all__ = [
     "add_run_flags",
     "check_dirs",
     "comma_separated",
+    "positive_ints",
     "non_negative_int",
     "positive_int",
     "run_config",
@@ -72,6 +73,12 @@ def comma_separated(
         return values
 
     return parse
+
+
+positive_ints = comma_separated(
+    int, valid=lambda w: w > 0, expected="comma-separated positive integers such as 16,32,64"
+)
+"""argparse type: a non-empty comma-separated list of positive integers (e.g. ``--widths``)."""
 
 
 def add_run_flags(parser: argparse.ArgumentParser, out: str) -> None:

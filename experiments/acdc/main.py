@@ -9,16 +9,12 @@ from experiments.acdc.configs.base import MODELS
 from experiments.cli import (
     add_run_flags,
     check_dirs,
-    comma_separated,
     non_negative_int,
     positive_int,
+    positive_ints,
     run_config,
 )
 from experiments.oneshot.configs.base import DATASETS
-
-_widths = comma_separated(
-    int, valid=lambda w: w > 0, expected="comma-separated positive integers such as 16,32,64"
-)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dataset", choices=DATASETS, default=None, help="default fashion_mnist")
     parser.add_argument("--model", choices=MODELS, default=None, help="default small_cnn")
-    parser.add_argument("--widths", type=_widths, default=None, help="conv widths, e.g. 16,32,64")
+    parser.add_argument(
+        "--widths", type=positive_ints, default=None, help="conv widths, e.g. 16,32,64"
+    )
     parser.add_argument(
         "--quick", action="store_true", help="small settings (under 5 minutes on 2 CPU cores)"
     )

@@ -10,14 +10,12 @@ from experiments.cli import (
     check_dirs,
     comma_separated,
     non_negative_int,
+    positive_ints,
     run_config,
 )
 from experiments.spdy.configs import default, quick
 from experiments.spdy.configs.base import DATASETS, FAMILIES
 
-_widths = comma_separated(
-    int, valid=lambda w: w > 0, expected="comma-separated positive integers such as 8,8,16"
-)
 _families = comma_separated(
     str,
     valid=lambda f: f in FAMILIES,
@@ -43,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=non_negative_int, default=None)
     parser.add_argument(
         "--widths",
-        type=_widths,
+        type=positive_ints,
         default=None,
         help="conv widths, one per block (default 16,16,32,32,64,64,128; strides 2,1,2,1,2,1,1)",
     )

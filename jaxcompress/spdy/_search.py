@@ -157,16 +157,17 @@ def search(
             initial = np.asarray(initial, np.float64)
         except (TypeError, ValueError):
             raise TypeError(f"initial must be a (k, {num_layers}) array; got {initial!r}") from None
-        if (
-            initial.ndim != 2
-            or initial.shape[0] < 1
-            or initial.shape[1] != num_layers
-            or not np.all(np.isfinite(initial))
-            or np.any(initial < 0)
-        ):
+        if initial.ndim != 2 or initial.shape[0] < 1 or initial.shape[1] != num_layers:
             raise ValueError(
-                f"initial must be a (k >= 1, {num_layers}) array of finite values >= 0 (one "
-                f"coefficient per layer); got shape {initial.shape}"
+                f"initial must be a (k >= 1, {num_layers}) array (one coefficient per layer); "
+                f"got shape {initial.shape}"
+            )
+        bad = ~np.isfinite(initial) | (initial < 0)
+        if bad.any():
+            row, col = (int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(
+                f"initial must be finite and >= 0; got {float(initial[row, col])!r} at "
+                f"initial[{row}, {col}]"
             )
 
     start = time.perf_counter()
