@@ -170,10 +170,15 @@ def _key_data_sharding(sharding: Any, extra_dims: int) -> Any:
 
 
 def _abstract_leaf(leaf: Any) -> jax.ShapeDtypeStruct:
-    """The ``ShapeDtypeStruct`` (with sharding when known) Orbax restores a target leaf as."""
+    """The ``ShapeDtypeStruct`` Orbax restores a target leaf as: on the leaf's sharding, or on
+    the default device when the leaf has none (``jax.eval_shape`` output). Orbax would otherwise
+    use the sharding saved in the checkpoint, which fails on another platform or device count
+    (a checkpoint written on a GPU or an 8-device mesh, read on one CPU)."""
     if isinstance(leaf, (bool, int, float, complex)) and not isinstance(leaf, np.generic):
         leaf = jax.eval_shape(lambda: leaf)
     sharding = getattr(leaf, "sharding", None)
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     if _is_key_dtype(leaf.dtype):
         data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
         sharding = _key_data_sharding(sharding, len(data.shape) - len(leaf.shape))
@@ -387,7 +392,9 @@ class Checkpointer:
           target: a mapping from item names (a subset of ``params``, ``model_state``,
             ``opt_state``, ``key``) to abstract trees: ``jax.eval_shape`` output, trees of
             ``jax.ShapeDtypeStruct`` (their ``sharding`` decides where arrays are placed) or
-            concrete arrays (their shardings are used; their values are not).
+            concrete arrays (their shardings are used; their values are not). Leaves without
+            a sharding (``jax.eval_shape`` output) restore onto the default device, whatever
+            the platform and device count the checkpoint was saved from.
 
         Returns:
           A dict with the restored items, ``"step"`` and ``"extra"`` (the JSON metadata or

@@ -1,6 +1,8 @@
 """Tests for jaxcompress.checkpoint: bit-exact round trips, resumption and structure guards."""
 
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -301,6 +303,37 @@ def test_restore_honours_target_shardings(tmp_path):
         assert leaf.sharding.is_equivalent_to(t.sharding, leaf.ndim)
     _assert_trees_bit_equal(restored["params"], params)
     _assert_trees_bit_equal(restored["key"], jax.random.key(1))
+
+
+_SAVE_ON_4_DEVICES = """
+import sys, jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from jaxcompress.checkpoint import Checkpointer
+mesh = jax.make_mesh((4,), ("d",))
+w = jax.device_put(jnp.arange(16.0).reshape(8, 2), NamedSharding(mesh, P("d", None)))
+with Checkpointer(sys.argv[1]) as ckpt:
+    ckpt.save(0, params={"w": w, "b": jnp.ones(3)}, key=jax.random.key(5))
+"""
+
+
+def test_restore_abstract_target_from_another_topology(tmp_path):
+    # Saved by a 4-device process (like a GPU or TPU host), restored in this 8-device one from
+    # jax.eval_shape output, which carries no sharding: Orbax alone raises "Topology mismatch".
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    subprocess.run(
+        [sys.executable, "-c", _SAVE_ON_4_DEVICES, str(tmp_path)], env=env, check=True, timeout=300
+    )
+    target = jax.eval_shape(lambda: {"w": jnp.zeros((8, 2)), "b": jnp.zeros(3)})
+    key_target = jax.eval_shape(lambda: jax.random.key(0))
+    with Checkpointer(tmp_path) as ckpt:
+        restored = ckpt.restore(target={"params": target, "key": key_target})
+    np.testing.assert_array_equal(restored["params"]["w"], np.arange(16.0).reshape(8, 2))
+    np.testing.assert_array_equal(restored["params"]["b"], np.ones(3))
+    _assert_trees_bit_equal(restored["key"], jax.random.key(5))
+    for leaf in jax.tree.leaves(restored["params"]):
+        assert leaf.sharding == jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
 class _Net(nnx.Module):

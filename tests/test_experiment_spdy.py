@@ -288,3 +288,32 @@ def test_cli_widths_and_families(capsys):
             cli.main([*argv, "--out", "x"])
         assert exc.value.code == 2
         assert match in capsys.readouterr().err
+
+
+def test_timing_clock_and_images():
+    from experiments.spdy.train import timing_clock, timing_images
+
+    assert jax.default_backend() == "cpu"
+    assert timing_clock(Config()) == "cpu"  # auto: process CPU time on the CPU backend
+    assert timing_clock(Config(timing_clock="wall")) == "wall"
+    x = np.arange(5 * 2).reshape(5, 2)
+    np.testing.assert_array_equal(timing_images(x, 3), x[:3])
+    tiled = timing_images(x, 12)  # more rows than images: cycled, not silently capped
+    assert tiled.shape == (12, 2)
+    np.testing.assert_array_equal(tiled[5:10], x)
+    np.testing.assert_array_equal(tiled[10:], x[:2])
+
+
+def test_cli_timing_flags(capsys):
+    from experiments.spdy import main as cli
+
+    args = cli.build_parser().parse_args(["--timing-batch", "8192", "--timing-clock", "wall"])
+    assert args.timing_batch == 8192 and args.timing_clock == "wall"
+    for argv, match in (
+        (["--timing-batch", "0"], "--timing-batch"),
+        (["--timing-clock", "gpu"], "--timing-clock: invalid choice"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            cli.main([*argv, "--out", "x"])
+        assert exc.value.code == 2
+        assert match in capsys.readouterr().err

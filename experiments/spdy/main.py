@@ -10,6 +10,7 @@ from experiments.cli import (
     check_dirs,
     comma_separated,
     non_negative_int,
+    positive_int,
     positive_ints,
     run_config,
 )
@@ -51,6 +52,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"option families to run (default all: {','.join(FAMILIES)})",
     )
+    parser.add_argument(
+        "--timing-batch",
+        type=positive_int,
+        default=None,
+        help="images per timed call (default 512; calibration images cycled past 1024); a GPU "
+        "needs thousands before its run time follows the work",
+    )
+    parser.add_argument(
+        "--timing-clock",
+        choices=("auto", "cpu", "wall"),
+        default=None,
+        help="clock of the timing tables and checks (default auto: process CPU time on the "
+        "CPU backend, wall time on an accelerator)",
+    )
     add_run_flags(parser, "runs/spdy")
     parser.add_argument(
         "--checkpoint",
@@ -68,7 +83,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--checkpoint: {args.checkpoint!r} is not a directory")
     config = (quick if args.quick else default).get_config()
     changes = {"progress": not args.no_progress}
-    for name in ("dataset", "seed", "widths", "families", "data_dir", "checkpoint"):
+    for name in (
+        "dataset",
+        "seed",
+        "widths",
+        "families",
+        "timing_batch",
+        "timing_clock",
+        "data_dir",
+        "checkpoint",
+    ):
         value = getattr(args, name)
         if value is not None:
             changes[name] = os.path.abspath(value) if name == "checkpoint" else value

@@ -96,6 +96,8 @@ __all__ = [
     "levels",
     "run",
     "summarize",
+    "timing_clock",
+    "timing_images",
     "write_checks_plot",
     "write_plot",
 ]
@@ -280,11 +282,26 @@ def _forward_logits(arch: fmodel.Arch):
     return lambda p, s, x: fmodel.forward(arch, p, s, x)[0]
 
 
+def timing_clock(config: Config) -> str:
+    """The clock of every timing in the run: ``config.timing_clock``, where ``"auto"`` is this
+    process's CPU time on the CPU backend and wall time on an accelerator (a host CPU clock
+    does not see the device's work)."""
+    if config.timing_clock != "auto":
+        return config.timing_clock
+    return "cpu" if jax.default_backend() == "cpu" else "wall"
+
+
+def timing_images(x: Any, batch: int) -> np.ndarray:
+    """The first ``batch`` rows of ``x``, cycled when ``batch > len(x)``."""
+    x = np.asarray(x)
+    return x[np.arange(batch) % len(x)]
+
+
 def _timing_kwargs(config: Config) -> dict[str, Any]:
     """``clock`` and ``compiler_options`` of every timing in the run."""
     single = config.timing_single_thread and jax.default_backend() == "cpu"
     return {
-        "clock": config.timing_clock,
+        "clock": timing_clock(config),
         "compiler_options": {"xla_cpu_multi_thread_eigen": False} if single else None,
     }
 
@@ -437,7 +454,7 @@ def _family_setup(family, arch, params, stats, taps, lv, config, cache) -> _Fami
         return _Family(names, table, cache["unstructured_db"], fns, scores, False)
     us = fmodel.units(arch)
     names = tuple(u.name for u in us)
-    x_time = taps["blocks/0/conv/kernel"][: config.timing_batch]
+    x_time = timing_images(taps["blocks/0/conv/kernel"], config.timing_batch)
     tables = {
         kind: _measured_table(arch, params, stats, x_time, lv, config, in_context=kind == "context")
         for kind in TABLE_KINDS
@@ -501,7 +518,7 @@ def _run_family(family, arch, params, stats, calib, test, lv, config, cache) -> 
         p = reconstruct(*db.stitch(params, choice), config.search_gap_epochs)
         return evaluate(p, stats, xc, yc, eb)[0]
 
-    x_time = jnp.asarray(xc[: config.timing_batch])
+    x_time = jnp.asarray(timing_images(xc, config.timing_batch))
     forward_fn = _forward_logits(arch)
     fixed = table.base - float(np.sum(table.dense_times()))
     out: dict[str, Any] = {
@@ -675,7 +692,8 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
         params, stats, test[0], test[1], config.eval_batch_size
     )
     lv = levels(config)
-    _, taps = fmodel.forward(arch, params, stats, jnp.asarray(calib[0][: config.timing_batch]))
+    x_time = jnp.asarray(timing_images(calib[0], config.timing_batch))
+    _, taps = fmodel.forward(arch, params, stats, x_time)
     results: dict[str, Any] = {
         "dense_accuracy": dense_acc,
         "dense_loss": dense_loss,
@@ -702,6 +720,8 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
         "jax": jax.__version__,
         "backend": jax.default_backend(),
         "devices": len(jax.devices()),
+        "device_kind": jax.devices()[0].device_kind,
+        "timing_clock": timing_clock(config),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),

@@ -51,14 +51,18 @@ class Config:
         - The unstructured families were within 1 point either way (experiments/spdy/RESULTS.md).
       families: the option families to run (subset of ``FAMILIES``, in that order).
       buckets: DP resolution (reference 10 000).
-      timing_batch, timing_repeats: batch size and (interleaved) repeats of the CPU timing
-        measurements (table and end-to-end checks).
+      timing_batch, timing_repeats: batch size and (interleaved) repeats of the timing
+        measurements (table and end-to-end checks). The timed batch is the calibration images,
+        tiled when ``timing_batch > calib_samples`` (a GPU needs batches of thousands before
+        its run time follows the work).
       structured_timing: which measured channel table the structured profiles use:
         ``"isolated"`` (each unit on its own at every width; conservative on this CPU) or
         ``"context"`` (each width as the paired change of the whole model's time); the other
         one is measured too and its predictions are reported beside.
       timing_clock: ``"cpu"`` (this process's CPU seconds: robust on a CPU shared with other
-        jobs) or ``"wall"``; both are recorded for the end-to-end checks.
+        jobs), ``"wall"``, or ``"auto"`` (the default: ``"cpu"`` on the CPU backend, ``"wall"``
+        on an accelerator, whose work a host CPU clock does not see); both clocks are recorded
+        for the end-to-end checks.
       timing_single_thread: compile the timed executables single-threaded
         (``xla_cpu_multi_thread_eigen=False``; CPU backend only), so CPU time is the work and
         no thread waits for a descheduled peer.
@@ -100,7 +104,7 @@ class Config:
     timing_batch: int = 512
     timing_repeats: int = 25
     structured_timing: str = "isolated"
-    timing_clock: str = "cpu"
+    timing_clock: str = "auto"
     timing_single_thread: bool = True
     eval_batch_size: int = 1000
     progress: bool = True
@@ -140,8 +144,10 @@ class Config:
             raise ValueError(
                 f"structured_timing must be 'isolated' or 'context', got {self.structured_timing!r}"
             )
-        if self.timing_clock not in ("cpu", "wall"):
-            raise ValueError(f"timing_clock must be 'cpu' or 'wall', got {self.timing_clock!r}")
+        if self.timing_clock not in ("auto", "cpu", "wall"):
+            raise ValueError(
+                f"timing_clock must be 'auto', 'cpu' or 'wall', got {self.timing_clock!r}"
+            )
         if not isinstance(self.timing_single_thread, bool):
             raise TypeError(
                 f"timing_single_thread must be a bool, got {self.timing_single_thread!r}"
