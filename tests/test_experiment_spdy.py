@@ -222,6 +222,10 @@ def test_input_channel_mask():
     np.testing.assert_array_equal(m.any(axis=(0, 1, 3)), [False, True, False, False])
     dense = input_channel_mask(np.ones((5, 3)), 0.0)
     assert dense.all()
+    # aligned counts: 0.75 of 16 keeps 4, rounded up to 8; the 8 largest channels survive
+    w16 = np.broadcast_to(np.arange(1.0, 17.0)[:, None], (16, 3))
+    m = input_channel_mask(w16, 0.75, multiple=8)
+    np.testing.assert_array_equal(m.any(axis=1), np.arange(16) >= 8)
     with pytest.raises(ValueError, match="sparsity"):
         input_channel_mask(w, 1.0)
     with pytest.raises(ValueError, match="scale"):
@@ -317,3 +321,23 @@ def test_cli_timing_flags(capsys):
             cli.main([*argv, "--out", "x"])
         assert exc.value.code == 2
         assert match in capsys.readouterr().err
+
+
+def test_kept_channels_and_channel_multiple():
+    from experiments.spdy.train import channel_multiple, kept_channels
+
+    assert [kept_channels(16, s) for s in (0.0, 0.4, 0.75, 0.99)] == [16, 10, 4, 1]
+    assert [kept_channels(16, s, 8) for s in (0.0, 0.4, 0.75, 0.99)] == [16, 16, 8, 8]
+    assert kept_channels(12, 0.1, 8) == 12  # never more than the layer has
+    assert channel_multiple(Config()) == 1  # auto on the CPU backend
+    assert channel_multiple(Config(channel_multiple=8)) == 8
+    for bad in (0, -8, 2.0, "8", True):
+        with pytest.raises(ValueError, match="channel_multiple must be 'auto' or a positive int"):
+            Config(channel_multiple=bad).validate()
+    from experiments.spdy import main as cli
+
+    assert cli.build_parser().parse_args(["--channel-multiple", "8"]).channel_multiple == 8
+    assert cli.build_parser().parse_args(["--speedups", "1.2,1.4"]).speedups == (1.2, 1.4)
+    for bad in ("1.0", "2,2", "x", "inf"):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(["--speedups", bad])

@@ -151,6 +151,48 @@ def test_matches_oracle_float64(problem):
     assert np.array_equal(sol3.choice, sol.choice) and float(sol3.cost) == float(sol.cost)
 
 
+def _solve_with_kernel(prep, costs, kernel, dtype=np.float64):
+    """One solve through the jitted kernel with an explicit per-layer step."""
+    with jax.enable_x64(True):
+        c = _dp._pad_costs(costs, prep._plan, np.dtype(dtype), batched=False)
+        return _dp._solve_jit(c, *prep._args(np.dtype(dtype)), width=prep.width, kernel=kernel)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ragged_problems())
+def test_gather_kernel_equals_loop_kernel_and_oracle(problem):
+    # "auto" runs the loop on CPU and the gather elsewhere: both must be the reference.
+    costs, times, lengths, budget_value, buckets = problem
+    rt, rc = _ragged(times, lengths), _ragged(costs, lengths)
+    try:
+        prep = _dp.prepare(rt, budget_value, buckets=buckets)
+    except spdy.InfeasibleBudgetError:
+        return
+    ref = oracle_solve(_as_lists(rc), rt, budget_value, buckets)
+    for kernel in ("loop", "gather"):
+        _assert_matches_oracle(_solve_with_kernel(prep, rc, kernel), ref)
+    ref32 = oracle_solve(_as_lists(rc), rt, budget_value, buckets, np.float32)
+    _assert_matches_oracle(_solve_with_kernel(prep, rc, "gather", np.float32), ref32)
+
+
+@needs_data
+def test_gather_kernel_batch_matches_oracle_on_rn50():
+    kept, errors, t = _reference_problem("rn50_unstr", 2.5)
+    prep = _dp.prepare(kept.times(), t)
+    rng = np.random.default_rng(2)
+    coefs = rng.uniform(size=(3, len(kept)))
+    costs = [[e * c for e, c in zip(errors, coef, strict=True)] for coef in coefs]
+    with jax.enable_x64(True):
+        padded = _dp._pad_costs(costs, prep._plan, np.dtype(np.float64), batched=True)
+        out = _dp._solve_batch_jit(
+            padded, *prep._args(np.dtype(np.float64)), width=prep.width, batch_size=None,
+            kernel="gather",
+        )  # fmt: skip
+    for i in range(3):
+        ref = oracle_solve(_as_lists(costs[i]), kept.times(), t)
+        _assert_matches_oracle(jax.tree.map(lambda x, i=i: x[i], out), ref)
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ragged_problems())
 def test_float32_matches_float32_oracle_and_is_near_optimal(problem):
@@ -261,13 +303,19 @@ def test_solve_batch_equals_single_solves_for_every_batch_size():
     times = rng.uniform(0.1, 1.0, size=(3, 4))
     costs = rng.uniform(size=(5, 3, 4))
     singles = [spdy.solve(c, times, 1.6, buckets=200, lengths=lengths) for c in costs]
-    for batch_size in (1, 3, None):
+    for batch_size in (1, 3, None, "auto"):
         out = spdy.solve_batch(costs, times, 1.6, buckets=200, lengths=lengths,
                                batch_size=batch_size)  # fmt: skip
         assert out.choice.shape == (5, 3)
         for i, s in enumerate(singles):
             assert np.array_equal(out.choice[i], s.choice)
             assert float(out.cost[i]) == float(s.cost)
+
+
+def test_solve_batch_rejects_bad_batch_size():
+    for bad in (0, -1, True, "all", 1.5):
+        with pytest.raises(ValueError, match="batch_size must be a positive int, None or 'auto'"):
+            spdy.solve_batch(np.ones((2, 1, 2)), np.array([[1.0, 0.5]]), 1.0, batch_size=bad)
 
 
 def test_vmap_and_jit_over_costs():

@@ -4,6 +4,7 @@ import json
 import os
 import warnings
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -403,3 +404,18 @@ def test_time_callables_clocks_and_order():
         time_callables([3])
     with pytest.raises(ValueError, match="repeats"):
         time_callables(calls, repeats=0)
+
+
+def test_time_callables_puts_numpy_arguments_on_the_device_once():
+    # Under a host-to-device transfer guard, any implicit copy of a NumPy argument by a timed
+    # call raises; the arguments must have been put on the device (explicitly) beforehand.
+    from jaxcompress.spdy import time_callables
+
+    w = np.ones((64, 64), np.float32)
+    calls = [(lambda a, b, s: (a @ b) * s, (w, {"b": w}["b"], 2.0))]
+    with jax.transfer_guard_host_to_device("disallow"):
+        (t,) = time_callables(calls, repeats=2, warmup=1)
+        table = spdy.measure(
+            {"l": lambda o: (lambda a: a * o, (np.ones(8, np.float32),))}, [1.0, 0.5], repeats=2
+        )
+    assert t.median > 0 and table.times()[0].shape == (2,)

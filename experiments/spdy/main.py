@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 from experiments.cli import (
@@ -16,6 +17,13 @@ from experiments.cli import (
 )
 from experiments.spdy.configs import default, quick
 from experiments.spdy.configs.base import DATASETS, FAMILIES
+
+_speedups = comma_separated(
+    float,
+    valid=lambda v: math.isfinite(v) and v > 1.0,
+    expected="distinct comma-separated speedups > 1 such as 1.5,2,3",
+    distinct=True,
+)
 
 _families = comma_separated(
     str,
@@ -53,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"option families to run (default all: {','.join(FAMILIES)})",
     )
     parser.add_argument(
+        "--speedups",
+        type=_speedups,
+        default=None,
+        help="modelled speedup targets (default 1.5,2,3)",
+    )
+    parser.add_argument(
         "--timing-batch",
         type=positive_int,
         default=None,
@@ -65,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="clock of the timing tables and checks (default auto: process CPU time on the "
         "CPU backend, wall time on an accelerator)",
+    )
+    parser.add_argument(
+        "--channel-multiple",
+        type=positive_int,
+        default=None,
+        help="channel units keep a multiple of this many channels (default: 1 on CPU, 8 on "
+        "an accelerator)",
     )
     add_run_flags(parser, "runs/spdy")
     parser.add_argument(
@@ -88,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         "seed",
         "widths",
         "families",
+        "speedups",
         "timing_batch",
         "timing_clock",
+        "channel_multiple",
         "data_dir",
         "checkpoint",
     ):

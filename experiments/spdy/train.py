@@ -91,8 +91,10 @@ from jaxcompress.spdy._search import search
 __all__ = [
     "FAMILIES",
     "METHODS",
+    "channel_multiple",
     "format_table",
     "input_channel_mask",
+    "kept_channels",
     "levels",
     "run",
     "summarize",
@@ -180,10 +182,28 @@ def _make_eval(arch: fmodel.Arch):
 # -------------------------------------------------------------------------- masks
 
 
+def kept_channels(channels: int, sparsity: float, multiple: int = 1) -> int:
+    """Channels a unit of ``channels`` keeps at ``sparsity``: ``keep_count`` rounded up to a
+    multiple of ``multiple`` (at most ``channels``). GPU convolutions run their fast
+    tensor-core kernels only on aligned channel counts: on an H100, narrowing units of this
+    experiment's CNN to unaligned counts made the whole model *slower* (experiments/spdy/
+    RESULTS.md)."""
+    k = keep_count(channels, sparsity)
+    return min(channels, -(-k // multiple) * multiple)
+
+
+def channel_multiple(config: Config) -> int:
+    """``config.channel_multiple``, where ``"auto"`` is 1 on the CPU backend and 8 elsewhere."""
+    if config.channel_multiple != "auto":
+        return config.channel_multiple
+    return 1 if jax.default_backend() == "cpu" else 8
+
+
 def input_channel_mask(
-    w: Any, option: Any, prev_mask: Any = None, *, scale: Any = None
+    w: Any, option: Any, prev_mask: Any = None, *, scale: Any = None, multiple: int = 1
 ) -> np.ndarray:
-    """Structured mask keeping ``ceil(C (1 - s))`` *input* channels (axis ``-2``) of ``w``.
+    """Structured mask keeping ``ceil(C (1 - s))`` *input* channels (axis ``-2``) of ``w``,
+    rounded up to a multiple of ``multiple`` (:func:`kept_channels`).
 
     Channel ``c`` is ranked by ``||w[..., c, :]||_2 * scale[c]``; with ``scale[c]`` the RMS of
     the layer's input channel ``c`` on calibration data, this bounds the channel's contribution
@@ -207,7 +227,7 @@ def input_channel_mask(
             raise ValueError(f"input_channel_mask: scale must have shape ({c},); got {scale.shape}")
         score = score * scale
     alive = np.ones(c, bool) if prev_mask is None else np.asarray(prev_mask, bool).any(axis=other)
-    keep = min(keep_count(c, s), int(alive.sum()))
+    keep = min(kept_channels(c, s, multiple), int(alive.sum()))
     order = np.argsort(-np.where(alive, score, -np.inf), kind="stable")
     chans = np.zeros(c, bool)
     chans[order[:keep]] = True
@@ -318,16 +338,20 @@ def _measured_table(arch, params, stats, x, lv, config, *, in_context: bool) -> 
     width = {
         u.name: params["blocks"][u.producer]["conv"]["kernel"].shape[-1] for u in fmodel.units(arch)
     }
+    multiple = channel_multiple(config)
 
     def builder_for(u: fmodel.Unit):
         fn = fmodel.unit_fn(arch, u)
         xin = taps[f"blocks/{u.producer}/conv/kernel"]
-        return lambda s: (fn, fmodel.unit_args(params, stats, u, xin, keep_count(width[u.name], s)))
+        return lambda s: (
+            fn,
+            fmodel.unit_args(params, stats, u, xin, kept_channels(width[u.name], s, multiple)),
+        )
 
     narrowed: dict[tuple[str, int], tuple] = {}
 
     def context(name, s):  # options with the same channel count share one timed model
-        k = keep_count(width[name], s)
+        k = kept_channels(width[name], s, multiple)
         if (name, k) not in narrowed:
             small = fmodel.narrow(arch, params, stats, {name: k})
             narrowed[(name, k)] = (forward_fn, (*small, x))
@@ -471,7 +495,9 @@ def _family_setup(family, arch, params, stats, taps, lv, config, cache) -> _Fami
                 {n: fns[n]},
                 {n: taps[n]},
                 lv,
-                mask_fn=functools.partial(input_channel_mask, scale=rms),
+                mask_fn=functools.partial(
+                    input_channel_mask, scale=rms, multiple=channel_multiple(config)
+                ),
                 seed=config.seed * 7919 + i,
                 **common,
             )
@@ -722,6 +748,7 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
         "devices": len(jax.devices()),
         "device_kind": jax.devices()[0].device_kind,
         "timing_clock": timing_clock(config),
+        "channel_multiple": channel_multiple(config),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -904,7 +931,8 @@ def write_checks_plot(results: dict[str, Any], path: str) -> None:
     ax0.set_xlabel("candidate")
     ax0.set_ylabel("best calibration loss / first")
     ax0.set_title("SPDY search (never increases)", fontsize=9)
-    ax0.legend(fontsize=6)
+    if ax0.lines:
+        ax0.legend(fontsize=6)
     pts, alt, kinds = [], [], set()
     for fam in results["families"].values():
         for target, entry in fam["targets"].items():

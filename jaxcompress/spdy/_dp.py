@@ -383,11 +383,19 @@ def _select_min(a, b):
     return jnp.where(a < b, a, b)
 
 
-def _forward(costs, group, slot_shift, num_pairs, span, *, width):
+def _forward(costs, group, slot_shift, num_pairs, span, *, width, kernel):
     """Value DP in window coordinates.
 
-    Returns ``(row0, rows)``: layer 0's row and the ``(L - 1, width)`` stack of the others
-    (kept apart to avoid copying the stack).
+    ``kernel`` picks the per-layer step: ``"loop"`` (a dynamic-trip-count loop over the
+    layer's distinct shifts, eight per fused step, on the shortest compiled prefix: few
+    operations, fast where an executable runs op by op on a core, i.e. CPU), ``"gather"`` (all
+    slots of the layer in one gather-add-min over the full width: one fused kernel per layer,
+    fast on accelerators, where each loop step is a kernel launch) or ``"auto"`` (``"loop"`` on
+    CPU, ``"gather"`` elsewhere, chosen at lowering by ``lax.platform_dependent``). All three
+    compute the same floating-point sums and take exact minima, so their rows are identical.
+
+    Returns ``(row0, rows, last)``: layer 0's row, the ``(L - 1, width)`` stack of the others
+    (kept apart to avoid copying the stack) and the last row.
     """
     dtype = costs.dtype
     num_slots = slot_shift.shape[1]
@@ -425,7 +433,21 @@ def _forward(costs, group, slot_shift, num_pairs, span, *, width):
 
             return branch
 
-        row = lax.switch(span, [on_prefix(size) for size in _spans(width)])
+        def loop():
+            return lax.switch(span, [on_prefix(size) for size in _spans(width)])
+
+        def gather():
+            # Padding slots have cost +inf and read the +inf region: they never win.
+            window = start[:, None] + jnp.arange(width, dtype=start.dtype)[None, :]
+            vals = padded.at[window].get(mode="promise_in_bounds")  # shifts are in [0, width]
+            return jnp.min(vals + cost[:, None], axis=0)
+
+        if kernel == "loop":
+            row = loop()
+        elif kernel == "gather":
+            row = gather()
+        else:
+            row = lax.platform_dependent(cpu=loop, default=gather)
         return row, row
 
     last, rows = lax.scan(layer, row0, (slot_cost[1:], slot_shift[1:], num_pairs[1:], span[1:]))
@@ -461,9 +483,11 @@ def _backtrack(row0, rows, last, costs, shift, valid_width):
 
 
 def _solve_one(
-    costs, times, shift, group, slot_shift, num_pairs, span, valid_width, offset, *, width
+    costs, times, shift, group, slot_shift, num_pairs, span, valid_width, offset, *, width, kernel
 ):
-    row0, rows, last = _forward(costs, group, slot_shift, num_pairs, span, width=width)
+    row0, rows, last = _forward(
+        costs, group, slot_shift, num_pairs, span, width=width, kernel=kernel
+    )
     choice, total, end = _backtrack(row0, rows, last, costs, shift, valid_width)
     feasible = jnp.isfinite(total)
     time = jnp.sum(jnp.take_along_axis(times.astype(costs.dtype), choice[:, None], 1))
@@ -476,16 +500,28 @@ def _solve_one(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("width",))
+@functools.partial(jax.jit, static_argnames=("width", "kernel"))
 def _solve_jit(
-    costs, times, shift, group, slot_shift, num_pairs, span, valid_width, offset, *, width
+    costs,
+    times,
+    shift,
+    group,
+    slot_shift,
+    num_pairs,
+    span,
+    valid_width,
+    offset,
+    *,
+    width,
+    kernel="auto",
 ):
     return _solve_one(
-        costs, times, shift, group, slot_shift, num_pairs, span, valid_width, offset, width=width
-    )
+        costs, times, shift, group, slot_shift, num_pairs, span, valid_width, offset,
+        width=width, kernel=kernel,
+    )  # fmt: skip
 
 
-@functools.partial(jax.jit, static_argnames=("width", "batch_size"))
+@functools.partial(jax.jit, static_argnames=("width", "batch_size", "kernel"))
 def _solve_batch_jit(
     costs,
     times,
@@ -499,6 +535,7 @@ def _solve_batch_jit(
     *,
     width,
     batch_size,
+    kernel="auto",
 ):
     one = functools.partial(
         _solve_one,
@@ -511,6 +548,7 @@ def _solve_batch_jit(
         valid_width=valid_width,
         offset=offset,
         width=width,
+        kernel=kernel,
     )
     if batch_size is None:
         return jax.vmap(one)(costs)
@@ -604,13 +642,17 @@ class PreparedDP:
         return _run(run, need_x64)
 
     def solve_batch(
-        self, costs: Any, *, dtype: Any = np.float64, batch_size: int | None = 1
+        self, costs: Any, *, dtype: Any = np.float64, batch_size: int | None | str = "auto"
     ) -> Solution:
         """Solve for ``N`` cost specs; see :func:`solve_batch`."""
+        if batch_size == "auto" and isinstance(batch_size, str):
+            batch_size = 1 if jax.default_backend() == "cpu" else None
         if batch_size is not None and (
             isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
         ):
-            raise ValueError(f"batch_size must be a positive int or None; got {batch_size!r}")
+            raise ValueError(
+                f"batch_size must be a positive int, None or 'auto'; got {batch_size!r}"
+            )
         dt, need_x64 = _resolve_dtype(dtype, jax.tree_util.tree_leaves(costs))
 
         def run():
@@ -751,7 +793,7 @@ def solve_batch(
     buckets: int = 10_000,
     lengths: Any = None,
     dtype: Any = np.float64,
-    batch_size: int | None = 1,
+    batch_size: int | None | str = "auto",
 ) -> Solution:
     """:func:`solve` for ``N`` cost vectors sharing one timing table and budget.
 
@@ -759,11 +801,12 @@ def solve_batch(
       costs: an ``(N, L, S)`` padded array, or a sequence of ``N`` cost specs each accepted by
         :func:`solve`.
       times, budget, buckets, lengths, dtype: as in :func:`solve`.
-      batch_size: solves vectorised together (``jax.lax.map`` over chunks of ``vmap``). The
-        default 1 runs them one after another inside one compiled loop, which is fastest on
-        CPU (a solve's rows stay in cache; a concrete NumPy batch is also split over one host
-        thread per core, up to 8); larger values suit accelerators. ``None`` vmaps
-        the whole batch at once (memory ``N * L * width`` floats).
+      batch_size: solves vectorised together (``jax.lax.map`` over chunks of ``vmap``). ``1``
+        runs them one after another inside one compiled loop, which is fastest on CPU (a
+        solve's rows stay in cache; a concrete NumPy batch is also split over one host thread
+        per core, up to 8). ``None`` vmaps the whole batch at once (memory ``N * L * width``
+        floats), which is fastest on an accelerator. The default ``"auto"`` is ``1`` on the CPU
+        backend and ``None`` elsewhere; an int ``k > 1`` vmaps chunks of ``k``.
 
     Returns:
       A :class:`Solution` whose fields have a leading ``N`` axis. ``feasible[i]`` is False only
