@@ -84,8 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--channel-multiple",
         type=positive_int,
         default=None,
-        help="channel units keep a multiple of this many channels (default: 1 on CPU, 8 on "
-        "an accelerator)",
+        help="channel units keep a multiple of this many channels (default 1)",
     )
     add_run_flags(parser, "runs/spdy")
     parser.add_argument(
