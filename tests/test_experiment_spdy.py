@@ -137,6 +137,20 @@ def test_run_writes_schema_and_files(tmp_path, monkeypatch, search_gap_epochs):
                     zip((8, 16), struct["layers"], strict=True)]  # fmt: skip
             assert e["channels"] == kept
     assert "measured_over_predicted" in results["summary"]["structured_measured"]
+    agree = results["summary"]["structured_measured"]["speedup_agreement"]
+    speedups = [
+        entry[m]["measured_over_modelled_speedup"]
+        for entry in struct["targets"].values()
+        if not entry.get("unreachable")
+        for m in METHODS
+        if not entry[m].get("infeasible")
+    ]
+    assert agree["min"] == min(speedups) and agree["max"] == max(speedups)
+    # drift cancels: (measured / predicted) / (dense now / base) == 1 / that ratio
+    e = struct["targets"]["1.2"]["spdy"]
+    assert e["measured_over_predicted_seconds"] / e["dense_over_base"] == pytest.approx(
+        1 / e["measured_over_modelled_speedup"]
+    )
     assert results["unstructured_cpu_check"]["masked_seconds"] > 0
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert (
