@@ -489,7 +489,18 @@ def _backtrack(row0, rows, last, costs, shift, valid_width):
 
 
 def _solve_one(
-    costs, times, shift, group, slot_shift, num_pairs, span, valid_width, offset, *, width, kernel
+    costs,
+    times,
+    shift,
+    group,
+    slot_shift,
+    num_pairs,
+    span,
+    valid_width,
+    offset,
+    *,
+    width,
+    kernel="auto",
 ):
     row0, rows, last = _forward(
         costs, group, slot_shift, num_pairs, span, width=width, kernel=kernel
@@ -506,56 +517,17 @@ def _solve_one(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("width", "kernel"))
-def _solve_jit(
-    costs,
-    times,
-    shift,
-    group,
-    slot_shift,
-    num_pairs,
-    span,
-    valid_width,
-    offset,
-    *,
-    width,
-    kernel="auto",
-):
-    return _solve_one(
-        costs, times, shift, group, slot_shift, num_pairs, span, valid_width, offset,
-        width=width, kernel=kernel,
-    )  # fmt: skip
+_solve_jit = jax.jit(_solve_one, static_argnames=("width", "kernel"))
 
 
 @functools.partial(jax.jit, static_argnames=("width", "batch_size", "kernel"))
-def _solve_batch_jit(
-    costs,
-    times,
-    shift,
-    group,
-    slot_shift,
-    num_pairs,
-    span,
-    valid_width,
-    offset,
-    *,
-    width,
-    batch_size,
-    kernel="auto",
-):
-    one = functools.partial(
-        _solve_one,
-        times=times,
-        shift=shift,
-        group=group,
-        slot_shift=slot_shift,
-        num_pairs=num_pairs,
-        span=span,
-        valid_width=valid_width,
-        offset=offset,
-        width=width,
-        kernel=kernel,
-    )
+def _solve_batch_jit(costs, *plan, width, batch_size, kernel="auto"):
+    """:func:`_solve_one` over the leading axis of ``costs``; ``plan`` is the rest of its
+    positional arguments (:meth:`PreparedDP._args`), shared by every solve."""
+
+    def one(c):
+        return _solve_one(c, *plan, width=width, kernel=kernel)
+
     if batch_size is None:
         return jax.vmap(one)(costs)
     return lax.map(one, costs, batch_size=None if batch_size == 1 else batch_size)
