@@ -55,6 +55,7 @@ def _tiny() -> Config:
         cnn_learning_rate=1e-2,
         cnn_targets=(0.4,),
         cnn_gain=0.3,
+        cnn_channel_multiple=2,
         cnn_multipliers=(0.5, 1.0),
         cnn_train_subset=None,
         cnn_test_subset=None,
@@ -134,6 +135,7 @@ def test_compressed_points_are_smaller_and_consistent(tiny_run):
         assert p["flops"] < dense  # the controller pruned
         widths = [p["widths"][f"blocks/{i}/gate/alpha"] for i in range(4)]
         assert all(1 <= w <= full for w, full in zip(widths, (8, 16, 16, 16), strict=True))
+        assert all(w % 2 == 0 for w in widths)  # cnn_channel_multiple=2
         assert p["active_flops_ratio_per_epoch"][-1] == pytest.approx(p["flops_ratio"], abs=1e-6)
         assert p["lambda_final"] > 0
     sst = results["sst2"]
@@ -238,6 +240,7 @@ def test_configs_validate():
         ({"tau": 1.0}, ValueError, "tau"),
         ({"cnn_gain": 0.0}, ValueError, "cnn_gain"),
         ({"cnn_lam0": 1e4}, ValueError, "cnn_lam0"),
+        ({"cnn_channel_multiple": 0}, ValueError, "cnn_channel_multiple"),
         ({"scale": "l2"}, ValueError, "scale must be"),
         ({"mlp_dataset": "cifar10"}, ValueError, "mlp_dataset"),
         ({"num_seeds": 0}, ValueError, "num_seeds"),

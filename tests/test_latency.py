@@ -317,7 +317,7 @@ def test_surrogate_penalty_rms_scale_is_scale_free():
         L.surrogate_penalty(graph, 1.0, scale="l2")
 
 
-def _toy(feedback):
+def _toy(feedback, multiple=1):
     sizes = {"a": 16, "b": 32, "c": 16}
     graph = L.LayerGraph(
         (
@@ -335,7 +335,7 @@ def _toy(feedback):
     }
     ctrl = L.lambda_controller(0.4 * graph.dense(), graph, lam0=0.01, gain=0.05)
     tx = optax.chain(
-        L.surrogate_penalty(graph, ctrl, feedback=feedback),
+        L.surrogate_penalty(graph, ctrl, feedback=feedback, multiple=multiple),
         optax.sgd(0.05),
         L.project_nonnegative(where=lambda path, leaf: True),
     )
@@ -367,6 +367,25 @@ def test_controller_with_active_feedback_reaches_the_real_flops_target():
     real = graph.macs(L.active_counts(params, graph)) / graph.dense()
     assert abs(float(real) - 0.4) < 0.03
     np.testing.assert_allclose(state.value, real, rtol=1e-6)
+
+
+def test_active_feedback_steers_the_cost_of_counts_rounded_to_a_multiple():
+    graph, params, state = _toy("active", multiple=2)
+    counts = L.active_counts(params, graph, multiple=2)
+    assert all(int(v) % 2 == 0 for v in counts.values())
+    real = graph.macs(counts) / graph.dense()
+    assert abs(float(real) - 0.4) < 0.04  # one step of 2 units of "b" is 0.056
+    np.testing.assert_allclose(state.value, real, rtol=1e-6)
+    odd = {"a": jnp.ones(16), "b": jnp.zeros(32).at[:5].set(1.0), "c": jnp.ones(16).at[3].set(0)}
+    assert {k: int(v) for k, v in L.active_counts(odd, graph, multiple=2).items()} == {
+        "a": 16, "b": 6, "c": 16,  # 5 -> 6; 15 -> 16
+    }  # fmt: skip
+    counts8 = jax.jit(lambda g: L.active_counts(g, graph, multiple={"b": 8}))(odd)
+    assert {k: int(v) for k, v in counts8.items()} == {"a": 16, "b": 8, "c": 15}
+    with pytest.raises(ValueError, match="multiple must be an int >= 1"):
+        L.surrogate_penalty(graph, 1.0, multiple=0)
+    with pytest.raises(ValueError, match="unknown gate groups"):
+        L.active_counts(params, graph, multiple={"z": 2})
 
 
 def test_pi_controller_update():

@@ -173,6 +173,75 @@ def test_threshold_removes_small_nonzero_gates():
     np.testing.assert_array_equal(L.kept_units(np.zeros(3)), [0])  # never empty
 
 
+def test_kept_units_rounds_up_to_a_multiple_with_the_largest_removed_gates():
+    a = np.array([0.0, 0.9, 0.0, 0.4, 3e-3, 0.2, 0.0, 0.0, 0.05, 0.0, 0.0])
+    np.testing.assert_array_equal(L.kept_units(a), [1, 3, 5, 8])
+    # 4 survive; 8 = 4 + the largest removed (3e-3 at 4) + the lowest-index zeros 0, 2, 6
+    np.testing.assert_array_equal(L.kept_units(a, multiple=8), [0, 1, 2, 3, 4, 5, 6, 8])
+    np.testing.assert_array_equal(L.kept_units(a, multiple=4), [1, 3, 5, 8])  # already one
+    assert len(L.kept_units(a, multiple=16)) == a.size  # capped at the group size
+    np.testing.assert_array_equal(L.kept_units(np.zeros(5), multiple=2), [0, 1])
+    for bad in (0, -8, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="multiple must be an int >= 1"):
+            L.kept_units(a, multiple=bad)
+
+
+@pytest.mark.parametrize("multiple", [4, {"blocks/1/gate/alpha": 8, "blocks/3/gate/alpha": 4}])
+def test_cnn_extraction_rounded_to_a_multiple_is_exact(multiple):
+    """Units added to reach a multiple have zero gates here: zero channels, same function."""
+    model = L.GatedCNN(1, 10, (6, 16, 8, 12), strides=(1, 2, 2, 1), rngs=nnx.Rngs(0))
+    _randomize_bn(model)
+    for _, node in nnx.iter_graph(model):  # BN outputs mostly above the ReLU, as after training
+        if isinstance(node, nnx.BatchNorm):
+            node.mean[...] = jnp.zeros_like(node.mean[...])
+            node.bias[...] = jnp.abs(node.bias[...]) + 0.5
+    values = _set_gates(model, zero_frac=0.6, seed=3)
+    x = jax.random.normal(jax.random.key(1), (4, 12, 12, 1))
+    out = L.extract(model, multiple=multiple, input_shape=(12, 12, 1))
+    multiples = (
+        dict.fromkeys(values, multiple)
+        if isinstance(multiple, int)
+        else {k: multiple.get(k, 1) for k in values}
+    )
+    for name, a in values.items():
+        plain = int(np.count_nonzero(a))
+        m = multiples[name]
+        assert out.widths[name] == min(a.size, -(-plain // m) * m)
+        assert set(L.kept_units(a)) <= set(out.kept[name])  # every surviving unit is kept
+    assert out.widths != _expected_widths(values)  # rounding added units
+    np.testing.assert_allclose(_fwd(out.model, x), _fwd(model, x), rtol=1e-5, atol=1e-5)
+    graph = L.cost_graph(model, (12, 12, 1))
+    counts = L.active_counts(values, graph, multiple=multiple)
+    assert {k: int(v) for k, v in counts.items()} == out.widths
+    # the fill channels are alive (non-zero BN scale) but read through zero weights, so the
+    # next layer's weights on them get a gradient and fine-tuning can use them
+    small = out.model
+    readers = [b.conv.kernel for b in small.blocks[1:]] + [small.head.kernel]
+    fills = 0
+    for i, block in enumerate(small.blocks):
+        dead = values[f"blocks/{i}/gate/alpha"][out.kept[f"blocks/{i}/gate/alpha"]] == 0
+        fills += int(dead.sum())
+        assert np.all(np.asarray(block.bn.scale[...])[dead] != 0)
+        w = np.asarray(readers[i][...])
+        assert np.all((w[:, :, dead] if w.ndim == 4 else w[dead]) == 0)
+    assert fills > 0
+    graphdef, params, rest = nnx.split(eval_view(small), nnx.Param, ...)
+
+    def loss(params):
+        return jnp.sum(nnx.merge(graphdef, params, rest)(x) ** 2)
+
+    grads = jax.grad(loss)(params)
+    trainable = []  # per fill channel: does the next layer's weight on it get a gradient?
+    for i in range(4):
+        dead = values[f"blocks/{i}/gate/alpha"][out.kept[f"blocks/{i}/gate/alpha"]] == 0
+        g = grads["blocks"][i + 1]["conv"]["kernel"] if i < 3 else grads["head"]["kernel"]
+        g = np.abs(np.asarray(g[...]))
+        per_channel = g.max(axis=(0, 1, 3)) if g.ndim == 4 else g.max(axis=1)
+        trainable += list(per_channel[dead] > 0)
+    assert len(trainable) == fills and all(trainable)
+    assert out.macs == graph.macs(out.widths) == L.count_macs(out.model, (12, 12, 1))
+
+
 def test_all_zero_group_keeps_one_unit_and_the_function():
     model = L.GatedMLP(8, (6,), 3, rngs=nnx.Rngs(0))
     model.gates[0].alpha[...] = jnp.zeros(6)
@@ -194,6 +263,12 @@ def test_extraction_errors():
         L.extract(model, gates={"gates/0/alpha": np.ones(5)})
     with pytest.raises(ValueError, match="tau"):
         L.extract(model, gates=good, tau=1.0)
+    with pytest.raises(ValueError, match="multiple must be an int >= 1, got 0"):
+        L.extract(model, gates=good, multiple=0)
+    with pytest.raises(ValueError, match=r"multiple\['gates/0/alpha'\] must be an int"):
+        L.extract(model, gates=good, multiple={"gates/0/alpha": 1.5})
+    with pytest.raises(ValueError, match=r"unknown gate groups \['blocks/0'\]"):
+        L.extract(model, gates=good, multiple={"blocks/0": 8})
     assert L.extract(model, gates=good).model.hidden == (6,)
     with pytest.raises(TypeError, match="extract supports"):
         L.extract(MLP(8, (6,), 3, rngs=nnx.Rngs(0)))

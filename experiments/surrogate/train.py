@@ -301,11 +301,14 @@ def _compress(
     finetune_epochs: int,
     schedule: Callable[[int], optax.Schedule],
     graph: L.LayerGraph | None = None,
+    multiple: int = 1,
 ) -> dict[str, Any]:
     """Penalised training towards ``target * reference_flops``, extraction, fine-tuning.
 
     ``schedule(offset)`` gives the learning rate of the task's budget from step ``offset``;
-    ``graph`` the cost graph to penalise and steer (default: the model's full graph).
+    ``graph`` the cost graph to penalise and steer (default: the model's full graph);
+    ``multiple`` the multiple every kept count is rounded up to, in the controller's feedback
+    and in extraction.
     """
     config = task.config
     graph = L.cost_graph(model, task.input_shape) if graph is None else graph
@@ -322,6 +325,7 @@ def _compress(
             p=config.p,
             feedback="active",
             tau=config.tau,
+            multiple=multiple,
             scale=config.scale if kind == "ratio" else "none",
         ),
         optax.adam(schedule(0)),
@@ -330,12 +334,12 @@ def _compress(
     active: list[float] = []
 
     def callback(epoch: int, record: dict[str, float], trained: nnx.Module) -> None:
-        counts = L.active_counts(L.gate_values(trained), graph, tau=config.tau)
+        counts = L.active_counts(L.gate_values(trained), graph, tau=config.tau, multiple=multiple)
         active.append(float(graph.macs(counts)) / reference_flops)
 
     history = task.fit(f"{key}_penalty", model, tx, penalty_epochs, callback=callback)
     gated_accuracy = task.accuracy(model)
-    extracted = L.extract(model, tau=config.tau, input_shape=task.input_shape)
+    extracted = L.extract(model, tau=config.tau, multiple=multiple, input_shape=task.input_shape)
     small = extracted.model
     before = task.accuracy(small)
     if finetune_epochs:
@@ -428,6 +432,7 @@ def _cnn_seed(config: Config, seed: int, data, out, bar) -> dict[str, Any]:
                 penalty_epochs=config.cnn_epochs - config.cnn_finetune_epochs,
                 finetune_epochs=config.cnn_finetune_epochs,
                 schedule=schedule,
+                multiple=config.cnn_channel_multiple,
             )
             methods[method].append(point)
     return _finish(task, methods, reference)

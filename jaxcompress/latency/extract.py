@@ -7,12 +7,16 @@ Nasery et al., arXiv:2306.05785 (spec 4.2, "Extraction"):
    :math:`\\alpha_j \\ge \\tau \\max_k \\alpha_k` and :math:`\\alpha_j > 0`, with
    :math:`\\tau = 10^{-2}` by default (a team choice: the paper's value is not verified); a
    group keeps at least its largest unit, so every layer keeps a width >= 1 (an all-zero group
-   keeps one unit whose folded gate is 0: the function is unchanged);
+   keeps one unit whose folded gate is 0: the function is unchanged); optionally
+   (``multiple``) round each kept count up to a multiple, e.g. 8, by also keeping the largest
+   removed gates, since odd channel counts run far slower on many backends;
 2. remove the other channels / neurons / heads / ranks / quantization levels;
 3. fold the surviving gates into the weights: into BatchNorm's ``scale``/``bias`` for the CNN
-   (gate after BN, before the ReLU), into the next layer's input rows for the MLP, the
-   attention output projection and ``mlp_out`` (gate after the activation), into ``v``'s rows
-   for a low-rank layer, into the level gains for the quantized layer;
+   (gate after BN, before the ReLU; a kept channel whose gate is 0 gets its layer's mean gate
+   and zero weights in the next layer instead, so that it can train again), into the next
+   layer's input rows for the MLP, the attention output projection and ``mlp_out`` (gate
+   after the activation), into ``v``'s rows for a low-rank layer, into the level gains for the
+   quantized layer;
 4. :func:`finetune` the result briefly;
 5. report the exact cost from the extracted shapes (:func:`jaxcompress.latency.count_macs`).
 
@@ -35,6 +39,7 @@ import optax
 from flax import nnx
 
 from jaxcompress.latency import gates as _g
+from jaxcompress.latency.surrogate import group_multiples, round_up_count
 from jaxcompress.models import MLP, SmallCNN, TransformerClassifier
 from jaxcompress.models._common import check_int_tuple, check_positive_int, check_rngs
 
@@ -217,13 +222,28 @@ def _check_tau(tau: Any) -> float:
     return float(tau)
 
 
-def kept_units(a: Any, tau: float = DEFAULT_TAU) -> np.ndarray:
+def kept_units(a: Any, tau: float = DEFAULT_TAU, multiple: int = 1) -> np.ndarray:
     """Sorted indices of the units that survive: ``a_j >= tau * max(a)`` and ``a_j > 0``; the
-    index of the largest gate if none does (so a layer never becomes empty)."""
+    index of the largest gate if none does (so a layer never becomes empty).
+
+    With ``multiple > 1`` the count is rounded up to a multiple of it (at most ``len(a)``) by
+    also keeping the largest of the removed gates (ties: lower index first). Kernels of many
+    backends run channel counts that are multiples of 8 much faster than odd ones (on XLA:CPU,
+    ``experiments/surrogate/RESULTS.md``); a kept unit whose gate is 0 is a zero channel, so
+    the extracted model computes the same function.
+    """
     tau = _check_tau(tau)
+    (multiple,) = group_multiples(multiple, ["a"]).values()
     a = np.asarray(a, np.float64)
     keep = np.flatnonzero((a >= tau * a.max()) & (a > 0))
-    return keep if keep.size else np.array([int(np.argmax(a))])
+    if not keep.size:
+        keep = np.array([int(np.argmax(a))])
+    extra = round_up_count(keep.size, multiple, a.size) - keep.size
+    if extra:
+        rest = np.setdiff1d(np.arange(a.size), keep)
+        order = rest[np.argsort(-a[rest], kind="stable")]
+        keep = np.sort(np.concatenate([keep, order[:extra]]))
+    return keep
 
 
 def _resolve_gates(model: nnx.Module, gates: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
@@ -326,11 +346,9 @@ def _copy_layernorm(dst: nnx.LayerNorm, src: nnx.LayerNorm):
             _set(getattr(dst, attr), _np(getattr(src, attr)))
 
 
-def _extract_cnn(model: _g.GatedCNN, gates, tau):
+def _extract_cnn(model: _g.GatedCNN, gates, keep):
     n = len(model.blocks)
-    kept = {
-        f"blocks/{i}/gate/alpha": kept_units(gates[f"blocks/{i}/gate/alpha"], tau) for i in range(n)
-    }
+    kept = {f"blocks/{i}/gate/alpha": keep(f"blocks/{i}/gate/alpha") for i in range(n)}
     widths = tuple(len(kept[f"blocks/{i}/gate/alpha"]) for i in range(len(model.blocks)))
     new = _blank(
         lambda: SmallCNN(
@@ -343,24 +361,41 @@ def _extract_cnn(model: _g.GatedCNN, gates, tau):
         )
     )
     prev = np.arange(model.in_channels)
+    prev_live = np.ones(model.in_channels, np.float32)
     for i, (src, dst) in enumerate(zip(model.blocks, new.blocks, strict=True)):
         full = gates[f"blocks/{i}/gate/alpha"]
         k = kept[f"blocks/{i}/gate/alpha"]
-        a = full[k] / (float(_g.gate_rms(full)) if src.normalize else 1.0)
-        _set(dst.conv.kernel, _np(src.conv.kernel)[:, :, prev][:, :, :, k])
+        a, live = _revive(full[k] / (float(_g.gate_rms(full)) if src.normalize else 1.0))
+        kernel = _np(src.conv.kernel)[:, :, prev][:, :, :, k] * prev_live[None, None, :, None]
+        _set(dst.conv.kernel, kernel)
         # gate after BN: a * (gamma * z_hat + beta) = (a gamma) z_hat + a beta
         _set(dst.bn.scale, _np(src.bn.scale)[k] * a)
         _set(dst.bn.bias, _np(src.bn.bias)[k] * a)
         _set(dst.bn.mean, _np(src.bn.mean)[k])
         _set(dst.bn.var, _np(src.bn.var)[k])
-        prev = k
-    _copy_linear(new.head, model.head, rows=prev)
+        prev, prev_live = k, live
+    _copy_linear(new.head, model.head, rows=prev, row_scale=prev_live)
     return new, kept
 
 
-def _extract_mlp(model: _g.GatedMLP, gates, tau):
+def _revive(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Kept CNN channels with a zero gate (rounding fill, or the one unit of an all-zero group).
+
+    Folding a 0 gate into BN would give a constant-zero channel that the ReLU never lets
+    train again. Instead it gets the mean of the layer's non-zero gates (1 if none) and the
+    next layer reads it through zero weights (``live`` = 0): the same function, and a channel
+    that fine-tuning can use (the next layer's weights get a gradient).
+    """
+    live = (a > 0).astype(np.float32)
+    if live.all():
+        return a, live
+    fill = float(a[a > 0].mean()) if live.any() else 1.0
+    return np.where(a > 0, a, fill).astype(a.dtype), live
+
+
+def _extract_mlp(model: _g.GatedMLP, gates, keep):
     n = len(model.hidden)
-    kept = {f"gates/{i}/alpha": kept_units(gates[f"gates/{i}/alpha"], tau) for i in range(n)}
+    kept = {f"gates/{i}/alpha": keep(f"gates/{i}/alpha") for i in range(n)}
     widths = tuple(len(kept[f"gates/{i}/alpha"]) for i in range(n))
     prev, prev_scale = np.arange(model.in_features), None
     if model.ranks is None:
@@ -373,7 +408,7 @@ def _extract_mlp(model: _g.GatedMLP, gates, tau):
         _copy_linear(dsts[-1], model.head, rows=prev, row_scale=prev_scale)
         return new, kept
     for i in range(n):
-        kept[f"layers/{i}/alpha"] = kept_units(gates[f"layers/{i}/alpha"], tau)
+        kept[f"layers/{i}/alpha"] = keep(f"layers/{i}/alpha")
     ranks = tuple(len(kept[f"layers/{i}/alpha"]) for i in range(n))
     new = _blank(
         lambda: FactorizedMLP(model.in_features, widths, ranks, model.num_classes, rngs=nnx.Rngs(0))
@@ -392,11 +427,11 @@ def _extract_mlp(model: _g.GatedMLP, gates, tau):
     return new, kept
 
 
-def _extract_transformer(model: _g.GatedTransformerClassifier, gates, tau):
+def _extract_transformer(model: _g.GatedTransformerClassifier, gates, keep):
     kept, heads, mlps = {}, [], []
     for i in range(model.num_layers):
         hk, fk = f"blocks/{i}/attn/head_gate/alpha", f"blocks/{i}/ffn_gate/alpha"
-        kept[hk], kept[fk] = kept_units(gates[hk], tau), kept_units(gates[fk], tau)
+        kept[hk], kept[fk] = keep(hk), keep(fk)
         heads.append(len(kept[hk]))
         mlps.append(len(kept[fk]))
     new = _blank(
@@ -433,8 +468,8 @@ def _extract_transformer(model: _g.GatedTransformerClassifier, gates, tau):
     return new, kept
 
 
-def _extract_lowrank(model: _g.LowRankLinear, gates, tau):
-    r = kept_units(gates["alpha"], tau)
+def _extract_lowrank(model: _g.LowRankLinear, gates, keep):
+    r = keep("alpha")
     new = _blank(
         lambda: FactorizedLinear(
             model.in_features,
@@ -451,8 +486,8 @@ def _extract_lowrank(model: _g.LowRankLinear, gates, tau):
     return new, {"alpha": r}
 
 
-def _extract_bits(model: _g.BitGatedDense, gates, tau):
-    k = kept_units(gates["alpha"], tau)
+def _extract_bits(model: _g.BitGatedDense, gates, keep):
+    k = keep("alpha")
     codes, steps = _g.residual_levels(model.kernel[...], model.levels)
     new = LevelDense(
         model.in_features,
@@ -483,6 +518,7 @@ def extract(
     *,
     gates: Mapping[str, Any] | nnx.State | None = None,
     tau: float = DEFAULT_TAU,
+    multiple: int | Mapping[str, int] = 1,
     input_shape: Sequence[int] | None = None,
 ) -> Extracted:
     """Threshold the gates, drop the removed units, fold the rest into the weights.
@@ -495,6 +531,11 @@ def extract(
         use instead of the model's own, e.g. from a checkpoint; names and shapes must match
         the model's (see :func:`~jaxcompress.latency.gates.gate_values`).
       tau: relative threshold (default ``1e-2``): keep ``alpha_j >= tau * max(alpha)``.
+      multiple: round every group's kept count up to a multiple of this int (at most the
+        group's size), or ``{group: int}`` for some groups (e.g. the channel groups of a CNN,
+        not 4 attention heads), keeping the largest removed gates (:func:`kept_units`). Pass
+        the same value to :func:`~jaxcompress.latency.surrogate_penalty` so a controller
+        steers the cost of the rounded model.
       input_shape: one example's shape; when given, ``macs`` is counted exactly from the
         extracted model (:func:`~jaxcompress.latency.count_macs`). For a :class:`LevelDense`
         that is its plain multiply-adds; the bit-weighted cost is
@@ -506,8 +547,8 @@ def extract(
 
     Raises:
       TypeError: an unsupported model.
-      ValueError: ``tau`` outside ``[0, 1)``; ``gates`` with missing/unexpected names or wrong
-        shapes; negative or non-finite gates.
+      ValueError: ``tau`` outside ``[0, 1)``; a bad ``multiple``; ``gates`` with
+        missing/unexpected names or wrong shapes; negative or non-finite gates.
     """
     tau = _check_tau(tau)
     fn = next((f for cls, f in _EXTRACTORS if isinstance(model, cls)), None)
@@ -516,7 +557,12 @@ def extract(
         raise TypeError(f"extract supports {supported}; got a {type(model).__name__}")
     values = _resolve_gates(model, gates)
     values = {k: np.asarray(v, np.float32) for k, v in values.items()}
-    new, kept = fn(model, values, tau)
+    multiples = group_multiples(multiple, values)
+
+    def keep(name: str) -> np.ndarray:
+        return kept_units(values[name], tau, multiples[name])
+
+    new, kept = fn(model, values, keep)
     new.eval()
     macs = None
     if input_shape is not None:

@@ -50,12 +50,14 @@ __all__ = [
     "LambdaController",
     "SurrogateState",
     "active_counts",
+    "group_multiples",
     "flops_regularizer",
     "l1_penalty",
     "lambda_controller",
     "latency_regularizer",
     "linear_ramp",
     "ratio",
+    "round_up_count",
     "surrogate_counts",
     "surrogate_macs",
     "surrogate_penalty",
@@ -84,6 +86,36 @@ def _check_tau(tau: Any) -> float:
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0 <= tau < 1:
         raise ValueError(f"tau must be a float in [0, 1), got {tau!r}")
     return float(tau)
+
+
+def group_multiples(multiple: Any, names: Any) -> dict[str, int]:
+    """``{group: m}``: the multiple each group's kept unit count is rounded up to.
+
+    ``multiple`` is one int >= 1 for every group, or a mapping ``{group: int >= 1}`` (groups
+    not named keep 1). Raises ``ValueError`` naming the bad value or the unknown groups.
+    """
+    names = list(names)
+
+    def check(name: str, m: Any) -> int:
+        if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1:
+            raise ValueError(f"multiple{name} must be an int >= 1, got {m!r}")
+        return int(m)
+
+    if isinstance(multiple, Mapping):
+        unknown = sorted(set(multiple) - set(names))
+        if unknown:
+            raise ValueError(f"multiple names unknown gate groups {unknown}; groups are {names}")
+        return {n: check(f"[{n!r}]", multiple.get(n, 1)) for n in names}
+    m = check("", multiple)
+    return dict.fromkeys(names, m)
+
+
+def round_up_count(count: Any, multiple: int, size: int) -> Any:
+    """``min(size, ceil(count / multiple) * multiple)`` (works on ints and traced arrays)."""
+    if multiple == 1:
+        return count
+    rounded = -(-count // multiple) * multiple
+    return jnp.minimum(rounded, size) if isinstance(rounded, jax.Array) else min(rounded, size)
 
 
 def ratio(a: jax.Array, p: float = DEFAULT_P, *, eps: float = DEFAULT_EPS) -> jax.Array:
@@ -136,17 +168,23 @@ def surrogate_counts(
 
 
 def active_counts(
-    gates: Mapping[str, jax.Array], graph: LayerGraph, *, tau: float = DEFAULT_TAU
+    gates: Mapping[str, jax.Array],
+    graph: LayerGraph,
+    *,
+    tau: float = DEFAULT_TAU,
+    multiple: int | Mapping[str, int] = 1,
 ) -> dict[str, jax.Array]:
     """Units that extraction keeps: ``alpha_j >= tau * max(alpha)`` and ``alpha_j > 0``, at
-    least 1 per group (the rule of :func:`jaxcompress.latency.extract.kept_units`)."""
+    least 1 per group, rounded up to ``multiple`` (capped at the group size): the rule of
+    :func:`jaxcompress.latency.extract.kept_units`."""
     _check_gates(gates, graph)
     tau = _check_tau(tau)
+    multiples = group_multiples(multiple, (n for n, _ in graph.groups))
     out = {}
-    for name, _ in graph.groups:
+    for name, size in graph.groups:
         a = jnp.asarray(gates[name])
         keep = (a >= tau * jnp.max(a)) & (a > 0)
-        out[name] = jnp.maximum(jnp.sum(keep), 1)
+        out[name] = round_up_count(jnp.maximum(jnp.sum(keep), 1), multiples[name], size)
     return out
 
 
@@ -378,6 +416,7 @@ def surrogate_penalty(
     eps: float = DEFAULT_EPS,
     feedback: str = "surrogate",
     tau: float = DEFAULT_TAU,
+    multiple: int | Mapping[str, int] = 1,
     scale: str = "none",
 ) -> optax.GradientTransformation:
     """Add :math:`\\lambda \\nabla_\\alpha R(\\alpha)` to the gate gradients (an optax transform).
@@ -404,6 +443,9 @@ def surrogate_penalty(
         the exact widths extraction would keep with threshold ``tau``; steers the real FLOPs,
         which the surrogate under-estimates when the surviving gates are unequal).
       tau: extraction threshold for ``feedback="active"``.
+      multiple: for ``feedback="active"``, the kept counts are rounded up as
+        ``extract(multiple=...)`` will round them (:func:`active_counts`), so a controller
+        steers the cost of the model extraction will return.
       scale: ``"none"`` (default: the gradient of the penalty) or ``"rms"``: each group's
         penalty gradient times the rms of its gates (held constant). The ratio is
         scale-invariant, so its gradient shrinks as :math:`1/\\|\\alpha_l\\|`: a group whose
@@ -426,6 +468,7 @@ def surrogate_penalty(
     tau = _check_tau(tau)
     graph = cost if isinstance(cost, LayerGraph) else cost.graph
     group_names = {n for n, _ in graph.groups}
+    multiples = group_multiples(multiple, (n for n, _ in graph.groups))
     if isinstance(strength, LambdaController):
         controller = strength
         schedule = None
@@ -444,7 +487,7 @@ def surrogate_penalty(
         return flops_regularizer(gates, graph, p=p, eps=eps)
 
     def active_ratio(gates):
-        counts = active_counts(gates, graph, tau=tau)
+        counts = active_counts(gates, graph, tau=tau, multiple=multiples)
         if isinstance(cost, LatencyModel):
             return cost.latency(counts) / cost.dense()
         return graph.macs(counts) / graph.dense()

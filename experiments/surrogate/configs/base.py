@@ -89,6 +89,12 @@ class Config:
         :math:`\\lambda \\leftarrow \\lambda e^{k (F - F^*)/F^*}` per step, with :math:`F` the
         cost at the widths extraction would keep (``feedback="active"``). It must be small
         against the ``gate_init / lr`` steps by which the real cost lags lambda.
+      cnn_channel_multiple: the surrogate and l1 models keep channel counts that are
+        multiples of this (``extract(multiple=...)``: the largest removed gates fill up to
+        the next multiple; the controller steers the rounded cost). XLA:CPU ran the extracted
+        CNNs with odd counts such as 13/31/13/128 up to 2x slower than FLOPs predict, and as
+        fast as FLOPs predict once rounded to multiples of 8 (RESULTS.md, "Latency"). The
+        default multipliers give multiples of 8 for the uniform models too. 1: no rounding.
       cnn_multipliers: uniform width multipliers; must contain 1.0 (the reference).
       cnn_train_subset, cnn_test_subset: random subsets (``None``: all).
 
@@ -155,6 +161,7 @@ class Config:
     cnn_targets: tuple[float, ...] = (0.5, 0.35, 0.2)
     cnn_lam0: float = 0.01
     cnn_gain: float = 0.005
+    cnn_channel_multiple: int = 8
     cnn_multipliers: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
     cnn_train_subset: int | None = None
     cnn_test_subset: int | None = None
@@ -222,6 +229,7 @@ class Config:
                 "eval_batch_size",
                 "cnn_epochs",
                 "cnn_batch_size",
+                "cnn_channel_multiple",
                 "sst2_d_model",
                 "sst2_num_heads",
                 "sst2_num_layers",
