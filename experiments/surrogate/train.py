@@ -302,13 +302,15 @@ def _compress(
     schedule: Callable[[int], optax.Schedule],
     graph: L.LayerGraph | None = None,
     multiple: int = 1,
+    steer_rounded: bool = True,
 ) -> dict[str, Any]:
     """Penalised training towards ``target * reference_flops``, extraction, fine-tuning.
 
     ``schedule(offset)`` gives the learning rate of the task's budget from step ``offset``;
     ``graph`` the cost graph to penalise and steer (default: the model's full graph);
-    ``multiple`` the multiple every kept count is rounded up to, in the controller's feedback
-    and in extraction.
+    ``multiple`` the multiple every kept count is rounded up to in extraction, and in the
+    controller's feedback too with ``steer_rounded`` (else the controller steers the cost of
+    the exact surviving counts).
     """
     config = task.config
     graph = L.cost_graph(model, task.input_shape) if graph is None else graph
@@ -325,7 +327,7 @@ def _compress(
             p=config.p,
             feedback="active",
             tau=config.tau,
-            multiple=multiple,
+            multiple=multiple if steer_rounded else 1,
             scale=config.scale if kind == "ratio" else "none",
         ),
         optax.adam(schedule(0)),
@@ -334,7 +336,9 @@ def _compress(
     active: list[float] = []
 
     def callback(epoch: int, record: dict[str, float], trained: nnx.Module) -> None:
-        counts = L.active_counts(L.gate_values(trained), graph, tau=config.tau, multiple=multiple)
+        counts = L.active_counts(
+            L.gate_values(trained), graph, tau=config.tau, multiple=multiple if steer_rounded else 1
+        )
         active.append(float(graph.macs(counts)) / reference_flops)
 
     history = task.fit(f"{key}_penalty", model, tx, penalty_epochs, callback=callback)
@@ -433,6 +437,7 @@ def _cnn_seed(config: Config, seed: int, data, out, bar) -> dict[str, Any]:
                 finetune_epochs=config.cnn_finetune_epochs,
                 schedule=schedule,
                 multiple=config.cnn_channel_multiple,
+                steer_rounded=config.cnn_steer_rounded,
             )
             methods[method].append(point)
     return _finish(task, methods, reference)

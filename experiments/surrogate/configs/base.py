@@ -95,6 +95,9 @@ class Config:
         CNNs with odd counts such as 13/31/13/128 up to 2x slower than FLOPs predict, and as
         fast as FLOPs predict once rounded to multiples of 8 (RESULTS.md, "Latency"). The
         default multipliers give multiples of 8 for the uniform models too. 1: no rounding.
+      cnn_steer_rounded: the lambda controller steers the cost of the rounded counts (the
+        model extraction returns); ``False``: the cost of the exact surviving counts, and
+        rounding adds its channels after the penalty phase.
       cnn_multipliers: uniform width multipliers; must contain 1.0 (the reference).
       cnn_train_subset, cnn_test_subset: random subsets (``None``: all).
 
@@ -162,6 +165,7 @@ class Config:
     cnn_lam0: float = 0.01
     cnn_gain: float = 0.005
     cnn_channel_multiple: int = 8
+    cnn_steer_rounded: bool = True
     cnn_multipliers: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
     cnn_train_subset: int | None = None
     cnn_test_subset: int | None = None
@@ -215,7 +219,12 @@ class Config:
             )
         if self.data_dir is not None and not isinstance(self.data_dir, str):
             raise TypeError(f"data_dir must be a str path or None, got {self.data_dir!r}")
-        for name in ("progress", "prune_during_training", "cnn_normalize_last_gates"):
+        for name in (
+            "progress",
+            "prune_during_training",
+            "cnn_normalize_last_gates",
+            "cnn_steer_rounded",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         check_ints(self, ("seed",), minimum=0)
