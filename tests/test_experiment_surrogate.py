@@ -261,6 +261,7 @@ def test_configs_validate():
         (["--seeds", "0"], "positive integer"),
         (["--cnn-epochs", "-1"], "positive integer"),
         (["--cnn-targets", "0.5,1.5"], "FLOPs fractions"),
+        (["--cnn-channel-multiple", "0"], "positive integer"),
         (["--cnn-epochs", "2"], "cnn_finetune_epochs"),
         (["--data-dir", "/nonexistent/dir"], "not a directory"),
     ],
@@ -274,7 +275,9 @@ def test_cli_rejects_bad_flags(argv, match, capsys):
 
 def test_cli_parses_flags():
     args = cli.build_parser().parse_args(
-        ["--quick", "--tasks", "cnn,mlp", "--seeds", "2", "--cnn-targets", "0.5,0.3", "--out", "x"]
-    )
+        ["--quick", "--tasks", "cnn,mlp", "--seeds", "2", "--cnn-targets", "0.5,0.3", "--out", "x",
+         "--cnn-channel-multiple", "8"]
+    )  # fmt: skip
     assert args.tasks == ("cnn", "mlp") and args.seeds == 2 and args.cnn_targets == (0.5, 0.3)
+    assert args.cnn_channel_multiple == 8
     assert args.quick and args.out == "x" and not args.no_progress

@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--cnn-targets", type=_targets, default=None, help="CNN FLOPs targets, e.g. 0.5,0.35,0.2"
     )
+    parser.add_argument(
+        "--cnn-channel-multiple",
+        type=positive_int,
+        default=None,
+        help="round the compressed CNNs' channel counts up to multiples of this (default 1)",
+    )
     parser.add_argument("--sst2-targets", type=_targets, default=None, help="SST-2 FLOPs targets")
     parser.add_argument("--mlp-targets", type=_targets, default=None, help="MLP FLOPs targets")
     add_run_flags(parser, "runs/surrogate")
@@ -88,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "sst2_epochs",
         "mlp_epochs",
         "cnn_targets",
+        "cnn_channel_multiple",
         "sst2_targets",
         "mlp_targets",
         "data_dir",
