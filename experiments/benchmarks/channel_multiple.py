@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import jaxcompress.latency as L
+from jaxcompress.latency.surrogate import round_up_count
 from jaxcompress.models import SmallCNN
 from jaxcompress.spdy import time_callables
 
@@ -44,7 +45,7 @@ INPUT = (28, 28, 1)
 
 
 def _round_up(widths, multiple, full=FULL):
-    return tuple(min(f, -(-w // multiple) * multiple) for w, f in zip(widths, full, strict=True))
+    return tuple(round_up_count(w, multiple, f) for w, f in zip(widths, full, strict=True))
 
 
 def profiles_from_results(path: str) -> dict[str, tuple[int, ...]]:

@@ -314,6 +314,7 @@ def _compress(
     """
     config = task.config
     graph = L.cost_graph(model, task.input_shape) if graph is None else graph
+    steered_multiple = multiple if steer_rounded else 1
     lam0 = getattr(config, f"{task.name}_lam0") if kind == "ratio" else config.l1_lam0
     gain = getattr(config, f"{task.name}_gain")
     controller = L.lambda_controller(
@@ -327,7 +328,7 @@ def _compress(
             p=config.p,
             feedback="active",
             tau=config.tau,
-            multiple=multiple if steer_rounded else 1,
+            multiple=steered_multiple,
             scale=config.scale if kind == "ratio" else "none",
         ),
         optax.adam(schedule(0)),
@@ -337,7 +338,7 @@ def _compress(
 
     def callback(epoch: int, record: dict[str, float], trained: nnx.Module) -> None:
         counts = L.active_counts(
-            L.gate_values(trained), graph, tau=config.tau, multiple=multiple if steer_rounded else 1
+            L.gate_values(trained), graph, tau=config.tau, multiple=steered_multiple
         )
         active.append(float(graph.macs(counts)) / reference_flops)
 

@@ -39,7 +39,7 @@ import optax
 from flax import nnx
 
 from jaxcompress.latency import gates as _g
-from jaxcompress.latency.surrogate import group_multiples, round_up_count
+from jaxcompress.latency.surrogate import check_multiple, group_multiples, round_up_count
 from jaxcompress.models import MLP, SmallCNN, TransformerClassifier
 from jaxcompress.models._common import check_int_tuple, check_positive_int, check_rngs
 
@@ -229,11 +229,11 @@ def kept_units(a: Any, tau: float = DEFAULT_TAU, multiple: int = 1) -> np.ndarra
     With ``multiple > 1`` the count is rounded up to a multiple of it (at most ``len(a)``) by
     also keeping the largest of the removed gates (ties: lower index first). Kernels of many
     backends run channel counts that are multiples of 8 much faster than odd ones (on XLA:CPU,
-    ``experiments/surrogate/RESULTS.md``); a kept unit whose gate is 0 is a zero channel, so
-    the extracted model computes the same function.
+    ``experiments/surrogate/RESULTS.md``); :func:`extract` folds a kept unit whose gate is 0
+    so that the extracted model computes the same function.
     """
     tau = _check_tau(tau)
-    (multiple,) = group_multiples(multiple, ["a"]).values()
+    multiple = check_multiple(multiple)
     a = np.asarray(a, np.float64)
     keep = np.flatnonzero((a >= tau * a.max()) & (a > 0))
     if not keep.size:

@@ -50,8 +50,9 @@ __all__ = [
     "LambdaController",
     "SurrogateState",
     "active_counts",
-    "group_multiples",
+    "check_multiple",
     "flops_regularizer",
+    "group_multiples",
     "l1_penalty",
     "lambda_controller",
     "latency_regularizer",
@@ -88,6 +89,13 @@ def _check_tau(tau: Any) -> float:
     return float(tau)
 
 
+def check_multiple(m: Any, what: str = "multiple") -> int:
+    """``m`` as an int >= 1, else a ``ValueError`` naming ``what`` and the value."""
+    if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1:
+        raise ValueError(f"{what} must be an int >= 1, got {m!r}")
+    return int(m)
+
+
 def group_multiples(multiple: Any, names: Any) -> dict[str, int]:
     """``{group: m}``: the multiple each group's kept unit count is rounded up to.
 
@@ -95,19 +103,12 @@ def group_multiples(multiple: Any, names: Any) -> dict[str, int]:
     not named keep 1). Raises ``ValueError`` naming the bad value or the unknown groups.
     """
     names = list(names)
-
-    def check(name: str, m: Any) -> int:
-        if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1:
-            raise ValueError(f"multiple{name} must be an int >= 1, got {m!r}")
-        return int(m)
-
     if isinstance(multiple, Mapping):
         unknown = sorted(set(multiple) - set(names))
         if unknown:
             raise ValueError(f"multiple names unknown gate groups {unknown}; groups are {names}")
-        return {n: check(f"[{n!r}]", multiple.get(n, 1)) for n in names}
-    m = check("", multiple)
-    return dict.fromkeys(names, m)
+        return {n: check_multiple(multiple.get(n, 1), f"multiple[{n!r}]") for n in names}
+    return dict.fromkeys(names, check_multiple(multiple))
 
 
 def round_up_count(count: Any, multiple: int, size: int) -> Any:
