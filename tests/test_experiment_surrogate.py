@@ -241,6 +241,7 @@ def test_configs_validate():
         ({"cnn_gain": 0.0}, ValueError, "cnn_gain"),
         ({"cnn_lam0": 1e4}, ValueError, "cnn_lam0"),
         ({"cnn_channel_multiple": 0}, ValueError, "cnn_channel_multiple"),
+        ({"cnn_rounding": "nearest"}, ValueError, "cnn_rounding must be one of"),
         ({"scale": "l2"}, ValueError, "scale must be"),
         ({"mlp_dataset": "cifar10"}, ValueError, "mlp_dataset"),
         ({"num_seeds": 0}, ValueError, "num_seeds"),
@@ -262,6 +263,7 @@ def test_configs_validate():
         (["--cnn-epochs", "-1"], "positive integer"),
         (["--cnn-targets", "0.5,1.5"], "FLOPs fractions"),
         (["--cnn-channel-multiple", "0"], "positive integer"),
+        (["--cnn-rounding", "down"], "invalid choice"),
         (["--cnn-epochs", "2"], "cnn_finetune_epochs"),
         (["--data-dir", "/nonexistent/dir"], "not a directory"),
     ],
@@ -276,8 +278,8 @@ def test_cli_rejects_bad_flags(argv, match, capsys):
 def test_cli_parses_flags():
     args = cli.build_parser().parse_args(
         ["--quick", "--tasks", "cnn,mlp", "--seeds", "2", "--cnn-targets", "0.5,0.3", "--out", "x",
-         "--cnn-channel-multiple", "8"]
+         "--cnn-channel-multiple", "8", "--cnn-rounding", "budget"]
     )  # fmt: skip
     assert args.tasks == ("cnn", "mlp") and args.seeds == 2 and args.cnn_targets == (0.5, 0.3)
-    assert args.cnn_channel_multiple == 8
+    assert args.cnn_channel_multiple == 8 and args.cnn_rounding == "budget"
     assert args.quick and args.out == "x" and not args.no_progress

@@ -242,6 +242,58 @@ def test_cnn_extraction_rounded_to_a_multiple_is_exact(multiple):
     assert out.macs == graph.macs(out.widths) == L.count_macs(out.model, (12, 12, 1))
 
 
+def _mlp_with_gates(g0, g1):
+    model = L.GatedMLP(8, (16, 16), 3, rngs=nnx.Rngs(0))
+    model.gates[0].alpha[...] = jnp.asarray(g0, jnp.float32)
+    model.gates[1].alpha[...] = jnp.asarray(g1, jnp.float32)
+    return model
+
+
+def test_budget_rounding_drops_the_cheapest_gate_mass_per_mac():
+    """Hand-computed: MLP 8 -> 16 -> 16 -> 3 costs 8 h0 + h0 h1 + 3 h1 = 432 MACs at (16, 16).
+    Lowering h0 to 8 saves 192 MACs, h1 to 8 saves 152; the greedy step takes the smaller
+    (dropped relative gate mass) / (MACs saved)."""
+    big, small = np.ones(8), np.full(8, 0.25)
+    # h0's 8 smallest relative gates sum to 4 (4/192 = 0.021), h1's to 2 (2/152 = 0.013)
+    model = _mlp_with_gates(np.r_[big, np.full(8, 0.5)], np.r_[big, small])
+    out = L.extract(model, multiple=8, max_macs=400, input_shape=(8,))
+    assert out.model.hidden == (16, 8) and out.macs == 280
+    np.testing.assert_array_equal(out.kept["gates/1/alpha"], np.arange(8))  # the largest 8
+    # the other way round: h0 is now the cheaper gate mass per MAC saved
+    model = _mlp_with_gates(np.r_[big, small], np.r_[big, np.full(8, 0.9)])
+    out = L.extract(model, multiple=8, max_macs=400, input_shape=(8,))
+    assert out.model.hidden == (8, 16) and out.macs == 240
+    # a budget the rounded-up model already meets changes nothing
+    plain = L.extract(model, multiple=8, input_shape=(8,))
+    loose = L.extract(model, multiple=8, max_macs=plain.macs, input_shape=(8,))
+    assert loose.widths == plain.widths
+    for name in plain.kept:
+        np.testing.assert_array_equal(loose.kept[name], plain.kept[name])
+
+
+def test_budget_rounding_meets_every_budget_on_a_cnn():
+    model = L.GatedCNN(1, 10, (32, 64, 64, 128), strides=(2, 2, 2, 1), rngs=nnx.Rngs(0))
+    values = _set_gates(model, zero_frac=0.55, seed=4)
+    graph = L.cost_graph(model, (28, 28, 1))
+    rounded = L.extract(model, multiple=8, input_shape=(28, 28, 1))
+    assert rounded.macs > graph.macs(_expected_widths(values))  # rounding up adds cost
+    cheapest = graph.macs(dict.fromkeys(values, 8))  # every layer at 8 channels
+    for budget in (0.3 * graph.dense(), 0.15 * graph.dense(), 0.08 * graph.dense(), cheapest):
+        out = L.extract(model, multiple=8, max_macs=budget, input_shape=(28, 28, 1))
+        assert out.macs <= budget and out.macs == graph.macs(out.widths)
+        for name, a in values.items():
+            assert out.widths[name] % 8 == 0 and out.widths[name] <= rounded.widths[name]
+            kept = out.kept[name]
+            # the kept units are the largest gates of the group
+            assert a[kept].min() >= np.delete(a, kept).max(initial=0.0)
+    with pytest.raises(ValueError, match="cheapest model with these multiples"):
+        L.extract(model, multiple=8, max_macs=cheapest - 1, input_shape=(28, 28, 1))
+    counts = L.fit_counts_to_budget(
+        values, graph, rounded.widths, dict.fromkeys(values, 8), 0.1 * graph.dense()
+    )
+    assert graph.macs(counts) <= 0.1 * graph.dense()
+
+
 def test_all_zero_group_keeps_one_unit_and_the_function():
     model = L.GatedMLP(8, (6,), 3, rngs=nnx.Rngs(0))
     model.gates[0].alpha[...] = jnp.zeros(6)
@@ -269,6 +321,11 @@ def test_extraction_errors():
         L.extract(model, gates=good, multiple={"gates/0/alpha": 1.5})
     with pytest.raises(ValueError, match=r"unknown gate groups \['blocks/0'\]"):
         L.extract(model, gates=good, multiple={"blocks/0": 8})
+    for bad in (0, -5.0, float("nan"), True, "100"):
+        with pytest.raises(ValueError, match="max_macs must be a positive finite number"):
+            L.extract(model, gates=good, max_macs=bad, input_shape=(8,))
+    with pytest.raises(ValueError, match="max_macs needs input_shape"):
+        L.extract(model, gates=good, max_macs=100)
     assert L.extract(model, gates=good).model.hidden == (6,)
     with pytest.raises(TypeError, match="extract supports"):
         L.extract(MLP(8, (6,), 3, rngs=nnx.Rngs(0)))

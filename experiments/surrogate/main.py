@@ -13,7 +13,7 @@ from experiments.cli import (
     run_config,
 )
 from experiments.surrogate.configs import default, quick
-from experiments.surrogate.configs.base import IMAGE_DATASETS, TASKS
+from experiments.surrogate.configs.base import CNN_ROUNDINGS, IMAGE_DATASETS, TASKS
 
 _tasks = comma_separated(
     str,
@@ -71,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="round the compressed CNNs' channel counts up to multiples of this (default 1)",
     )
+    parser.add_argument(
+        "--cnn-rounding",
+        choices=CNN_ROUNDINGS,
+        default=None,
+        help="how rounding meets the FLOPs target: the controller steers the rounded cost "
+        "(steer, default), extraction rounds up after steering exact counts (extract), or "
+        "rounds within the target (budget)",
+    )
     parser.add_argument("--sst2-targets", type=_targets, default=None, help="SST-2 FLOPs targets")
     parser.add_argument("--mlp-targets", type=_targets, default=None, help="MLP FLOPs targets")
     add_run_flags(parser, "runs/surrogate")
@@ -95,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         "mlp_epochs",
         "cnn_targets",
         "cnn_channel_multiple",
+        "cnn_rounding",
         "sst2_targets",
         "mlp_targets",
         "data_dir",

@@ -302,19 +302,21 @@ def _compress(
     schedule: Callable[[int], optax.Schedule],
     graph: L.LayerGraph | None = None,
     multiple: int = 1,
-    steer_rounded: bool = True,
+    rounding: str = "steer",
 ) -> dict[str, Any]:
     """Penalised training towards ``target * reference_flops``, extraction, fine-tuning.
 
     ``schedule(offset)`` gives the learning rate of the task's budget from step ``offset``;
     ``graph`` the cost graph to penalise and steer (default: the model's full graph);
-    ``multiple`` the multiple every kept count is rounded up to in extraction, and in the
-    controller's feedback too with ``steer_rounded`` (else the controller steers the cost of
-    the exact surviving counts).
+    ``multiple`` the multiple every kept count is rounded to in extraction; ``rounding``
+    (``Config.cnn_rounding``) whether the controller steers the rounded cost (``"steer"``)
+    or the exact surviving counts, with extraction rounding up (``"extract"``) or within the
+    target (``"budget"``).
     """
     config = task.config
     graph = L.cost_graph(model, task.input_shape) if graph is None else graph
-    steered_multiple = multiple if steer_rounded else 1
+    steered_multiple = multiple if rounding == "steer" else 1
+    max_macs = target * reference_flops if rounding == "budget" and multiple > 1 else None
     lam0 = getattr(config, f"{task.name}_lam0") if kind == "ratio" else config.l1_lam0
     gain = getattr(config, f"{task.name}_gain")
     controller = L.lambda_controller(
@@ -344,7 +346,9 @@ def _compress(
 
     history = task.fit(f"{key}_penalty", model, tx, penalty_epochs, callback=callback)
     gated_accuracy = task.accuracy(model)
-    extracted = L.extract(model, tau=config.tau, multiple=multiple, input_shape=task.input_shape)
+    extracted = L.extract(
+        model, tau=config.tau, multiple=multiple, max_macs=max_macs, input_shape=task.input_shape
+    )
     small = extracted.model
     before = task.accuracy(small)
     if finetune_epochs:
@@ -438,7 +442,7 @@ def _cnn_seed(config: Config, seed: int, data, out, bar) -> dict[str, Any]:
                 finetune_epochs=config.cnn_finetune_epochs,
                 schedule=schedule,
                 multiple=config.cnn_channel_multiple,
-                steer_rounded=config.cnn_steer_rounded,
+                rounding=config.cnn_rounding,
             )
             methods[method].append(point)
     return _finish(task, methods, reference)

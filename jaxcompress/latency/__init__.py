@@ -12,7 +12,8 @@ CVPRW 2024, arXiv:2306.05785).
   (``p = 2``), the FLOPs and latency regularisers, the l1 baseline, lambda schedules and a
   controller, and :func:`surrogate_penalty` (the regulariser as an optax transform).
 * :mod:`~jaxcompress.latency.extract`: threshold (``tau = 1e-2``), remove, fold, return a
-  plain smaller model; :func:`measure_latency`, :func:`finetune`, uniform-width baselines.
+  plain smaller model (optionally with counts rounded to a multiple, within a MAC budget:
+  :func:`fit_counts_to_budget`); :func:`measure_latency`, :func:`finetune`, uniform-width baselines.
 
 Reconstructed choices (spec 4.2 items (a)-(d); the paper body was not available), each an
 option with this default:
@@ -59,6 +60,7 @@ from jaxcompress.latency.extract import (
     SlimTransformerClassifier,
     extract,
     finetune,
+    fit_counts_to_budget,
     kept_units,
     measure_latency,
     scale_width,
@@ -129,6 +131,7 @@ __all__ = [
     "dense_macs",
     "extract",
     "finetune",
+    "fit_counts_to_budget",
     "flops_regularizer",
     "gate_effective",
     "gate_rms",

@@ -9,7 +9,9 @@ Nasery et al., arXiv:2306.05785 (spec 4.2, "Extraction"):
    group keeps at least its largest unit, so every layer keeps a width >= 1 (an all-zero group
    keeps one unit whose folded gate is 0: the function is unchanged); optionally
    (``multiple``) round each kept count up to a multiple, e.g. 8, by also keeping the largest
-   removed gates, since odd channel counts run far slower on many backends;
+   removed gates, since odd channel counts run far slower on many backends; with a cost
+   ceiling (``max_macs``) too, lower the rounded counts to smaller multiples, dropping the
+   smallest kept gates, until the model fits (:func:`fit_counts_to_budget`);
 2. remove the other channels / neurons / heads / ranks / quantization levels;
 3. fold the surviving gates into the weights: into BatchNorm's ``scale``/``bias`` for the CNN
    (gate after BN, before the ReLU; a kept channel whose gate is 0 gets its layer's mean gate
@@ -52,6 +54,7 @@ __all__ = [
     "SlimTransformerClassifier",
     "extract",
     "finetune",
+    "fit_counts_to_budget",
     "kept_units",
     "measure_latency",
     "scale_width",
@@ -244,6 +247,83 @@ def kept_units(a: Any, tau: float = DEFAULT_TAU, multiple: int = 1) -> np.ndarra
         order = rest[np.argsort(-a[rest], kind="stable")]
         keep = np.sort(np.concatenate([keep, order[:extra]]))
     return keep
+
+
+def _top_units(a: np.ndarray, count: int) -> np.ndarray:
+    """Sorted indices of the ``count`` largest entries of ``a`` (ties: lower index first)."""
+    return np.sort(np.argsort(-a, kind="stable")[:count])
+
+
+def fit_counts_to_budget(
+    values: Mapping[str, Any],
+    graph: Any,
+    counts: Mapping[str, int],
+    multiples: Mapping[str, int],
+    max_macs: float,
+) -> dict[str, int]:
+    """Lower ``counts`` in steps of each group's multiple until ``graph.macs(counts) <= max_macs``.
+
+    Rounding kept counts *up* to a multiple (:func:`kept_units`) adds cost the controller did
+    not steer: up to ``multiple - 1`` units per group, 25% more MACs at a 0.2 target on the
+    surrogate experiment's CNN. This spends that cost back greedily. Each step lowers one
+    group ``g`` to its next smaller multiple (never below ``min(multiple, size)``), the group
+    whose step drops the least gate mass per MAC saved:
+
+    .. math:: g^* = \\arg\\min_g
+              \\frac{\\sum_{j \\in \\text{dropped}_g} \\alpha_{g,j} / \\max_k \\alpha_{g,k}}
+              {\\text{MACs}(c) - \\text{MACs}(c - \\delta_g)},
+
+    with the dropped units the smallest kept gates. Gates are compared relative to their
+    group's largest, as the extraction threshold is, since a group followed by a
+    normalisation has no scale of its own. Zero gates (fill units) go first; ties go to the
+    larger saving.
+
+    Args:
+      values: ``{group: gate values}``.
+      graph: the model's :class:`~jaxcompress.latency.LayerGraph` (``graph.macs(counts)``).
+      counts: ``{group: count}`` to start from (e.g. the rounded-up kept counts); groups the
+        graph does not reference are returned unchanged.
+      multiples: ``{group: multiple}``.
+      max_macs: the cost ceiling.
+
+    Returns:
+      ``{group: count}`` with ``graph.macs(counts) <= max_macs``.
+
+    Raises:
+      ValueError: no counts with these multiples fit ``max_macs`` (the message gives the
+        cheapest reachable cost).
+    """
+    counts = {k: int(v) for k, v in counts.items()}
+    sizes = dict(graph.groups)
+    ranked = {}
+    for name in sizes:
+        a = np.asarray(values[name], np.float64).ravel()
+        top = a.max()
+        ranked[name] = -np.sort(-(a / top if top > 0 else a))  # relative gates, descending
+    cost = float(graph.macs(counts))
+    while cost > max_macs:
+        best = None
+        for name, size in sizes.items():
+            m, c = multiples[name], counts[name]
+            lower = -(-c // m) * m - m  # next multiple below c (c itself may be the size)
+            if lower < min(m, size):
+                continue
+            trial = {**counts, name: lower}
+            saved = cost - float(graph.macs(trial))
+            if saved <= 0:
+                continue
+            lost = float(ranked[name][lower:c].sum())
+            key = (lost / saved, -saved)
+            if best is None or key < best[0]:
+                best = (key, name, lower, cost - saved)
+        if best is None:
+            raise ValueError(
+                f"max_macs={max_macs!r} is below the cheapest model with these multiples "
+                f"({cost:.0f} MACs at counts {counts})"
+            )
+        _, name, lower, cost = best
+        counts[name] = lower
+    return counts
 
 
 def _resolve_gates(model: nnx.Module, gates: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
@@ -519,6 +599,7 @@ def extract(
     gates: Mapping[str, Any] | nnx.State | None = None,
     tau: float = DEFAULT_TAU,
     multiple: int | Mapping[str, int] = 1,
+    max_macs: float | None = None,
     input_shape: Sequence[int] | None = None,
 ) -> Extracted:
     """Threshold the gates, drop the removed units, fold the rest into the weights.
@@ -536,6 +617,12 @@ def extract(
         not 4 attention heads), keeping the largest removed gates (:func:`kept_units`). Pass
         the same value to :func:`~jaxcompress.latency.surrogate_penalty` so a controller
         steers the cost of the rounded model.
+      max_macs: optional cost ceiling (needs ``input_shape``): after rounding up, lower
+        counts to smaller multiples, dropping the smallest kept gates, until the model's
+        MACs (``cost_graph(model, input_shape)``) are at most this
+        (:func:`fit_counts_to_budget`). Dropped units with non-zero gates change the
+        function; fine-tune afterwards. Use it with a controller that steers the exact
+        counts, to get both a hard budget and hardware-friendly widths.
       input_shape: one example's shape; when given, ``macs`` is counted exactly from the
         extracted model (:func:`~jaxcompress.latency.count_macs`). For a :class:`LevelDense`
         that is its plain multiply-adds; the bit-weighted cost is
@@ -547,10 +634,22 @@ def extract(
 
     Raises:
       TypeError: an unsupported model.
-      ValueError: ``tau`` outside ``[0, 1)``; a bad ``multiple``; ``gates`` with
-        missing/unexpected names or wrong shapes; negative or non-finite gates.
+      ValueError: ``tau`` outside ``[0, 1)``; a bad ``multiple``; ``max_macs`` not a positive
+        number, given without ``input_shape``, or below the cheapest rounded model;
+        ``gates`` with missing/unexpected names or wrong shapes; negative or non-finite
+        gates.
     """
     tau = _check_tau(tau)
+    if max_macs is not None:
+        if (
+            isinstance(max_macs, bool)
+            or not isinstance(max_macs, numbers.Real)
+            or not math.isfinite(float(max_macs))
+            or max_macs <= 0
+        ):
+            raise ValueError(f"max_macs must be a positive finite number, got {max_macs!r}")
+        if input_shape is None:
+            raise ValueError("max_macs needs input_shape (to count the model's MACs)")
     fn = next((f for cls, f in _EXTRACTORS if isinstance(model, cls)), None)
     if fn is None:
         supported = ", ".join(c.__name__ for c, _ in _EXTRACTORS)
@@ -559,8 +658,21 @@ def extract(
     values = {k: np.asarray(v, np.float32) for k, v in values.items()}
     multiples = group_multiples(multiple, values)
 
+    kept_by_rule = {n: kept_units(v, tau, multiples[n]) for n, v in values.items()}
+    if max_macs is not None:
+        from jaxcompress.latency.cost import cost_graph
+
+        counts = fit_counts_to_budget(
+            values,
+            cost_graph(model, input_shape),
+            {n: len(k) for n, k in kept_by_rule.items()},
+            multiples,
+            float(max_macs),
+        )
+        kept_by_rule = {n: _top_units(values[n], c) for n, c in counts.items()}
+
     def keep(name: str) -> np.ndarray:
-        return kept_units(values[name], tau, multiples[name])
+        return kept_by_rule[name]
 
     new, kept = fn(model, values, keep)
     new.eval()
