@@ -57,6 +57,7 @@ def _tiny() -> Config:
         cnn_gain=0.3,
         cnn_channel_multiple=2,
         cnn_rounding="budget",
+        cnn_budget_criterion="loss",
         cnn_multipliers=(0.5, 1.0),
         cnn_train_subset=None,
         cnn_test_subset=None,
@@ -246,6 +247,7 @@ def test_configs_validate():
         ({"cnn_lam0": 1e4}, ValueError, "cnn_lam0"),
         ({"cnn_channel_multiple": 0}, ValueError, "cnn_channel_multiple"),
         ({"cnn_rounding": "nearest"}, ValueError, "cnn_rounding must be one of"),
+        ({"cnn_budget_criterion": "mass"}, ValueError, "cnn_budget_criterion must be one of"),
         ({"scale": "l2"}, ValueError, "scale must be"),
         ({"mlp_dataset": "cifar10"}, ValueError, "mlp_dataset"),
         ({"num_seeds": 0}, ValueError, "num_seeds"),
@@ -282,8 +284,10 @@ def test_cli_rejects_bad_flags(argv, match, capsys):
 def test_cli_parses_flags():
     args = cli.build_parser().parse_args(
         ["--quick", "--tasks", "cnn,mlp", "--seeds", "2", "--cnn-targets", "0.5,0.3", "--out", "x",
-         "--cnn-channel-multiple", "8", "--cnn-rounding", "budget"]
+         "--cnn-channel-multiple", "8", "--cnn-rounding", "budget", "--cnn-budget-criterion",
+         "loss"]
     )  # fmt: skip
     assert args.tasks == ("cnn", "mlp") and args.seeds == 2 and args.cnn_targets == (0.5, 0.3)
     assert args.cnn_channel_multiple == 8 and args.cnn_rounding == "budget"
+    assert args.cnn_budget_criterion == "loss"
     assert args.quick and args.out == "x" and not args.no_progress

@@ -271,6 +271,41 @@ def test_budget_rounding_drops_the_cheapest_gate_mass_per_mac():
         np.testing.assert_array_equal(loose.kept[name], plain.kept[name])
 
 
+def test_budget_rounding_with_a_loss_criterion():
+    # gate mass says drop h1 (see above); a loss that only cares about h1 says drop h0
+    big, small = np.ones(8), np.full(8, 0.25)
+    model = _mlp_with_gates(np.r_[big, np.full(8, 0.5)], np.r_[big, small])
+    calls = []
+
+    def loss(kept):
+        calls.append({k: len(v) for k, v in kept.items()})
+        return 16.0 - len(kept["gates/1/alpha"])
+
+    out = L.extract(model, multiple=8, max_macs=400, budget_loss=loss, input_shape=(8,))
+    assert out.model.hidden == (8, 16) and out.macs == 240
+    assert calls[0] == {"gates/0/alpha": 16, "gates/1/alpha": 16}  # the start, then one per group
+    assert len(calls) == 3
+
+
+def test_calibration_loss_is_the_extracted_models_loss():
+    model = L.GatedCNN(1, 10, (8, 16, 16, 24), strides=(2, 2, 2, 1), rngs=nnx.Rngs(0))
+    _randomize_bn(model)
+    values = _set_gates(model, zero_frac=0.0, seed=5)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(32, 12, 12, 1)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, 32))
+    loss = L.calibration_loss(model, x, y)
+    kept = {k: np.sort(rng.permutation(v.size)[: v.size // 2]) for k, v in values.items()}
+    masked = {k: np.where(np.isin(np.arange(v.size), kept[k]), v, 0) for k, v in values.items()}
+    small = L.extract(model, gates=masked).model
+    expected = optax.softmax_cross_entropy_with_integer_labels(_fwd(small, x), y).mean()
+    np.testing.assert_allclose(loss(kept), float(expected), rtol=1e-5)
+    everything = {k: np.arange(v.size) for k, v in values.items()}
+    full = optax.softmax_cross_entropy_with_integer_labels(_fwd(model, x), y).mean()
+    np.testing.assert_allclose(loss(everything), float(full), rtol=1e-5)
+    assert L.gate_values(model)["blocks/0/gate/alpha"].min() > 0  # the model is not changed
+
+
 def test_budget_rounding_meets_every_budget_on_a_cnn():
     model = L.GatedCNN(1, 10, (32, 64, 64, 128), strides=(2, 2, 2, 1), rngs=nnx.Rngs(0))
     values = _set_gates(model, zero_frac=0.55, seed=4)
@@ -326,6 +361,8 @@ def test_extraction_errors():
             L.extract(model, gates=good, max_macs=bad, input_shape=(8,))
     with pytest.raises(ValueError, match="max_macs needs input_shape"):
         L.extract(model, gates=good, max_macs=100)
+    with pytest.raises(ValueError, match="budget_loss must be a callable and needs max_macs"):
+        L.extract(model, gates=good, budget_loss=lambda kept: 0.0)
     assert L.extract(model, gates=good).model.hidden == (6,)
     with pytest.raises(TypeError, match="extract supports"):
         L.extract(MLP(8, (6,), 3, rngs=nnx.Rngs(0)))

@@ -13,7 +13,12 @@ from experiments.cli import (
     run_config,
 )
 from experiments.surrogate.configs import default, quick
-from experiments.surrogate.configs.base import CNN_ROUNDINGS, IMAGE_DATASETS, TASKS
+from experiments.surrogate.configs.base import (
+    BUDGET_CRITERIA,
+    CNN_ROUNDINGS,
+    IMAGE_DATASETS,
+    TASKS,
+)
 
 _tasks = comma_separated(
     str,
@@ -79,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(steer, default), extraction rounds up after steering exact counts (extract), or "
         "rounds within the target (budget)",
     )
+    parser.add_argument(
+        "--cnn-budget-criterion",
+        choices=BUDGET_CRITERIA,
+        default=None,
+        help="what budget rounding drops first: least relative gate mass (gates, default) or "
+        "least calibration-loss increase (loss) per MAC saved",
+    )
     parser.add_argument("--sst2-targets", type=_targets, default=None, help="SST-2 FLOPs targets")
     parser.add_argument("--mlp-targets", type=_targets, default=None, help="MLP FLOPs targets")
     add_run_flags(parser, "runs/surrogate")
@@ -104,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         "cnn_targets",
         "cnn_channel_multiple",
         "cnn_rounding",
+        "cnn_budget_criterion",
         "sst2_targets",
         "mlp_targets",
         "data_dir",

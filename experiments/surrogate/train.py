@@ -109,6 +109,7 @@ SST2_ACCURACY_TOLERANCE = 0.01  # "<= 1 point accuracy drop"
 CNN_FLOPS_ADVANTAGE = 1.2
 SST2_REDUCTION = 0.4
 LATENCY_TOLERANCE = 0.25
+CALIBRATION_EXAMPLES = 2048  # training images scoring the steps of cnn_budget_criterion="loss"
 
 UNITS = (
     "flops: multiply-adds per example of the convolutions and matrix products, counted from "
@@ -346,8 +347,18 @@ def _compress(
 
     history = task.fit(f"{key}_penalty", model, tx, penalty_epochs, callback=callback)
     gated_accuracy = task.accuracy(model)
+    budget_loss = None
+    if max_macs is not None and config.cnn_budget_criterion == "loss":
+        pick = np.random.default_rng(task.seed).permutation(task.train.x.shape[0])
+        pick = np.sort(pick[:CALIBRATION_EXAMPLES])
+        budget_loss = L.calibration_loss(model, task.train.x[pick], task.train.y[pick])
     extracted = L.extract(
-        model, tau=config.tau, multiple=multiple, max_macs=max_macs, input_shape=task.input_shape
+        model,
+        tau=config.tau,
+        multiple=multiple,
+        max_macs=max_macs,
+        budget_loss=budget_loss,
+        input_shape=task.input_shape,
     )
     small = extracted.model
     before = task.accuracy(small)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -54,6 +54,7 @@ __all__ = [
     "SlimTransformerClassifier",
     "extract",
     "finetune",
+    "calibration_loss",
     "fit_counts_to_budget",
     "kept_units",
     "measure_latency",
@@ -260,6 +261,8 @@ def fit_counts_to_budget(
     counts: Mapping[str, int],
     multiples: Mapping[str, int],
     max_macs: float,
+    *,
+    loss: Callable[[Mapping[str, np.ndarray]], float] | None = None,
 ) -> dict[str, int]:
     """Lower ``counts`` in steps of each group's multiple until ``graph.macs(counts) <= max_macs``.
 
@@ -278,6 +281,11 @@ def fit_counts_to_budget(
     normalisation has no scale of its own. Zero gates (fill units) go first; ties go to the
     larger saving.
 
+    Gate mass is a poor proxy where a narrow layer is a bottleneck. With ``loss`` (e.g.
+    :func:`calibration_loss`: the loss on a calibration batch with only the kept units on),
+    the numerator is the measured loss increase of the step instead, as SPDY measures its
+    per-layer errors; each step then costs one loss evaluation per group.
+
     Args:
       values: ``{group: gate values}``.
       graph: the model's :class:`~jaxcompress.latency.LayerGraph` (``graph.macs(counts)``).
@@ -285,6 +293,7 @@ def fit_counts_to_budget(
         graph does not reference are returned unchanged.
       multiples: ``{group: multiple}``.
       max_macs: the cost ceiling.
+      loss: optional ``loss({group: kept unit indices}) -> float``; see above.
 
     Returns:
       ``{group: count}`` with ``graph.macs(counts) <= max_macs``.
@@ -301,6 +310,11 @@ def fit_counts_to_budget(
         top = a.max()
         ranked[name] = -np.sort(-(a / top if top > 0 else a))  # relative gates, descending
     cost = float(graph.macs(counts))
+
+    def kept(c: Mapping[str, int]) -> dict[str, np.ndarray]:
+        return {n: _top_units(np.asarray(values[n]).ravel(), k) for n, k in c.items()}
+
+    current = None if loss is None else float(loss(kept(counts)))
     while cost > max_macs:
         best = None
         for name, size in sizes.items():
@@ -312,18 +326,67 @@ def fit_counts_to_budget(
             saved = cost - float(graph.macs(trial))
             if saved <= 0:
                 continue
-            lost = float(ranked[name][lower:c].sum())
+            if loss is None:
+                lost, trial_loss = float(ranked[name][lower:c].sum()), None
+            else:
+                trial_loss = float(loss(kept(trial)))
+                lost = trial_loss - current
             key = (lost / saved, -saved)
             if best is None or key < best[0]:
-                best = (key, name, lower, cost - saved)
+                best = (key, name, lower, cost - saved, trial_loss)
         if best is None:
             raise ValueError(
                 f"max_macs={max_macs!r} is below the cheapest model with these multiples "
                 f"({cost:.0f} MACs at counts {counts})"
             )
-        _, name, lower, cost = best
+        _, name, lower, cost, current = best
         counts[name] = lower
     return counts
+
+
+def calibration_loss(model: nnx.Module, x: Any, y: Any) -> Callable[[Mapping[str, Any]], float]:
+    """``loss(kept) -> float``: the mean cross-entropy of ``model`` (eval mode) on the batch
+    ``(x, y)`` with only the ``kept`` units of every gate group on (the other gates set to 0),
+    for :func:`fit_counts_to_budget` and ``extract(budget_loss=...)``.
+
+    Zeroed gates give the function of the extracted model (extraction is exact for zero
+    gates), so this is the loss a step of budget fitting would cost, without building the
+    smaller model: one compiled executable serves every call.
+
+    Args:
+      model: a gated model (its gates are read, not changed).
+      x, y: a calibration batch: inputs and integer labels.
+    """
+    view = nnx.view(model, deterministic=True, use_running_average=True, raise_if_not_found=False)
+    graphdef, gates, rest = nnx.split(view, _g.Gate, ...)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(gates)
+    names = [_g.path_str(path) for path, _ in leaves]
+    softplus = {
+        name: var.get_metadata().get("parametrization", "identity") == "softplus"
+        for name, var in zip(
+            names, jax.tree_util.tree_leaves(gates, is_leaf=_g._is_var), strict=True
+        )
+    }
+    sizes = {name: int(np.size(value)) for name, (_, value) in zip(names, leaves, strict=True)}
+    x, y = jnp.asarray(x), jnp.asarray(y)
+
+    @jax.jit
+    def masked_loss(masks, gates, rest):
+        raw = jax.tree_util.tree_leaves(gates)
+        off = [-jnp.inf if softplus[n] else 0.0 for n in names]
+        new = [jnp.where(m, v, o) for m, v, o in zip(masks, raw, off, strict=True)]
+        logits = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, new), rest)(x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    def loss(kept: Mapping[str, Any]) -> float:
+        masks = []
+        for name in names:
+            mask = np.zeros(sizes[name], bool)
+            mask[np.asarray(kept[name], np.int64)] = True
+            masks.append(jnp.asarray(mask))
+        return float(masked_loss(masks, gates, rest))
+
+    return loss
 
 
 def _resolve_gates(model: nnx.Module, gates: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
@@ -600,6 +663,7 @@ def extract(
     tau: float = DEFAULT_TAU,
     multiple: int | Mapping[str, int] = 1,
     max_macs: float | None = None,
+    budget_loss: Callable[[Mapping[str, np.ndarray]], float] | None = None,
     input_shape: Sequence[int] | None = None,
 ) -> Extracted:
     """Threshold the gates, drop the removed units, fold the rest into the weights.
@@ -623,6 +687,9 @@ def extract(
         (:func:`fit_counts_to_budget`). Dropped units with non-zero gates change the
         function; fine-tune afterwards. Use it with a controller that steers the exact
         counts, to get both a hard budget and hardware-friendly widths.
+      budget_loss: optional criterion for ``max_macs`` fitting: ``loss({group: kept
+        indices})``, e.g. :func:`calibration_loss` on a batch of training data. By default
+        the smallest relative gate mass is dropped per MAC saved.
       input_shape: one example's shape; when given, ``macs`` is counted exactly from the
         extracted model (:func:`~jaxcompress.latency.count_macs`). For a :class:`LevelDense`
         that is its plain multiply-adds; the bit-weighted cost is
@@ -650,6 +717,11 @@ def extract(
             raise ValueError(f"max_macs must be a positive finite number, got {max_macs!r}")
         if input_shape is None:
             raise ValueError("max_macs needs input_shape (to count the model's MACs)")
+    if budget_loss is not None and (max_macs is None or not callable(budget_loss)):
+        raise ValueError(
+            f"budget_loss must be a callable and needs max_macs, got budget_loss={budget_loss!r}, "
+            f"max_macs={max_macs!r}"
+        )
     fn = next((f for cls, f in _EXTRACTORS if isinstance(model, cls)), None)
     if fn is None:
         supported = ", ".join(c.__name__ for c, _ in _EXTRACTORS)
@@ -668,6 +740,7 @@ def extract(
             {n: len(k) for n, k in kept_by_rule.items()},
             multiples,
             float(max_macs),
+            loss=budget_loss,
         )
         kept_by_rule = {n: _top_units(values[n], c) for n, c in counts.items()}
 

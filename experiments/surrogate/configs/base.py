@@ -11,6 +11,7 @@ from experiments.oneshot.configs.base import check_ints, check_widths, is_real
 TASKS = ("cnn", "sst2", "mlp")
 IMAGE_DATASETS = ("fashion_mnist", "mnist", "digits")
 CNN_ROUNDINGS = ("steer", "extract", "budget")
+BUDGET_CRITERIA = ("gates", "loss")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +110,9 @@ class Config:
         order for l1 (91.71 / 91.35 / 91.02% at targets 0.5 / 0.35 / 0.2), but it cut the
         surrogate's narrow block 2 to 8 channels at target 0.2 (89.69%, against 90.22% with
         ``"steer"``), so ``"steer"`` stays the default.
+      cnn_budget_criterion: what ``"budget"`` rounding drops first: ``"gates"`` (least
+        relative gate mass per MAC saved) or ``"loss"`` (least loss increase per MAC saved on
+        2,048 training images, :func:`jaxcompress.latency.calibration_loss`).
       cnn_multipliers: uniform width multipliers; must contain 1.0 (the reference).
       cnn_train_subset, cnn_test_subset: random subsets (``None``: all).
 
@@ -177,6 +181,7 @@ class Config:
     cnn_gain: float = 0.005
     cnn_channel_multiple: int = 1
     cnn_rounding: str = "steer"
+    cnn_budget_criterion: str = "gates"
     cnn_multipliers: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
     cnn_train_subset: int | None = None
     cnn_test_subset: int | None = None
@@ -339,6 +344,11 @@ class Config:
             raise ValueError(
                 f"sst2_d_model must be divisible by sst2_num_heads={self.sst2_num_heads}, got "
                 f"{self.sst2_d_model!r}"
+            )
+        if self.cnn_budget_criterion not in BUDGET_CRITERIA:
+            raise ValueError(
+                f"cnn_budget_criterion must be one of {BUDGET_CRITERIA}, got "
+                f"{self.cnn_budget_criterion!r}"
             )
         if self.cnn_rounding not in CNN_ROUNDINGS:
             raise ValueError(
