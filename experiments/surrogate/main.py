@@ -81,15 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=CNN_ROUNDINGS,
         default=None,
         help="how rounding meets the FLOPs target: the controller steers the rounded cost "
-        "(steer, default), extraction rounds up after steering exact counts (extract), or "
-        "rounds within the target (budget)",
+        "(steer), extraction rounds up after steering exact counts (extract), or rounds "
+        "within the target (budget, default)",
     )
     parser.add_argument(
         "--cnn-budget-criterion",
         choices=BUDGET_CRITERIA,
         default=None,
-        help="what budget rounding drops first: least relative gate mass (gates, default) or "
-        "least calibration-loss increase (loss) per MAC saved",
+        help="what budget rounding drops first: least calibration-loss increase (loss, "
+        "default) or least relative gate mass (gates) per MAC saved",
     )
     parser.add_argument("--sst2-targets", type=_targets, default=None, help="SST-2 FLOPs targets")
     parser.add_argument("--mlp-targets", type=_targets, default=None, help="MLP FLOPs targets")
