@@ -52,9 +52,9 @@ __all__ = [
     "FactorizedMLP",
     "LevelDense",
     "SlimTransformerClassifier",
+    "calibration_loss",
     "extract",
     "finetune",
-    "calibration_loss",
     "fit_counts_to_budget",
     "kept_units",
     "measure_latency",
@@ -304,15 +304,18 @@ def fit_counts_to_budget(
     """
     counts = {k: int(v) for k, v in counts.items()}
     sizes = dict(graph.groups)
-    ranked = {}
-    for name in sizes:
-        a = np.asarray(values[name], np.float64).ravel()
-        top = a.max()
-        ranked[name] = -np.sort(-(a / top if top > 0 else a))  # relative gates, descending
+    gates = {n: np.asarray(values[n], np.float64).ravel() for n in counts}
+    order = {n: np.argsort(-a, kind="stable") for n, a in gates.items()}  # largest first
     cost = float(graph.macs(counts))
 
     def kept(c: Mapping[str, int]) -> dict[str, np.ndarray]:
-        return {n: _top_units(np.asarray(values[n]).ravel(), k) for n, k in c.items()}
+        return {n: np.sort(order[n][:k]) for n, k in c.items()}
+
+    def relative_mass(name: str, lo: int, hi: int) -> float:
+        """Sum of the gates ranked ``lo .. hi - 1``, relative to the group's largest."""
+        a = gates[name]
+        top = a.max()
+        return float(a[order[name][lo:hi]].sum() / (top if top > 0 else 1.0))
 
     current = None if loss is None else float(loss(kept(counts)))
     while cost > max_macs:
@@ -327,7 +330,7 @@ def fit_counts_to_budget(
             if saved <= 0:
                 continue
             if loss is None:
-                lost, trial_loss = float(ranked[name][lower:c].sum()), None
+                lost, trial_loss = relative_mass(name, lower, c), None
             else:
                 trial_loss = float(loss(kept(trial)))
                 lost = trial_loss - current
@@ -370,10 +373,11 @@ def calibration_loss(model: nnx.Module, x: Any, y: Any) -> Callable[[Mapping[str
     sizes = {name: int(np.size(value)) for name, (_, value) in zip(names, leaves, strict=True)}
     x, y = jnp.asarray(x), jnp.asarray(y)
 
+    off = [-jnp.inf if softplus[n] else 0.0 for n in names]  # the stored value of a 0 gate
+
     @jax.jit
     def masked_loss(masks, gates, rest):
         raw = jax.tree_util.tree_leaves(gates)
-        off = [-jnp.inf if softplus[n] else 0.0 for n in names]
         new = [jnp.where(m, v, o) for m, v, o in zip(masks, raw, off, strict=True)]
         logits = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, new), rest)(x)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
