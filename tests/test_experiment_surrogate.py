@@ -270,6 +270,7 @@ def test_configs_validate():
         (["--cnn-targets", "0.5,1.5"], "FLOPs fractions"),
         (["--cnn-channel-multiple", "0"], "positive integer"),
         (["--cnn-rounding", "down"], "invalid choice"),
+        (["--scale", "max"], "invalid choice"),
         (["--cnn-epochs", "2"], "cnn_finetune_epochs"),
         (["--data-dir", "/nonexistent/dir"], "not a directory"),
     ],
@@ -285,9 +286,9 @@ def test_cli_parses_flags():
     args = cli.build_parser().parse_args(
         ["--quick", "--tasks", "cnn,mlp", "--seeds", "2", "--cnn-targets", "0.5,0.3", "--out", "x",
          "--cnn-channel-multiple", "8", "--cnn-rounding", "budget", "--cnn-budget-criterion",
-         "loss"]
+         "loss", "--scale", "rms"]
     )  # fmt: skip
     assert args.tasks == ("cnn", "mlp") and args.seeds == 2 and args.cnn_targets == (0.5, 0.3)
     assert args.cnn_channel_multiple == 8 and args.cnn_rounding == "budget"
-    assert args.cnn_budget_criterion == "loss"
+    assert args.cnn_budget_criterion == "loss" and args.scale == "rms"
     assert args.quick and args.out == "x" and not args.no_progress

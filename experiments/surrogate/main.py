@@ -91,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="what budget rounding drops first: least calibration-loss increase (loss, "
         "default) or least relative gate mass (gates) per MAC saved",
     )
+    parser.add_argument(
+        "--scale",
+        choices=("none", "rms"),
+        default=None,
+        help="push of the l1/l2 penalty per gate group: its gradient (none, default) or the "
+        "gradient times the rms of the group's gates (rms), which does not fade as gates grow",
+    )
     parser.add_argument("--sst2-targets", type=_targets, default=None, help="SST-2 FLOPs targets")
     parser.add_argument("--mlp-targets", type=_targets, default=None, help="MLP FLOPs targets")
     add_run_flags(parser, "runs/surrogate")
@@ -117,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         "cnn_channel_multiple",
         "cnn_rounding",
         "cnn_budget_criterion",
+        "scale",
         "sst2_targets",
         "mlp_targets",
         "data_dir",
