@@ -34,6 +34,7 @@ from experiments.surrogate.train import (  # noqa: E402
     uniform_flops_at,
 )
 from jaxcompress.models import MLP  # noqa: E402
+from jaxcompress.spdy import TimingTable  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -59,6 +60,9 @@ def _tiny() -> Config:
         cnn_rounding="budget",
         cnn_budget_criterion="loss",
         cnn_multipliers=(0.5, 1.0),
+        cnn_latency_targets=(0.5,),
+        cnn_latency_grid=(0.5, 1.0),
+        cnn_latency_batch=8,
         cnn_train_subset=None,
         cnn_test_subset=None,
         sst2_d_model=16,
@@ -105,7 +109,8 @@ def _check_point(p, dense_flops):
 def test_run_writes_schema_and_files(tiny_run):
     results, out = tiny_run
     assert {"cnn", "sst2", "mlp", "units", "config", "timing", "environment"} <= set(results)
-    for task, methods in (("cnn", ("uniform", "surrogate", "l1")), ("sst2", ("surrogate",)),
+    for task, methods in (("cnn", ("uniform", "surrogate", "l1", "surrogate_latency")),
+                          ("sst2", ("surrogate",)),
                           ("mlp", ("surrogate", "svd"))):  # fmt: skip
         res = results[task]
         ref = res["reference"]
@@ -121,8 +126,20 @@ def test_run_writes_schema_and_files(tiny_run):
     assert on_disk["cnn"]["surrogate"] == results["cnn"]["surrogate"]
     assert (out / "metrics_cnn_uniform_1_seed0.jsonl").exists()
     assert (out / "metrics_cnn_surrogate_0.4_penalty_seed0.jsonl").exists()
+    # the latency form: its measured table is saved and reloads into the same model
+    table = TimingTable.from_json((out / "cnn_latency_table.json").read_text())
+    tiny = _tiny()
+    gated = L.GatedCNN(1, 10, tiny.cnn_widths, strides=tiny.cnn_strides, rngs=nnx.Rngs(0))
+    graph = L.cost_graph(gated, (8, 8, 1))
+    model = L.LatencyModel.from_table(graph, table)
+    (point,) = results["cnn"]["surrogate_latency"]
+    modelled = float(model.latency(point["widths"]) / model.dense())
+    assert point["modelled_latency_ratio"] == pytest.approx(modelled, rel=1e-5)
+    assert 0.0 < modelled < 1.0 and point["flops"] < results["cnn"]["reference"]["flops"]
+    (row,) = results["cnn"]["summary"]["latency_form"]
+    assert row["target"] == 0.5 and row["latency_ratio"] == point["latency_ratio"]
     table = format_table(results)
-    for word in ("[cnn]", "[sst2]", "[mlp]", "uniform", "l1", "svd"):
+    for word in ("[cnn]", "[sst2]", "[mlp]", "uniform", "l1", "svd", "latency form"):
         assert word in table
 
 
@@ -249,6 +266,9 @@ def test_configs_validate():
         ({"cnn_rounding": "nearest"}, ValueError, "cnn_rounding must be one of"),
         ({"cnn_budget_criterion": "mass"}, ValueError, "cnn_budget_criterion must be one of"),
         ({"scale": "l2"}, ValueError, "scale must be"),
+        ({"cnn_latency_targets": (0.5, 1.2)}, ValueError, "cnn_latency_targets"),
+        ({"cnn_latency_grid": (0.25, 0.5)}, ValueError, "cnn_latency_grid must contain 1.0"),
+        ({"cnn_latency_batch": 0}, ValueError, "cnn_latency_batch"),
         ({"mlp_dataset": "cifar10"}, ValueError, "mlp_dataset"),
         ({"num_seeds": 0}, ValueError, "num_seeds"),
         ({"progress": "yes"}, TypeError, "progress"),

@@ -457,6 +457,26 @@ def test_latency_model_interpolates_and_round_trips_through_a_timing_table():
     assert np.all(np.isfinite(jax.grad(lambda g: L.latency_regularizer(g, model))(gates)["x"]))
 
 
+def test_latency_form_runs_under_jit():
+    # dense() is read inside the traced regulariser: it must stay a concrete float there.
+    graph, model = _synthetic_latency_model()
+    gates = {"x": jnp.ones(8).at[:3].set(0.0), "y": jnp.ones(4)}
+    eager = float(L.latency_regularizer(gates, model))
+    assert float(jax.jit(L.latency_regularizer, static_argnums=1)(gates, model)) == pytest.approx(
+        eager, rel=1e-6
+    )
+    ctrl = L.lambda_controller(0.5 * model.dense(), model, lam0=0.1, gain=0.5)
+    tx = L.surrogate_penalty(model, ctrl, feedback="active")
+    state = tx.init(gates)
+    zeros = jax.tree.map(jnp.zeros_like, gates)
+    updates, state = jax.jit(tx.update)(zeros, state, gates)
+    dense = model.dense()
+    assert float(state.value) == pytest.approx(float(model.latency({"x": 5, "y": 4})) / dense)
+    # the push is the gradient of the regulariser, lambda times
+    grad = jax.grad(lambda g: L.latency_regularizer(g, model))(gates)
+    np.testing.assert_allclose(updates["x"], 0.1 * grad["x"], rtol=1e-5)
+
+
 def test_measure_latency_model_on_this_device():
     # Entries are layer time minus the per-call overhead of a trivial call, clipped at 0: a
     # 16x8 layer at batch 1 is all overhead and measured 0 under load. Time a layer whose

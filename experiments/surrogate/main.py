@@ -92,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
         "default) or least relative gate mass (gates) per MAC saved",
     )
     parser.add_argument(
+        "--cnn-latency-targets",
+        type=_targets,
+        default=None,
+        help="also run the latency form of the surrogate, steered to these fractions of the "
+        "modelled full-width CNN latency (measured on this device first), e.g. 0.5,0.35",
+    )
+    parser.add_argument(
         "--scale",
         choices=("none", "rms"),
         default=None,
@@ -121,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         "sst2_epochs",
         "mlp_epochs",
         "cnn_targets",
+        "cnn_latency_targets",
         "cnn_channel_multiple",
         "cnn_rounding",
         "cnn_budget_criterion",

@@ -45,7 +45,10 @@ Tasks:
 * ``cnn``: :class:`~jaxcompress.latency.GatedCNN` (4 conv blocks, BN, a gate per channel)
   on Fashion-MNIST; l1/l2 surrogate, l1 gates and uniform width multipliers
   (:func:`~jaxcompress.latency.uniform_width_models`: ``SmallCNN`` with every width scaled);
-  the full-width reference is the multiplier-1.0 model.
+  the full-width reference is the multiplier-1.0 model. With ``cnn_latency_targets``, also
+  the latency form (``surrogate_latency``): :math:`F_l\, r(\alpha_{l-1}) r(\alpha_l)`
+  replaced by a measured, interpolated :math:`T_l(r(\alpha_{l-1}), r(\alpha_l))`
+  (:func:`cnn_latency_model`), steered to a fraction of the modelled full-width latency.
 * ``sst2``: :class:`~jaxcompress.latency.GatedTransformerClassifier` (gates on attention
   heads and FFN neurons) on GLUE SST-2; the reference is the plain full-width transformer
   trained for the same budget; reported: the largest FLOPs reduction at <= 1 point accuracy
@@ -304,6 +307,7 @@ def _compress(
     graph: L.LayerGraph | None = None,
     multiple: int = 1,
     rounding: str = "steer",
+    latency_model: L.LatencyModel | None = None,
 ) -> dict[str, Any]:
     """Penalised training towards ``target * reference_flops``, extraction, fine-tuning.
 
@@ -312,20 +316,27 @@ def _compress(
     ``multiple`` the multiple every kept count is rounded to in extraction; ``rounding``
     (``Config.cnn_rounding``) whether the controller steers the rounded cost (``"steer"``)
     or the exact surviving counts, with extraction rounding up (``"extract"``) or within the
-    target (``"budget"``).
+    target (``"budget"``). With ``latency_model`` (the latency form, ``kind="ratio"``) the
+    penalty and the controller use it instead, ``target`` is a fraction of its modelled
+    full-width latency, and rounding is ``"steer"``.
     """
     config = task.config
     graph = L.cost_graph(model, task.input_shape) if graph is None else graph
+    if latency_model is not None:
+        if kind != "ratio":
+            raise ValueError(f"the latency form needs kind='ratio', got {kind!r}")
+        rounding = "steer"
+    cost = graph if latency_model is None else latency_model
     steered_multiple = multiple if rounding == "steer" else 1
     max_macs = target * reference_flops if rounding == "budget" and multiple > 1 else None
     lam0 = getattr(config, f"{task.name}_lam0") if kind == "ratio" else config.l1_lam0
     gain = getattr(config, f"{task.name}_gain")
     controller = L.lambda_controller(
-        target * reference_flops, graph, lam0=lam0, gain=gain, lam_max=config.lam_max
+        target * cost.dense(), cost, lam0=lam0, gain=gain, lam_max=config.lam_max
     )
     tx = optax.chain(
         L.surrogate_penalty(
-            graph,
+            cost,
             controller,
             kind=kind,
             p=config.p,
@@ -375,6 +386,10 @@ def _compress(
         active_flops_ratio_per_epoch=active,
         widths={name: int(w) for name, w in extracted.widths.items()},
     )
+    if latency_model is not None:
+        point["modelled_latency_ratio"] = float(
+            latency_model.latency(point["widths"]) / latency_model.dense()
+        )
     if point["flops"] != extracted.macs:
         raise AssertionError(f"count_macs {point['flops']} != extract's {extracted.macs}")
     return point
@@ -401,6 +416,35 @@ def _finish(
 # --------------------------------------------------------------------------------------------
 # Task 1: gated BN CNN vs l1 gates vs uniform widths
 # --------------------------------------------------------------------------------------------
+
+
+_LATENCY_MODELS: dict[tuple, L.LatencyModel] = {}
+
+
+def cnn_latency_model(config: Config, graph: L.LayerGraph, out: str | None) -> L.LatencyModel:
+    """The latency model of the CNN's terms on this device (``Config.cnn_latency_grid``,
+    ``cnn_latency_batch``), measured once per process for a given architecture and saved to
+    ``out/cnn_latency_table.json``. On the CPU backend every term is timed on this process's
+    CPU clock as a single-threaded executable; elsewhere on the wall clock."""
+    key = (
+        tuple((t.name, t.groups, t.factors, t.op) for t in graph.terms),
+        config.cnn_latency_grid,
+        config.cnn_latency_batch,
+    )
+    if key not in _LATENCY_MODELS:
+        cpu = jax.default_backend() == "cpu"
+        _LATENCY_MODELS[key] = L.measure_latency_model(
+            graph,
+            multipliers=config.cnn_latency_grid,
+            batch=config.cnn_latency_batch,
+            repeats=config.latency_repeats,
+            clock="cpu" if cpu else "wall",
+            compiler_options={"xla_cpu_multi_thread_eigen": False} if cpu else None,
+        )
+    model = _LATENCY_MODELS[key]
+    if out is not None:
+        model.to_table().to_json(os.path.join(out, "cnn_latency_table.json"))
+    return model
 
 
 def _cnn_seed(config: Config, seed: int, data, out, bar) -> dict[str, Any]:
@@ -456,6 +500,26 @@ def _cnn_seed(config: Config, seed: int, data, out, bar) -> dict[str, Any]:
                 rounding=config.cnn_rounding,
             )
             methods[method].append(point)
+    if config.cnn_latency_targets:
+        graph = L.cost_graph(template, task.input_shape)
+        latency_model = cnn_latency_model(config, graph, out)
+        methods["surrogate_latency"] = [
+            _compress(
+                task,
+                f"latency_{target:g}",
+                gated(),
+                target=target,
+                reference_flops=reference["flops"],
+                kind="ratio",
+                penalty_epochs=config.cnn_epochs - config.cnn_finetune_epochs,
+                finetune_epochs=config.cnn_finetune_epochs,
+                schedule=schedule,
+                graph=graph,
+                multiple=config.cnn_channel_multiple,
+                latency_model=latency_model,
+            )
+            for target in config.cnn_latency_targets
+        ]
     return _finish(task, methods, reference)
 
 
@@ -842,7 +906,7 @@ def _cnn_summary(res: dict[str, Any]) -> dict[str, Any]:
         )
     wins = sum(d["dominates"] for d in dominance)
     latency = _latency_check(ref, res["surrogate"] + res["l1"])
-    return {
+    summary = {
         "reference_accuracy": ref["accuracy"],
         "accuracy_threshold": threshold,
         "surrogate_best": _brief(best),
@@ -863,6 +927,18 @@ def _cnn_summary(res: dict[str, Any]) -> dict[str, Any]:
             np.mean([r["latency_speedup"] / r["flops_speedup"] for r in latency])
         ),
     }
+    if "surrogate_latency" in res:
+        summary["latency_form"] = [
+            {
+                **_brief(p),
+                "modelled_latency_ratio": p["modelled_latency_ratio"],
+                "latency_ratio": p["latency_ratio"],
+                "uniform_accuracy_at_its_flops": accuracy_at(p["flops"], res["uniform"]),
+                "surrogate_accuracy_at_its_flops": accuracy_at(p["flops"], res["surrogate"]),
+            }
+            for p in res["surrogate_latency"]
+        ]
+    return summary
 
 
 def _sst2_summary(res: dict[str, Any]) -> dict[str, Any]:
@@ -905,7 +981,11 @@ _SEED_RUNS = {"cnn": _cnn_seed, "sst2": _sst2_seed, "mlp": _mlp_seed}
 
 def _runs_per_seed(config: Config, task: str) -> int:
     if task == "cnn":
-        return len(config.cnn_multipliers) + 2 * len(config.cnn_targets)
+        return (
+            len(config.cnn_multipliers)
+            + 2 * len(config.cnn_targets)
+            + len(config.cnn_latency_targets)
+        )
     if task == "sst2":
         return len({1.0, *config.sst2_multipliers}) + len(config.sst2_targets)
     return 1 + 2 * len(config.mlp_targets)
@@ -927,7 +1007,8 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
       The results dict (also ``results.json``). Per task (``cnn``, ``sst2``, ``mlp``):
 
       * ``reference``: the full-width model's point;
-      * one list of points per method (``cnn``: ``uniform``, ``surrogate``, ``l1``; ``sst2``:
+      * one list of points per method (``cnn``: ``uniform``, ``surrogate``, ``l1``, and with
+        ``cnn_latency_targets`` ``surrogate_latency`` (plus ``modelled_latency_ratio``); ``sst2``:
         ``surrogate`` and, with ``sst2_multipliers``, ``uniform``; ``mlp``: ``surrogate``,
         ``svd``). A point has ``flops`` (int, exact multiply-adds per example), ``accuracy``
         (test / validation accuracy in [0, 1]), ``latency_ms``, ``flops_ratio`` and
@@ -1014,6 +1095,7 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
 _METHOD_STYLE = {
     "surrogate": ("l1/l2 surrogate", "tab:blue", "o"),
     "l1": ("l1 gates", "tab:orange", "s"),
+    "surrogate_latency": ("l1/l2 surrogate, latency form", "tab:purple", "v"),
     "uniform": ("uniform width", "0.4", "^"),
     "svd": ("truncated SVD", "tab:green", "D"),
 }
@@ -1041,14 +1123,14 @@ def format_table(results: dict[str, Any]) -> str:
             f"latency {ref['latency_ms']:.3f} ms"
         )
         lines.append(
-            f"  {'method':<10} {'point':<8} {'MACs':>10} {'ratio':>6} {'accuracy':>8} "
+            f"  {'method':<17} {'point':<8} {'MACs':>10} {'ratio':>6} {'accuracy':>8} "
             f"{'latency ms':>10} {'lat ratio':>9}"
         )
         for method in _methods(res):
             for p in res[method]:
                 label = p["key"].split("_", 1)[1]
                 lines.append(
-                    f"  {method:<10} {label:<8} {p['flops']:>10,} {p['flops_ratio']:>6.3f} "
+                    f"  {method:<17} {label:<8} {p['flops']:>10,} {p['flops_ratio']:>6.3f} "
                     f"{p['accuracy']:>8.4f} {p['latency_ms']:>10.3f} {p['latency_ratio']:>9.3f}"
                 )
         s = res["summary"]
@@ -1065,6 +1147,11 @@ def format_table(results: dict[str, Any]) -> str:
                 f"of FLOPs reduction: {sum(r['within_tolerance'] for r in s['latency'])} of "
                 f"{len(s['latency'])} ({'met' if s['met_latency'] else 'not met'})"
             )
+            for row in s.get("latency_form", []):
+                lines.append(
+                    f"  latency form, target {row['target']:g}: modelled latency ratio "
+                    f"{row['modelled_latency_ratio']:.3f}, measured {row['latency_ratio']:.3f}"
+                )
         elif task == "sst2":
             lines.append(
                 f"  FLOPs reduction at <= 1 pt drop: {s['flops_reduction']:.1%} "

@@ -610,7 +610,9 @@ class LatencyModel:
         return total
 
     def dense(self) -> float:
-        return float(self.latency())
+        """Modelled full-width latency (a Python float, also inside a jit trace)."""
+        with jax.ensure_compile_time_eval():
+            return float(self.latency())
 
     def to_table(self) -> TimingTable:
         layers = []

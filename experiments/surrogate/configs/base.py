@@ -118,6 +118,19 @@ class Config:
         :func:`jaxcompress.latency.calibration_loss`; default) or ``"gates"`` (least relative
         gate mass per MAC saved). For l1 both chose the same widths in all 9 runs.
       cnn_multipliers: uniform width multipliers; must contain 1.0 (the reference).
+      cnn_latency_targets: targets of a third compressed method, ``surrogate_latency``: the
+        latency form of the surrogate (spec 4.2), steered to these fractions of the
+        *modelled* full-width latency. ``()`` (default) skips it. The latency model is a
+        :class:`jaxcompress.latency.LatencyModel` of every conv / dense term, measured once
+        per run on this device (:func:`jaxcompress.latency.measure_latency_model`) and saved
+        as ``cnn_latency_table.json`` (a SPDY ``TimingTable``). With
+        ``cnn_channel_multiple > 1`` the controller steers the modelled latency of the
+        rounded counts (``"steer"`` rounding; budget rounding is in MACs).
+      cnn_latency_grid: width multipliers at which every gated group of a term is timed
+        (all combinations for a two-group conv); must contain 1.0.
+      cnn_latency_batch: batch of the timed terms. On the CPU backend they are timed on this
+        process's CPU clock with single-threaded executables, which gave far steadier grids
+        than the wall clock (RESULTS.md); on an accelerator on the wall clock.
       cnn_train_subset, cnn_test_subset: random subsets (``None``: all).
 
     Transformer on SST-2 (``sst2_*``): :class:`jaxcompress.latency.GatedTransformerClassifier`
@@ -187,6 +200,9 @@ class Config:
     cnn_rounding: str = "budget"
     cnn_budget_criterion: str = "loss"
     cnn_multipliers: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+    cnn_latency_targets: tuple[float, ...] = ()
+    cnn_latency_grid: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+    cnn_latency_batch: int = 512
     cnn_train_subset: int | None = None
     cnn_test_subset: int | None = None
 
@@ -258,6 +274,7 @@ class Config:
                 "cnn_epochs",
                 "cnn_batch_size",
                 "cnn_channel_multiple",
+                "cnn_latency_batch",
                 "sst2_d_model",
                 "sst2_num_heads",
                 "sst2_num_layers",
@@ -360,7 +377,12 @@ class Config:
             )
         for name in ("cnn_targets", "sst2_targets", "mlp_targets"):
             _fractions(self, name, allow_empty=False, upper_inclusive=False)
-        for name, required in (("cnn_multipliers", True), ("sst2_multipliers", False)):
+        _fractions(self, "cnn_latency_targets", allow_empty=True, upper_inclusive=False)
+        for name, required in (
+            ("cnn_multipliers", True),
+            ("sst2_multipliers", False),
+            ("cnn_latency_grid", True),
+        ):
             value = _fractions(self, name, allow_empty=not required, upper_inclusive=True)
             if required and 1.0 not in value:
                 raise ValueError(
