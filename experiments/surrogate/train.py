@@ -482,41 +482,33 @@ def _cnn_seed(config: Config, seed: int, data, out, bar) -> dict[str, Any]:
     if reference["flops"] != int(L.cost_graph(template, task.input_shape).dense()):
         raise AssertionError("the multiplier-1.0 model must have the gated model's dense cost")
     methods: dict[str, list[dict[str, Any]]] = {"uniform": uniform}
+
+    def compress(key: str, target: float, kind: str, **options) -> dict[str, Any]:
+        return _compress(
+            task,
+            key,
+            gated(),
+            target=target,
+            reference_flops=reference["flops"],
+            kind=kind,
+            penalty_epochs=config.cnn_epochs - config.cnn_finetune_epochs,
+            finetune_epochs=config.cnn_finetune_epochs,
+            schedule=schedule,
+            multiple=config.cnn_channel_multiple,
+            **options,
+        )
+
     for method, kind in (("surrogate", "ratio"), ("l1", "l1")):
-        methods[method] = []
-        for target in config.cnn_targets:
-            key = f"{method}_{target:g}"
-            point = _compress(
-                task,
-                key,
-                gated(),
-                target=target,
-                reference_flops=reference["flops"],
-                kind=kind,
-                penalty_epochs=config.cnn_epochs - config.cnn_finetune_epochs,
-                finetune_epochs=config.cnn_finetune_epochs,
-                schedule=schedule,
-                multiple=config.cnn_channel_multiple,
-                rounding=config.cnn_rounding,
-            )
-            methods[method].append(point)
+        methods[method] = [
+            compress(f"{method}_{target:g}", target, kind, rounding=config.cnn_rounding)
+            for target in config.cnn_targets
+        ]
     if config.cnn_latency_targets:
         graph = L.cost_graph(template, task.input_shape)
         latency_model = cnn_latency_model(config, graph, out)
         methods["surrogate_latency"] = [
-            _compress(
-                task,
-                f"latency_{target:g}",
-                gated(),
-                target=target,
-                reference_flops=reference["flops"],
-                kind="ratio",
-                penalty_epochs=config.cnn_epochs - config.cnn_finetune_epochs,
-                finetune_epochs=config.cnn_finetune_epochs,
-                schedule=schedule,
-                graph=graph,
-                multiple=config.cnn_channel_multiple,
-                latency_model=latency_model,
+            compress(
+                f"latency_{target:g}", target, "ratio", graph=graph, latency_model=latency_model
             )
             for target in config.cnn_latency_targets
         ]
