@@ -131,7 +131,7 @@ def test_run_writes_schema_and_files(tiny_run):
     tiny = _tiny()
     gated = L.GatedCNN(1, 10, tiny.cnn_widths, strides=tiny.cnn_strides, rngs=nnx.Rngs(0))
     graph = L.cost_graph(gated, (8, 8, 1))
-    model = L.LatencyModel.from_table(graph, table)
+    model = L.LatencyModel.from_table(graph, table).monotone()  # cnn_latency_monotone
     (point,) = results["cnn"]["surrogate_latency"]
     modelled = float(model.latency(point["widths"]) / model.dense())
     assert point["modelled_latency_ratio"] == pytest.approx(modelled, rel=1e-5)
@@ -269,6 +269,7 @@ def test_configs_validate():
         ({"cnn_latency_targets": (0.5, 1.2)}, ValueError, "cnn_latency_targets"),
         ({"cnn_latency_grid": (0.25, 0.5)}, ValueError, "cnn_latency_grid must contain 1.0"),
         ({"cnn_latency_batch": 0}, ValueError, "cnn_latency_batch"),
+        ({"cnn_latency_monotone": 1}, TypeError, "cnn_latency_monotone"),
         ({"mlp_dataset": "cifar10"}, ValueError, "mlp_dataset"),
         ({"num_seeds": 0}, ValueError, "num_seeds"),
         ({"progress": "yes"}, TypeError, "progress"),

@@ -457,6 +457,25 @@ def test_latency_model_interpolates_and_round_trips_through_a_timing_table():
     assert np.all(np.isfinite(jax.grad(lambda g: L.latency_regularizer(g, model))(gates)["x"]))
 
 
+def test_monotone_latency_model_is_the_envelope_over_wider_widths():
+    graph, model = _synthetic_latency_model()
+    rng = np.random.default_rng(0)
+    groups, axes, _ = model.grids["b"]
+    noisy = rng.uniform(0.1, 1.0, (3, 2))  # not monotone
+    bumpy = L.LatencyModel(
+        graph, {**model.grids, "b": (groups, axes, noisy)}, overhead=model.overhead
+    )
+    env = bumpy.monotone().grids["b"][2]
+    for i in range(3):
+        for j in range(2):  # brute force: the fastest grid point at least as wide in both
+            assert env[i, j] == noisy[i:, j:].min()
+    assert np.all(np.diff(env, axis=0) >= 0) and np.all(np.diff(env, axis=1) >= 0)
+    np.testing.assert_array_equal(bumpy.grids["b"][2], noisy)  # the original is unchanged
+    # already monotone grids, and the full-width point, are kept
+    np.testing.assert_array_equal(bumpy.monotone().grids["a"][2], model.grids["a"][2])
+    assert bumpy.monotone().dense() == pytest.approx(bumpy.dense())
+
+
 def test_latency_form_runs_under_jit():
     # dense() is read inside the traced regulariser: it must stay a concrete float there.
     graph, model = _synthetic_latency_model()

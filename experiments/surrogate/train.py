@@ -423,9 +423,10 @@ _LATENCY_MODELS: dict[tuple, L.LatencyModel] = {}
 
 def cnn_latency_model(config: Config, graph: L.LayerGraph, out: str | None) -> L.LatencyModel:
     """The latency model of the CNN's terms on this device (``Config.cnn_latency_grid``,
-    ``cnn_latency_batch``), measured once per process for a given architecture and saved to
-    ``out/cnn_latency_table.json``. On the CPU backend every term is timed on this process's
-    CPU clock as a single-threaded executable; elsewhere on the wall clock."""
+    ``cnn_latency_batch``), measured once per process for a given architecture and saved, as
+    measured, to ``out/cnn_latency_table.json``. On the CPU backend every term is timed on
+    this process's CPU clock as a single-threaded executable; elsewhere on the wall clock.
+    Returned as its monotone envelope with ``Config.cnn_latency_monotone``."""
     key = (
         tuple((t.name, t.groups, t.factors, t.op) for t in graph.terms),
         config.cnn_latency_grid,
@@ -444,7 +445,7 @@ def cnn_latency_model(config: Config, graph: L.LayerGraph, out: str | None) -> L
     model = _LATENCY_MODELS[key]
     if out is not None:
         model.to_table().to_json(os.path.join(out, "cnn_latency_table.json"))
-    return model
+    return model.monotone() if config.cnn_latency_monotone else model
 
 
 def _cnn_seed(config: Config, seed: int, data, out, bar) -> dict[str, Any]:

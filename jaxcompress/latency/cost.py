@@ -609,6 +609,30 @@ class LatencyModel:
             total = total + self.term_latency(t.name, counts)
         return total
 
+    def monotone(self) -> LatencyModel:
+        """The model with every grid replaced by its lower envelope over wider widths,
+
+        .. math::  \\tilde T_t(c) = \\min_{c' \\ge c} T_t(c')
+
+        (componentwise, over the grid),
+
+        so that no term gets faster as a layer gets wider. Measured CPU grids are not monotone:
+        XLA:CPU ran the surrogate CNN's 1-input-channel first conv slower at 4-16 output
+        channels than at 20-32, and a 56-channel conv slower than a 64-channel one
+        (``experiments/surrogate/RESULTS.md``). A latency surrogate steered by such a grid
+        keeps those layers wide. A layer can always be zero-padded to a wider, faster width
+        with the same function, so the envelope is an attainable latency (at the padded
+        width), and its slope is never negative.
+        """
+        grids = {}
+        for name, (groups, axes, times) in self.grids.items():
+            env = np.asarray(times, np.float64)
+            for axis in range(env.ndim):
+                flipped = np.flip(env, axis)
+                env = np.flip(np.minimum.accumulate(flipped, axis=axis), axis)
+            grids[name] = (groups, axes, env)
+        return LatencyModel(self.graph, grids, self.overhead)
+
     def dense(self) -> float:
         """Modelled full-width latency (a Python float, also inside a jit trace)."""
         with jax.ensure_compile_time_eval():

@@ -128,6 +128,10 @@ class Config:
         rounded counts (``"steer"`` rounding; budget rounding is in MACs).
       cnn_latency_grid: width multipliers at which every gated group of a term is timed
         (all combinations for a two-group conv); must contain 1.0.
+      cnn_latency_monotone: steer with :meth:`jaxcompress.latency.LatencyModel.monotone`, the
+        lower envelope of every grid over wider widths (a layer can be zero-padded to a wider,
+        faster width). The measured CPU grid is not monotone, and steered by it as measured the
+        latency form kept blocks 0-2 whole and stalled above its target (RESULTS.md).
       cnn_latency_batch: batch of the timed terms. On the CPU backend they are timed on this
         process's CPU clock with single-threaded executables, which gave far steadier grids
         than the wall clock (RESULTS.md); on an accelerator on the wall clock.
@@ -203,6 +207,7 @@ class Config:
     cnn_latency_targets: tuple[float, ...] = ()
     cnn_latency_grid: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
     cnn_latency_batch: int = 512
+    cnn_latency_monotone: bool = True
     cnn_train_subset: int | None = None
     cnn_test_subset: int | None = None
 
@@ -259,6 +264,7 @@ class Config:
             "progress",
             "prune_during_training",
             "cnn_normalize_last_gates",
+            "cnn_latency_monotone",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
