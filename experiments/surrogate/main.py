@@ -17,6 +17,7 @@ from experiments.surrogate.configs.base import (
     BUDGET_CRITERIA,
     CNN_ROUNDINGS,
     IMAGE_DATASETS,
+    SCALES,
     TASKS,
 )
 
@@ -100,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--scale",
-        choices=("none", "rms"),
+        choices=SCALES,
         default=None,
         help="push of the l1/l2 penalty per gate group: its gradient (none, default) or the "
         "gradient times the rms of the group's gates (rms), which does not fade as gates grow",

@@ -480,7 +480,8 @@ def _cnn_seed(config: Config, seed: int, data, out, bar) -> dict[str, Any]:
             task.point(key, family[m], multiplier=float(m), widths=list(family[m].widths))
         )
     reference = next(p for p in uniform if p["multiplier"] == 1.0)
-    if reference["flops"] != int(L.cost_graph(template, task.input_shape).dense()):
+    graph = L.cost_graph(template, task.input_shape)
+    if reference["flops"] != int(graph.dense()):
         raise AssertionError("the multiplier-1.0 model must have the gated model's dense cost")
     methods: dict[str, list[dict[str, Any]]] = {"uniform": uniform}
 
@@ -505,7 +506,6 @@ def _cnn_seed(config: Config, seed: int, data, out, bar) -> dict[str, Any]:
             for target in config.cnn_targets
         ]
     if config.cnn_latency_targets:
-        graph = L.cost_graph(template, task.input_shape)
         latency_model = cnn_latency_model(config, graph, out)
         methods["surrogate_latency"] = [
             compress(

@@ -250,9 +250,14 @@ def kept_units(a: Any, tau: float = DEFAULT_TAU, multiple: int = 1) -> np.ndarra
     return keep
 
 
+def _ranking(a: np.ndarray) -> np.ndarray:
+    """Indices of ``a`` from the largest entry down (ties: lower index first)."""
+    return np.argsort(-a, kind="stable")
+
+
 def _top_units(a: np.ndarray, count: int) -> np.ndarray:
     """Sorted indices of the ``count`` largest entries of ``a`` (ties: lower index first)."""
-    return np.sort(np.argsort(-a, kind="stable")[:count])
+    return np.sort(_ranking(a)[:count])
 
 
 def fit_counts_to_budget(
@@ -305,7 +310,7 @@ def fit_counts_to_budget(
     counts = {k: int(v) for k, v in counts.items()}
     sizes = dict(graph.groups)
     gates = {n: np.asarray(values[n], np.float64).ravel() for n in counts}
-    order = {n: np.argsort(-a, kind="stable") for n, a in gates.items()}  # largest first
+    order = {n: _ranking(a) for n, a in gates.items()}
     cost = float(graph.macs(counts))
 
     def kept(c: Mapping[str, int]) -> dict[str, np.ndarray]:

@@ -12,6 +12,7 @@ TASKS = ("cnn", "sst2", "mlp")
 IMAGE_DATASETS = ("fashion_mnist", "mnist", "digits")
 CNN_ROUNDINGS = ("steer", "extract", "budget")
 BUDGET_CRITERIA = ("gates", "loss")
+SCALES = ("none", "rms")  # surrogate_penalty(scale=...)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,8 +324,8 @@ class Config:
             ),
             optional=True,
         )
-        if self.scale not in ("none", "rms"):
-            raise ValueError(f"scale must be 'none' or 'rms', got {self.scale!r}")
+        if self.scale not in SCALES:
+            raise ValueError(f"scale must be one of {SCALES}, got {self.scale!r}")
         lam0s = ("cnn_lam0", "sst2_lam0", "mlp_lam0", "l1_lam0")
         for name in ("gate_init", "p", "lam_max", *lam0s):
             _positive_real(self, name)
