@@ -160,6 +160,12 @@ def test_compressed_points_are_smaller_and_consistent(tiny_run):
         active = p["active_flops_ratio_per_epoch"]  # exact counts, one per penalty epoch
         assert len(active) == 2 and all(0 < a <= 1 for a in active)
         assert p["lambda_final"] > 0
+        stats = p["gate_stats"]  # gate_diagnostics of the gated model before extraction
+        assert set(stats) == set(p["widths"])
+        for name, g in stats.items():
+            assert 0 <= g["kept"] <= g["size"] and 0 <= g["uniformity"] <= 1 + 1e-9
+            assert (g["kept"] == 0) == (g["uniformity"] == 0)  # 0: a group pruned to nothing
+            assert p["widths"][name] <= max(-(-g["kept"] // 2) * 2, 2)  # kept, rounded up
     sst = results["sst2"]
     assert sst["surrogate"][0]["flops"] < sst["reference"]["flops"]
     # sst2_finetune_epochs=0: the extracted model is evaluated as extracted

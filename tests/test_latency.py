@@ -145,6 +145,52 @@ def test_ratio_equals_count_when_nonzeros_are_equal(k):
     assert float(L.ratio(b)) < k or k == 1
 
 
+def test_gate_diagnostics_uniformity_and_the_vanishing_push():
+    rng = np.random.default_rng(0)
+    unequal = rng.uniform(0.01, 1.0, 50)
+    gates = {
+        "equal": np.full(16, 0.3),
+        "unequal": unequal,
+        "pruned": np.concatenate([np.zeros(6), np.full(4, 2.0), [1e-4]]),  # 1e-4 < tau * 2
+        "dead": np.zeros(5),
+    }
+    stats = L.gate_diagnostics(gates, tau=1e-2)
+    assert stats["equal"] == {
+        "size": 16,
+        "kept": 16,
+        "max": 0.3,
+        "rms_kept": pytest.approx(0.3),
+        "uniformity": 1.0,
+    }
+    # oracle: mean^2 / mean-square of the kept gates
+    kept = unequal[unequal >= 1e-2 * unequal.max()]
+    assert stats["unequal"]["kept"] == kept.size
+    assert stats["unequal"]["uniformity"] == pytest.approx(kept.mean() ** 2 / np.mean(kept**2))
+    assert stats["unequal"]["uniformity"] < 1.0
+    assert stats["pruned"]["kept"] == 4 and stats["pruned"]["uniformity"] == pytest.approx(1.0)
+    assert stats["dead"]["kept"] == 0 and stats["dead"]["uniformity"] == 0.0
+    # uniformity = r(kept) / kept for p = 2, and the ratio's gradient vanishes at u = 1
+    assert stats["unequal"]["uniformity"] == pytest.approx(
+        float(L.ratio(jnp.asarray(kept))) / kept.size, rel=1e-5
+    )
+    g_equal = jax.grad(L.ratio)(jnp.asarray(gates["equal"]))
+    g_unequal = jax.grad(L.ratio)(jnp.asarray(unequal))
+    assert float(jnp.max(jnp.abs(g_equal))) < 1e-4 * float(jnp.max(jnp.abs(g_unequal)))
+
+
+def test_gate_diagnostics_bad_input():
+    with pytest.raises(TypeError, match="gates must be a mapping"):
+        L.gate_diagnostics([np.ones(3)])
+    with pytest.raises(ValueError, match="'g' has negative or non-finite"):
+        L.gate_diagnostics({"g": np.array([0.5, -0.1])})
+    with pytest.raises(ValueError, match="non-finite"):
+        L.gate_diagnostics({"g": np.array([0.5, np.nan])})
+    with pytest.raises(ValueError, match="1-D"):
+        L.gate_diagnostics({"g": np.ones((2, 2))})
+    with pytest.raises(ValueError, match="tau"):
+        L.gate_diagnostics({"g": np.ones(3)}, tau=1.0)
+
+
 @pytest.mark.parametrize("p", [0.5, 1.0, 2.0])
 @pytest.mark.parametrize("scale", [0.0, 1e-30, 1e-12, 1e-6])
 def test_gradients_finite_at_and_near_zero(p, scale):

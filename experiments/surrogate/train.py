@@ -358,6 +358,7 @@ def _compress(
 
     history = task.fit(f"{key}_penalty", model, tx, penalty_epochs, callback=callback)
     gated_accuracy = task.accuracy(model)
+    gate_stats = L.gate_diagnostics(L.gate_values(model), tau=config.tau)
     budget_loss = None
     if max_macs is not None and config.cnn_budget_criterion == "loss":
         pick = np.random.default_rng(task.seed).permutation(task.train.x.shape[0])
@@ -385,6 +386,7 @@ def _compress(
         lambda_final=float(history.opt_state[0].controller.lam),
         active_flops_ratio_per_epoch=active,
         widths={name: int(w) for name, w in extracted.widths.items()},
+        gate_stats=gate_stats,
     )
     if latency_model is not None:
         point["modelled_latency_ratio"] = float(
@@ -1008,7 +1010,9 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
         ``latency_ratio`` (to the reference), ``key``, and per method ``target``,
         ``multiplier``, ``widths`` (units kept per gate group), ``gated_accuracy`` (gated
         model at the end of the penalty phase), ``accuracy_before_finetune`` (just after
-        extraction), ``lambda_final``, ``active_flops_ratio_per_epoch``, ranks, ...; means
+        extraction), ``lambda_final``, ``active_flops_ratio_per_epoch``, ``gate_stats``
+        (:func:`jaxcompress.latency.gate_diagnostics` of the gated model before extraction:
+        per group ``kept``, ``max``, ``rms_kept``, ``uniformity``), ranks, ...; means
         over seeds, with ``*_std`` for ``flops``, ``accuracy`` and ``latency_ms`` when
         ``num_seeds > 1``;
       * ``summary``: the measured targets (module docstring and ``RESULTS.md``);

@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -52,6 +53,7 @@ __all__ = [
     "active_counts",
     "check_multiple",
     "flops_regularizer",
+    "gate_diagnostics",
     "group_multiples",
     "l1_penalty",
     "lambda_controller",
@@ -186,6 +188,74 @@ def active_counts(
         a = jnp.asarray(gates[name])
         keep = (a >= tau * jnp.max(a)) & (a > 0)
         out[name] = round_up_count(jnp.maximum(jnp.sum(keep), 1), multiples[name], size)
+    return out
+
+
+def gate_diagnostics(
+    gates: Mapping[str, Any], *, tau: float = DEFAULT_TAU
+) -> dict[str, dict[str, float]]:
+    r"""Per-group statistics that say how hard the l1/l2 surrogate can still push each group.
+
+    For the gates :math:`\alpha_K` that extraction would keep (``alpha_j >= tau * max``,
+    ``alpha_j > 0``; :func:`active_counts`'s rule, ``k = |K|``) the **uniformity**
+
+    .. math::  u = \frac{(\sum_{j \in K} \alpha_j)^2}{k \sum_{j \in K} \alpha_j^2}
+               = \frac{r_{p=2}(\alpha_K)}{k} \in (0, 1]
+
+    is 1 exactly when the kept gates are equal. That is where the ratio stops pushing: with
+    :math:`s_1 = \|\alpha\|_1, s_2 = \|\alpha\|_2`,
+
+    .. math::  \frac{\partial r}{\partial \alpha_j}
+               = \frac{2 s_1}{s_2^2}\Big(1 - \frac{s_1 \alpha_j}{s_2^2}\Big),
+
+    which vanishes for every ``j`` at equal gates (the maximum of ``r`` over a fixed support).
+    The surrogate prunes a group by making its gates unequal; its push on a group is
+    proportional to how unequal the gates already are, so a group that the task loss holds
+    near ``u = 1`` is pruned last, if at all. This happens to a gated
+    layer whose common gate scale the loss uses, such as a last conv that feeds pooling and
+    the classifier with no normalisation in between (``experiments/surrogate/RESULTS.md``).
+    Plain l1 pushes every gate by the same amount and has no such fixed point.
+
+    Host-side diagnostic (NumPy; not for use under ``jit``).
+
+    Args:
+      gates: ``{group: gate values}`` (e.g. :func:`~jaxcompress.latency.gate_values`).
+      tau: the extraction threshold, relative to the group's largest gate, in ``[0, 1)``.
+
+    Returns:
+      ``{group: {"size", "kept", "max", "rms_kept", "uniformity"}}`` as Python numbers;
+      ``kept`` and ``uniformity`` are 0 for an all-zero group (JSON-safe; a group with
+      kept gates has ``0 < uniformity <= 1``).
+
+    Raises:
+      TypeError: ``gates`` is not a mapping. ValueError: a group is not a 1-D array, has a
+      negative or non-finite gate, or ``tau`` is outside ``[0, 1)``.
+    """
+    tau = _check_tau(tau)
+    if not isinstance(gates, Mapping):
+        raise TypeError(
+            f"gates must be a mapping name -> array (see gate_values), got {type(gates).__name__}"
+        )
+    out: dict[str, dict[str, float]] = {}
+    for name, values in gates.items():
+        a = np.asarray(values, dtype=np.float64)
+        if a.ndim != 1 or a.size == 0:
+            raise ValueError(f"gate group {name!r} must be a non-empty 1-D array, got {a.shape}")
+        if not np.all(np.isfinite(a)) or np.any(a < 0):
+            raise ValueError(
+                f"gate group {name!r} has negative or non-finite gates (min {a.min()!r}); "
+                "the surrogate expects gates >= 0"
+            )
+        top = float(a.max())
+        kept = a[(a > 0) & (a >= tau * top)]
+        k = int(kept.size)
+        out[name] = {
+            "size": int(a.size),
+            "kept": k,
+            "max": top,
+            "rms_kept": float(np.sqrt(np.mean(kept**2))) if k else 0.0,
+            "uniformity": float(kept.sum() ** 2 / (k * np.sum(kept**2))) if k else 0.0,
+        }
     return out
 
 
