@@ -276,6 +276,7 @@ def test_configs_validate():
         ({"cnn_latency_grid": (0.25, 0.5)}, ValueError, "cnn_latency_grid must contain 1.0"),
         ({"cnn_latency_batch": 0}, ValueError, "cnn_latency_batch"),
         ({"cnn_latency_monotone": 1}, TypeError, "cnn_latency_monotone"),
+        ({"cnn_normalize_last_gates": True}, ValueError, "cnn_normalize_last_gates must be"),
         ({"mlp_dataset": "cifar10"}, ValueError, "mlp_dataset"),
         ({"num_seeds": 0}, ValueError, "num_seeds"),
         ({"progress": "yes"}, TypeError, "progress"),
@@ -298,6 +299,7 @@ def test_configs_validate():
         (["--cnn-channel-multiple", "0"], "positive integer"),
         (["--cnn-rounding", "down"], "invalid choice"),
         (["--scale", "max"], "invalid choice"),
+        (["--cnn-normalize-last", "l1"], "invalid choice"),
         (["--cnn-epochs", "2"], "cnn_finetune_epochs"),
         (["--data-dir", "/nonexistent/dir"], "not a directory"),
     ],
@@ -313,9 +315,23 @@ def test_cli_parses_flags():
     args = cli.build_parser().parse_args(
         ["--quick", "--tasks", "cnn,mlp", "--seeds", "2", "--cnn-targets", "0.5,0.3", "--out", "x",
          "--cnn-channel-multiple", "8", "--cnn-rounding", "budget", "--cnn-budget-criterion",
-         "loss", "--scale", "rms"]
+         "loss", "--scale", "rms", "--cnn-normalize-last", "none"]
     )  # fmt: skip
     assert args.tasks == ("cnn", "mlp") and args.seeds == 2 and args.cnn_targets == (0.5, 0.3)
     assert args.cnn_channel_multiple == 8 and args.cnn_rounding == "budget"
     assert args.cnn_budget_criterion == "loss" and args.scale == "rms"
+    assert args.cnn_normalize_last_gates == "none"
     assert args.quick and args.out == "x" and not args.no_progress
+
+
+def test_normalized_last_gates_per_method():
+    from experiments.surrogate.train import normalizes_last_gates
+
+    assert default.get_config().cnn_normalize_last_gates == "surrogate"
+    expect = {"surrogate": (True, False), "all": (True, True), "none": (False, False)}
+    for mode, (ratio, l1) in expect.items():
+        config = Config(cnn_normalize_last_gates=mode)
+        assert normalizes_last_gates(config, "ratio") is ratio
+        assert normalizes_last_gates(config, "l1") is l1
+    with pytest.raises(ValueError, match="kind"):
+        normalizes_last_gates(Config(), "hoyer")

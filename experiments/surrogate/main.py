@@ -17,6 +17,7 @@ from experiments.surrogate.configs.base import (
     BUDGET_CRITERIA,
     CNN_ROUNDINGS,
     IMAGE_DATASETS,
+    NORMALIZE_LAST,
     SCALES,
     TASKS,
 )
@@ -106,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="push of the l1/l2 penalty per gate group: its gradient (none, default) or the "
         "gradient times the rms of the group's gates (rms), which does not fade as gates grow",
     )
+    parser.add_argument(
+        "--cnn-normalize-last",
+        dest="cnn_normalize_last_gates",
+        choices=NORMALIZE_LAST,
+        default=None,
+        help="which CNN runs divide the last block's gates by their rms: the l1/l2 surrogate "
+        "runs (surrogate, default), l1 too (all) or none (the default before 2026-11-23)",
+    )
     parser.add_argument("--sst2-targets", type=_targets, default=None, help="SST-2 FLOPs targets")
     parser.add_argument("--mlp-targets", type=_targets, default=None, help="MLP FLOPs targets")
     add_run_flags(parser, "runs/surrogate")
@@ -134,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         "cnn_rounding",
         "cnn_budget_criterion",
         "scale",
+        "cnn_normalize_last_gates",
         "sst2_targets",
         "mlp_targets",
         "data_dir",

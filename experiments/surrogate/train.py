@@ -293,6 +293,15 @@ def set_gates(model: nnx.Module, value: float) -> nnx.Module:
     return model
 
 
+def normalizes_last_gates(config: Config, kind: str) -> bool:
+    """Whether a CNN penalised with ``kind`` (``"ratio"``: the l1/l2 surrogate, either form;
+    ``"l1"``) uses ``GatedCNN(normalize_last=True)`` under ``config.cnn_normalize_last_gates``."""
+    if kind not in ("ratio", "l1"):
+        raise ValueError(f"kind must be 'ratio' or 'l1', got {kind!r}")
+    mode = config.cnn_normalize_last_gates
+    return mode == "all" or (mode == "surrogate" and kind == "ratio")
+
+
 def _compress(
     task: _Task,
     key: str,
@@ -460,14 +469,14 @@ def _cnn_seed(config: Config, seed: int, data, out, bar) -> dict[str, Any]:
     def schedule(offset: int = 0) -> optax.Schedule:
         return lr_schedule(config.cnn_learning_rate, total, offset=offset)
 
-    def gated() -> L.GatedCNN:
+    def gated(normalize_last: bool = False) -> L.GatedCNN:
         model = L.GatedCNN(
             channels,
             classes,
             config.cnn_widths,
             strides=config.cnn_strides,
             pool_after=config.cnn_pool_after,
-            normalize_last=config.cnn_normalize_last_gates,
+            normalize_last=normalize_last,
             rngs=nnx.Rngs(seed),
         )
         return set_gates(model, config.gate_init)
@@ -491,7 +500,7 @@ def _cnn_seed(config: Config, seed: int, data, out, bar) -> dict[str, Any]:
         return _compress(
             task,
             key,
-            gated(),
+            gated(normalizes_last_gates(config, kind)),
             target=target,
             reference_flops=reference["flops"],
             kind=kind,
