@@ -77,8 +77,9 @@ class Config:
         raw, their common scale is a logit temperature that the loss grows in lock-step, the
         gates stay nearly equal (``gate_diagnostics`` uniformity 0.93), and the ratio, whose
         push vanishes at equal gates, kept that block whole (128/128) at every target.
-        Normalised, the surrogate prunes it (65-108 channels) and over seeds 0-4 was more
-        accurate at every target with fewer FLOPs than raw gates (RESULTS.md). l1 is best
+        Normalised, the surrogate prunes it (56-111 channels). Over seeds 0-4 it matched raw
+        gates at target 0.5 with 4% fewer FLOPs and gained 0.18 and 0.20 points at 0.35 and
+        0.2; over ten seeds it ties or beats l1 at 2 of 3 budgets (RESULTS.md). l1 is best
         with raw gates (it lost 0.3 points at target 0.2 normalised), hence the per-method
         default. Before 2026-11-23 the default was ``"none"``.
       cnn_epochs: epoch budget of every model (uniform: all of it; surrogate and l1:
