@@ -135,6 +135,13 @@ def test_run_writes_schema_and_files(tiny_run):
     (point,) = results["cnn"]["surrogate_latency"]
     modelled = float(model.latency(point["widths"]) / model.dense())
     assert point["modelled_latency_ratio"] == pytest.approx(modelled, rel=1e-5)
+    # cnn_latency_padding: extracted at the fastest measured widths at least as wide
+    measured = L.LatencyModel.from_table(graph, table)
+    before = {g: int(w) for g, w in point["widths_before_padding"].items()}  # one-seed means
+    assert point["widths"] == measured.fastest_widths(before)
+    grid = float(measured.latency(point["widths"]) / measured.dense())
+    assert point["measured_grid_latency_ratio"] == pytest.approx(grid, rel=1e-5)
+    assert grid <= point["measured_grid_latency_ratio_before_padding"] * (1 + 1e-6)
     assert 0.0 < modelled < 1.0 and point["flops"] < results["cnn"]["reference"]["flops"]
     (row,) = results["cnn"]["summary"]["latency_form"]
     assert row["target"] == 0.5 and row["latency_ratio"] == point["latency_ratio"]
@@ -276,6 +283,7 @@ def test_configs_validate():
         ({"cnn_latency_grid": (0.25, 0.5)}, ValueError, "cnn_latency_grid must contain 1.0"),
         ({"cnn_latency_batch": 0}, ValueError, "cnn_latency_batch"),
         ({"cnn_latency_monotone": 1}, TypeError, "cnn_latency_monotone"),
+        ({"cnn_latency_padding": "yes"}, TypeError, "cnn_latency_padding must be a bool"),
         ({"cnn_normalize_last_gates": True}, ValueError, "cnn_normalize_last_gates must be"),
         ({"mlp_dataset": "cifar10"}, ValueError, "mlp_dataset"),
         ({"num_seeds": 0}, ValueError, "num_seeds"),
@@ -315,12 +323,14 @@ def test_cli_parses_flags():
     args = cli.build_parser().parse_args(
         ["--quick", "--tasks", "cnn,mlp", "--seeds", "2", "--cnn-targets", "0.5,0.3", "--out", "x",
          "--cnn-channel-multiple", "8", "--cnn-rounding", "budget", "--cnn-budget-criterion",
-         "loss", "--scale", "rms", "--cnn-normalize-last", "none"]
+         "loss", "--scale", "rms", "--cnn-normalize-last", "none", "--no-cnn-latency-padding"]
     )  # fmt: skip
     assert args.tasks == ("cnn", "mlp") and args.seeds == 2 and args.cnn_targets == (0.5, 0.3)
     assert args.cnn_channel_multiple == 8 and args.cnn_rounding == "budget"
     assert args.cnn_budget_criterion == "loss" and args.scale == "rms"
-    assert args.cnn_normalize_last_gates == "none"
+    assert args.cnn_normalize_last_gates == "none" and args.cnn_latency_padding is False
+    assert cli.build_parser().parse_args([]).cnn_latency_padding is None  # the config decides
+    assert default.get_config().cnn_latency_padding is True
     assert args.quick and args.out == "x" and not args.no_progress
 
 

@@ -1,5 +1,6 @@
 """Gates, cost models, the l1/l2 surrogate, lambda control (jaxcompress.latency)."""
 
+import itertools
 import math
 
 import jax
@@ -520,6 +521,83 @@ def test_monotone_latency_model_is_the_envelope_over_wider_widths():
     # already monotone grids, and the full-width point, are kept
     np.testing.assert_array_equal(bumpy.monotone().grids["a"][2], model.grids["a"][2])
     assert bumpy.monotone().dense() == pytest.approx(bumpy.dense())
+
+
+def _bumpy_latency_model(seed=0):
+    """The synthetic model with non-monotone grids: some wider widths run faster."""
+    graph, model = _synthetic_latency_model()
+    rng = np.random.default_rng(seed)
+    grids = dict(model.grids)
+    for name in ("a", "b"):
+        groups, axes, times = grids[name]
+        grids[name] = (groups, axes, rng.uniform(0.1, 1.0, times.shape))
+    return graph, L.LatencyModel(graph, grids, overhead=model.overhead)
+
+
+def _fastest_by_brute_force(model, counts):
+    """Oracle: every candidate combination, fastest first, then the narrowest."""
+    sizes = model.graph.group_sizes
+    cands = {}
+    for g, c in counts.items():
+        widths = set()
+        for groups, axes, _ in model.grids.values():
+            for h, axis in zip(groups, axes, strict=True):
+                widths |= {int(w) for w in axis} if h == g else set()
+        cands[g] = [c] + sorted(w for w in widths if c < w <= sizes[g])
+    names = list(counts)
+    scored = []
+    for combo in itertools.product(*(cands[g] for g in names)):
+        widths = dict(zip(names, combo, strict=True))
+        time = float(model.latency({g: float(w) for g, w in widths.items()}))
+        scored.append((time, sum(combo), widths))
+    return min(scored, key=lambda t: t[:2])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fastest_widths_is_the_fastest_combination_at_least_as_wide(seed):
+    _, model = _bumpy_latency_model(seed)
+    for counts in ({"x": 2, "y": 2}, {"x": 3, "y": 2}, {"x": 5, "y": 3}, {"x": 8, "y": 4}):
+        got = model.fastest_widths(counts)
+        time, _, want = _fastest_by_brute_force(model, counts)
+        assert got == want
+        assert all(got[g] >= counts[g] for g in counts)
+        assert float(model.latency(got)) == pytest.approx(time, rel=1e-6)
+        assert float(model.latency(got)) <= float(model.latency(counts)) * (1 + 1e-6)
+        # coordinate descent (forced by a tiny search limit) never does worse than the start
+        cd = model.fastest_widths(counts, max_combinations=1)
+        assert all(cd[g] >= counts[g] for g in counts)
+        assert float(model.latency(cd)) <= float(model.latency(counts)) * (1 + 1e-6)
+
+
+def test_fastest_widths_keeps_a_monotone_model_and_respects_min_gain():
+    _, model = _synthetic_latency_model()  # times grow with width: nothing to gain
+    assert model.fastest_widths({"x": 3, "y": 2}) == {"x": 3, "y": 2}
+    graph, _ = _synthetic_latency_model()
+    xs, ys = np.array([2.0, 4.0, 8.0]), np.array([2.0, 4.0])
+    a = np.array([0.5, 0.4, 0.9])  # x=4 is 0.1 faster than x=2
+    grids = {
+        "a": (("x",), (xs,), a),
+        "b": (("x", "y"), (xs, ys), np.full((3, 2), 0.1)),
+        "c": ((), (), np.array(0.2)),
+    }
+    model = L.LatencyModel(graph, grids, overhead=0.0)
+    assert model.fastest_widths({"x": 2, "y": 2}) == {"x": 4, "y": 2}
+    # the gain is 0.1 of 0.8 (12.5%): a 20% threshold keeps the narrower widths
+    assert model.fastest_widths({"x": 2, "y": 2}, min_gain=0.2) == {"x": 2, "y": 2}
+    assert model.fastest_widths({"x": 2, "y": 2}, min_gain=0.1) == {"x": 4, "y": 2}
+    for bad, match in (
+        ({"x": 2}, "counts must map every group"),
+        ({"x": 0, "y": 2}, r"counts\['x'\] must be an int in \[1, 8\]"),
+        ({"x": 9, "y": 2}, r"counts\['x'\] must be an int in \[1, 8\]"),
+        ({"x": 2.5, "y": 2}, r"counts\['x'\]"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            model.fastest_widths(bad)
+    for bad in (-0.1, 1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="min_gain must be a float in"):
+            model.fastest_widths({"x": 2, "y": 2}, min_gain=bad)
+    with pytest.raises(ValueError, match="max_combinations"):
+        model.fastest_widths({"x": 2, "y": 2}, max_combinations=0)
 
 
 def test_latency_form_runs_under_jit():

@@ -249,6 +249,66 @@ def _mlp_with_gates(g0, g1):
     return model
 
 
+def _random_latency_model(graph, seed):
+    """A latency model of ``graph`` with random (non-monotone) times on a 4-point grid."""
+    rng = np.random.default_rng(seed)
+    sizes = graph.group_sizes
+    grids = {}
+    for term in graph.terms:
+        axes = tuple(
+            np.unique(np.round(np.array([0.25, 0.5, 0.75, 1.0]) * sizes[g]).clip(1))
+            for g in term.groups
+        )
+        times = rng.uniform(0.1, 1.0, tuple(a.shape[0] for a in axes))
+        grids[term.name] = (term.groups, axes, times)
+    return L.LatencyModel(graph, grids, overhead=0.1)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_cnn_extraction_padded_to_the_fastest_widths_is_exact(seed):
+    """Widening to where a (measured) latency model is fastest adds zero-gated channels only."""
+    model = L.GatedCNN(1, 10, (8, 16, 8, 12), strides=(1, 2, 2, 1), rngs=nnx.Rngs(0))
+    _randomize_bn(model)
+    values = _set_gates(model, zero_frac=0.6, seed=3)
+    graph = L.cost_graph(model, (12, 12, 1))
+    timing = _random_latency_model(graph, seed)
+    x = jax.random.normal(jax.random.key(1), (4, 12, 12, 1))
+    rule = L.extract(model, input_shape=(12, 12, 1))
+    out = L.extract(model, latency_model=timing, input_shape=(12, 12, 1))
+    assert out.widths == timing.fastest_widths(rule.widths)
+    for name in values:
+        assert set(rule.kept[name]) <= set(out.kept[name])
+        added = np.setdiff1d(out.kept[name], rule.kept[name])
+        assert np.all(values[name][added] == 0)  # zero-padding, never a pruned live unit
+    assert float(timing.latency(out.widths)) <= float(timing.latency(rule.widths)) * (1 + 1e-6)
+    assert out.macs == graph.macs(out.widths) >= rule.macs
+    np.testing.assert_allclose(_fwd(out.model, x), _fwd(model, x), rtol=1e-5, atol=1e-5)
+    # a grid that only gets slower with width changes nothing
+    slow = L.LatencyModel(
+        graph,
+        {n: (g, a, np.indices(t.shape).sum(axis=0) + 1.0) for n, (g, a, t) in timing.grids.items()},
+    )
+    assert L.extract(model, latency_model=slow, input_shape=(12, 12, 1)).widths == rule.widths
+
+
+def test_padding_errors():
+    model = L.GatedCNN(1, 10, (8, 16, 8, 12), rngs=nnx.Rngs(0))
+    _set_gates(model)
+    graph = L.cost_graph(model, (12, 12, 1))
+    timing = _random_latency_model(graph, 0)
+    with pytest.raises(TypeError, match="latency_model must be a LatencyModel, got LayerGraph"):
+        L.extract(model, latency_model=graph)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        L.extract(model, latency_model=timing, max_macs=1e6, input_shape=(12, 12, 1))
+    other = L.GatedCNN(1, 10, (8, 16, 8, 16), rngs=nnx.Rngs(0))
+    wrong = _random_latency_model(L.cost_graph(other, (12, 12, 1)), 0)
+    with pytest.raises(ValueError, match="do not match the model's gates"):
+        L.extract(model, latency_model=wrong)
+    for bad in (-0.5, 1.0, "0.1"):
+        with pytest.raises(ValueError, match="pad_min_gain must be a float in"):
+            L.extract(model, latency_model=timing, pad_min_gain=bad)
+
+
 def test_budget_rounding_drops_the_cheapest_gate_mass_per_mac():
     """Hand-computed: MLP 8 -> 16 -> 16 -> 3 costs 8 h0 + h0 h1 + 3 h1 = 432 MACs at (16, 16).
     Lowering h0 to 8 saves 192 MACs, h1 to 8 saves 152; the greedy step takes the smaller

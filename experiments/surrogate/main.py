@@ -101,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
         "modelled full-width CNN latency (measured on this device first), e.g. 0.5,0.35",
     )
     parser.add_argument(
+        "--no-cnn-latency-padding",
+        dest="cnn_latency_padding",
+        action="store_false",
+        default=None,
+        help="extract latency-form models at their steered widths, without widening a layer "
+        "to a wider width that the measured grid runs faster",
+    )
+    parser.add_argument(
         "--scale",
         choices=SCALES,
         default=None,
@@ -139,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         "mlp_epochs",
         "cnn_targets",
         "cnn_latency_targets",
+        "cnn_latency_padding",
         "cnn_channel_multiple",
         "cnn_rounding",
         "cnn_budget_criterion",

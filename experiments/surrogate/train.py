@@ -317,6 +317,7 @@ def _compress(
     multiple: int = 1,
     rounding: str = "steer",
     latency_model: L.LatencyModel | None = None,
+    padding_model: L.LatencyModel | None = None,
 ) -> dict[str, Any]:
     """Penalised training towards ``target * reference_flops``, extraction, fine-tuning.
 
@@ -327,7 +328,8 @@ def _compress(
     or the exact surviving counts, with extraction rounding up (``"extract"``) or within the
     target (``"budget"``). With ``latency_model`` (the latency form, ``kind="ratio"``) the
     penalty and the controller use it instead, ``target`` is a fraction of its modelled
-    full-width latency, and rounding is ``"steer"``.
+    full-width latency, and rounding is ``"steer"``. With ``padding_model`` (the measured
+    grid) extraction widens each layer to the fastest width at least as wide.
     """
     config = task.config
     graph = L.cost_graph(model, task.input_shape) if graph is None else graph
@@ -380,6 +382,7 @@ def _compress(
         max_macs=max_macs,
         budget_loss=budget_loss,
         input_shape=task.input_shape,
+        latency_model=padding_model,
     )
     small = extracted.model
     before = task.accuracy(small)
@@ -401,6 +404,16 @@ def _compress(
         point["modelled_latency_ratio"] = float(
             latency_model.latency(point["widths"]) / latency_model.dense()
         )
+    if padding_model is not None:  # the measured grid with and without padding
+
+        def grid_ratio(widths: dict[str, int]) -> float:
+            return float(padding_model.latency(widths) / padding_model.dense())
+
+        gates = L.gate_values(model)
+        before_padding = {n: len(L.kept_units(a, config.tau, multiple)) for n, a in gates.items()}
+        point["widths_before_padding"] = before_padding
+        point["measured_grid_latency_ratio"] = grid_ratio(point["widths"])
+        point["measured_grid_latency_ratio_before_padding"] = grid_ratio(before_padding)
     if point["flops"] != extracted.macs:
         raise AssertionError(f"count_macs {point['flops']} != extract's {extracted.macs}")
     return point
@@ -432,12 +445,15 @@ def _finish(
 _LATENCY_MODELS: dict[tuple, L.LatencyModel] = {}
 
 
-def cnn_latency_model(config: Config, graph: L.LayerGraph, out: str | None) -> L.LatencyModel:
+def cnn_latency_model(
+    config: Config, graph: L.LayerGraph, out: str | None, *, as_measured: bool = False
+) -> L.LatencyModel:
     """The latency model of the CNN's terms on this device (``Config.cnn_latency_grid``,
     ``cnn_latency_batch``), measured once per process for a given architecture and saved, as
     measured, to ``out/cnn_latency_table.json``. On the CPU backend every term is timed on
     this process's CPU clock as a single-threaded executable; elsewhere on the wall clock.
-    Returned as its monotone envelope with ``Config.cnn_latency_monotone``."""
+    Returned as its monotone envelope with ``Config.cnn_latency_monotone``, unless
+    ``as_measured``."""
     key = (
         tuple((t.name, t.groups, t.factors, t.op) for t in graph.terms),
         config.cnn_latency_grid,
@@ -456,7 +472,7 @@ def cnn_latency_model(config: Config, graph: L.LayerGraph, out: str | None) -> L
     model = _LATENCY_MODELS[key]
     if out is not None:
         model.to_table().to_json(os.path.join(out, "cnn_latency_table.json"))
-    return model.monotone() if config.cnn_latency_monotone else model
+    return model.monotone() if config.cnn_latency_monotone and not as_measured else model
 
 
 def _cnn_seed(config: Config, seed: int, data, out, bar) -> dict[str, Any]:
@@ -518,9 +534,17 @@ def _cnn_seed(config: Config, seed: int, data, out, bar) -> dict[str, Any]:
         ]
     if config.cnn_latency_targets:
         latency_model = cnn_latency_model(config, graph, out)
+        padding_model = None
+        if config.cnn_latency_padding:
+            padding_model = cnn_latency_model(config, graph, None, as_measured=True)
         methods["surrogate_latency"] = [
             compress(
-                f"latency_{target:g}", target, "ratio", graph=graph, latency_model=latency_model
+                f"latency_{target:g}",
+                target,
+                "ratio",
+                graph=graph,
+                latency_model=latency_model,
+                padding_model=padding_model,
             )
             for target in config.cnn_latency_targets
         ]

@@ -39,6 +39,7 @@ from flax import nnx
 
 from jaxcompress.latency import gates as _g
 from jaxcompress.models import MLP, SmallCNN, TransformerClassifier
+from jaxcompress.models._common import check_positive_int
 from jaxcompress.spdy import LayerOptions, TimingTable, measure
 
 __all__ = [
@@ -632,6 +633,86 @@ class LatencyModel:
                 env = np.flip(np.minimum.accumulate(flipped, axis=axis), axis)
             grids[name] = (groups, axes, env)
         return LatencyModel(self.graph, grids, self.overhead)
+
+    def fastest_widths(
+        self,
+        counts: Mapping[str, int],
+        *,
+        min_gain: float = 0.0,
+        max_combinations: int = 65536,
+    ) -> dict[str, int]:
+        """The widths, each at least its group's count, at which the modelled latency is lowest.
+
+        A kept layer can be zero-padded to any wider width with the same function, so the
+        fastest width at least as wide is attainable. :meth:`monotone` prices a width at that
+        envelope; this returns the widths that attain it, to extract the model at:
+
+        .. math::  c^\\star = \\arg\\min_{c' \\ge c}\\ T(c'),
+
+        over ``c'_g`` in ``{c_g}`` and the grid widths of group ``g`` above ``c_g``. All
+        combinations are compared when there are at most ``max_combinations``, otherwise
+        coordinate descent (one group at a time, all its candidates, until no group moves).
+        Ties go to the narrower model.
+
+        Args:
+          counts: ``{group: int}`` for every group of the graph, each in ``[1, size]``.
+          min_gain: widen only if the model gets at least this fraction faster (``[0, 1)``;
+            a guard against timing noise: each widening costs FLOPs).
+          max_combinations: the exhaustive search limit.
+
+        Returns:
+          ``{group: width}``, each ``>= counts[group]``; ``counts`` itself when no candidate is
+          faster by ``min_gain``.
+        """
+        sizes = self.graph.group_sizes
+        if not isinstance(counts, Mapping) or set(counts) != set(sizes):
+            got = sorted(counts) if isinstance(counts, Mapping) else counts
+            raise ValueError(f"counts must map every group {sorted(sizes)} to an int, got {got!r}")
+        for g, c in counts.items():
+            if isinstance(c, bool) or not isinstance(c, numbers.Integral) or not 1 <= c <= sizes[g]:
+                raise ValueError(f"counts[{g!r}] must be an int in [1, {sizes[g]}], got {c!r}")
+        if isinstance(min_gain, bool) or not isinstance(min_gain, numbers.Real):
+            raise ValueError(f"min_gain must be a float in [0, 1), got {min_gain!r}")
+        if not 0 <= min_gain < 1:
+            raise ValueError(f"min_gain must be a float in [0, 1), got {min_gain!r}")
+        check_positive_int("max_combinations", max_combinations)
+        names = [g for g, _ in self.graph.groups]
+        grid: dict[str, set[int]] = {g: set() for g in names}
+        for groups, axes, _ in self.grids.values():
+            for g, axis in zip(groups, axes, strict=True):
+                grid[g].update(int(w) for w in axis)
+        candidates = {
+            g: np.array(
+                [int(counts[g])] + sorted(w for w in grid[g] if counts[g] < w <= sizes[g]),
+                np.float32,
+            )
+            for g in names
+        }
+        latency = jax.jit(jax.vmap(self.latency))
+
+        def best(combos: dict[str, np.ndarray]) -> dict[str, int]:
+            times = np.asarray(latency({g: jnp.asarray(v) for g, v in combos.items()}))
+            total = sum(combos.values())
+            i = int(np.lexsort((total, times))[0])  # fastest, then narrowest
+            return {g: int(combos[g][i]) for g in names}
+
+        if math.prod(len(v) for v in candidates.values()) <= max_combinations:
+            mesh = np.meshgrid(*candidates.values(), indexing="ij")
+            choice = best({g: m.ravel() for g, m in zip(names, mesh, strict=True)})
+        else:
+            choice = {g: int(counts[g]) for g in names}
+            for _ in range(len(names) * max(len(v) for v in candidates.values())):
+                before = dict(choice)
+                for g in names:
+                    others = {h: np.full(len(candidates[g]), choice[h], np.float32) for h in names}
+                    choice = best({**others, g: candidates[g]})
+                if choice == before:
+                    break
+        start = float(self.latency({g: float(counts[g]) for g in names}))
+        faster = float(self.latency({g: float(w) for g, w in choice.items()}))
+        if faster > (1.0 - min_gain) * start:
+            return {g: int(counts[g]) for g in names}
+        return choice
 
     def dense(self) -> float:
         """Modelled full-width latency (a Python float, also inside a jit trace)."""

@@ -11,7 +11,9 @@ Nasery et al., arXiv:2306.05785 (spec 4.2, "Extraction"):
    (``multiple``) round each kept count up to a multiple, e.g. 8, by also keeping the largest
    removed gates, since odd channel counts run far slower on many backends; with a cost
    ceiling (``max_macs``) too, lower the rounded counts to smaller multiples, dropping the
-   smallest kept gates, until the model fits (:func:`fit_counts_to_budget`);
+   smallest kept gates, until the model fits (:func:`fit_counts_to_budget`); or, with a
+   measured ``latency_model``, widen each count to the fastest width at least as wide
+   (:meth:`~jaxcompress.latency.LatencyModel.fastest_widths`: zero-padding that runs faster);
 2. remove the other channels / neurons / heads / ranks / quantization levels;
 3. fold the surviving gates into the weights: into BatchNorm's ``scale``/``bias`` for the CNN
    (gate after BN, before the ReLU; a kept channel whose gate is 0 gets its layer's mean gate
@@ -242,12 +244,35 @@ def kept_units(a: Any, tau: float = DEFAULT_TAU, multiple: int = 1) -> np.ndarra
     keep = np.flatnonzero((a >= tau * a.max()) & (a > 0))
     if not keep.size:
         keep = np.array([int(np.argmax(a))])
-    extra = round_up_count(keep.size, multiple, a.size) - keep.size
-    if extra:
-        rest = np.setdiff1d(np.arange(a.size), keep)
-        order = rest[np.argsort(-a[rest], kind="stable")]
-        keep = np.sort(np.concatenate([keep, order[:extra]]))
-    return keep
+    return _widen(a, keep, round_up_count(keep.size, multiple, a.size))
+
+
+def _widen(a: np.ndarray, keep: np.ndarray, count: int) -> np.ndarray:
+    """``keep`` plus the largest other gates of ``a``, ``count`` units in all (sorted)."""
+    rest = np.setdiff1d(np.arange(a.size), keep)
+    order = rest[np.argsort(-a[rest], kind="stable")]
+    return np.sort(np.concatenate([keep, order[: count - keep.size]]))
+
+
+def _check_latency_model(
+    latency_model: Any, values: Mapping[str, Any], max_macs: Any, min_gain: Any
+) -> None:
+    from jaxcompress.latency.cost import LatencyModel
+
+    if not isinstance(latency_model, LatencyModel):
+        raise TypeError(f"latency_model must be a LatencyModel, got {type(latency_model).__name__}")
+    if max_macs is not None:
+        raise ValueError("latency_model (widening) and max_macs (a ceiling) cannot be combined")
+    sizes = latency_model.graph.group_sizes
+    shapes = {n: int(np.size(v)) for n, v in values.items()}
+    if sizes != shapes:
+        raise ValueError(f"latency_model's groups {sizes} do not match the model's gates {shapes}")
+    if (
+        isinstance(min_gain, bool)
+        or not isinstance(min_gain, numbers.Real)
+        or not 0 <= min_gain < 1
+    ):
+        raise ValueError(f"pad_min_gain must be a float in [0, 1), got {min_gain!r}")
 
 
 def _ranking(a: np.ndarray) -> np.ndarray:
@@ -674,6 +699,8 @@ def extract(
     max_macs: float | None = None,
     budget_loss: Callable[[Mapping[str, np.ndarray]], float] | None = None,
     input_shape: Sequence[int] | None = None,
+    latency_model: Any = None,
+    pad_min_gain: float = 0.0,
 ) -> Extracted:
     """Threshold the gates, drop the removed units, fold the rest into the weights.
 
@@ -699,6 +726,17 @@ def extract(
       budget_loss: optional criterion for ``max_macs`` fitting: ``loss({group: kept
         indices})``, e.g. :func:`calibration_loss` on a batch of training data. By default
         the smallest relative gate mass is dropped per MAC saved.
+      latency_model: optional :class:`~jaxcompress.latency.LatencyModel` of this model's
+        graph, as measured (not its :meth:`~jaxcompress.latency.LatencyModel.monotone`
+        envelope): after thresholding and rounding, widen every group to the widths at which
+        it models the lowest latency among widths at least as large
+        (:meth:`~jaxcompress.latency.LatencyModel.fastest_widths`), keeping the largest
+        removed gates. A kernel can run faster at a wider width (XLA:CPU runs a 56-channel
+        conv slower than a 64-channel one); with removed gates at 0 the added units are
+        zero-padding and the function is unchanged. This is the width at which the envelope
+        that steered a latency-form run was attained. Not with ``max_macs``.
+      pad_min_gain: with ``latency_model``, widen only if the modelled latency drops by at
+        least this fraction (:meth:`~jaxcompress.latency.LatencyModel.fastest_widths`).
       input_shape: one example's shape; when given, ``macs`` is counted exactly from the
         extracted model (:func:`~jaxcompress.latency.count_macs`). For a :class:`LevelDense`
         that is its plain multiply-adds; the bit-weighted cost is
@@ -709,9 +747,10 @@ def extract(
       :class:`SlimTransformerClassifier`, :class:`FactorizedLinear` or :class:`LevelDense`).
 
     Raises:
-      TypeError: an unsupported model.
+      TypeError: an unsupported model; a ``latency_model`` that is not a ``LatencyModel``.
       ValueError: ``tau`` outside ``[0, 1)``; a bad ``multiple``; ``max_macs`` not a positive
-        number, given without ``input_shape``, or below the cheapest rounded model;
+        number, given without ``input_shape``, or below the cheapest rounded model, or given
+        with ``latency_model``; a ``latency_model`` of other groups, or a bad ``pad_min_gain``;
         ``gates`` with missing/unexpected names or wrong shapes; negative or non-finite
         gates.
     """
@@ -738,6 +777,8 @@ def extract(
     values = _resolve_gates(model, gates)
     values = {k: np.asarray(v, np.float32) for k, v in values.items()}
     multiples = group_multiples(multiple, values)
+    if latency_model is not None:
+        _check_latency_model(latency_model, values, max_macs, pad_min_gain)
 
     kept_by_rule = {n: kept_units(v, tau, multiples[n]) for n, v in values.items()}
     if max_macs is not None:
@@ -752,6 +793,11 @@ def extract(
             loss=budget_loss,
         )
         kept_by_rule = {n: _top_units(values[n], c) for n, c in counts.items()}
+    if latency_model is not None:
+        counts = latency_model.fastest_widths(
+            {n: len(k) for n, k in kept_by_rule.items()}, min_gain=pad_min_gain
+        )
+        kept_by_rule = {n: _widen(values[n], kept_by_rule[n], counts[n]) for n in values}
 
     def keep(name: str) -> np.ndarray:
         return kept_by_rule[name]

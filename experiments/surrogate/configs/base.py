@@ -139,6 +139,12 @@ class Config:
         lower envelope of every grid over wider widths (a layer can be zero-padded to a wider,
         faster width). The measured CPU grid is not monotone, and steered by it as measured the
         latency form kept blocks 0-2 whole and stalled above its target (RESULTS.md).
+      cnn_latency_padding: extract each latency-form model at the widths where the measured
+        grid is fastest among widths at least as wide
+        (:meth:`jaxcompress.latency.LatencyModel.fastest_widths`, via ``extract(...,
+        latency_model=)``): zero-padding, the same function, at the width where the monotone
+        envelope that steered it was attained. Without it a 56-channel conv, priced at the
+        64-channel time, ran at the slower 56-channel one (RESULTS.md).
       cnn_latency_batch: batch of the timed terms. On the CPU backend they are timed on this
         process's CPU clock with single-threaded executables, which gave far steadier grids
         than the wall clock (RESULTS.md); on an accelerator on the wall clock.
@@ -215,6 +221,7 @@ class Config:
     cnn_latency_grid: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
     cnn_latency_batch: int = 512
     cnn_latency_monotone: bool = True
+    cnn_latency_padding: bool = True
     cnn_train_subset: int | None = None
     cnn_test_subset: int | None = None
 
@@ -271,6 +278,7 @@ class Config:
             "progress",
             "prune_during_training",
             "cnn_latency_monotone",
+            "cnn_latency_padding",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
