@@ -40,6 +40,7 @@ Typical use::
 """
 
 from jaxcompress.latency.cost import (
+    PAD_MIN_GAIN,
     CostTerm,
     LatencyModel,
     LayerGraph,
@@ -105,6 +106,7 @@ __all__ = [
     "DEFAULT_EPS",
     "DEFAULT_P",
     "DEFAULT_TAU",
+    "PAD_MIN_GAIN",
     "PARAMETRIZATIONS",
     "BitGatedDense",
     "ChannelGate",

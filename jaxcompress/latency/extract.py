@@ -43,6 +43,7 @@ import optax
 from flax import nnx
 
 from jaxcompress.latency import gates as _g
+from jaxcompress.latency.cost import PAD_MIN_GAIN
 from jaxcompress.latency.surrogate import check_multiple, group_multiples, round_up_count
 from jaxcompress.models import MLP, SmallCNN, TransformerClassifier
 from jaxcompress.models._common import check_int_tuple, check_positive_int, check_rngs
@@ -700,7 +701,7 @@ def extract(
     budget_loss: Callable[[Mapping[str, np.ndarray]], float] | None = None,
     input_shape: Sequence[int] | None = None,
     latency_model: Any = None,
-    pad_min_gain: float = 0.0,
+    pad_min_gain: float = PAD_MIN_GAIN,
 ) -> Extracted:
     """Threshold the gates, drop the removed units, fold the rest into the weights.
 
@@ -736,7 +737,8 @@ def extract(
         zero-padding and the function is unchanged. This is the width at which the envelope
         that steered a latency-form run was attained. Not with ``max_macs``.
       pad_min_gain: with ``latency_model``, widen only if the modelled latency drops by at
-        least this fraction (:meth:`~jaxcompress.latency.LatencyModel.fastest_widths`).
+        least this fraction (default 0, ``PAD_MIN_GAIN``;
+        :meth:`~jaxcompress.latency.LatencyModel.fastest_widths`).
       input_shape: one example's shape; when given, ``macs`` is counted exactly from the
         extracted model (:func:`~jaxcompress.latency.count_macs`). For a :class:`LevelDense`
         that is its plain multiply-adds; the bit-weighted cost is
