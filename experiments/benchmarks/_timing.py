@@ -1,7 +1,11 @@
-"""Timing helpers shared by the optimizer step benchmarks (``cram_step.py``, ``acdc_step.py``)."""
+"""Helpers shared by the benchmarks: timing of optimizer steps (``cram_step.py``,
+``acdc_step.py``), and the machine record and JSON output of the latency benchmarks."""
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 import time
 
 import jax
@@ -10,7 +14,26 @@ from flax import nnx
 
 from jaxcompress.models import SmallCNN, resnet8
 
-__all__ = ["Variant", "benchmark_model", "copy_tree"]
+__all__ = ["Variant", "benchmark_model", "copy_tree", "machine_info", "write_json"]
+
+
+def machine_info() -> dict:
+    """Platform, first device, jax version, CPU count and load average, for a result JSON."""
+    return {
+        "platform": platform.platform(),
+        "device": str(jax.devices()[0]),
+        "jax": jax.__version__,
+        "cpu_count": os.cpu_count(),
+        "loadavg": os.getloadavg(),
+    }
+
+
+def write_json(path: str | None, result: dict) -> None:
+    """Write ``result`` to ``path`` (creating its folder); nothing when ``path`` is None."""
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 def benchmark_model(name: str, seed: int) -> nnx.Module:

@@ -27,11 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 
-import jax
 import jax.numpy as jnp
+from _timing import machine_info, write_json
 from flax import nnx
 
 import jaxcompress.latency as L
@@ -141,13 +140,7 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "channel_multiple",
         "config": vars(args),
-        "machine": {
-            "platform": platform.platform(),
-            "device": str(jax.devices()[0]),
-            "jax": jax.__version__,
-            "cpu_count": os.cpu_count(),
-            "loadavg": os.getloadavg(),
-        },
+        "machine": machine_info(),
         "rows": rows,
         "summary": summary,
     }
@@ -159,10 +152,7 @@ def main(argv=None) -> dict:
             f"{'' if r['within_25'] else '  (outside 25%)'}"
         )
     print(json.dumps(summary, indent=1))
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.out, result)
     return result
 
 

@@ -40,12 +40,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 
-import jax
 import jax.numpy as jnp
 import numpy as np
+from _timing import machine_info, write_json
 from channel_multiple import FULL, INPUT, STRIDES, _forward
 from flax import nnx
 
@@ -180,13 +179,7 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "latency_padding",
         "config": vars(args),
-        "machine": {
-            "platform": platform.platform(),
-            "device": str(jax.devices()[0]),
-            "jax": jax.__version__,
-            "cpu_count": os.cpu_count(),
-            "loadavg": os.getloadavg(),
-        },
+        "machine": machine_info(),
         "rows": rows,
         "summary": summary,
     }
@@ -198,10 +191,7 @@ def main(argv=None) -> dict:
             f"(grid {r['grid_speedup']:.2f})"
         )
     print(json.dumps(summary, indent=1))
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.out, result)
     return result
 
 
