@@ -14,7 +14,7 @@ from flax import nnx
 
 from jaxcompress.models import SmallCNN, resnet8
 
-__all__ = ["Variant", "benchmark_model", "copy_tree", "machine_info", "write_json"]
+__all__ = ["Variant", "benchmark_model", "copy_tree", "machine_info", "report", "write_json"]
 
 
 def machine_info() -> dict:
@@ -26,6 +26,23 @@ def machine_info() -> dict:
         "cpu_count": os.cpu_count(),
         "loadavg": os.getloadavg(),
     }
+
+
+def report(benchmark: str, args, rows: dict, summary: dict, line) -> dict:
+    """Print ``line(name, row)`` per row and the summary; write the result JSON to ``args.out``
+    (with the config, the machine, the rows and the summary) and return it."""
+    result = {
+        "benchmark": benchmark,
+        "config": vars(args),
+        "machine": machine_info(),
+        "rows": rows,
+        "summary": summary,
+    }
+    for name, row in rows.items():
+        print(line(name, row))
+    print(json.dumps(summary, indent=1))
+    write_json(args.out, result)
+    return result
 
 
 def write_json(path: str | None, result: dict) -> None:

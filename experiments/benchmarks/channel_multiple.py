@@ -30,7 +30,7 @@ import os
 import statistics
 
 import jax.numpy as jnp
-from _timing import machine_info, write_json
+from _timing import report
 from flax import nnx
 
 import jaxcompress.latency as L
@@ -137,23 +137,16 @@ def main(argv=None) -> dict:
     summary["uniform_within_25"] = sum(
         rows[f"uniform_{m:g}"]["within_25"] for m in (0.25, 0.5, 0.75)
     )
-    result = {
-        "benchmark": "channel_multiple",
-        "config": vars(args),
-        "machine": machine_info(),
-        "rows": rows,
-        "summary": summary,
-    }
-    for name, r in rows.items():
-        print(
+
+    def line(name, r):
+        return (
             f"{name:28s} {str(tuple(r['widths'])):20s} MACs {r['macs']:>9,d} "
             f"{r['latency_ms']:7.3f} ms  FLOPs -{r['flops_reduction']:.1%} "
             f"latency -{r['latency_reduction']:.1%}  eff {r['efficiency']:.2f}"
             f"{'' if r['within_25'] else '  (outside 25%)'}"
         )
-    print(json.dumps(summary, indent=1))
-    write_json(args.out, result)
-    return result
+
+    return report("channel_multiple", args, rows, summary, line)
 
 
 if __name__ == "__main__":

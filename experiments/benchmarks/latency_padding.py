@@ -44,7 +44,7 @@ import statistics
 
 import jax.numpy as jnp
 import numpy as np
-from _timing import machine_info, write_json
+from _timing import report
 from channel_multiple import FULL, INPUT, STRIDES, _forward
 from flax import nnx
 
@@ -176,23 +176,16 @@ def main(argv=None) -> dict:
             if kept
             else None,
         }
-    result = {
-        "benchmark": "latency_padding",
-        "config": vars(args),
-        "machine": machine_info(),
-        "rows": rows,
-        "summary": summary,
-    }
-    for name, r in rows.items():
-        print(
+
+    def line(name, r):
+        return (
             f"{name:34s} {str(tuple(r['widths'])):20s} -> {str(tuple(r['padded'])):20s} "
             f"MACs x{r['padded_macs'] / r['macs']:.2f}  {r['latency_ms']:6.3f} -> "
             f"{r['padded_latency_ms']:6.3f} ms  speedup {r['speedup']:.2f} "
             f"(grid {r['grid_speedup']:.2f})"
         )
-    print(json.dumps(summary, indent=1))
-    write_json(args.out, result)
-    return result
+
+    return report("latency_padding", args, rows, summary, line)
 
 
 if __name__ == "__main__":
