@@ -66,6 +66,13 @@ Atom = int | str
 PAD_MIN_GAIN = 0.0
 
 
+def check_min_gain(value: Any, name: str = "min_gain") -> float:
+    """``value`` as a float in ``[0, 1)``, or a ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
+    return float(value)
+
+
 # --------------------------------------------------------------------------------------------
 # Per-layer formulas
 # --------------------------------------------------------------------------------------------
@@ -680,10 +687,7 @@ class LatencyModel:
         for g, c in counts.items():
             if isinstance(c, bool) or not isinstance(c, numbers.Integral) or not 1 <= c <= sizes[g]:
                 raise ValueError(f"counts[{g!r}] must be an int in [1, {sizes[g]}], got {c!r}")
-        if isinstance(min_gain, bool) or not isinstance(min_gain, numbers.Real):
-            raise ValueError(f"min_gain must be a float in [0, 1), got {min_gain!r}")
-        if not 0 <= min_gain < 1:
-            raise ValueError(f"min_gain must be a float in [0, 1), got {min_gain!r}")
+        check_min_gain(min_gain)
         check_positive_int("max_combinations", max_combinations)
         names = [g for g, _ in self.graph.groups]
         grid: dict[str, set[int]] = {g: set() for g in names}

@@ -43,7 +43,13 @@ import optax
 from flax import nnx
 
 from jaxcompress.latency import gates as _g
-from jaxcompress.latency.cost import PAD_MIN_GAIN
+from jaxcompress.latency.cost import (
+    PAD_MIN_GAIN,
+    LatencyModel,
+    check_min_gain,
+    cost_graph,
+    count_macs,
+)
 from jaxcompress.latency.surrogate import check_multiple, group_multiples, round_up_count
 from jaxcompress.models import MLP, SmallCNN, TransformerClassifier
 from jaxcompress.models._common import check_int_tuple, check_positive_int, check_rngs
@@ -258,8 +264,6 @@ def _widen(a: np.ndarray, keep: np.ndarray, count: int) -> np.ndarray:
 def _check_latency_model(
     latency_model: Any, values: Mapping[str, Any], max_macs: Any, min_gain: Any
 ) -> None:
-    from jaxcompress.latency.cost import LatencyModel
-
     if not isinstance(latency_model, LatencyModel):
         raise TypeError(f"latency_model must be a LatencyModel, got {type(latency_model).__name__}")
     if max_macs is not None:
@@ -268,12 +272,7 @@ def _check_latency_model(
     shapes = {n: int(np.size(v)) for n, v in values.items()}
     if sizes != shapes:
         raise ValueError(f"latency_model's groups {sizes} do not match the model's gates {shapes}")
-    if (
-        isinstance(min_gain, bool)
-        or not isinstance(min_gain, numbers.Real)
-        or not 0 <= min_gain < 1
-    ):
-        raise ValueError(f"pad_min_gain must be a float in [0, 1), got {min_gain!r}")
+    check_min_gain(min_gain, "pad_min_gain")
 
 
 def _ranking(a: np.ndarray) -> np.ndarray:
@@ -784,8 +783,6 @@ def extract(
 
     kept_by_rule = {n: kept_units(v, tau, multiples[n]) for n, v in values.items()}
     if max_macs is not None:
-        from jaxcompress.latency.cost import cost_graph
-
         counts = fit_counts_to_budget(
             values,
             cost_graph(model, input_shape),
@@ -808,8 +805,6 @@ def extract(
     new.eval()
     macs = None
     if input_shape is not None:
-        from jaxcompress.latency.cost import count_macs
-
         macs = count_macs(new, input_shape)
     return Extracted(new, kept, {k: len(v) for k, v in kept.items()}, macs)
 
