@@ -1,0 +1,337 @@
+"""Decoder-only GPT language model (token ids in, next-token logits out) and a jitted sampler."""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxcompress.models._common import check_positive_int, check_rate, check_rngs
+
+__all__ = ["GPT", "GPTBlock", "CausalSelfAttention", "generate"]
+
+# GPT-2 initialisation (Radford et al., 2019; as nanoGPT): N(0, 0.02) for every weight matrix and
+# embedding, zero biases, and N(0, 0.02 / sqrt(2 L)) for the two residual projections of each of
+# the L blocks, so the residual stream's variance does not grow with depth.
+_INIT_STD = 0.02
+
+
+def _normal(std: float):
+    return nnx.initializers.normal(std)
+
+
+class CausalSelfAttention(nnx.Module):
+    r"""Causal multi-head self-attention with separate ``query``, ``key``, ``value`` and ``out``
+    ``nnx.Linear`` projections (each a Dense kernel ``(d_model, d_model)``, so layer-wise
+    pruners see four layers).
+
+    For ``x`` ``(B, T, d)`` and heads :math:`h` of width :math:`d_h = d / H`:
+
+    .. math::
+        A_h = \operatorname{softmax}\Bigl(\frac{Q_h K_h^\top}{\sqrt{d_h}} + C\Bigr),\qquad
+        y = \operatorname{concat}_h(\mathrm{Drop}(A_h) V_h)\, W_o + b_o,
+
+    with :math:`C_{ts} = -\infty` for :math:`s > t` (a position never sees later ones). The
+    softmax is computed in float32.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        dropout: float,
+        *,
+        out_std: float,
+        use_bias: bool,
+        rngs: nnx.Rngs,
+    ):
+        self.num_heads = num_heads
+        self.head_dim = d_model // num_heads
+
+        def linear(std: float) -> nnx.Linear:
+            return nnx.Linear(
+                d_model, d_model, use_bias=use_bias, kernel_init=_normal(std), rngs=rngs
+            )
+
+        self.query = linear(_INIT_STD)
+        self.key = linear(_INIT_STD)
+        self.value = linear(_INIT_STD)
+        self.out = linear(out_std)
+        self.attn_dropout = nnx.Dropout(dropout, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, t, d = x.shape
+        h, dh = self.num_heads, self.head_dim
+        q = self.query(x).reshape(b, t, h, dh)
+        k = self.key(x).reshape(b, t, h, dh)
+        v = self.value(x).reshape(b, t, h, dh)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(dh)
+        causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+        scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+        weights = self.attn_dropout(jax.nn.softmax(scores, axis=-1).astype(x.dtype))
+        y = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, d)
+        return self.out(y)
+
+
+class GPTBlock(nnx.Module):
+    r"""Pre-LN decoder block (Radford et al., 2019; Xiong et al., 2020, arXiv:2002.04745):
+
+    .. math::
+        h = x + \mathrm{Drop}(\mathrm{Attn}(\mathrm{LN}_1(x))),\qquad
+        y = h + \mathrm{Drop}(W_2\, \operatorname{gelu}(W_1 \mathrm{LN}_2(h))).
+
+    Attributes: ``ln1``, ``attn`` (:class:`CausalSelfAttention`), ``ln2``, ``fc1``
+    (``(d_model, mlp_dim)``), ``fc2`` (``(mlp_dim, d_model)``), ``dropout``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        mlp_dim: int,
+        dropout: float,
+        *,
+        out_std: float,
+        use_bias: bool,
+        rngs: nnx.Rngs,
+    ):
+        self.ln1 = nnx.LayerNorm(d_model, use_bias=use_bias, rngs=rngs)
+        self.attn = CausalSelfAttention(
+            d_model, num_heads, dropout, out_std=out_std, use_bias=use_bias, rngs=rngs
+        )
+        self.ln2 = nnx.LayerNorm(d_model, use_bias=use_bias, rngs=rngs)
+        self.fc1 = nnx.Linear(
+            d_model, mlp_dim, use_bias=use_bias, kernel_init=_normal(_INIT_STD), rngs=rngs
+        )
+        self.fc2 = nnx.Linear(
+            mlp_dim, d_model, use_bias=use_bias, kernel_init=_normal(out_std), rngs=rngs
+        )
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.dropout(self.attn(self.ln1(x)))
+        return x + self.dropout(self.fc2(jax.nn.gelu(self.fc1(self.ln2(x)))))
+
+
+class GPT(nnx.Module):
+    r"""Decoder-only Transformer language model (GPT-2 layout, Radford et al., 2019), as
+    nanoGPT's ``GPT``: learned token and position embeddings, pre-LN blocks with causal
+    multi-head self-attention and a GELU MLP, a final LayerNorm and a linear head.
+
+    For token ids ``t`` of shape ``(B, T)``, ``T <= context``:
+
+    .. math::
+        x^{(0)}_{b,i} = E[t_{b,i}] + P[i],\quad x^{(k+1)} = \mathrm{Block}_k(x^{(k)}),\quad
+        \text{logits} = \mathrm{LN}(x^{(L)})\, W_{\text{head}},
+
+    with :math:`W_{\text{head}} = E^\top` when ``tie_embeddings`` (weight tying, Press & Wolf,
+    2017, arXiv:1608.05859), else a separate bias-free ``nnx.Linear`` ``head``. Logit
+    :math:`(b, i)` depends only on ``t[b, :i+1]`` (causal), so one call scores every next-token
+    prediction of a window.
+
+    Every Dense kernel in the blocks is an ``nnx.Linear`` ``kernel`` (``(in, out)``):
+    ``blocks/<k>/attn/{query,key,value,out}/kernel`` and ``blocks/<k>/{fc1,fc2}/kernel``, which
+    :func:`jaxcompress.masks.prunable` selects. Embeddings are never selected; an untied
+    ``head/kernel`` is (exclude it with ``where`` to keep the head dense).
+
+    Args:
+      vocab_size: number of token ids.
+      context: longest sequence (rows of the position table), the block size.
+      d_model: model width, divisible by ``num_heads``.
+      num_heads: attention heads.
+      num_layers: decoder blocks.
+      mlp_dim: hidden width of the MLP; ``None`` means ``4 * d_model``.
+      dropout: dropout rate on the embeddings, attention weights and residual branches; active
+        only in ``model.train()`` mode; default 0.
+      tie_embeddings: share the token embedding with the output head (default ``True``).
+      use_bias: biases in the Linear and LayerNorm layers (default ``True``).
+      rngs: ``nnx.Rngs`` with a ``params`` stream (the default stream suffices) and, for
+        dropout in train mode, a ``dropout`` stream.
+
+    Attributes: ``embed`` (``nnx.Embed`` ``(vocab_size, d_model)``), ``pos_embed``
+    (``nnx.Param`` ``(context, d_model)``), ``blocks`` (:class:`GPTBlock`), ``final_ln``,
+    ``head`` (``None`` when tied), ``embed_dropout``.
+    Call: int tokens ``(B, T)`` -> float32 logits ``(B, T, vocab_size)``.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        *,
+        context: int = 64,
+        d_model: int = 128,
+        num_heads: int = 4,
+        num_layers: int = 4,
+        mlp_dim: int | None = None,
+        dropout: float = 0.0,
+        tie_embeddings: bool = True,
+        use_bias: bool = True,
+        rngs: nnx.Rngs,
+    ):
+        self.vocab_size = check_positive_int("vocab_size", vocab_size)
+        self.context = check_positive_int("context", context)
+        self.d_model = check_positive_int("d_model", d_model)
+        self.num_heads = check_positive_int("num_heads", num_heads)
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model must be divisible by num_heads, got d_model={d_model!r}, "
+                f"num_heads={num_heads!r}"
+            )
+        self.num_layers = check_positive_int("num_layers", num_layers)
+        self.mlp_dim = (
+            4 * self.d_model if mlp_dim is None else check_positive_int("mlp_dim", mlp_dim)
+        )
+        self.dropout_rate = check_rate("dropout", dropout)
+        for name, value in (("tie_embeddings", tie_embeddings), ("use_bias", use_bias)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {value!r}")
+        self.tie_embeddings = tie_embeddings
+        check_rngs(rngs)
+        out_std = _INIT_STD / math.sqrt(2 * self.num_layers)
+        self.embed = nnx.Embed(
+            self.vocab_size, self.d_model, embedding_init=_normal(_INIT_STD), rngs=rngs
+        )
+        self.pos_embed = nnx.Param(_normal(_INIT_STD)(rngs.params(), (self.context, self.d_model)))
+        self.embed_dropout = nnx.Dropout(self.dropout_rate, rngs=rngs)
+        self.blocks = nnx.List(
+            [
+                GPTBlock(
+                    self.d_model,
+                    self.num_heads,
+                    self.mlp_dim,
+                    self.dropout_rate,
+                    out_std=out_std,
+                    use_bias=use_bias,
+                    rngs=rngs,
+                )
+                for _ in range(self.num_layers)
+            ]
+        )
+        self.final_ln = nnx.LayerNorm(self.d_model, use_bias=use_bias, rngs=rngs)
+        self.head = (
+            None
+            if tie_embeddings
+            else nnx.Linear(
+                self.d_model,
+                self.vocab_size,
+                use_bias=False,
+                kernel_init=_normal(_INIT_STD),
+                rngs=rngs,
+            )
+        )
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(
+                f"GPT expects integer tokens of shape (B, T), got shape {tokens.shape} and dtype "
+                f"{tokens.dtype}"
+            )
+        length = tokens.shape[1]
+        if length > self.context:
+            raise ValueError(
+                f"GPT was built with context={self.context}, got sequences of length {length} "
+                f"(tokens shape {tokens.shape})"
+            )
+        x = self.embed(tokens) + self.pos_embed[...][:length]
+        x = self.embed_dropout(x)
+        for block in self.blocks:
+            x = block(x)
+        x = self.final_ln(x)
+        if self.head is None:
+            return self.embed.attend(x)
+        return self.head(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "temperature"))
+def _generate(graphdef, state, prompt, key, *, steps: int, temperature: float):
+    model = nnx.merge(graphdef, state)
+    batch, prompt_len = prompt.shape
+    context = model.context
+    # Room for the prompt and the new tokens, and at least one full window.
+    length = max(prompt_len + steps, context)
+    buffer = jnp.zeros((batch, length), jnp.int32).at[:, :prompt_len].set(prompt)
+
+    def body(i, buffer):
+        pos = prompt_len + i  # the position written at this step
+        start = jnp.clip(pos - context, 0, length - context)
+        window = jax.lax.dynamic_slice(buffer, (0, start), (batch, context))
+        logits = model(window)  # (B, context, V); causal, so the zeros after pos are unseen
+        last = jax.lax.dynamic_index_in_dim(logits, pos - 1 - start, axis=1, keepdims=False)
+        if temperature == 0.0:
+            token = jnp.argmax(last, axis=-1)
+        else:
+            token = jax.random.categorical(
+                jax.random.fold_in(key, i), last.astype(jnp.float32) / temperature, axis=-1
+            )
+        return jax.lax.dynamic_update_slice(buffer, token.astype(jnp.int32)[:, None], (0, pos))
+
+    buffer = jax.lax.fori_loop(0, steps, body, buffer)
+    return buffer[:, : prompt_len + steps]
+
+
+def generate(
+    model: GPT,
+    prompt_ids: jax.Array,
+    steps: int,
+    key: jax.Array,
+    temperature: float = 1.0,
+) -> jax.Array:
+    r"""Sample ``steps`` tokens after ``prompt_ids`` autoregressively (as nanoGPT's
+    ``GPT.generate``).
+
+    Each new token is drawn from :math:`\operatorname{softmax}(z / \tau)` where :math:`z` are
+    the logits of the last position given at most the last ``model.context`` tokens (the
+    window is cropped as in nanoGPT, positions restarting at 0). ``temperature=0`` takes the
+    argmax. Step ``i`` uses the key ``jax.random.fold_in(key, i)``, so the result is a pure
+    function of ``key``.
+
+    The whole loop is one jitted ``lax.fori_loop`` over a fixed-size token buffer; it compiles
+    once per ``(model structure, prompt shape, steps, temperature)`` and runs the model in eval
+    mode (dropout off) without modifying ``model``.
+
+    Args:
+      model: a :class:`GPT`.
+      prompt_ids: integer token ids ``(B, P)`` with ``P >= 1``, each in ``[0, vocab_size)``.
+      steps: number of tokens to generate (``>= 1``).
+      key: a PRNG key (``jax.random.key`` or a raw ``uint32[2]`` key).
+      temperature: sampling temperature ``>= 0``.
+
+    Returns:
+      ``int32`` ids ``(B, P + steps)``: the prompt followed by the generated tokens.
+    """
+    if not isinstance(model, GPT):
+        raise TypeError(f"model must be a jaxcompress.models.GPT, got {type(model).__name__}")
+    prompt = jnp.asarray(prompt_ids)
+    if prompt.ndim != 2 or prompt.shape[1] < 1 or not jnp.issubdtype(prompt.dtype, jnp.integer):
+        raise ValueError(
+            f"prompt_ids must be integer token ids of shape (B, P) with P >= 1, got shape "
+            f"{prompt.shape} and dtype {prompt.dtype}"
+        )
+    lo, hi = int(jnp.min(prompt)), int(jnp.max(prompt))
+    if lo < 0 or hi >= model.vocab_size:
+        raise ValueError(
+            f"prompt_ids must lie in [0, vocab_size={model.vocab_size}), got values in [{lo}, {hi}]"
+        )
+    steps = check_positive_int("steps", steps)
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a float >= 0, got {temperature!r}")
+    if not (math.isfinite(float(temperature)) and float(temperature) >= 0.0):
+        raise ValueError(f"temperature must be a finite float >= 0, got {temperature!r}")
+    graphdef, state = nnx.split(nnx.view(model, deterministic=True, raise_if_not_found=False))
+    return _generate(
+        graphdef,
+        state,
+        prompt.astype(jnp.int32),
+        key,
+        steps=steps,
+        temperature=float(temperature),
+    )
