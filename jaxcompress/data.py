@@ -3,7 +3,9 @@
 Four real datasets: MNIST (LeCun et al., 1998), Fashion-MNIST (Xiao, Rasul & Vollgraf, 2017,
 arXiv:1708.07747), scikit-learn's 8x8 ``digits`` (UCI optical digits, Alpaydin & Kaynak, 1998)
 and GLUE SST-2 (Socher et al., 2013; Wang et al., 2018). Images are ``float32`` NHWC in
-``[0, 1]``, labels ``int32``; SST-2 examples are ``int32`` token ids padded with 0.
+``[0, 1]``, labels ``int32``; SST-2 examples are ``int32`` token ids padded with 0. For language
+modelling, :func:`tinyshakespeare` returns the character-level Tiny Shakespeare corpus as a
+:class:`CharCorpus` and :func:`windows` draws seeded next-token windows from it.
 
 Where the files come from, in order:
 
@@ -37,6 +39,7 @@ import math
 import numbers
 import os
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -47,6 +50,7 @@ import numpy as np
 __all__ = [
     "DATASET_NAMES",
     "ArrayDataset",
+    "CharCorpus",
     "Vocabulary",
     "batches",
     "digits",
@@ -57,7 +61,9 @@ __all__ = [
     "random_labels",
     "sst2",
     "subset",
+    "tinyshakespeare",
     "tokenize",
+    "windows",
 ]
 
 DATASET_NAMES = ("mnist", "fashion_mnist", "digits", "sst2")
@@ -104,6 +110,9 @@ _SHA256 = {
     "sst2": {
         "train.tsv": "48eac26399f8456935f81dd9e3a745c1430adb6c62e233ccfe22db4a0d15d1d1",
         "dev.tsv": "54a9c12c77e402fc14d6a66a506f24d999f596b0176eb777c972cccc2f9cc4b0",
+    },
+    "tinyshakespeare": {
+        "input.txt": "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
     },
 }
 
@@ -726,6 +735,182 @@ def sst2(
         class_names=_CLASS_NAMES["sst2"],
         vocab=vocab,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny Shakespeare (character level)
+# --------------------------------------------------------------------------------------------
+
+_TINYSHAKESPEARE_FILE = "input.txt"
+_TINYSHAKESPEARE_SPLITS = ("train", "val")
+_TINYSHAKESPEARE_TRAIN_FRACTION = 0.9
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CharCorpus:
+    """A character-level corpus: one token per character.
+
+    Attributes:
+      tokens: ``(N,)`` ``uint8`` ids of the split's characters, read-only.
+      chars: the vocabulary, ``chars[i]`` the character with id ``i`` (sorted, built from the
+        whole corpus, so both splits share it).
+      name: corpus name.
+      split: ``"train"`` or ``"val"``.
+    """
+
+    tokens: np.ndarray
+    chars: tuple[str, ...]
+    name: str
+    split: str
+    _index: dict[str, int] = dataclasses.field(init=False, repr=False, default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.tokens, np.ndarray) or self.tokens.ndim != 1:
+            raise ValueError(f"tokens must be a 1-D numpy array, got {type(self.tokens).__name__}")
+        if len(set(self.chars)) != len(self.chars) or not all(
+            isinstance(c, str) and len(c) == 1 for c in self.chars
+        ):
+            raise ValueError("chars must be distinct single characters")
+        object.__setattr__(self, "_index", {c: i for i, c in enumerate(self.chars)})
+
+    def __repr__(self) -> str:
+        return (
+            f"CharCorpus(name={self.name!r}, split={self.split!r}, tokens={self.tokens.size}, "
+            f"vocab_size={len(self.chars)})"
+        )
+
+    def __len__(self) -> int:
+        return int(self.tokens.size)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of distinct characters."""
+        return len(self.chars)
+
+    def encode(self, text: str) -> np.ndarray:
+        """``int32`` ids of the characters of ``text``; a character outside the vocabulary is a
+        ``ValueError``."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        try:
+            return np.fromiter((self._index[c] for c in text), np.int32, len(text))
+        except KeyError as err:
+            raise ValueError(
+                f"{self.name}: character {err.args[0]!r} is not in the {len(self.chars)}-"
+                "character vocabulary"
+            ) from None
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The characters of ``ids`` (any integer array or iterable) as one string."""
+        out = []
+        for i in np.asarray(ids).reshape(-1).tolist():
+            if not isinstance(i, int) or not 0 <= i < len(self.chars):
+                raise ValueError(f"ids must lie in [0, {len(self.chars)}), got {i!r}")
+            out.append(self.chars[i])
+        return "".join(out)
+
+
+@functools.lru_cache(maxsize=2)
+def _tinyshakespeare_arrays(path: str) -> tuple[tuple[str, ...], np.ndarray]:
+    file = Path(path)
+    _verify("tinyshakespeare", file)
+    text = file.read_text(encoding="utf-8")
+    chars = tuple(sorted(set(text)))
+    lookup = np.zeros(max(map(ord, chars)) + 1, np.uint8)
+    lookup[[ord(c) for c in chars]] = np.arange(len(chars), dtype=np.uint8)
+    tokens = lookup[np.frombuffer(text.encode("utf-32-le"), np.uint32)]
+    _readonly(tokens)
+    return chars, tokens
+
+
+def tinyshakespeare(split: str = "train", data_dir: str | os.PathLike | None = None) -> CharCorpus:
+    """Tiny Shakespeare, the character-level corpus of char-rnn and nanoGPT (1,115,394
+    characters, 65 distinct), encoded as in nanoGPT's ``shakespeare_char``.
+
+    Reads ``<data_dir>/tinyshakespeare/input.txt`` (``data_dir`` default
+    ``$JAXCOMPRESS_DATA_DIR``; no download), checks its SHA-256, builds the vocabulary as the
+    sorted set of all characters and splits at ``int(0.9 N)``: the first 1,003,854 characters
+    are ``"train"``, the last 111,540 ``"val"``. Draw training windows with :func:`windows`.
+
+    Returns: a :class:`CharCorpus` (``tokens`` ``uint8``, ``encode``/``decode``).
+    """
+    split = _check_choice("split", split, _TINYSHAKESPEARE_SPLITS)
+    roots = _data_roots(data_dir)
+    if not roots:
+        raise FileNotFoundError(
+            f"tinyshakespeare: no data directory configured; pass data_dir= or set "
+            f"${DATA_DIR_ENV} (expected <dir>/tinyshakespeare/{_TINYSHAKESPEARE_FILE})"
+        )
+    folder = _locate("tinyshakespeare", (_TINYSHAKESPEARE_FILE,), roots)
+    chars, tokens = _tinyshakespeare_arrays(str(folder / _TINYSHAKESPEARE_FILE))
+    cut = int(tokens.size * _TINYSHAKESPEARE_TRAIN_FRACTION)
+    part = tokens[:cut] if split == "train" else tokens[cut:]
+    return CharCorpus(tokens=part, chars=chars, name="tinyshakespeare", split=split)
+
+
+def _seed_words(key_or_seed: Any) -> list[int]:
+    """The words that seed :func:`windows`' generator: an int, a sequence of ints, or a JAX
+    PRNG key (typed, or raw ``uint32``) whose key data are used."""
+    value = key_or_seed
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None and "key<" in str(dtype):  # a typed JAX key: jax is already imported
+        value = sys.modules["jax"].random.key_data(value)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        words = [int(value)]
+    else:
+        try:
+            arr = np.asarray(value)
+        except (TypeError, ValueError):
+            arr = None
+        if arr is None or arr.ndim > 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+            raise TypeError(
+                "key_or_seed must be an int, a sequence of ints or a JAX PRNG key, got "
+                f"{key_or_seed!r}"
+            )
+        words = [int(w) for w in arr.reshape(-1)]
+    if any(w < 0 for w in words):
+        raise ValueError(f"key_or_seed must hold non-negative ints, got {key_or_seed!r}")
+    return words
+
+
+def windows(
+    tokens: np.ndarray | CharCorpus, batch: int, context: int, key_or_seed: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """``batch`` random context windows of a token stream and their next-token targets.
+
+    As nanoGPT's ``get_batch``: starts :math:`i_b` uniform on ``[0, N - context)``,
+    ``x[b] = tokens[i_b : i_b + context]`` and ``y[b] = tokens[i_b + 1 : i_b + context + 1]``
+    (``x`` shifted by one). The starts come from ``numpy.random.default_rng(words)`` with
+    ``words`` the int seed, the sequence of ints (e.g. ``(seed, step)``) or the key data of a
+    JAX key, so the same ``key_or_seed`` always gives the same windows.
+
+    Args:
+      tokens: a 1-D integer array, or a :class:`CharCorpus`.
+      batch: number of windows (``>= 1``).
+      context: window length (``>= 1``, less than the number of tokens).
+      key_or_seed: an int, a sequence of non-negative ints, or a JAX PRNG key.
+
+    Returns: ``(x, y)``, both ``int32`` of shape ``(batch, context)``.
+    """
+    if isinstance(tokens, CharCorpus):
+        tokens = tokens.tokens
+    if not isinstance(tokens, np.ndarray) or tokens.ndim != 1:
+        raise TypeError(
+            f"tokens must be a 1-D numpy array or a CharCorpus, got {type(tokens).__name__}"
+            + (f" of shape {tokens.shape}" if isinstance(tokens, np.ndarray) else "")
+        )
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"tokens must have an integer dtype, got {tokens.dtype}")
+    batch = _check_int("batch", batch, minimum=1)
+    context = _check_int("context", context, minimum=1)
+    if context >= tokens.size:
+        raise ValueError(
+            f"context must be less than the number of tokens ({tokens.size}), got {context}"
+        )
+    rng = np.random.default_rng(_seed_words(key_or_seed))
+    starts = rng.integers(0, tokens.size - context, size=batch)
+    chunk = tokens[starts[:, None] + np.arange(context + 1)].astype(np.int32)
+    return chunk[:, :-1], chunk[:, 1:]
 
 
 # --------------------------------------------------------------------------------------------
