@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -13,6 +15,52 @@ nbclient = pytest.importorskip("nbclient")
 _ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((_ROOT / "notebooks").glob("*.ipynb"))
 TIMEOUT_S = 600
+PATH_VARIABLES = ("JAXCOMPRESS_DATA_DIR", "JAXCOMPRESS_CACHE_DIR")
+
+
+@pytest.mark.parametrize("name", PATH_VARIABLES)
+def test_path_variables_are_absolute(name):
+    """conftest made relative data/cache paths absolute: notebook kernels (in notebooks/) agree."""
+    value = os.environ.get(name)
+    if not value:
+        pytest.skip(f"{name} is not set")
+    assert os.path.isabs(value), f"{name}={value!r} reached the tests relative"
+    if name == "JAXCOMPRESS_DATA_DIR":
+        assert os.path.isdir(value), f"{name}={value!r} is not a directory"
+
+
+def test_relative_path_variables_resolve_against_the_start_directory(tmp_path):
+    """The README's relative JAXCOMPRESS_DATA_DIR, given from another directory, still works."""
+    data = os.environ.get("JAXCOMPRESS_DATA_DIR")
+    if not data or not os.path.isdir(data):
+        pytest.skip("JAXCOMPRESS_DATA_DIR not available")
+    start = _ROOT / "tests"
+    env = dict(
+        os.environ,
+        JAXCOMPRESS_DATA_DIR=os.path.relpath(data, start),
+        JAXCOMPRESS_CACHE_DIR=os.path.relpath(tmp_path / "cache", start),
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:xdist",
+            "test_notebooks.py::test_path_variables_are_absolute",
+        ],
+        cwd=start,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 passed" in proc.stdout, proc.stdout[-3000:]
 
 
 def test_notebooks_exist():

@@ -24,8 +24,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
+
+try:  # Pallas is public as jax.pallas in newer JAX; jax 0.10 has only jax.experimental.pallas.
+    from jax import pallas as pl
+except ImportError:
+    from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton  # Triton's API stays here in both.
 
 from jaxcompress.kernels._common import MetaLayout, triton_compiler_params
 from jaxcompress.kernels.nm_matmul.config import NMMatmulConfig

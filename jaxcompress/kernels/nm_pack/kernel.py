@@ -14,7 +14,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
+
+try:  # Pallas is public as jax.pallas in newer JAX; jax 0.10 has only jax.experimental.pallas.
+    from jax import pallas as pl
+except ImportError:
+    from jax.experimental import pallas as pl
 
 from jaxcompress.kernels._common import (
     META_DTYPE,
