@@ -14,7 +14,21 @@ Restores are made against an *abstract* target (``jax.eval_shape`` output, or tr
 ``jax.ShapeDtypeStruct`` with shardings), so arrays come back directly on the target's
 shardings. PRNG keys may be raw ``uint32`` keys or typed keys from ``jax.random.key``; typed keys
 are stored as ``jax.random.key_data`` with their implementation recorded, and re-wrapped with
-``jax.random.wrap_key_data`` on restore.
+``jax.random.wrap_key_data`` on restore. When the target holds ``NamedSharding`` leaves on one
+mesh, its leaves without one (scalar counters from ``tx.init``, keys) restore replicated on that
+mesh, so a state saved on one device count steps on another.
+
+Integrity: every array leaf's checksum is stored in the fingerprint and verified after a
+restore; a leaf whose bytes changed on disk raises a ``ValueError`` naming the step and the
+leaf. The checksum is a pair of position-weighted sums modulo :math:`2^{32}` of the leaf's
+32-bit words :math:`w_i`,
+
+.. math::  c_k = \\sum_i h_k(i)\\,(w_i \\oplus a_k) \bmod 2^{32}, \\quad k = 1, 2,
+
+with odd weights :math:`h_k(i)` (an integer hash of the flat index). It is computed on the
+devices where the leaf lives (a shard-local reduction plus a scalar all-reduce, no gather) and
+does not depend on the sharding; since the weights are odd, any single changed word changes
+both sums. :func:`write_json_atomic` writes result files atomically.
 
 Example::
 
@@ -31,6 +45,7 @@ from __future__ import annotations
 import json
 import numbers
 import os
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,7 +55,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-__all__ = ["ITEMS", "Checkpointer", "structure_fingerprint"]
+__all__ = ["ITEMS", "Checkpointer", "structure_fingerprint", "write_json_atomic"]
 
 #: The pytree items a checkpoint may hold, in the order they are fingerprinted.
 ITEMS = ("params", "model_state", "opt_state", "key")
@@ -150,6 +165,110 @@ def _structure_difference(
     return None
 
 
+def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> None:
+    """Writes ``obj`` as JSON to ``path`` atomically: the old file stays intact on any failure.
+
+    The text is serialised first (a ``TypeError`` leaves nothing written), written to a
+    temporary file in the same directory, flushed and ``fsync``-ed, then renamed over ``path``
+    with ``os.replace`` (atomic on POSIX); the directory is ``fsync``-ed after the rename. A
+    failed write (disk full, I/O error) removes the temporary file and re-raises.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"write_json_atomic: path must be a str or os.PathLike, got {path!r}")
+    try:
+        text = json.dumps(obj, indent=indent, allow_nan=True) + "\n"
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"write_json_atomic({os.fspath(path)!r}): not JSON-serialisable: {err}"
+        ) from err
+    path = os.path.abspath(os.fspath(path))
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"write_json_atomic: directory {directory!r} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+# --------------------------------------------------------------------------------------------
+# Checksums
+# --------------------------------------------------------------------------------------------
+
+_MULTIPLIERS = ((0x9E3779B1, 0x85EBCA77, 0x7F4A7C15), (0xC2B2AE3D, 0x27D4EB2F, 0x165667B1))
+
+
+def _words(a: jax.Array) -> jax.Array:
+    """The leaf's bits as ``uint32`` words (one per element; two for 64-bit dtypes)."""
+    dtype = a.dtype
+    if dtype == jnp.bool_:
+        return a.astype(jnp.uint32)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        return jnp.stack([_words(jnp.real(a)), _words(jnp.imag(a))], axis=-1)
+    info = jnp.finfo(dtype) if jnp.issubdtype(dtype, jnp.floating) else jnp.iinfo(dtype)
+    unsigned = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32, 64: jnp.uint32}.get(info.bits)
+    if unsigned is None:
+        return a.astype(jnp.uint32)  # sub-byte types: their integer values
+    return jax.lax.bitcast_convert_type(a, unsigned).astype(jnp.uint32)
+
+
+def _leaf_checksum(a: jax.Array) -> jax.Array:
+    w = _words(a)
+    flat = jnp.zeros(w.shape, jnp.uint32)
+    stride = 1
+    for d in range(w.ndim - 1, -1, -1):  # the row-major flat index, without a reshape
+        flat = flat + jax.lax.broadcasted_iota(jnp.uint32, w.shape, d) * jnp.uint32(stride)
+        stride = (stride * w.shape[d]) % (1 << 32)
+    sums = []
+    for m1, m2, salt in _MULTIPLIERS:
+        h = flat * jnp.uint32(m1) + jnp.uint32(salt)
+        h = (h ^ (h >> 15)) * jnp.uint32(m2)
+        h = h ^ (h >> 13)
+        sums.append(jnp.sum((w ^ jnp.uint32(salt)) * (h | jnp.uint32(1)), dtype=jnp.uint32))
+    return jnp.stack(sums)
+
+
+@jax.jit
+def _checksums_jit(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.stack([_leaf_checksum(a) for a in leaves])
+
+
+def _checksums(leaves: list[Any]) -> list[str]:
+    """Hex checksums of array leaves, one jitted reduction per set of devices they live on."""
+    arrays = [a if isinstance(a, jax.Array) else jnp.asarray(a) for a in leaves]
+    groups: dict[frozenset, list[int]] = {}
+    for i, a in enumerate(arrays):
+        groups.setdefault(frozenset(a.sharding.device_set), []).append(i)
+    out: list[str] = [""] * len(arrays)
+    for indices in groups.values():
+        sums = _checksums_jit([arrays[i] for i in indices])
+        if not sums.is_fully_addressable:
+            sums = sums.addressable_data(0)
+        for i, (c1, c2) in zip(indices, np.asarray(sums).tolist(), strict=True):
+            out[i] = f"{c1:08x}{c2:08x}"
+    return out
+
+
 def _to_storable(leaf: Any) -> Any:
     """Typed PRNG keys are stored as their raw ``key_data``; Python scalars as arrays."""
     if isinstance(leaf, (bool, int, float, complex)) and not isinstance(leaf, np.generic):
@@ -169,14 +288,30 @@ def _key_data_sharding(sharding: Any, extra_dims: int) -> Any:
     return None
 
 
-def _abstract_leaf(leaf: Any) -> jax.ShapeDtypeStruct:
+def _target_mesh(items: Mapping[str, Any]) -> jax.sharding.Mesh | None:
+    """The mesh of the target's ``NamedSharding`` leaves when there is exactly one."""
+    meshes = []
+    for tree in items.values():
+        for leaf in jax.tree.leaves(tree):
+            sharding = getattr(leaf, "sharding", None)
+            if isinstance(sharding, jax.sharding.NamedSharding) and all(
+                sharding.mesh is not m and sharding.mesh != m for m in meshes
+            ):
+                meshes.append(sharding.mesh)
+    return meshes[0] if len(meshes) == 1 else None
+
+
+def _abstract_leaf(leaf: Any, mesh: jax.sharding.Mesh | None = None) -> jax.ShapeDtypeStruct:
     """The ``ShapeDtypeStruct`` Orbax restores a target leaf as: on the leaf's sharding, or on
     the default device when the leaf has none (``jax.eval_shape`` output). Orbax would otherwise
     use the sharding saved in the checkpoint, which fails on another platform or device count
-    (a checkpoint written on a GPU or an 8-device mesh, read on one CPU)."""
+    (a checkpoint written on a GPU or an 8-device mesh, read on one CPU). With ``mesh``, leaves
+    without a ``NamedSharding`` (scalar counters on device 0) restore replicated on it."""
     if isinstance(leaf, (bool, int, float, complex)) and not isinstance(leaf, np.generic):
         leaf = jax.eval_shape(lambda: leaf)
     sharding = getattr(leaf, "sharding", None)
+    if mesh is not None and not isinstance(sharding, jax.sharding.NamedSharding):
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     if sharding is None:
         sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     if _is_key_dtype(leaf.dtype):
@@ -193,6 +328,34 @@ def _check_step(step: Any, argname: str = "step") -> int:
     if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
         raise ValueError(f"{argname} must be a non-negative integer, got {step!r}")
     return int(step)
+
+
+def _check_local_directory(directory: str, *, create: bool) -> None:
+    """Rejects a path that is a file, cannot be created or cannot be written, before any work."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(
+            f"Checkpointer: directory {directory!r} exists and is not a directory; pass a "
+            "directory path"
+        )
+    if not os.path.isdir(directory):
+        if not create:
+            raise FileNotFoundError(
+                f"Checkpointer: directory {directory!r} does not exist and create=False"
+            )
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as err:
+            raise ValueError(
+                f"Checkpointer: cannot create directory {directory!r}: {err.strerror or err}"
+            ) from err
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".jaxcompress-write-test-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(
+            f"Checkpointer: directory {directory!r} is not writable: {err.strerror or err}"
+        ) from err
 
 
 class Checkpointer:
@@ -231,7 +394,8 @@ class Checkpointer:
         directory = os.fspath(directory)
         if "://" not in directory:  # local path; remote ones (gs://...) are left to Orbax
             directory = os.path.abspath(directory)
-        if not create and not epath.Path(directory).is_dir():
+            _check_local_directory(directory, create=bool(create))
+        elif not create and not epath.Path(directory).is_dir():
             raise FileNotFoundError(
                 f"Checkpointer: directory {directory!r} does not exist and create=False"
             )
@@ -268,19 +432,38 @@ class Checkpointer:
         steps = self.all_steps()
         return steps[-1] if steps else None
 
+    def _read_json(self, step: int, item: str) -> Any:
+        """The JSON item ``item`` of ``step``; a ``ValueError`` naming the file if unreadable."""
+        path = os.path.join(self._directory, str(step), item, "metadata")
+        if "://" not in self._directory:
+            if not os.path.isfile(path):
+                raise ValueError(
+                    f"Checkpointer: step {step} in {self._directory!r} has no {item} file "
+                    f"{path!r}; it was not written by jaxcompress.checkpoint.Checkpointer"
+                )
+            try:
+                with open(path, "rb") as handle:
+                    return json.loads(handle.read().decode("utf-8"))
+            except (ValueError, UnicodeDecodeError) as err:
+                raise ValueError(
+                    f"Checkpointer: the {item} file {path!r} of step {step} is empty or corrupt "
+                    f"({type(err).__name__}: {err})"
+                ) from err
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()})
+            )
+            return restored[item]
+        except Exception as err:  # any failure to read it means it is not ours
+            raise ValueError(
+                f"Checkpointer: step {step} in {self._directory!r} has no readable {item} file "
+                f"{path!r}: {type(err).__name__}: {err}"
+            ) from err
+
     def structure(self, step: int | None = None) -> dict[str, Any]:
         """The structure fingerprint saved with ``step`` (default: the latest step)."""
         step = self._resolve_step(step)
-        try:
-            restored = self._manager.restore(
-                step, args=ocp.args.Composite(**{_STRUCTURE: ocp.args.JsonRestore()})
-            )
-            structure = restored[_STRUCTURE]
-        except Exception as err:  # any failure to read it means it is not ours
-            raise ValueError(
-                f"Checkpointer: step {step} in {self._directory!r} has no readable structure "
-                "fingerprint; it was not written by jaxcompress.checkpoint.Checkpointer"
-            ) from err
+        structure = self._read_json(step, _STRUCTURE)
         if not isinstance(structure, Mapping) or structure.get("format") != _FORMAT:
             raise ValueError(
                 f"Checkpointer: step {step} in {self._directory!r} has an unknown structure "
@@ -288,6 +471,13 @@ class Checkpointer:
                 f" expected {_FORMAT!r}"
             )
         return dict(structure)
+
+    def extra(self, step: int | None = None) -> dict[str, Any] | None:
+        """The JSON ``extra`` saved with ``step`` (default: the latest), or ``None``."""
+        step = self._resolve_step(step)
+        if not self.structure(step).get("has_extra"):
+            return None
+        return self._read_json(step, _EXTRA)
 
     def save(
         self,
@@ -367,13 +557,19 @@ class Checkpointer:
                     f"difference in item {item!r} at {path}: saved {was}, now {now}. Use a new "
                     "directory for a different model or optimizer."
                 )
+        storable = {name: jax.tree.map(_to_storable, tree) for name, tree in trees.items()}
+        for name, tree in storable.items():
+            sums = iter(_checksums(jax.tree.leaves(tree)))
+            for entry in fingerprint[name]:
+                if entry["dtype"] is not None:
+                    entry["checksum"] = next(sums)
         structure = {"format": _FORMAT, "items": fingerprint, "has_extra": extra is not None}
         # Each item is stored wrapped in a one-entry dict: StandardSave takes no bare arrays.
         # Items without any array (e.g. an optimizer state made only of EmptyState) are fully
         # described by their fingerprint and are not written.
         args = {
-            name: ocp.args.StandardSave({_WRAP: jax.tree.map(_to_storable, tree)})
-            for name, tree in trees.items()
+            name: ocp.args.StandardSave({_WRAP: tree})
+            for name, tree in storable.items()
             if jax.tree.leaves(tree)
         }
         args[_STRUCTURE] = ocp.args.JsonSave(structure)
@@ -384,8 +580,12 @@ class Checkpointer:
         if not saved_ok:  # pragma: no cover - guarded by the checks above
             raise RuntimeError(f"Checkpointer.save(): Orbax declined to save step {step}")
 
-    def restore(self, step: int | None = None, *, target: Mapping[str, Any]) -> dict[str, Any]:
+    def restore(
+        self, step: int | None = None, *, target: Mapping[str, Any], mesh: Any = None
+    ) -> dict[str, Any]:
         """Restores ``step`` (default: the latest) into the structure of ``target``.
+
+        Every restored array leaf is checked against the checksum saved with it.
 
         Args:
           step: the step to restore, or ``None`` for the latest.
@@ -394,7 +594,11 @@ class Checkpointer:
             ``jax.ShapeDtypeStruct`` (their ``sharding`` decides where arrays are placed) or
             concrete arrays (their shardings are used; their values are not). Leaves without
             a sharding (``jax.eval_shape`` output) restore onto the default device, whatever
-            the platform and device count the checkpoint was saved from.
+            the platform and device count the checkpoint was saved from, unless the target
+            has ``NamedSharding`` leaves on one mesh (or ``mesh`` is given): then they restore
+            replicated on that mesh.
+          mesh: a ``jax.sharding.Mesh`` on which leaves without a ``NamedSharding`` restore
+            replicated (default: the one mesh of the target's ``NamedSharding`` leaves, if any).
 
         Returns:
           A dict with the restored items, ``"step"`` and ``"extra"`` (the JSON metadata or
@@ -405,7 +609,8 @@ class Checkpointer:
           FileNotFoundError: the directory holds no checkpoint.
           ValueError: unknown ``step`` or item name, an item absent from the checkpoint, or a
             target whose structure differs from the saved one (naming the first differing
-            leaf); raised before Orbax reads any array.
+            leaf), raised before Orbax reads any array; data that cannot be read or a leaf
+            whose checksum differs (naming the step and the leaf).
         """
         if not isinstance(target, Mapping):
             raise TypeError(
@@ -435,14 +640,30 @@ class Checkpointer:
                     f"in {self._directory!r}. First difference at {path}: saved {was}, target "
                     f"{now}."
                 )
+        if mesh is None:
+            mesh = _target_mesh(items)
+        elif not isinstance(mesh, jax.sharding.Mesh):
+            raise TypeError(
+                f"Checkpointer.restore(): argument 'mesh' must be a jax.sharding.Mesh or None, "
+                f"got {type(mesh).__name__}"
+            )
         args = {
-            name: ocp.args.StandardRestore({_WRAP: jax.tree.map(_abstract_leaf, tree)})
+            name: ocp.args.StandardRestore(
+                {_WRAP: jax.tree.map(lambda leaf: _abstract_leaf(leaf, mesh), tree)}
+            )
             for name, tree in items.items()
             if jax.tree.leaves(tree)
         }
-        if saved.get("has_extra"):
-            args[_EXTRA] = ocp.args.JsonRestore()
-        restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        extra = self._read_json(step, _EXTRA) if saved.get("has_extra") else None
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        except Exception as err:
+            raise ValueError(
+                f"Checkpointer.restore(): step {step} in {self._directory!r} could not be read "
+                f"(corrupt or incomplete data, items {sorted(args)}): {type(err).__name__}: {err}"
+            ) from err
+        for name in args:
+            self._verify(step, name, saved["items"][name], restored[name][_WRAP])
         out: dict[str, Any] = {}
         for name, tree in items.items():
             if name not in args:
@@ -455,8 +676,27 @@ class Checkpointer:
                 lambda t, r, impls=impls: _from_storable(t, r, impls), tree, restored[name][_WRAP]
             )
         out["step"] = step
-        out["extra"] = restored[_EXTRA] if saved.get("has_extra") else None
+        out["extra"] = extra
         return out
+
+    def _verify(self, step: int, name: str, entries: list[dict[str, Any]], tree: Any) -> None:
+        """Compares the checksums of restored leaves with the saved ones (if any were saved)."""
+        entries = [e for e in entries if e["dtype"] is not None]
+        if not any("checksum" in e for e in entries):
+            return  # written before checksums existed
+        leaves = jax.tree.leaves(tree)
+        if len(leaves) != len(entries):  # pragma: no cover - guarded by the fingerprint
+            raise ValueError(
+                f"Checkpointer.restore(): step {step} item {name!r}: {len(leaves)} leaves read, "
+                f"{len(entries)} saved"
+            )
+        for entry, got in zip(entries, _checksums(leaves), strict=True):
+            if entry.get("checksum") not in (None, got):
+                raise ValueError(
+                    f"Checkpointer.restore(): step {step} in {self._directory!r} is corrupt: "
+                    f"item {name!r} leaf {entry['path'] or '<root>'} has checksum {got}, saved "
+                    f"{entry['checksum']}"
+                )
 
     def delete(self, step: int) -> None:
         """Deletes a saved step."""

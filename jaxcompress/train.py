@@ -26,6 +26,24 @@ statistics computed by that second pass are discarded. Only the first pass at ``
 ``rest``. This is what the CrAM reference does by setting every BatchNorm momentum to 0 for the
 second pass (``disable_running_stats``, after SAM; Peste et al., "CrAM: A Compression-Aware
 Minimizer", ICLR 2023, arXiv:2207.14200).
+
+Meshes (data parallel, FSDP, multi-host)
+----------------------------------------
+With ``mesh=`` the step builders and :func:`fit` place ``params``, ``rest`` and ``opt_state``
+once with the rules of :mod:`jaxcompress.sharding` (replicated, FSDP or a ``PartitionSpec``
+tree; masks and every transform's state follow their params, scalars are replicated), split the
+batch over the data axes, and jit the step with explicit in/out shardings, so the step compiles
+once per input shape and XLA inserts the gradient all-reduces. In a multi-process run every
+process calls :func:`fit` with the same arguments; each reads only its rows of every global
+batch, and only process 0 prints and writes the metrics file.
+
+Resuming
+--------
+With ``checkpoint_dir=`` :func:`fit` saves params, ``rest``, the optimizer state (masks, PRNG
+keys), the step and the per-epoch records through :class:`jaxcompress.checkpoint.Checkpointer`,
+and a rerun with the same directory resumes from the latest complete checkpoint. The data
+order is a pure function of ``(seed, epoch)``, so the step count is the data position and a
+resumed run equals an uninterrupted one bit for bit on one device.
 """
 
 from __future__ import annotations
@@ -34,7 +52,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -42,9 +60,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from jaxcompress import sharding as jc_sharding
+from jaxcompress.checkpoint import Checkpointer
 
 __all__ = [
     "History",
+    "ShardedStep",
     "cross_entropy",
     "evaluate",
     "fit",
@@ -105,6 +129,17 @@ def _check_tx(tx: Any) -> None:
         )
 
 
+def _host(a: Any) -> np.ndarray:
+    """A replicated (or single-device) array's value on the host, in any process."""
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+        return np.asarray(a.addressable_data(0))
+    return np.asarray(a)
+
+
+def _resolve_mesh(mesh: Mesh | str | Mapping[str, int] | None) -> Mesh | None:
+    return None if mesh is None else jc_sharding.make_mesh(mesh)
+
+
 # --------------------------------------------------------------------------------------------
 # Steps
 # --------------------------------------------------------------------------------------------
@@ -117,6 +152,114 @@ def _forward(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, x: jax.
     return logits, new_rest
 
 
+def _signature(*trees: Any) -> tuple:
+    """Hashable structure, shapes and dtypes of ``trees``: one executable per signature."""
+    leaves, treedef = jax.tree.flatten(trees)
+    return treedef, tuple(
+        (tuple(np.shape(a)), str(getattr(a, "dtype", type(a))), bool(getattr(a, "weak_type", 0)))
+        for a in leaves
+    )
+
+
+def _strong(tree: Any) -> Any:
+    """Drops weak types (``jnp.asarray(0.0)``), whose output would be strong and recompile."""
+    return jax.tree.map(
+        lambda a: jnp.asarray(a, dtype=a.dtype) if getattr(a, "weak_type", False) else a, tree
+    )
+
+
+class ShardedStep:
+    """A training step jitted on a mesh with explicit in/out shardings.
+
+    Made by :func:`make_train_step` with ``mesh=``. Call it like the plain step,
+    ``step(params, rest, opt_state, x, y) -> (params, rest, opt_state, metrics)``; the arguments
+    must already be placed (:meth:`place`) and ``x``, ``y`` are numpy arrays (one process) or
+    global arrays on :attr:`StepShardings.batch`. Outputs keep the input shardings; metrics are
+    replicated. One executable is compiled per signature of its arguments (structure, shapes,
+    dtypes); a new batch size compiles a new one.
+    """
+
+    def __init__(
+        self,
+        fn: Callable,
+        mesh: Mesh,
+        *,
+        param_sharding: Any,
+        data_axes: Sequence[str] | None,
+        donate: bool,
+        min_size: int,
+    ):
+        self._fn = fn
+        self.mesh = mesh
+        self._param_sharding = param_sharding
+        self._data_axes = jc_sharding.data_axes_of(mesh, data_axes)
+        self._donate = donate
+        self._min_size = min_size
+        self._jitted: dict[tuple, tuple[Callable, jc_sharding.StepShardings]] = {}
+
+    def shardings(self, params: Any, rest: Any, opt_state: Any) -> jc_sharding.StepShardings:
+        """The shardings of the step's arguments (arrays or ``jax.ShapeDtypeStruct`` trees).
+
+        Raises:
+          ValueError: a ``PartitionSpec`` that does not fit the mesh or a leaf.
+        """
+        return jc_sharding.step_shardings(
+            self.mesh,
+            params,
+            rest,
+            opt_state,
+            param_sharding=self._param_sharding,
+            data_axes=self._data_axes,
+            min_size=self._min_size,
+        )
+
+    def place(self, params: Any, rest: Any, opt_state: Any) -> tuple[Any, Any, Any]:
+        """Copies of ``(params, rest, opt_state)`` on their shardings (never aliasing the input,
+        which a donating step would invalidate), weak types made strong."""
+        sh = self.shardings(params, rest, opt_state)
+        put = [
+            jax.device_put(_strong(t), s, may_alias=False)
+            for t, s in ((params, sh.params), (rest, sh.rest), (opt_state, sh.opt_state))
+        ]
+        return put[0], put[1], put[2]
+
+    def _get(self, params: Any, rest: Any, opt_state: Any) -> tuple[Callable, Any]:
+        key = _signature(params, rest, opt_state)
+        hit = self._jitted.get(key)
+        if hit is None:
+            sh = self.shardings(params, rest, opt_state)
+            metrics = {"loss": sh.replicated, "accuracy": sh.replicated}
+            jitted = jax.jit(
+                self._fn,
+                in_shardings=(sh.params, sh.rest, sh.opt_state, sh.batch, sh.batch),
+                out_shardings=(sh.params, sh.rest, sh.opt_state, metrics),
+                donate_argnums=(0, 1, 2) if self._donate else (),
+            )
+            hit = self._jitted[key] = (jitted, sh)
+        return hit
+
+    def _check_batch(self, sh: jc_sharding.StepShardings, x: Any, y: Any) -> None:
+        n = sh.data_size()
+        for name, a in (("x", x), ("y", y)):
+            b = np.shape(a)[0] if np.ndim(a) else None
+            if b is None or b % n:
+                raise ValueError(
+                    f"{name} has batch size {b}, not divisible by the {n} slices of the data "
+                    f"axes {sh.data_axes} of mesh {dict(self.mesh.shape)}"
+                )
+
+    def __call__(self, params: Any, rest: Any, opt_state: Any, x: Any, y: Any):
+        jitted, sh = self._get(params, rest, opt_state)
+        self._check_batch(sh, x, y)
+        return jitted(params, rest, opt_state, x, y)
+
+    def lower(self, params: Any, rest: Any, opt_state: Any, x: Any, y: Any) -> Any:
+        """``jax.stages.Lowered`` of the step for these arguments (e.g. to read the HLO)."""
+        jitted, sh = self._get(params, rest, opt_state)
+        self._check_batch(sh, x, y)
+        return jitted.lower(params, rest, opt_state, x, y)
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
@@ -124,6 +267,10 @@ def make_train_step(
     loss_fn: LossFn = cross_entropy,
     pass_grad_fn: bool = False,
     donate: bool = True,
+    mesh: Mesh | str | Mapping[str, int] | None = None,
+    param_sharding: str | Any = "replicated",
+    data_axes: str | Sequence[str] | None = None,
+    fsdp_min_size: int = jc_sharding.FSDP_MIN_SIZE,
 ) -> Callable[..., tuple[nnx.State, nnx.State, Any, dict[str, jax.Array]]]:
     r"""Build a jitted training step for a model split by :func:`split_model`.
 
@@ -145,16 +292,27 @@ def make_train_step(
       donate: donate ``params``, ``rest`` and ``opt_state`` to the step: their buffers (and any
         array they share with the caller, such as masks placed in the optimizer state by
         ``tx.init``) are invalid after the call. :func:`fit` passes copies.
+      mesh: ``None`` (one device, plain ``jax.jit``), a ``jax.sharding.Mesh`` with Auto axes,
+        or a mesh string such as ``"data=4,fsdp=2"`` (:func:`jaxcompress.sharding.make_mesh`).
+      param_sharding: with a mesh: ``"replicated"`` (data parallel), ``"fsdp"``, or a
+        ``PartitionSpec`` tree over the params (:func:`jaxcompress.sharding.param_specs`).
+      data_axes: mesh axes the batch is split over (default: all).
+      fsdp_min_size: leaves with fewer elements stay replicated under ``"fsdp"``.
 
     Returns:
       ``step(params, rest, opt_state, x, y) -> (params, rest, opt_state, metrics)`` where
-      ``metrics = {"loss": scalar, "accuracy": scalar}`` are those of the first pass.
+      ``metrics = {"loss": scalar, "accuracy": scalar}`` are those of the first pass. With a mesh
+      this is a :class:`ShardedStep` (place the state with ``step.place`` first).
     """
     _check_tx(tx)
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable (logits, labels) -> scalar, got {loss_fn!r}")
     if not isinstance(pass_grad_fn, bool):
         raise TypeError(f"pass_grad_fn must be a bool, got {pass_grad_fn!r}")
+    mesh = _resolve_mesh(mesh)
+    if mesh is not None:
+        jc_sharding.data_axes_of(mesh, data_axes)
+        _check_positive_int("fsdp_min_size", fsdp_min_size)
 
     def objective(params, rest, x, y):
         logits, new_rest = _forward(graphdef, params, rest, x)
@@ -177,7 +335,16 @@ def make_train_step(
         accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == y)
         return params, new_rest, opt_state, {"loss": loss, "accuracy": accuracy}
 
-    return jax.jit(step, donate_argnums=(0, 1, 2) if donate else ())
+    if mesh is None:
+        return jax.jit(step, donate_argnums=(0, 1, 2) if donate else ())
+    return ShardedStep(
+        step,
+        mesh,
+        param_sharding=param_sharding,
+        data_axes=data_axes,
+        donate=donate,
+        min_size=fsdp_min_size,
+    )
 
 
 def _eval_sums(graphdef, params, rest, x, y, weight, loss_fn):
@@ -192,16 +359,72 @@ def _eval_sums(graphdef, params, rest, x, y, weight, loss_fn):
 _eval_sums_jit = jax.jit(_eval_sums, static_argnums=(0, 6))
 
 
-def make_eval_step(graphdef: nnx.GraphDef, *, loss_fn: LossFn | None = None) -> Callable:
+class _ShardedEval:
+    """``step(params, rest, x, y, weight)`` jitted on a mesh; params and rest are placed by
+    the sharding rule on every call (a no-op when they are already there)."""
+
+    def __init__(self, graphdef, loss_fn, mesh, param_sharding, data_axes, min_size):
+        self._graphdef, self._loss_fn = graphdef, loss_fn
+        self.mesh = mesh
+        self._rule, self._min_size = param_sharding, min_size
+        self._data_axes = jc_sharding.data_axes_of(mesh, data_axes)
+        self._jitted: dict[tuple, tuple[Callable, jc_sharding.StepShardings]] = {}
+
+    def shardings(self, params: Any, rest: Any) -> jc_sharding.StepShardings:
+        return jc_sharding.step_shardings(
+            self.mesh,
+            params,
+            rest,
+            None,
+            param_sharding=self._rule,
+            data_axes=self._data_axes,
+            min_size=self._min_size,
+        )
+
+    def __call__(self, params, rest, x, y, weight):
+        key = _signature(params, rest)
+        hit = self._jitted.get(key)
+        if hit is None:
+            sh = self.shardings(params, rest)
+            graphdef, loss_fn = self._graphdef, self._loss_fn
+            jitted = jax.jit(
+                lambda p, r, a, b, w: _eval_sums(graphdef, p, r, a, b, w, loss_fn),
+                in_shardings=(sh.params, sh.rest, sh.batch, sh.batch, sh.batch),
+                out_shardings=(sh.replicated, sh.replicated),
+            )
+            hit = self._jitted[key] = (jitted, sh)
+        jitted, sh = hit
+        params = jax.device_put(params, sh.params)
+        rest = jax.device_put(rest, sh.rest)
+        return jitted(params, rest, x, y, weight)
+
+
+def make_eval_step(
+    graphdef: nnx.GraphDef,
+    *,
+    loss_fn: LossFn | None = None,
+    mesh: Mesh | str | Mapping[str, int] | None = None,
+    param_sharding: str | Any = "replicated",
+    data_axes: str | Sequence[str] | None = None,
+    fsdp_min_size: int = jc_sharding.FSDP_MIN_SIZE,
+) -> Callable:
     """Build a jitted evaluation step for a model split by :func:`split_model` in eval mode.
 
     Returns ``step(params, rest, x, y, weight) -> (loss_sum, correct_sum)``, sums over the batch
     weighted by ``weight`` (1 for real examples, 0 for padding), so that a short last batch can be
     padded to the common batch size without recompiling. The loss is per-example cross-entropy,
     or ``loss_fn`` applied to each example.
+
+    With ``mesh`` (see :func:`make_train_step` for ``param_sharding``/``data_axes``) params and
+    ``rest`` are put on their shardings, ``x``, ``y``, ``weight`` are split over the data axes
+    (batch sizes must be multiples of their size) and the sums come back replicated.
     """
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable or None, got {loss_fn!r}")
+    mesh = _resolve_mesh(mesh)
+    if mesh is not None:
+        _check_positive_int("fsdp_min_size", fsdp_min_size)
+        return _ShardedEval(graphdef, loss_fn, mesh, param_sharding, data_axes, fsdp_min_size)
 
     def step(params, rest, x, y, weight):
         return _eval_sums_jit(graphdef, params, rest, x, y, weight, loss_fn)
@@ -241,27 +464,63 @@ def _check_positive_int(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+class _Batcher:
+    """Rows of global batches for this process, as the step's inputs."""
+
+    def __init__(self, sharding: jc_sharding.NamedSharding | None, batch_size: int):
+        self._sharding, self._batch_size = sharding, batch_size
+        self.rows = (0, batch_size)
+        if sharding is not None:
+            self.rows = jc_sharding.process_rows(sharding, batch_size)
+
+    def __call__(self, *arrays: np.ndarray) -> tuple[Any, ...]:
+        """Each argument holds this process's rows (or the whole batch without a mesh)."""
+        if self._sharding is None:
+            return arrays
+        return tuple(jc_sharding.global_array(self._sharding, a, self._batch_size) for a in arrays)
+
+
 # --------------------------------------------------------------------------------------------
 # Evaluate and fit
 # --------------------------------------------------------------------------------------------
 
 
-def evaluate(model: nnx.Module, ds: Any, *, batch_size: int = 1000) -> dict[str, float]:
+def evaluate(
+    model: nnx.Module,
+    ds: Any,
+    *,
+    batch_size: int = 1000,
+    mesh: Mesh | str | Mapping[str, int] | None = None,
+    param_sharding: str | Any = "replicated",
+    data_axes: str | Sequence[str] | None = None,
+) -> dict[str, float]:
     """Accuracy and mean cross-entropy of ``model`` on ``ds`` in eval mode.
 
     The model's own mode flags are not changed (an eval view is used). Every example is counted
-    once; the last batch is zero-padded and masked, so one executable serves all batches.
+    once; the last batch is zero-padded and masked, so one executable serves all batches. With
+    ``mesh`` the batches are split over the data axes (``batch_size`` is rounded up to a
+    multiple of their size) and each process reads only its rows of every batch.
 
     Returns:
       ``{"accuracy": float, "loss": float}``.
     """
     _check_positive_int("batch_size", batch_size)
     x, y = _as_arrays(ds, "ds")
+    mesh = _resolve_mesh(mesh)
     graphdef, params, rest = split_model(eval_view(model))
     n = x.shape[0]
     bs = min(batch_size, n)
-    loss_sum = jnp.zeros(())
-    correct_sum = jnp.zeros(())
+    if mesh is None:
+        step, batcher = make_eval_step(graphdef), _Batcher(None, bs)
+    else:
+        step = make_eval_step(
+            graphdef, mesh=mesh, param_sharding=param_sharding, data_axes=data_axes
+        )
+        sh = step.shardings(params, rest)
+        bs = -(-bs // sh.data_size()) * sh.data_size()
+        batcher = _Batcher(sh.batch, bs)
+    lo, hi = batcher.rows
+    loss_sum = correct_sum = None
     for start in range(0, n, bs):
         xb, yb = x[start : start + bs], y[start : start + bs]
         k = xb.shape[0]
@@ -270,9 +529,10 @@ def evaluate(model: nnx.Module, ds: Any, *, batch_size: int = 1000) -> dict[str,
             weight[k:] = 0.0
             xb = np.concatenate([xb, np.zeros((bs - k, *xb.shape[1:]), xb.dtype)])
             yb = np.concatenate([yb, np.zeros((bs - k,), yb.dtype)])
-        ls, cs = _eval_sums_jit(graphdef, params, rest, xb, yb, weight, None)
-        loss_sum, correct_sum = loss_sum + ls, correct_sum + cs
-    return {"accuracy": float(correct_sum) / n, "loss": float(loss_sum) / n}
+        ls, cs = step(params, rest, *batcher(xb[lo:hi], yb[lo:hi], weight[lo:hi]))
+        loss_sum = ls if loss_sum is None else loss_sum + ls
+        correct_sum = cs if correct_sum is None else correct_sum + cs
+    return {"accuracy": float(_host(correct_sum)) / n, "loss": float(_host(loss_sum)) / n}
 
 
 @dataclasses.dataclass
@@ -282,19 +542,59 @@ class History:
     Attributes:
       epochs: one record per epoch: ``epoch``, ``train_loss``, ``train_accuracy`` (means over the
         epoch's steps, first pass), ``seconds``, and ``eval_loss``/``eval_accuracy`` when an
-        ``eval_ds`` was given.
+        ``eval_ds`` was given. A resumed run includes the records of the epochs it restored.
       opt_state: the optimizer state after the last step (e.g. CrAM/AC-DC masks live here).
-      steps: the number of optimizer steps taken.
+      steps: the number of optimizer steps of the run (restored steps included).
+      resumed_from: the checkpoint step the run resumed from, or ``None``.
     """
 
     epochs: list[dict[str, float]]
     opt_state: Any
     steps: int
+    resumed_from: int | None = None
 
     @property
     def final(self) -> dict[str, float]:
         """The last epoch's record."""
         return self.epochs[-1]
+
+
+def _check_config(config: Any) -> dict[str, Any] | None:
+    if config is None:
+        return None
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a JSON-serialisable mapping, got {type(config).__name__}")
+    try:
+        return json.loads(json.dumps(dict(config), allow_nan=True))
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"config is not JSON-serialisable: {err}") from err
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, Mapping):
+        return {prefix or "<config>": d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        name = f"{prefix}.{k}" if prefix else str(k)
+        out.update(_flatten(v, name) if isinstance(v, Mapping) and v else {name: v})
+    return out
+
+
+def _differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    a, b = _flatten(saved), _flatten(now)
+    missing = object()
+    return [
+        f"{k}: saved {a.get(k, '<absent>')!r}, now {b.get(k, '<absent>')!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k, missing) != b.get(k, missing)
+    ]
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
+        tree,
+    )
 
 
 def fit(
@@ -313,6 +613,12 @@ def fit(
     opt_state: Any = None,
     eval_batch_size: int = 1000,
     callback: Callable[[int, dict[str, float], nnx.Module], None] | None = None,
+    mesh: Mesh | str | Mapping[str, int] | None = None,
+    param_sharding: str | Any = "replicated",
+    data_axes: str | Sequence[str] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    config: Mapping[str, Any] | None = None,
 ) -> History:
     """Train ``model`` in place with ``tx`` for ``epochs`` passes over ``train_ds``.
 
@@ -320,7 +626,8 @@ def fit(
     the last incomplete batch, so every step has the same shape and the step compiles once.
     After each epoch the trained state is written back into ``model`` (so ``callback`` and the
     caller see it), ``eval_ds`` is evaluated if given, and a record is appended to the history
-    (and, with ``metrics_path``, written as one JSON line to that file, truncated at the start).
+    (and, with ``metrics_path``, written as one JSON line to that file, truncated at the start,
+    rewritten with the restored records on a resume).
 
     Args:
       model: a Flax NNX model; trained in train mode (via :func:`train_view`), its mode flags are
@@ -328,19 +635,37 @@ def fit(
       tx: an optax transformation; ``opt_state`` defaults to ``tx.init(params)``.
       train_ds: ``jaxcompress.data.ArrayDataset`` (``.x``, ``.y``) or an ``(x, y)`` pair.
       epochs: number of epochs (positive).
-      batch_size: training batch size, at most the training set size.
+      batch_size: training batch size (the global batch), at most the training set size.
       eval_ds: optional dataset evaluated at the end of each epoch.
       seed: shuffling seed.
-      progress: show a tqdm progress bar.
-      metrics_path: optional JSON-lines file for the per-epoch records.
+      progress: show a tqdm progress bar (process 0 only).
+      metrics_path: optional JSON-lines file for the per-epoch records (process 0 only).
       pass_grad_fn: see :func:`make_train_step` (CrAM/SAM-style transforms).
       loss_fn: training loss ``(logits, labels) -> scalar``.
-      opt_state: resume from this optimizer state.
+      opt_state: start from this optimizer state (ignored when resuming from a checkpoint).
       eval_batch_size: batch size for ``eval_ds``.
       callback: ``callback(epoch, record, model)`` after each epoch. It may read the model freely.
+      mesh: ``None`` (one device), a ``jax.sharding.Mesh`` with Auto axes or a string such as
+        ``"data=8"`` / ``"data=4,fsdp=2"``. ``batch_size`` must be a multiple of the data axes'
+        size.
+      param_sharding: ``"replicated"``, ``"fsdp"`` or a ``PartitionSpec`` tree over the params
+        (see :mod:`jaxcompress.sharding`); the optimizer state follows the params.
+      data_axes: mesh axes the batch is split over (default: every axis).
+      checkpoint_dir: save training state there and resume from its latest complete
+        checkpoint when it holds one (see the module docstring).
+      checkpoint_every: save every this many steps (default: at the end of every epoch); the
+        last step is always saved.
+      config: a JSON-serialisable description of the run, saved with every checkpoint; a
+        resume whose ``config`` differs is refused. ``batch_size``, ``seed`` and the training
+        set size are always compared.
 
     Returns:
       A :class:`History` with the per-epoch records and the final optimizer state.
+
+    Raises:
+      ValueError: bad arguments, a mesh or sharding that does not fit (batch size, a sharded
+        dimension, an axis name, the device count), or a checkpoint of another run (naming the
+        differing fields or leaves), all before any training step.
     """
     _check_tx(tx)
     _check_positive_int("epochs", epochs)
@@ -355,53 +680,164 @@ def fit(
         _as_arrays(eval_ds, "eval_ds")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable or None, got {callback!r}")
-
-    from tqdm import tqdm
+    if checkpoint_every is not None:
+        _check_positive_int("checkpoint_every", checkpoint_every)
+        if checkpoint_dir is None:
+            raise ValueError("checkpoint_every is set but checkpoint_dir is None")
+    config = _check_config(config)
+    mesh = _resolve_mesh(mesh)
+    primary = jax.process_index() == 0
 
     graphdef, params, rest = split_model(train_view(model))
-    # The step donates its inputs: work on copies so the model's own arrays stay valid.
-    params, rest = _copy_tree(params), _copy_tree(rest)
-    # tx.init may put the caller's arrays (e.g. masks) into the state: copy it too.
-    opt_state = _copy_tree(tx.init(params) if opt_state is None else opt_state)
-    step = make_train_step(graphdef, tx, loss_fn=loss_fn, pass_grad_fn=pass_grad_fn)
+    step = make_train_step(
+        graphdef,
+        tx,
+        loss_fn=loss_fn,
+        pass_grad_fn=pass_grad_fn,
+        mesh=mesh,
+        param_sharding=param_sharding,
+        data_axes=data_axes,
+    )
+    if isinstance(step, ShardedStep):
+        abstract_state = jax.eval_shape(tx.init, params) if opt_state is None else opt_state
+        shardings = step.shardings(params, rest, abstract_state)  # checks specs before any work
+        if batch_size % shardings.data_size():
+            raise ValueError(
+                f"batch_size={batch_size} is not divisible by the {shardings.data_size()} slices "
+                f"of the data axes {shardings.data_axes} of mesh {dict(mesh.shape)}"
+            )
+        batcher = _Batcher(shardings.batch, batch_size)
+        params, rest = (
+            jax.device_put(_strong(t), s, may_alias=False)
+            for t, s in ((params, shardings.params), (rest, shardings.rest))
+        )
+        # tx.init runs on the placed params; its output (which may hold the caller's arrays,
+        # e.g. masks) is copied onto the state's shardings.
+        opt_state = tx.init(params) if opt_state is None else opt_state
+        opt_state = jax.device_put(_strong(opt_state), shardings.opt_state, may_alias=False)
+    else:
+        batcher = _Batcher(None, batch_size)
+        # The step donates its inputs: work on copies so the model's own arrays stay valid.
+        params, rest = _copy_tree(params), _copy_tree(rest)
+        # tx.init may put the caller's arrays (e.g. masks) into the state: copy it too.
+        opt_state = _copy_tree(tx.init(params) if opt_state is None else opt_state)
 
     steps_per_epoch = x.shape[0] // batch_size
-    handle = None
-    if metrics_path is not None:
-        os.makedirs(os.path.dirname(os.path.abspath(metrics_path)), exist_ok=True)
-        handle = open(metrics_path, "w")  # noqa: SIM115 - closed in the finally below
+    total = epochs * steps_per_epoch
+    every = steps_per_epoch if checkpoint_every is None else checkpoint_every
+    run_meta = {"batch_size": batch_size, "seed": seed, "train_examples": int(x.shape[0])}
     records: list[dict[str, float]] = []
-    total_steps = 0
+    epoch_metrics: list[list[float]] = []
+    start_step = 0
+    resumed_from = None
+    ckpt = None if checkpoint_dir is None else Checkpointer(checkpoint_dir)
     try:
-        for epoch in range(epochs):
+        if ckpt is not None and ckpt.latest_step() is not None:
+            latest = ckpt.latest_step()
+            extra = ckpt.extra(latest) or {}
+            saved_run = extra.get("fit")
+            if not isinstance(saved_run, Mapping):
+                raise ValueError(
+                    f"fit(): checkpoint step {latest} in {ckpt.directory!r} was not written by "
+                    "jaxcompress.train.fit; use another checkpoint_dir"
+                )
+            diffs = _differences(saved_run, run_meta)
+            diffs += _differences(extra.get("config") or {}, config or {})
+            if diffs:
+                raise ValueError(
+                    f"fit(): refusing to resume from {ckpt.directory!r} (step {latest}): the run "
+                    f"differs from the saved one in {'; '.join(diffs)}. Use a new checkpoint_dir "
+                    "or the saved settings."
+                )
+            if latest > total:
+                raise ValueError(
+                    f"fit(): checkpoint step {latest} in {ckpt.directory!r} is beyond this run's "
+                    f"{total} steps ({epochs} epochs of {steps_per_epoch})"
+                )
+            target = {
+                "params": _abstract(params),
+                "model_state": _abstract(rest),
+                "opt_state": _abstract(opt_state),
+            }
+            restored = ckpt.restore(latest, target=target)
+            params = restored["params"]
+            rest = restored["model_state"]
+            opt_state = restored["opt_state"]
+            records = [dict(r) for r in extra["records"]]
+            epoch_metrics = [list(m) for m in extra["epoch_metrics"]]
+            start_step = resumed_from = latest
+            nnx.update(model, _copy_tree(params), _copy_tree(rest))
+
+        if primary and metrics_path is not None:
+            os.makedirs(os.path.dirname(os.path.abspath(metrics_path)), exist_ok=True)
+            with open(metrics_path, "w") as handle:
+                handle.writelines(json.dumps(r) + "\n" for r in records)
+
+        def save(t: int) -> None:
+            ckpt.save(
+                t,
+                params=params,
+                model_state=rest,
+                opt_state=opt_state,
+                extra={
+                    "fit": run_meta,
+                    "config": config,
+                    "records": records,
+                    "epoch_metrics": epoch_metrics,
+                    "step": t,
+                    "epoch": t // steps_per_epoch,
+                    "epoch_step": t % steps_per_epoch,
+                },
+            )
+
+        lo, hi = batcher.rows
+        for epoch in range(start_step // steps_per_epoch, epochs):
             start = time.perf_counter()
             order = np.random.default_rng((seed, epoch)).permutation(x.shape[0])
-            metrics = []
+            first = max(start_step - epoch * steps_per_epoch, 0)
+            pending: list[Any] = []
             bar = tqdm(
                 total=steps_per_epoch,
+                initial=first,
                 desc=f"epoch {epoch + 1}/{epochs}",
-                disable=not progress,
+                disable=not (progress and primary),
                 leave=False,
             )
-            for i in range(steps_per_epoch):
+            for i in range(first, steps_per_epoch):
                 idx = order[i * batch_size : (i + 1) * batch_size]
-                params, rest, opt_state, m = step(params, rest, opt_state, x[idx], y[idx])
-                metrics.append(m)
+                params, rest, opt_state, m = step(
+                    params, rest, opt_state, *batcher(x[idx[lo:hi]], y[idx[lo:hi]])
+                )
+                pending.append(m)
                 bar.update(1)
-            total_steps += steps_per_epoch
-            stacked = jax.tree.map(lambda *v: jnp.mean(jnp.stack(v)), *metrics)
+                t = epoch * steps_per_epoch + i + 1
+                if ckpt is not None and i + 1 < steps_per_epoch and t % every == 0:
+                    epoch_metrics += _to_floats(pending)
+                    pending = []
+                    save(t)
+            epoch_metrics += _to_floats(pending)
+            losses = np.asarray([m[0] for m in epoch_metrics], np.float64)
+            accuracies = np.asarray([m[1] for m in epoch_metrics], np.float64)
             record = {
                 "epoch": epoch + 1,
-                "train_loss": float(stacked["loss"]),
-                "train_accuracy": float(stacked["accuracy"]),
+                "train_loss": float(np.mean(losses)),
+                "train_accuracy": float(np.mean(accuracies)),
             }
+            epoch_metrics = []
             nnx.update(model, _copy_tree(params), _copy_tree(rest))
             if eval_ds is not None:
-                ev = evaluate(model, eval_ds, batch_size=eval_batch_size)
+                ev = evaluate(
+                    model,
+                    eval_ds,
+                    batch_size=eval_batch_size,
+                    mesh=mesh,
+                    param_sharding=param_sharding,
+                    data_axes=data_axes,
+                )
                 record["eval_loss"], record["eval_accuracy"] = ev["loss"], ev["accuracy"]
             record["seconds"] = time.perf_counter() - start
             bar.close()
-            if progress:
+            if progress and primary:
                 tqdm.write(
                     " ".join(
                         f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
@@ -409,12 +845,23 @@ def fit(
                     )
                 )
             records.append(record)
-            if handle is not None:
-                handle.write(json.dumps(record) + "\n")
-                handle.flush()
+            if primary and metrics_path is not None:
+                with open(metrics_path, "a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            t = (epoch + 1) * steps_per_epoch
+            if ckpt is not None and (t % every == 0 or t == total) and t > start_step:
+                save(t)
             if callback is not None:
                 callback(epoch + 1, record, model)
     finally:
-        if handle is not None:
-            handle.close()
-    return History(epochs=records, opt_state=opt_state, steps=total_steps)
+        if ckpt is not None:
+            ckpt.close()
+    return History(epochs=records, opt_state=opt_state, steps=total, resumed_from=resumed_from)
+
+
+def _to_floats(metrics: list[dict[str, jax.Array]]) -> list[list[float]]:
+    """Per-step ``[loss, accuracy]`` on the host (one transfer for all of them)."""
+    if not metrics:
+        return []
+    host = [(_host(m["loss"]), _host(m["accuracy"])) for m in metrics]
+    return [[float(a), float(b)] for a, b in host]
