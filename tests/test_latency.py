@@ -375,10 +375,10 @@ def _toy(feedback, multiple=1):
         ),
         tuple(sizes.items()),
     )
-    keys = jax.random.split(jax.random.key(0), 3)
+    keys = jax.random.split(jax.random.key(0), 6)
     importance = {
         n: jax.random.uniform(k, (s,), minval=0.1, maxval=1.0)
-        for (n, s), k in zip(sizes.items(), keys, strict=True)
+        for (n, s), k in zip(sizes.items(), keys[:3], strict=True)
     }
     ctrl = L.lambda_controller(0.4 * graph.dense(), graph, lam0=0.01, gain=0.05)
     tx = optax.chain(
@@ -395,7 +395,12 @@ def _toy(feedback, multiple=1):
         u, s = tx.update(jax.grad(task)(p), s, p)
         return (optax.apply_updates(p, u), s), None
 
-    params = {n: jnp.ones(s) for n, s in sizes.items()}
+    # Unequal start: at equal gates (all ones) R is at its maximum, its gradient is 0 up to
+    # float32 round-off, and the task's gradient is 0 too; nothing would break the symmetry.
+    params = {
+        n: jax.random.uniform(k, (s,), minval=0.95, maxval=1.0)
+        for (n, s), k in zip(sizes.items(), keys[3:], strict=True)
+    }
     (params, state), _ = jax.jit(lambda c: jax.lax.scan(step, c, None, length=800))(
         (params, tx.init(params))
     )
