@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 try:  # Pallas is public as jax.pallas in newer JAX; jax 0.10 has only jax.experimental.pallas.
-    from jax import pallas as pl
+    from jax import pallas as pl  # pyrefly: ignore[missing-module-attribute]
 except ImportError:
     from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton  # Triton's API stays here in both.

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 try:  # Pallas is public as jax.pallas in newer JAX; jax 0.10 has only jax.experimental.pallas.
-    from jax import pallas as pl
+    from jax import pallas as pl  # pyrefly: ignore[missing-module-attribute]
 except ImportError:
     from jax.experimental import pallas as pl
 
@@ -41,7 +41,7 @@ def _select_chain(conds: list[jax.Array], values: list, fill):
 
 def _pack_kernel(w_ref, values_ref, meta_ref, *, layout: MetaLayout, rows: int):
     n, m, per, bits = layout.n, layout.m, layout.per_word, layout.bits
-    words = [None] * layout.period_words
+    words: dict[int, jax.Array] = {}  # meta word index -> OR of its fields
     for q in range(layout.period_groups):
         members = [w_ref[pl.ds(q * m + c, rows, stride=layout.period_dense), :] for c in range(m)]
         ranks = magnitude_ranks(members)
@@ -59,7 +59,7 @@ def _pack_kernel(w_ref, values_ref, meta_ref, *, layout: MetaLayout, rows: int):
             values_ref[pl.ds(f, rows, stride=layout.period_rows), :] = value
             field = index << ((f % per) * bits)
             w = f // per
-            words[w] = field if words[w] is None else words[w] | field
+            words[w] = words[w] | field if w in words else field
     for w in range(layout.period_words):
         meta_ref[pl.ds(w, rows, stride=layout.period_words), :] = words[w].astype(META_DTYPE)
 
