@@ -655,6 +655,18 @@ class Checkpointer:
             if jax.tree.leaves(tree)
         }
         extra = self._read_json(step, _EXTRA) if saved.get("has_extra") else None
+        if "://" not in self._directory:  # Orbax's JSON metadata: name the file if unreadable
+            for name in args:
+                path = os.path.join(self._directory, str(step), name, "_METADATA")
+                if os.path.isfile(path):
+                    try:
+                        with open(path, "rb") as handle:
+                            json.loads(handle.read().decode("utf-8"))
+                    except (ValueError, UnicodeDecodeError) as err:
+                        raise ValueError(
+                            f"Checkpointer.restore(): the metadata file {path!r} of step {step} "
+                            f"is empty or corrupt ({type(err).__name__}: {err})"
+                        ) from err
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as err:

@@ -1,6 +1,8 @@
 """Tests for jaxcompress.checkpoint: bit-exact round trips, resumption and structure guards."""
 
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -368,3 +370,158 @@ def test_structure_fingerprint_lists_none_leaves():
     ]
     abstract = jax.eval_shape(lambda: {"a": jnp.zeros((2, 3), jnp.bfloat16), "b": None})
     assert structure_fingerprint(abstract) == fp
+
+
+# --------------------------------------------------------------------------------------------
+# Integrity, directory checks, atomic JSON, restore onto a mesh
+# --------------------------------------------------------------------------------------------
+
+
+def _integrity_params():
+    rng = np.random.default_rng(3)
+    return {
+        "w": jnp.asarray(rng.normal(size=(64, 32)), jnp.float32),
+        "b": jnp.asarray(rng.normal(size=(10,)), jnp.bfloat16),
+        "mask": jnp.asarray(rng.random((16, 16)) < 0.5),
+        "count": jnp.asarray(7, jnp.int32),
+    }
+
+
+def test_flipped_bytes_in_the_data_files_never_restore_silently(tmp_path):
+    import shutil
+
+    params = _integrity_params()
+    src = tmp_path / "src"
+    with Checkpointer(src) as ckpt:
+        ckpt.save(3, params=params)
+    data_files = sorted(
+        os.path.join(root, f)
+        for root, _, files in os.walk(src / "3" / "params")
+        for f in files
+        if os.sep + "d" + os.sep in os.path.join(root, f) + os.sep
+    )
+    assert data_files
+    trials = [
+        (path, int(offset))
+        for path in data_files
+        for offset in np.linspace(0, os.path.getsize(path) - 1, 6)
+    ]
+    assert len(trials) >= 16
+    target = {"params": jax.eval_shape(lambda: params)}
+    silent, by_checksum = 0, 0
+    for i, (path, offset) in enumerate(trials):
+        dst = tmp_path / f"trial{i}"
+        shutil.copytree(src, dst)
+        flipped = os.path.join(dst, os.path.relpath(path, src))
+        data = bytearray(open(flipped, "rb").read())
+        data[offset] ^= 0x40
+        with open(flipped, "wb") as handle:
+            handle.write(bytes(data))
+        try:
+            with Checkpointer(dst) as ckpt:
+                restored = ckpt.restore(target=target)["params"]
+        except ValueError as err:
+            assert "step 3" in str(err)
+            if "is corrupt: item 'params' leaf" in str(err):
+                by_checksum += 1
+                assert re.search(r"leaf \['(w|b|mask|count)'\]", str(err))
+        else:  # the byte was not part of any value read: the values must be intact
+            same = all(
+                np.asarray(restored[k]).tobytes() == np.asarray(params[k]).tobytes() for k in params
+            )
+            silent += not same
+        shutil.rmtree(dst)
+    assert silent == 0
+    assert by_checksum >= 1  # the checksum, not only the storage layer, caught corruptions
+
+
+def test_checksum_detects_any_single_changed_word():
+    from jaxcompress.checkpoint import _checksums
+
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.normal(size=(40, 24)), jnp.float32)
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("x", "y"))
+    sharded = jax.device_put(a, NamedSharding(mesh, P("x", "y")))
+    base = _checksums([a])[0]
+    assert _checksums([sharded])[0] == base  # independent of the sharding
+    flat = np.asarray(a).reshape(-1).view(np.uint32)
+    for index in rng.choice(flat.size, 50, replace=False):
+        for bit in (0, 7, 22, 31):
+            changed = flat.copy()
+            changed[index] ^= np.uint32(1 << bit)
+            b = jnp.asarray(changed.view(np.float32).reshape(a.shape))
+            assert _checksums([b])[0] != base
+    # Swapping two different entries changes it too (the weights depend on the position).
+    swapped = np.asarray(a).copy()
+    swapped[0, 0], swapped[3, 5] = swapped[3, 5], swapped[0, 0]
+    assert _checksums([jnp.asarray(swapped)])[0] != base
+
+
+def test_bad_directories_are_rejected_at_construction(tmp_path):
+    regular = tmp_path / "file"
+    regular.write_text("x")
+    with pytest.raises(ValueError, match="is not a directory"):
+        Checkpointer(regular)
+    with pytest.raises(ValueError, match="cannot create directory|not writable"):
+        Checkpointer(regular / "sub")
+    with pytest.raises(ValueError, match="cannot create directory|not writable"):
+        Checkpointer("/proc/jaxcompress-checkpoints")
+    if os.geteuid() != 0:  # root writes into read-only directories
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        with pytest.raises(ValueError, match="not writable"):
+            Checkpointer(locked)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00{garbage"])
+@pytest.mark.parametrize("item", ["structure/metadata", "extra/metadata", "params/_METADATA"])
+def test_empty_or_corrupt_metadata_names_the_file(tmp_path, item, content):
+    params = _params()
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(2, params=params, extra={"a": 1})
+    path = tmp_path / "2" / item
+    path.write_bytes(content)
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(ValueError, match=re.escape(str(path)) + ".*empty or corrupt"):
+            ckpt.restore(target={"params": params})
+
+
+def test_write_json_atomic_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
+    from jaxcompress.checkpoint import write_json_atomic
+
+    path = tmp_path / "results.json"
+    write_json_atomic(path, {"accuracy": 0.9})
+    assert json.loads(path.read_text()) == {"accuracy": 0.9}
+    with pytest.raises(TypeError, match="not JSON-serialisable"):
+        write_json_atomic(path, {"bad": object()})
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        write_json_atomic(path, {"accuracy": 0.95, "big": list(range(1000))})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"accuracy": 0.9}
+    assert sorted(os.listdir(tmp_path)) == ["results.json"]  # no temporary file left
+    write_json_atomic(path, {"accuracy": 0.95})
+    assert json.loads(path.read_text()) == {"accuracy": 0.95}
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        write_json_atomic(tmp_path / "missing" / "r.json", {})
+
+
+def test_restore_puts_scalar_leaves_on_the_target_mesh(tmp_path):
+    params = _params()
+    tx = optax.adam(1e-2)
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, params=params, opt_state=tx.init(params))
+        mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+        placed = jax.device_put(params, NamedSharding(mesh, P()))
+        target = {"params": placed, "opt_state": tx.init(placed)}  # count on one device
+        assert not isinstance(target["opt_state"][0].count.sharding, NamedSharding)
+        restored = ckpt.restore(target=target)
+    for leaf in jax.tree.leaves(restored["opt_state"]):
+        assert isinstance(leaf.sharding, NamedSharding) and leaf.sharding.mesh == mesh
+    # The restored state steps together with params on that mesh.
+    updates, _ = jax.jit(tx.update)(placed, restored["opt_state"], placed)
+    assert jax.tree.leaves(updates)[0].sharding.mesh == mesh

@@ -152,20 +152,15 @@ def test_fsdp_rule_and_state_follow_params():
     assert sharding.param_specs(params, sharding.make_mesh("data=8"), "fsdp")["a"]["kernel"] == P(
         "data", None
     )
-    tx = optim.masked(
-        optax.adam(1e-3),
-        {
-            "a": {"kernel": jnp.ones((64, 32), bool)},
-            "b": {"kernel": None},
-            "c": {"kernel": None},
-            "d": {"kernel": None},
-        },
-    )
+    tx = optim.gmp(optax.adam(1e-3), sparsity=0.5, begin_step=0, end_step=4, every=2)
     state = tx.init(params)
     ospecs = sharding.state_specs(state, params, specs, mesh, rule="fsdp")
     assert ospecs.masks["a"]["kernel"] == P("fsdp", None)
+    assert ospecs.masks["b"]["kernel"] == P(None, "fsdp")
+    assert ospecs.masks["d"]["kernel"] == P()
     mu = ospecs.inner_state[0].mu
     assert mu["a"]["kernel"] == P("fsdp", None) and mu["b"]["kernel"] == P(None, "fsdp")
+    assert ospecs.count == P()
     assert ospecs.inner_state[0].count == P()
 
 
