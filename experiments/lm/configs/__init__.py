@@ -1,0 +1,1 @@
+"""Configurations of the LM experiment: ``default`` (the full run) and ``quick``."""

@@ -1,0 +1,550 @@
+"""The LM experiment: a char-level GPT on Tiny Shakespeare, trained with AdamW, CrAM and AC/DC,
+then pruned in one shot with magnitude, Wanda and SparseGPT.
+
+Claims tested (issue 21):
+
+* the dense GPT at nanoGPT's CPU setting reaches a validation loss <= 1.90 nats per character
+  (nanoGPT: about 1.88);
+* at 50% and at 2:4, Wanda (Sun et al., ICLR 2024, arXiv:2306.11695) and SparseGPT (Frantar &
+  Alistarh, ICML 2023, arXiv:2301.00774) lose at most half of what magnitude pruning loses, and
+  SparseGPT is at least as good as Wanda at 2:4;
+* a CrAM-trained GPT (Peste et al., ICLR 2023, arXiv:2207.14200) loses at most half of what the
+  AdamW-trained one loses under one-shot 50% magnitude pruning.
+
+Pipeline of :func:`run`, for every trainer in ``config.trainers``:
+
+1. train :class:`jaxcompress.models.GPT` (tied embeddings, dropout 0) from the same
+   initialisation on random windows of the training split (:func:`jaxcompress.data.windows`,
+   seeded by ``(seed, 0, step)``) with AdamW (``adamw``), CrAM+ with inner AdamW and per-layer
+   magnitude compressors (``cram``), or AC/DC with inner AdamW at ``acdc_sparsity`` per layer
+   (``acdc``; its model ends in a compressed phase, so it is already sparse). The training
+   state is saved every ``checkpoint_every`` steps under ``<out>/checkpoints/<trainer>-<hash>``
+   with :class:`jaxcompress.checkpoint.Checkpointer`; a rerun into the same ``--out`` resumes
+   there and never retrains a finished model;
+2. evaluate the model on ``eval_windows`` fixed random validation windows;
+3. prune it in one shot at every unstructured sparsity (per layer) and N:M pattern with every
+   pruner; only the blocks' Linear kernels are pruned (embeddings, tied head and norms stay
+   dense); Wanda and SparseGPT calibrate on ``calib_windows`` training windows; evaluate and
+   sample text from every pruned model;
+4. write ``results.json`` (atomically, after every trainer) and ``loss_increase.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from experiments._common import check_out, environment, stage_bar, write_json_atomic
+from experiments.lm.configs.base import Config
+from jaxcompress import data as jdata
+from jaxcompress import masks as jmasks
+from jaxcompress import optim as joptim
+from jaxcompress import prune
+from jaxcompress import train as jtrain
+from jaxcompress.checkpoint import Checkpointer
+from jaxcompress.models import GPT, generate
+
+__all__ = ["block_kernels", "criteria", "format_table", "run", "write_plot"]
+
+LOG_EVERY = 50
+EVAL_BATCH = 100
+SAMPLE_TEMPERATURE = 0.8  # nanoGPT's sample.py
+TRAINER_NAMES = {"adamw": "AdamW", "cram": "CrAM+", "acdc": "AC/DC"}
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces
+# --------------------------------------------------------------------------------------------
+
+
+def block_kernels(path, leaf) -> bool:
+    """The Linear kernels inside the GPT blocks (q, k, v, out, fc1, fc2); never the embeddings,
+    the head or the norms."""
+    return jmasks.prunable(path, leaf) and jmasks.path_str(path).startswith("blocks/")
+
+
+def criteria(config: Config) -> dict[str, dict[str, Any]]:
+    """The one-shot criteria by label: ``"50%"`` -> ``{"sparsity": 0.5}``, ``"2:4"`` ->
+    ``{"n": 2, "m": 4}``."""
+    out: dict[str, dict[str, Any]] = {
+        f"{100 * s:g}%": {"sparsity": float(s)} for s in config.sparsities
+    }
+    out.update({f"{n}:{m}": {"n": n, "m": m} for n, m in config.nm_patterns})
+    return out
+
+
+def _fingerprint(config: Config, names: tuple[str, ...]) -> str:
+    values = {name: getattr(config, name) for name in names}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:10]
+
+
+_MODEL_FIELDS = (
+    "seed",
+    "iters",
+    "batch_size",
+    "context",
+    "num_layers",
+    "num_heads",
+    "d_model",
+    "learning_rate",
+    "min_lr",
+    "warmup_iters",
+    "weight_decay",
+)
+_TRAINER_FIELDS = {"adamw": (), "cram": ("cram_rho", "cram_sparsities"), "acdc": ("acdc_sparsity",)}
+_PRUNE_FIELDS = (
+    "sparsities",
+    "nm_patterns",
+    "pruners",
+    "calib_windows",
+    "eval_windows",
+    "sample_chars",
+)
+
+
+def make_model(config: Config, vocab_size: int) -> GPT:
+    return GPT(
+        vocab_size,
+        context=config.context,
+        d_model=config.d_model,
+        num_heads=config.num_heads,
+        num_layers=config.num_layers,
+        rngs=nnx.Rngs(config.seed),
+    )
+
+
+def make_adamw(config: Config) -> optax.GradientTransformation:
+    """nanoGPT's optimizer: gradient clipping at global norm 1, AdamW (beta2 0.99) with
+    decoupled weight decay on every matrix and embedding (not on biases and norms), learning
+    rate warmed up linearly and decayed by a cosine to ``min_lr`` at the last step."""
+    lr, warmup, total = config.learning_rate, config.warmup_iters, config.iters
+    cosine = optax.cosine_decay_schedule(lr, total - warmup, alpha=config.min_lr / lr)
+    if warmup:
+        ramp = optax.linear_schedule(lr / (warmup + 1), lr, warmup)
+        schedule = optax.join_schedules([ramp, cosine], [warmup])
+    else:
+        schedule = cosine
+    return optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.adamw(
+            schedule,
+            b1=0.9,
+            b2=0.99,
+            weight_decay=config.weight_decay,
+            mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params),
+        ),
+    )
+
+
+def make_optimizer(trainer: str, config: Config) -> optax.GradientTransformation:
+    """AdamW, CrAM+ around it (per-layer magnitude compressors) or AC/DC around it."""
+    inner = make_adamw(config)
+    if trainer == "adamw":
+        return inner
+    if trainer == "cram":
+        return joptim.cram(
+            inner,
+            rho=config.cram_rho,
+            sparsities=config.cram_sparsities,
+            compressor="layer",
+            where=block_kernels,
+            seed=config.seed,
+        )
+    unit = max(1, config.iters // 10)
+    schedule = joptim.acdc_schedule(
+        warmup_steps=unit,
+        compressed_steps=unit,
+        decompressed_steps=unit,
+        final_compressed_steps=2 * unit,
+        total_steps=config.iters,
+    )
+    return joptim.acdc(
+        inner, sparsity=config.acdc_sparsity, schedule=schedule, scope="layer", where=block_kernels
+    )
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _ce_sums(graphdef, state, x, y, w):
+    logits = nnx.merge(graphdef, state)(x).astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(axis=-1)
+    return jnp.sum(ce * w)
+
+
+def evaluate(model: GPT, x: np.ndarray, y: np.ndarray) -> float:
+    """Mean next-character cross-entropy (nats) of ``model`` over the windows ``(x, y)``, in
+    eval mode; batches of :data:`EVAL_BATCH` windows, the last one padded and masked (one
+    compile)."""
+    graphdef, state = nnx.split(jtrain.eval_view(model))
+    n = x.shape[0]
+    bs = min(EVAL_BATCH, n)
+    total = jnp.zeros(())
+    for start in range(0, n, bs):
+        xb, yb = x[start : start + bs], y[start : start + bs]
+        w = np.zeros((bs,), np.float32)
+        w[: xb.shape[0]] = 1.0
+        if xb.shape[0] < bs:
+            pad = ((0, bs - xb.shape[0]), (0, 0))
+            xb, yb = np.pad(xb, pad), np.pad(yb, pad)
+        total = total + _ce_sums(graphdef, state, xb, yb, w)
+    return float(total) / n
+
+
+def sample(model: GPT, corpus: jdata.CharCorpus, config: Config) -> str:
+    """``config.sample_chars`` characters sampled after a newline (temperature 0.8)."""
+    if config.sample_chars == 0:
+        return ""
+    prompt = jnp.asarray(corpus.encode("\n"))[None]
+    ids = generate(
+        model, prompt, config.sample_chars, jax.random.key(config.seed), SAMPLE_TEMPERATURE
+    )
+    return corpus.decode(np.asarray(ids[0, 1:]))
+
+
+def _pruner(name: str) -> Callable[..., tuple[Any, Any]]:
+    fn = getattr(prune, name, None)
+    if fn is None:
+        raise ValueError(
+            f"pruners: jaxcompress.prune.{name} is not available in this installation; leave it "
+            f"out (e.g. --pruners magnitude)"
+        )
+    return fn
+
+
+def prune_model(
+    pruner: str, model: GPT, calib: jax.Array, criterion: dict[str, Any]
+) -> tuple[Any, float, float]:
+    """Prune a copy of ``model``'s params; returns ``(pruned_params, actual_sparsity, seconds)``
+    (sparsity over the block kernels)."""
+    start = time.perf_counter()
+    if pruner == "magnitude":
+        scope = {"scope": "layer"} if "sparsity" in criterion else {}
+        params, _ = prune.oneshot(
+            nnx.state(model, nnx.Param), where=block_kernels, **scope, **criterion
+        )
+    else:
+        params, _ = _pruner(pruner)(nnx.clone(model), calib, where=block_kernels, **criterion)
+    params = jax.block_until_ready(params)
+    seconds = time.perf_counter() - start
+    return params, float(jmasks.summary(params, where=block_kernels).sparsity), seconds
+
+
+# --------------------------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------------------------
+
+
+def train_model(
+    trainer: str, config: Config, train: jdata.CharCorpus, out: str | None
+) -> tuple[GPT, dict[str, Any]]:
+    """Train (or resume, or restore) one model; returns it with its training record."""
+    model = make_model(config, train.vocab_size)
+    graphdef, params, rest = jtrain.split_model(jtrain.train_view(model))
+    tx = make_optimizer(trainer, config)
+    opt_state = tx.init(params)
+    step_fn = jtrain.make_train_step(graphdef, tx, pass_grad_fn=trainer == "cram")
+    record: dict[str, Any] = {"history": [], "train_seconds": 0.0, "resumed_from": 0}
+    fingerprint = _fingerprint(config, _MODEL_FIELDS + _TRAINER_FIELDS[trainer])
+    ckpt = (
+        None
+        if out is None
+        else Checkpointer(
+            os.path.join(out, "checkpoints", f"{trainer}-{fingerprint}"), max_to_keep=1
+        )
+    )
+    try:
+        start = 0
+        if ckpt is not None and ckpt.latest_step() is not None:
+            restored = ckpt.restore(target={"params": params, "opt_state": opt_state})
+            params, opt_state = restored["params"], restored["opt_state"]
+            start = int(restored["step"])
+            record.update(restored["extra"])
+            record["resumed_from"] = start
+        losses: list[jax.Array] = []
+        with stage_bar(config.iters, f"train {trainer}", config.progress) as bar:
+            bar.update(start)
+            t0 = time.perf_counter()
+            for t in range(start, config.iters):
+                x, y = jdata.windows(train, config.batch_size, config.context, (config.seed, 0, t))
+                params, rest, opt_state, metrics = step_fn(params, rest, opt_state, x, y)
+                losses.append(metrics["loss"])
+                done = t + 1
+                if done % LOG_EVERY == 0 or done == config.iters:
+                    loss = float(jnp.mean(jnp.stack(losses)))
+                    record["history"].append({"step": done, "train_loss": loss})
+                    bar.set_postfix(loss=f"{loss:.3f}")
+                    losses = []
+                if ckpt is not None and (
+                    done % config.checkpoint_every == 0 or done == config.iters
+                ):
+                    record["train_seconds"] += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    extra = {k: record[k] for k in ("history", "train_seconds")}
+                    ckpt.save(done, params=params, opt_state=opt_state, extra=extra)
+                bar.update(1)
+            if ckpt is None:
+                record["train_seconds"] += time.perf_counter() - t0
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+    nnx.update(model, params)
+    model.eval()
+    record["block_sparsity"] = float(
+        jmasks.summary(nnx.state(model, nnx.Param), where=block_kernels).sparsity
+    )
+    return model, record
+
+
+def prune_stage(
+    trainer: str,
+    model: GPT,
+    config: Config,
+    train: jdata.CharCorpus,
+    val_xy: tuple[np.ndarray, np.ndarray],
+    calib: jax.Array,
+) -> dict[str, Any]:
+    """Evaluate ``model`` and every one-shot pruned copy of it."""
+    dense_params = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
+    base = evaluate(model, *val_xy)
+    result: dict[str, Any] = {
+        "val_loss": base,
+        "perplexity": float(np.exp(base)),
+        "sample": sample(model, train, config),
+        "pruned": {},
+    }
+    crit = criteria(config)
+    with stage_bar(len(crit) * len(config.pruners), f"prune {trainer}", config.progress) as bar:
+        for pruner in config.pruners:
+            result["pruned"][pruner] = {}
+            for label, criterion in crit.items():
+                params, sparsity, seconds = prune_model(pruner, model, calib, criterion)
+                nnx.update(model, params)
+                loss = evaluate(model, *val_xy)
+                result["pruned"][pruner][label] = {
+                    "val_loss": loss,
+                    "perplexity": float(np.exp(loss)),
+                    "increase": loss - base,
+                    "sparsity": sparsity,
+                    "prune_seconds": seconds,
+                    "sample": sample(model, train, config),
+                }
+                nnx.update(model, dense_params)
+                bar.update(1)
+    return result
+
+
+def _targets(models: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets, each ``{"value": ..., "target": ..., "met": bool}`` (absent when a
+    model or pruner needed for it was not run)."""
+    out: dict[str, Any] = {}
+
+    def inc(trainer, pruner, label):
+        try:
+            return models[trainer]["pruned"][pruner][label]["increase"]
+        except KeyError:
+            return None
+
+    if "adamw" in models:
+        loss = models["adamw"]["val_loss"]
+        out["dense_val_loss"] = {"value": loss, "target": "<= 1.90", "met": loss <= 1.90}
+    for label in ("50%", "2:4"):
+        mag = inc("adamw", "magnitude", label)
+        for pruner in ("wanda", "sparsegpt"):
+            value = inc("adamw", pruner, label)
+            if mag is not None and value is not None:
+                out[f"{pruner}_vs_magnitude_{label}"] = {
+                    "value": value,
+                    "magnitude": mag,
+                    "target": "<= half of magnitude's increase",
+                    "met": value <= 0.5 * mag,
+                }
+    sg, wa = inc("adamw", "sparsegpt", "2:4"), inc("adamw", "wanda", "2:4")
+    if sg is not None and wa is not None:
+        out["sparsegpt_vs_wanda_2:4"] = {
+            "value": sg,
+            "wanda": wa,
+            "target": "<= Wanda's increase",
+            "met": sg <= wa,
+        }
+    cram, adamw = inc("cram", "magnitude", "50%"), inc("adamw", "magnitude", "50%")
+    if cram is not None and adamw is not None:
+        out["cram_vs_adamw_magnitude_50%"] = {
+            "value": cram,
+            "adamw": adamw,
+            "target": "<= half of AdamW's increase",
+            "met": cram <= 0.5 * adamw,
+        }
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Run
+# --------------------------------------------------------------------------------------------
+
+
+def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Run the experiment; write ``results.json`` and ``loss_increase.png`` to ``out``.
+
+    Args:
+      config: a :class:`Config` (validated first).
+      out: output directory (created and checked for writing before any data is loaded);
+        ``None`` writes nothing and keeps no checkpoints.
+
+    Returns:
+      The results dict (also ``results.json``): ``models[trainer]`` with ``val_loss``,
+      ``perplexity`` (per character), ``sample``, ``block_sparsity``, ``history``,
+      ``train_seconds``, ``resumed_from`` and ``pruned[pruner][criterion]`` (``val_loss``,
+      ``perplexity``, ``increase``, ``sparsity``, ``prune_seconds``, ``sample``);
+      ``targets``; ``config``; ``header``; ``timing``; ``environment``; ``complete``.
+    """
+    if not isinstance(config, Config):
+        raise TypeError(f"config must be an experiments.lm Config, got {type(config).__name__}")
+    config.validate()
+    for pruner in config.pruners:
+        if pruner != "magnitude":
+            _pruner(pruner)
+    out = None if out is None else check_out(out)
+    t0 = time.perf_counter()
+    train = jdata.tinyshakespeare("train", data_dir=config.data_dir)
+    val = jdata.tinyshakespeare("val", data_dir=config.data_dir)
+    val_xy = jdata.windows(val, config.eval_windows, config.context, (config.seed, 1))
+    calib = jnp.asarray(
+        jdata.windows(train, config.calib_windows, config.context, (config.seed, 2))[0]
+    )
+    n_params = sum(
+        int(np.prod(p.shape))
+        for p in jax.tree.leaves(nnx.state(make_model(config, train.vocab_size), nnx.Param))
+    )
+    results: dict[str, Any] = {
+        "header": (
+            f"tinyshakespeare: GPT {config.num_layers}x{config.d_model} ({n_params:,} params), "
+            f"context {config.context}, {config.iters} steps of {config.batch_size} windows; "
+            f"val loss over {config.eval_windows} windows; seed {config.seed}"
+        ),
+        "models": {},
+        "config": dataclasses.asdict(config),
+        "num_params": n_params,
+        "timing": {},
+        "environment": environment(),
+        "complete": False,
+    }
+    stage_fp = _fingerprint(config, _MODEL_FIELDS + _PRUNE_FIELDS)
+    for trainer in config.trainers:
+        stage_file = (
+            None
+            if out is None
+            else os.path.join(
+                out,
+                "stages",
+                f"{trainer}-{stage_fp}-{_fingerprint(config, _TRAINER_FIELDS[trainer])}.json",
+            )
+        )
+        if stage_file is not None and os.path.isfile(stage_file):
+            with open(stage_file) as f:
+                results["models"][trainer] = json.load(f)
+            continue
+        ts = time.perf_counter()
+        model, record = train_model(trainer, config, train, out)
+        tp = time.perf_counter()
+        entry = prune_stage(trainer, model, config, train, val_xy, calib)
+        entry.update(record)
+        entry["prune_seconds"] = time.perf_counter() - tp
+        entry["stage_seconds"] = time.perf_counter() - ts
+        results["models"][trainer] = entry
+        if stage_file is not None:
+            write_json_atomic(stage_file, entry)
+            write_json_atomic(os.path.join(out, "results.json"), results)
+    results["targets"] = _targets(results["models"])
+    results["timing"]["total_seconds"] = time.perf_counter() - t0
+    results["complete"] = True
+    if out is not None:
+        write_json_atomic(os.path.join(out, "results.json"), results)
+        write_plot(results, os.path.join(out, "loss_increase.png"))
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------------
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A plain-text table: per model the validation loss, then the loss (and its increase) of
+    every pruner at every criterion, then the targets."""
+    lines = [results["header"]]
+    for trainer, entry in results["models"].items():
+        lines.append(
+            f"\n{TRAINER_NAMES.get(trainer, trainer)}: val loss {entry['val_loss']:.4f} nats/char "
+            f"(perplexity {entry['perplexity']:.3f}), block sparsity "
+            f"{entry['block_sparsity']:.2f}, trained in {entry['train_seconds']:.0f} s"
+        )
+        pruned = entry["pruned"]
+        labels = list(next(iter(pruned.values())).keys()) if pruned else []
+        lines.append(f"  {'pruner':<10}" + "".join(f"{label:>18}" for label in labels))
+        for pruner, rows in pruned.items():
+            cells = "".join(
+                f"{rows[label]['val_loss']:>9.4f} ({rows[label]['increase']:+.3f})"
+                for label in labels
+            )
+            lines.append(f"  {pruner:<10}{cells}")
+    targets = results.get("targets", {})
+    if targets:
+        lines.append("\ntargets:")
+        for name, t in targets.items():
+            lines.append(
+                f"  {name}: {t['value']:.4f} ({t['target']}"
+                + "".join(
+                    f", {k} {v:.4f}" for k, v in t.items() if k in ("magnitude", "wanda", "adamw")
+                )
+                + f") {'met' if t['met'] else 'NOT met'}"
+            )
+    return "\n".join(lines)
+
+
+def write_plot(results: dict[str, Any], path: str) -> None:
+    """Validation-loss increase against the criterion, one panel per trained model and one line
+    per pruner; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = results["models"]
+    fig, axes = plt.subplots(
+        1, len(models), figsize=(4.2 * len(models), 3.6), sharey=True, squeeze=False
+    )
+    for ax, (trainer, entry) in zip(axes[0], models.items(), strict=True):
+        for pruner, rows in entry["pruned"].items():
+            labels = list(rows)
+            ax.plot(
+                labels, [max(rows[k]["increase"], 1e-4) for k in labels], marker="o", label=pruner
+            )
+        ax.set_yscale("log")
+        ax.set_title(f"{TRAINER_NAMES.get(trainer, trainer)} (dense {entry['val_loss']:.3f})")
+        ax.set_xlabel("one-shot sparsity")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("val loss increase (nats/char)")
+    axes[0][0].legend()
+    fig.tight_layout()
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".loss_increase.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
