@@ -374,7 +374,13 @@ def test_kernels_lower_to_triton_for_cuda(n, m):
 
 @pytest.mark.parametrize(
     "n,m,match",
-    [(4, 4, "n must satisfy 1 <= n < m"), (5, 4, "got n=5"), (1, 0, "got m=0"), (0, 4, "n=0")],
+    [
+        (4, 4, "n must satisfy 1 <= n < m"),
+        (5, 4, "got n=5"),
+        (1, 0, "got m=0"),
+        (0, 4, "n=0"),
+        (1, 17, "m must be a group size <= 16"),
+    ],
 )
 def test_bad_patterns_are_rejected(n, m, match):
     w = jnp.zeros((8, 4))

@@ -1,4 +1,4 @@
-"""Tests for jaxcompress.optim.masked: fixed-support training keeps pruned weights at exactly 0."""
+"""Tests for jaxcompress.optim.fixed_mask: fixed-support training keeps pruned weights at 0."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxcompress.optim._masked import MaskedState, masked, masked_params
+from jaxcompress.optim import FixedMaskState, fixed_mask, masked_params
 
 NUM_STEPS = 200
 
@@ -94,7 +94,7 @@ INNER = {
 @pytest.mark.parametrize("name", sorted(INNER))
 def test_pruned_entries_stay_exactly_zero(name):
     params, masks, loss = _problem()
-    tx = masked(INNER[name](), masks)
+    tx = fixed_mask(INNER[name](), masks)
     final, state, pruned, losses = _train(tx, params, loss, masks)
     # The initial params are dense; from the first update on, every pruned entry is exactly 0.
     assert float(_pruned_abs_sum(params, masks)) > 0.0
@@ -108,15 +108,15 @@ def test_pruned_entries_stay_exactly_zero(name):
         assert np.count_nonzero(np.asarray(p)[m]) == m.sum()
     assert not np.allclose(final["dense"]["bias"], params["dense"]["bias"])
     assert float(losses[-1]) < float(loss(_apply_masks(params, masks)))
-    assert isinstance(state, MaskedState)
+    assert isinstance(state, FixedMaskState)
 
 
 @pytest.mark.parametrize("name", sorted(INNER))
 def test_matches_inner_on_masked_problem(name):
-    """From sparse params, ``masked(inner)`` is ``inner`` run on theta -> L(m * theta)."""
+    """From sparse params, ``fixed_mask(inner)`` is ``inner`` run on theta -> L(m * theta)."""
     params, masks, loss = _problem(seed=1)
     params = _apply_masks(params, masks)
-    final, _, _, _ = _train(masked(INNER[name](), masks), params, loss, masks)
+    final, _, _, _ = _train(fixed_mask(INNER[name](), masks), params, loss, masks)
 
     def masked_loss(p):
         return loss(_apply_masks(p, masks))
@@ -130,7 +130,7 @@ def test_sgd_momentum_matches_manual_computation():
     params, masks, loss = _problem(seed=2)
     lr, mu, steps = 0.05, 0.9, 50
     final, state, _, _ = _train(
-        masked(optax.sgd(lr, momentum=mu), masks), params, loss, masks, steps
+        fixed_mask(optax.sgd(lr, momentum=mu), masks), params, loss, masks, steps
     )
 
     p = jax.tree.map(np.asarray, params)
@@ -163,7 +163,7 @@ def test_sgd_momentum_matches_manual_computation():
 
 def test_adam_moments_of_pruned_entries_stay_zero():
     params, masks, loss = _problem(seed=3)
-    _, state, _, _ = _train(masked(optax.adam(1e-2), masks), params, loss, masks, 20)
+    _, state, _, _ = _train(fixed_mask(optax.adam(1e-2), masks), params, loss, masks, 20)
     adam = state.inner_state[0]
     for moment in (adam.mu, adam.nu):
         assert np.all(np.asarray(moment["dense"]["kernel"])[~masks["dense"]["kernel"]] == 0.0)
@@ -172,7 +172,7 @@ def test_adam_moments_of_pruned_entries_stay_zero():
 
 def test_masks_live_in_state_and_update_uses_them():
     params, masks, loss = _problem()
-    tx = masked(optax.sgd(0.1), masks)
+    tx = fixed_mask(optax.sgd(0.1), masks)
     state = tx.init(params)
     np.testing.assert_array_equal(state.masks["dense"]["kernel"], masks["dense"]["kernel"])
     assert state.masks["dense"]["bias"] is None
@@ -187,7 +187,7 @@ def test_masks_live_in_state_and_update_uses_them():
 
 def test_no_recompilation_on_second_update():
     params, masks, loss = _problem()
-    tx = masked(optax.adamw(1e-2, weight_decay=0.1), masks)
+    tx = fixed_mask(optax.adamw(1e-2, weight_decay=0.1), masks)
     state = tx.init(params)
     traces = []
 
@@ -214,7 +214,7 @@ def test_extra_args_are_forwarded():
         return jax.tree.map(lambda u: -factor * u, updates), state
 
     inner = optax.GradientTransformationExtraArgs(init_fn, update_fn)
-    tx = masked(inner, masks)
+    tx = fixed_mask(inner, masks)
     state = tx.init(params)
     grads = jax.grad(loss)(params)
     u1, _ = tx.update(grads, state, params, factor=1.0)
@@ -224,35 +224,35 @@ def test_extra_args_are_forwarded():
         np.asarray(u2["dense"]["kernel"])[m], 2.0 * np.asarray(u1["dense"]["kernel"])[m], rtol=1e-6
     )
     # Plain transformations ignore extra args they do not take.
-    tx = masked(optax.sgd(0.1), masks)
+    tx = fixed_mask(optax.sgd(0.1), masks)
     tx.update(grads, tx.init(params), params, unused_extra=3)
 
 
 def test_update_without_params_is_an_error():
     params, masks, loss = _problem()
-    tx = masked(optax.sgd(0.1), masks)
+    tx = fixed_mask(optax.sgd(0.1), masks)
     with pytest.raises(ValueError, match="params"):
         tx.update(jax.grad(loss)(params), tx.init(params))
 
 
 def test_inner_must_be_a_gradient_transformation():
     with pytest.raises(TypeError, match="inner"):
-        masked(lambda g: g, {})
+        fixed_mask(lambda g: g, {})
 
 
 def test_bad_masks_are_rejected_at_init():
     params, masks, _ = _problem()
     bad_shape = {**masks, "out": {"kernel": np.ones((4, 8), bool)}}
     with pytest.raises(ValueError, match="out"):
-        masked(optax.sgd(0.1), bad_shape).init(params)
+        fixed_mask(optax.sgd(0.1), bad_shape).init(params)
     bad_structure = {"dense": masks["dense"]}
     with pytest.raises((ValueError, TypeError)):
-        masked(optax.sgd(0.1), bad_structure).init(params)
+        fixed_mask(optax.sgd(0.1), bad_structure).init(params)
 
 
 def test_masked_params_helper():
     params, masks, _ = _problem()
-    state = optax.chain(optax.scale(1.0), masked(optax.sgd(0.1), masks)).init(params)
+    state = optax.chain(optax.scale(1.0), fixed_mask(optax.sgd(0.1), masks)).init(params)
     sparse = masked_params(params, state)
     assert float(_pruned_abs_sum(sparse, masks)) == 0.0
     np.testing.assert_array_equal(sparse["dense"]["bias"], params["dense"]["bias"])
@@ -273,7 +273,7 @@ def test_shardings_are_preserved():
         lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda v: isinstance(v, P)
     )
     params = jax.device_put(params, shardings)
-    tx = masked(optax.adamw(1e-2, weight_decay=0.1), masks)
+    tx = fixed_mask(optax.adamw(1e-2, weight_decay=0.1), masks)
     state = tx.init(params)
     assert state.masks["dense"]["kernel"].sharding.is_equivalent_to(shardings["dense"]["kernel"], 2)
     assert (
@@ -307,7 +307,7 @@ def test_nnx_state_params():
     masks = jax.tree_util.tree_map_with_path(
         lambda path, _: kernel_mask if "kernel" in jax.tree_util.keystr(path) else None, params
     )
-    tx = masked(optax.adamw(1e-2, weight_decay=0.1), masks)
+    tx = fixed_mask(optax.adamw(1e-2, weight_decay=0.1), masks)
     state = tx.init(params)
     grads = jax.tree.map(jnp.ones_like, params)
     updates, state = jax.jit(tx.update)(grads, state, params)
@@ -316,3 +316,43 @@ def test_nnx_state_params():
     kernel = np.asarray(new["kernel"][...])
     assert np.all(kernel[~kernel_mask] == 0.0)
     assert np.all(kernel[kernel_mask] != np.asarray(params["kernel"][...])[kernel_mask])
+
+
+def test_deprecated_aliases():
+    import jaxcompress.optim as jo
+
+    params, masks, loss = _problem()
+    with pytest.warns(DeprecationWarning, match="fixed_mask"):
+        tx = jo.masked(optax.sgd(0.1), masks)
+    state = tx.init(params)
+    assert isinstance(state, jo.MaskedState) and jo.MaskedState is FixedMaskState
+    ref = fixed_mask(optax.sgd(0.1), masks)
+    grads = jax.grad(loss)(params)
+    u, _ = tx.update(grads, state, params)
+    r, _ = ref.update(grads, ref.init(params), params)
+    jax.tree.map(np.testing.assert_array_equal, u, r)
+
+
+def test_update_with_a_tree_unlike_the_masks_names_the_first_differing_path():
+    params, masks, loss = _problem()
+    tx = fixed_mask(optax.sgd(0.1), masks)
+    state = tx.init(params)
+    grads = jax.grad(loss)(params)
+    missing = {"dense": params["dense"]}  # no "out"
+    with pytest.raises(ValueError, match=r"params: .*'out/kernel'.*present only in the masks"):
+        tx.update(grads, state, missing)
+    no_bias = {**grads, "dense": {"kernel": grads["dense"]["kernel"]}}
+    with pytest.raises(
+        ValueError, match=r"updates: .*'dense/kernel' where the masks have 'dense/bias'"
+    ):
+        tx.update(no_bias, state, params)
+    extra = {**params, "z": {"kernel": jnp.ones((2, 2))}}
+    with pytest.raises(ValueError, match=r"params: .*'z/kernel'.*present only in params"):
+        tx.update(grads, state, extra)
+    wrong_shape = {**grads, "out": {"kernel": jnp.ones((4, 8))}}
+    with pytest.raises(ValueError, match=r"updates: leaf 'out/kernel' has shape \(4, 8\)"):
+        tx.update(wrong_shape, state, params)
+    with pytest.raises(ValueError, match=r"params: .*'out/kernel'"):
+        jax.jit(tx.update)(grads, state, missing)
+    with pytest.raises(TypeError, match="FixedMaskState"):
+        tx.update(grads, optax.sgd(0.1).init(params), params)

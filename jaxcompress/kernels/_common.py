@@ -12,7 +12,26 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from jaxcompress.masks._magnitude import magnitude_keys
+from jaxcompress.masks._nm import check_nm as masks_check_nm
+from jaxcompress.masks._nm import magnitude_ranks
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "MAX_M",
+    "META_DTYPE",
+    "MetaLayout",
+    "check_array",
+    "check_nm",
+    "is_gpu_backend",
+    "largest_pow2_divisor",
+    "magnitude_keys",
+    "magnitude_ranks",
+    "next_power_of_2",
+    "resolve_implementation",
+    "triton_compiler_params",
+]
 
 IMPLEMENTATIONS = ("xla", "pallas", "interpret")
 """Valid values of every ``implementation=`` argument (``None`` picks by platform)."""
@@ -27,15 +46,18 @@ _GPU_BACKENDS = ("gpu", "cuda", "rocm")
 
 
 def check_nm(n: Any, m: Any) -> tuple[int, int]:
-    """Validates an N:M pattern: ``1 <= n < m <= MAX_M``; returns ``(n, m)`` as ints."""
-    for name, value in (("m", m), ("n", n)):
-        if isinstance(value, bool) or not isinstance(value, int | np.integer):
-            raise TypeError(f"{name} must be an int, got {name}={value!r} ({type(value).__name__})")
-    n, m = int(n), int(m)
-    if not 2 <= m <= MAX_M:
-        raise ValueError(f"m must satisfy 2 <= m <= {MAX_M} (group size), got m={m}")
-    if not 1 <= n < m:
-        raise ValueError(f"n must satisfy 1 <= n < m (kept per group), got n={n} with m={m}")
+    """Validates an N:M pattern for the kernels: ``1 <= n < m <= MAX_M``; returns ints.
+
+    The rule ``1 <= n < m`` is :func:`jaxcompress.masks._nm.check_nm` (shared with
+    :func:`jaxcompress.masks.nm` and the CrAM/AC-DC compressors); the kernels add
+    ``m <= MAX_M`` because an in-group index must fit a 4-bit metadata field.
+    """
+    n, m = masks_check_nm(n, m)
+    if m > MAX_M:
+        raise ValueError(
+            f"m must be a group size <= {MAX_M} for the N:M kernels (an index fits a "
+            f"4-bit field), got m={m}; jaxcompress.masks.nm has no such limit"
+        )
     return n, m
 
 
@@ -164,35 +186,3 @@ class MetaLayout:
 
     def meta_rows(self, k: int) -> int:
         return -(-self.value_rows(k) // self.per_word)
-
-
-def magnitude_keys(a: jax.Array) -> jax.Array:
-    """int32 keys monotone in ``|a|``: the bit pattern of ``|a|`` as float32.
-
-    Non-negative floats order like their bit patterns, so comparing keys compares
-    magnitudes exactly (no flush-to-zero of subnormals) and a NaN (any payload) ranks above
-    ``inf``. Same keys as :func:`jaxcompress.masks.nm`.
-    """
-    return jax.lax.bitcast_convert_type(jnp.abs(a).astype(jnp.float32), jnp.int32)
-
-
-def magnitude_ranks(members: list[jax.Array]) -> list[jax.Array]:
-    """Rank of each member of a group by decreasing magnitude, ties to the lowest index.
-
-    ``members[c]`` holds member ``c`` of many groups (any common shape, floating dtype).
-    Returns int32 arrays ``rank[c] = #{c' : key_c' > key_c} + #{c' < c : key_c' == key_c}``
-    with ``key`` = :func:`magnitude_keys`: a permutation of ``0..m-1`` in every group, so
-    exactly ``n`` members have ``rank < n``. Built from elementwise ops only, so the same
-    code runs in the reference and inside the Pallas kernels.
-    """
-    keys = [magnitude_keys(a) for a in members]
-    ranks = []
-    for c, kc in enumerate(keys):
-        rank = jnp.zeros(kc.shape, jnp.int32)
-        for c2, kc2 in enumerate(keys):
-            if c2 == c:
-                continue
-            beats = (kc2 >= kc) if c2 < c else (kc2 > kc)
-            rank = rank + beats.astype(jnp.int32)
-        ranks.append(rank)
-    return ranks

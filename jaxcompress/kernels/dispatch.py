@@ -4,9 +4,10 @@ The sparse kernel only wins where reading fewer bytes matters (small batches, la
 weights) and the break-even batch depends on the GPU, shape and dtype. The decision
 therefore comes from a JSON table keyed by ``jax.Device.device_kind``, written by
 ``experiments/benchmarks/nm_kernels.py`` from its own measurements. The shipped table
-(``nm_policy.json`` next to this file) has only the CPU rule (always dense): GPU thresholds
-are filled by running that benchmark on the GPU. No number in it is invented; a device
-without an entry uses the dense path, which is never slower than itself.
+(``nm_policy.json`` next to this file) holds the CPU rule (always dense: there is no Pallas
+backend on CPU) and one entry per GPU kind that has been measured; an entry's
+``max_batch`` is the largest batch at which the kernel beat dense (0: never). A device
+without an entry uses the dense path.
 """
 
 from __future__ import annotations
@@ -45,20 +46,41 @@ def _check_policy(policy: Any, source: str) -> dict:
                 f"got {mode!r}"
             )
         if mode == "table":
-            for i, entry in enumerate(rule.get("entries", ())):
+            entries = rule.get("entries", ())
+            if not isinstance(entries, list | tuple):
+                raise ValueError(
+                    f"policy from {source}: devices[{kind!r}].entries must be a list, got "
+                    f"{type(entries).__name__}"
+                )
+            for i, entry in enumerate(entries):
+                at = f"policy from {source}: devices[{kind!r}].entries[{i}]"
+                if not isinstance(entry, Mapping):
+                    raise ValueError(f"{at} must be a mapping, got {entry!r}")
                 missing = {"k", "n", "dtype", "nm", "max_batch"} - set(entry)
                 if missing:
-                    raise ValueError(
-                        f"policy from {source}: devices[{kind!r}].entries[{i}] lacks "
-                        f"{sorted(missing)}"
-                    )
+                    raise ValueError(f"{at} lacks {sorted(missing)}")
+                for key in ("k", "n", "max_batch"):
+                    v = entry[key]
+                    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                        raise ValueError(f"{at}.{key} must be an int >= 0, got {v!r}")
+                if not isinstance(entry["dtype"], str) or not isinstance(entry["nm"], str):
+                    raise ValueError(f"{at}: dtype and nm must be strings ('bfloat16', '2:4')")
     return dict(policy)
 
 
 @functools.cache
 def _load_path(path: str) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return _check_policy(json.load(f), path)
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path}: not a UTF-8 JSON policy file ({e.reason} at byte {e.start})"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not a valid JSON policy file: {e.msg}") from None
+    return _check_policy(doc, path)
 
 
 @functools.cache

@@ -11,6 +11,7 @@ from jaxcompress.masks._magnitude import keep_count, magnitude
 from jaxcompress.masks._nm import nm
 from jaxcompress.masks._selection import (
     KERNEL_NAMES,
+    EmptySelectionWarning,
     Selector,
     exclude_first_last,
     path_str,
@@ -21,6 +22,7 @@ from jaxcompress.masks._summary import LeafSparsity, SparsitySummary, summary
 
 __all__ = [
     "KERNEL_NAMES",
+    "EmptySelectionWarning",
     "LeafSparsity",
     "Selector",
     "SparsitySummary",

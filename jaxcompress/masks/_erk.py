@@ -22,11 +22,21 @@ import jax
 import numpy as np
 
 from jaxcompress.masks._magnitude import check_sparsity
-from jaxcompress.masks._selection import Selector, check_selected_floating, prunable
+from jaxcompress.masks._selection import (
+    Selector,
+    check_selected_floating,
+    check_selection,
+    prunable,
+)
 
 
 def erk(
-    params: Any, sparsity: float, *, where: Selector = prunable, power_scale: float = 1.0
+    params: Any,
+    sparsity: float,
+    *,
+    where: Selector = prunable,
+    power_scale: float = 1.0,
+    strict: bool = False,
 ) -> Any:
     """Per-leaf ERK sparsity tree (floats for selected leaves, None elsewhere).
 
@@ -39,6 +49,8 @@ def erk(
       sparsity: overall target sparsity, a Python float in [0, 1).
       where: selector; default :func:`prunable`.
       power_scale: exponent on ``sum(d)/prod(d)`` (RigL's ``erk_power_scale``), >= 0.
+      strict: raise a ``ValueError`` instead of an :class:`EmptySelectionWarning` when no
+        leaf is selected (every entry of the result would be None).
     """
     if not isinstance(sparsity, int | float | np.floating) or isinstance(sparsity, bool):
         raise TypeError(
@@ -46,14 +58,19 @@ def erk(
             f"{type(sparsity).__name__} {sparsity!r}"
         )
     sparsity = check_sparsity(float(sparsity))
-    if not isinstance(power_scale, int | float) or not power_scale >= 0:
-        raise ValueError(f"power_scale: expected a float >= 0, got {power_scale!r}")
+    if (
+        isinstance(power_scale, bool)
+        or not isinstance(power_scale, int | float)
+        or not 0 <= power_scale < float("inf")
+    ):
+        raise ValueError(f"power_scale: expected a finite float >= 0, got {power_scale!r}")
     if not callable(where):
         raise TypeError(f"where: expected a selector (path, leaf) -> bool, got {where!r}")
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     chosen = [i for i, (p, x) in enumerate(leaves) if where(p, x)]
     for i in chosen:
         check_selected_floating(*leaves[i])
+    check_selection("erk", leaves, chosen, where, strict)
 
     sizes = np.array([np.prod(leaves[i][1].shape, dtype=np.float64) for i in chosen])
     raw = np.array(

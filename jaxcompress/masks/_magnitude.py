@@ -13,7 +13,7 @@ AC/DC, Peste et al. 2021, Sec. 3). Two tie rules:
   the leaves (:mod:`jaxcompress.masks._selection`) followed by the row-major flat index
   inside a leaf. So among equal magnitudes the earlier leaf, then the lower flat index,
   is kept.
-* ``reference_ties=True``: the IST-DASLab reference rule (algorithms.md 1.2 step 4, 2.3):
+* ``reference_ties=True``: the rule of the CrAM and AC/DC reference code (IST-DASLab):
   ``thr`` is the ``k_keep``-th largest ``|w|`` and ``mask = |w| > thr`` (strict). Without
   ties that keeps ``k_keep - 1`` entries; with ties fewer. ``k_keep = 0`` keeps nothing.
 
@@ -60,6 +60,7 @@ from jaxcompress.masks._apply import _is_none
 from jaxcompress.masks._selection import (
     Selector,
     check_selected_floating,
+    check_selection,
     leaf_size,
     path_str,
     prunable,
@@ -76,6 +77,19 @@ def _is_python_number(x: Any) -> bool:
     return isinstance(x, int | float | np.floating | np.integer) and not isinstance(x, bool)
 
 
+def _host_float(value: Any) -> float:
+    """A concrete scalar as a Python float; float32/float16 through their shortest decimal.
+
+    ``np.float32(0.7)`` is 0.699999988...; read as a float64 it would make
+    :func:`keep_count` keep one entry more than ``0.7`` does. Its shortest round-trip decimal
+    (``'0.7'``) is what the caller wrote.
+    """
+    x = np.asarray(value)[()]
+    if isinstance(x, np.float32 | np.float16):
+        return float(str(x))
+    return float(x)
+
+
 def check_sparsity(value: Any, argname: str = "sparsity", where: str = "") -> Any:
     """Validate a sparsity: Python/NumPy numbers must lie in [0, 1); arrays must be scalars.
 
@@ -84,9 +98,9 @@ def check_sparsity(value: Any, argname: str = "sparsity", where: str = "") -> An
     """
     at = f" for leaf {where!r}" if where else ""
     if _is_python_number(value):
-        s = float(value)
+        s = _host_float(value)
         if not (0.0 <= s < 1.0) or math.isnan(s):
-            raise ValueError(f"{argname}{at}: expected a value in [0, 1), got {value!r}")
+            raise ValueError(f"{argname}{at}: expected a value in [0, 1), got {s!r}")
         return s
     if isinstance(value, jax.Array | np.ndarray):
         if value.shape != ():
@@ -97,7 +111,7 @@ def check_sparsity(value: Any, argname: str = "sparsity", where: str = "") -> An
             raise TypeError(f"{argname}{at}: expected a floating scalar, got dtype {value.dtype}")
         if not isinstance(value, jax.core.Tracer):
             s = float(value)
-            if not (0.0 <= s < 1.0):
+            if not (0.0 <= s < 1.0):  # also rejects NaN
                 raise ValueError(f"{argname}{at}: expected a value in [0, 1), got {s!r}")
         return value
     raise TypeError(
@@ -107,9 +121,33 @@ def check_sparsity(value: Any, argname: str = "sparsity", where: str = "") -> An
 
 
 def keep_count(n: int, sparsity: float) -> int:
-    """``ceil(n (1 - s))`` for a Python float ``s``, robust to decimal representation error."""
-    x = Fraction(n) * (1 - Fraction(sparsity)) - Fraction(n, 2**40)
-    return min(max(math.ceil(x), 0), n)
+    """Entries kept of ``n`` at ``sparsity``: ``ceil(n (1 - s))``, exact for decimal ``s``.
+
+    Computed in rational arithmetic as ``ceil(n (1 - s) - n 2^-40)``, so the binary
+    representation error of a decimal sparsity does not add a weight (``keep_count(10, 0.7)``
+    is 3, where a float ``ceil(10 * 0.30000000000000004)`` gives 4).
+
+    Args:
+      n: the number of entries, an int >= 0.
+      sparsity: fraction pruned in [0, 1): a Python/NumPy number or a concrete scalar array
+        (use ``keep_count_array`` inside ``jit``).
+
+    Raises:
+      TypeError: ``n`` not an int; ``sparsity`` not a real number or is a traced value.
+      ValueError: ``n < 0``; ``sparsity`` outside [0, 1) or NaN.
+    """
+    if isinstance(n, bool) or not isinstance(n, int | np.integer):
+        raise TypeError(f"n: expected an int >= 0 (an entry count), got {type(n).__name__} {n!r}")
+    if n < 0:
+        raise ValueError(f"n: expected an int >= 0 (an entry count), got {n!r}")
+    if isinstance(sparsity, jax.core.Tracer):
+        raise TypeError(
+            "sparsity: keep_count needs a concrete value (it runs on the host); got a traced "
+            "array. Inside jit, pass the sparsity to magnitude(), which counts on the device"
+        )
+    s = _host_float(check_sparsity(sparsity))
+    x = Fraction(int(n)) * (1 - Fraction(s)) - Fraction(int(n), 2**40)
+    return min(max(math.ceil(x), 0), int(n))
 
 
 def keep_count_array(n: int, sparsity: jax.Array) -> jax.Array:
@@ -280,6 +318,7 @@ def magnitude(
     scope: str = "global",
     where: Selector = prunable,
     reference_ties: bool = False,
+    strict: bool = False,
 ) -> Any:
     """Magnitude (Top-K) mask tree: keep the ``ceil(N (1 - s))`` largest ``|w|``.
 
@@ -300,9 +339,15 @@ def magnitude(
       where: selector ``(path, leaf) -> bool``; default :func:`prunable`.
       reference_ties: use the reference's strict ``|w| > thr`` rule instead of the exact
         count (see the module docstring).
+      strict: raise a ``ValueError`` instead of an :class:`EmptySelectionWarning` when no
+        leaf is selected (the result would prune nothing).
 
     Returns:
       A mask tree: a bool array (True = kept) per selected leaf, None elsewhere.
+
+    Warns:
+      EmptySelectionWarning: no leaf selected (empty tree, unrecognised kernel names,
+        non-floating kernels, every per-leaf sparsity None); the reason is in the message.
 
     Raises:
       ValueError: unknown ``scope``, a sparsity outside [0, 1), a per-leaf tree that does
@@ -314,6 +359,10 @@ def magnitude(
         raise ValueError(f"scope: expected one of {_SCOPES}, got {scope!r}")
     if not callable(where):
         raise TypeError(f"where: expected a selector (path, leaf) -> bool, got {where!r}")
+    if not isinstance(reference_ties, bool):
+        raise TypeError(f"reference_ties: expected a bool, got {reference_ties!r}")
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict: expected a bool, got {type(strict).__name__} {strict!r}")
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     is_tree = not (_is_python_number(sparsity) or isinstance(sparsity, jax.Array | np.ndarray))
     if is_tree and (
@@ -335,6 +384,10 @@ def magnitude(
             continue
         check_selected_floating(path, leaf)
         chosen.append(i)
+    reason = None
+    if is_tree and not chosen and any(where(p, x) for p, x in leaves):
+        reason = "every selected leaf has a None per-leaf sparsity"
+    check_selection("magnitude", leaves, chosen, where, strict, reason)
     out: list[Any] = [None] * len(leaves)
     if not chosen:
         return jax.tree_util.tree_unflatten(treedef, out)

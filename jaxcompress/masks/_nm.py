@@ -2,81 +2,126 @@
 
 In every group of ``m`` consecutive entries along the contracting axis keep the ``n`` with
 the largest ``|w|``. The contracting axis is axis ``-2``: the ``in`` axis of a Flax Dense
-kernel ``(in, out)`` and of a Conv kernel ``(kh, kw, in, out)``. This is the grouping of
-the reference ``NMTopkCrAM`` / ``MagnitudeNMPruner`` (algorithms.md 1.2 step 4) once torch's
+kernel ``(in, out)`` and of a Conv kernel ``(kh, kw, in, out)``. This is the grouping of the
+CrAM reference code's N:M compressor (``NMTopkCrAM``, Peste et al. 2023) once torch's
 ``(out, in, ...)`` layout is mapped to Flax's, and the one sparse tensor cores consume.
 
 Ties: inside a group, entries are ranked by ``|w|`` descending then by position along the
 axis ascending, so among equal magnitudes the lower ``in`` index is kept; every group keeps
-exactly ``n``. Magnitudes are compared as float32 bit patterns (NaN ranks above inf).
+exactly ``n``. Magnitudes are compared as float32 bit patterns (NaN ranks above inf):
+
+    M[g m + c] = [rank_g(c) < n],
+    rank_g(c) = #{c' : |w_c'| > |w_c|} + #{c' < c : |w_c'| = |w_c|}.
+
+This module is the one implementation of that rule: :func:`jaxcompress.kernels.nm_mask`
+(its reference path and, through :func:`magnitude_ranks`, its Pallas kernel),
+:func:`jaxcompress.kernels.pack_nm` and the CrAM/AC-DC N:M compressors all use it.
 """
 
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from jaxcompress.masks._magnitude import magnitude_keys
-from jaxcompress.masks._selection import Selector, check_selected_floating, path_str, prunable
+from jaxcompress.masks._selection import (
+    Selector,
+    check_selected_floating,
+    check_selection,
+    path_str,
+    prunable,
+)
 
 #: Largest ``m`` ranked by pairwise comparison (``m * m`` work per group); larger ``m`` sorts.
 _PAIRWISE_MAX_M = 32
 
 
-def _check_nm(n: Any, m: Any) -> None:
+def check_nm(n: Any, m: Any, *, argname: str = "") -> tuple[int, int]:
+    """Validate an N:M pattern, ``1 <= n < m`` (ints); return ``(n, m)`` as Python ints.
+
+    ``argname`` prefixes the messages (e.g. ``"nm_patterns[1]"``).
+
+    Raises:
+      TypeError: ``n`` or ``m`` is not an int (bools are rejected).
+      ValueError: ``m < 2`` or ``n`` outside ``[1, m)``.
+    """
+    at = f"{argname}: " if argname else ""
     for name, value in (("n", n), ("m", m)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
-    if m <= 0:
-        raise ValueError(f"m: expected a positive group size, got {m}")
-    if n < 0 or n >= m:
-        raise ValueError(f"n: expected 0 <= n < m (= {m}), got {n}")
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(
+                f"{at}{name} must be an int, got {name}={value!r} ({type(value).__name__})"
+            )
+    n, m = int(n), int(m)
+    if m < 2:
+        raise ValueError(f"{at}m must be a group size >= 2, got m={m}")
+    if not 1 <= n < m:
+        raise ValueError(f"{at}n must satisfy 1 <= n < m (kept per group of m={m}), got n={n}")
+    return n, m
 
 
-def _group_ranks(keys: jax.Array) -> jax.Array:
-    """Rank of every entry in its group (last axis): 0 = largest key, ties by position."""
-    m = keys.shape[-1]
-    if m <= _PAIRWISE_MAX_M:
-        a = keys[..., :, None]  # entry i
-        b = keys[..., None, :]  # entry j
-        pos = jnp.arange(m)
-        earlier = pos[None, :] < pos[:, None]  # j before i
-        beats = (b > a) | ((b == a) & earlier)
-        return jnp.sum(beats, axis=-1, dtype=jnp.int32)
-    order = jnp.argsort(-keys, axis=-1, stable=True)  # keys >= 0, so -keys cannot overflow
-    return jnp.argsort(order, axis=-1, stable=True).astype(jnp.int32)
+def magnitude_ranks(members: list[jax.Array]) -> list[jax.Array]:
+    """Rank of each member of a group by decreasing magnitude, ties to the lowest index.
+
+    ``members[c]`` holds member ``c`` of many groups (any common shape, floating dtype).
+    Returns int32 arrays ``rank[c] = #{c' : key_c' > key_c} + #{c' < c : key_c' == key_c}``
+    with ``key`` = :func:`magnitude_keys`: a permutation of ``0..m-1`` in every group, so
+    exactly ``n`` members have ``rank < n``. Elementwise ops only, so the same code runs in
+    XLA and inside the Pallas kernels of :mod:`jaxcompress.kernels`.
+    """
+    keys = [magnitude_keys(a) for a in members]
+    ranks = []
+    for c, kc in enumerate(keys):
+        rank = jnp.zeros(kc.shape, jnp.int32)
+        for c2, kc2 in enumerate(keys):
+            if c2 == c:
+                continue
+            beats = (kc2 >= kc) if c2 < c else (kc2 > kc)
+            rank = rank + beats.astype(jnp.int32)
+        ranks.append(rank)
+    return ranks
 
 
 @functools.partial(jax.jit, static_argnames=("n", "m"))
 def nm_mask_array(w: jax.Array, n: int, m: int) -> jax.Array:
-    """N:M mask of one array along axis ``-2`` (``w.shape[-2] % m == 0``)."""
-    moved = jnp.moveaxis(w, -2, -1)  # (..., out, in)
-    grouped = magnitude_keys(moved).reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
-    keep = _group_ranks(grouped) < n
-    return jnp.moveaxis(keep.reshape(moved.shape), -1, -2)
+    """N:M mask of one array along axis ``-2`` (unchecked: ``w.shape[-2] % m == 0``)."""
+    *lead, k, out = w.shape
+    grouped = w.reshape(*lead, k // m, m, out)
+    if m <= _PAIRWISE_MAX_M:
+        ranks = magnitude_ranks([grouped[..., c, :] for c in range(m)])
+        keep = jnp.stack([r < n for r in ranks], axis=-2)
+    else:
+        keys = magnitude_keys(grouped)
+        order = jnp.argsort(-keys, axis=-2, stable=True)  # keys >= 0: -keys cannot overflow
+        keep = jnp.argsort(order, axis=-2, stable=True) < n
+    return keep.reshape(w.shape)
 
 
-def nm(params: Any, n: int = 2, m: int = 4, *, where: Selector = prunable) -> Any:
+def nm(
+    params: Any, n: int = 2, m: int = 4, *, where: Selector = prunable, strict: bool = False
+) -> Any:
     """N:M mask tree: ``n`` kept out of every ``m`` consecutive entries along axis ``-2``.
 
     Args:
       params: a pytree of arrays.
-      n, m: keep ``n`` of every ``m`` (``0 <= n < m``); sparsity ``1 - n/m``.
+      n, m: keep ``n`` of every ``m`` (``1 <= n < m``); sparsity ``1 - n/m``.
       where: selector; default :func:`prunable`. Selected leaves need ``ndim >= 2`` and a
         contracting dimension ``shape[-2]`` divisible by ``m``.
+      strict: raise a ``ValueError`` instead of an :class:`EmptySelectionWarning` when no
+        leaf is selected.
 
     Returns:
       A mask tree (bool, True = kept; None for unselected leaves).
 
     Raises:
       TypeError: non-int ``n``/``m``; a selected non-floating leaf.
-      ValueError: ``m <= 0``, ``n < 0`` or ``n >= m``; a selected leaf with ``ndim < 2`` or
+      ValueError: ``m < 2``, ``n < 1`` or ``n >= m``; a selected leaf with ``ndim < 2`` or
         ``shape[-2] % m != 0`` (the message names the leaf).
     """
-    _check_nm(n, m)
+    n, m = check_nm(n, m)
     if not callable(where):
         raise TypeError(f"where: expected a selector (path, leaf) -> bool, got {where!r}")
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -94,6 +139,7 @@ def nm(params: Any, n: int = 2, m: int = 4, *, where: Selector = prunable) -> An
                 f"params: leaf {path_str(path)!r} with shape {tuple(leaf.shape)} has contracting "
                 f"dimension {leaf.shape[-2]} (axis -2), not divisible by m={m}"
             )
+    check_selection("nm", leaves, chosen, where, strict)
     out: list[Any] = [None] * len(leaves)
     for i in chosen:
         out[i] = nm_mask_array(leaves[i][1], n, m)

@@ -14,6 +14,7 @@ sorting is lexicographic on strings, so ``'conv10'`` comes before ``'conv2'``.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -147,8 +148,9 @@ def exclude_first_last(params: Any, where: Selector = prunable) -> Selector:
     "First" and "last" follow the flatten order of
     :func:`jax.tree_util.tree_flatten_with_path` (sorted dict keys; see the module docstring),
     which for typical models is *not* the execution order: check with :func:`path_str` on
-    your tree, or use :func:`select` with explicit names. Mirrors the reference "uniform"
-    configs that keep the stem conv and the classifier dense (algorithms.md 1.2 and 2.3).
+    your tree, or use :func:`select` with explicit names. Mirrors the "uniform" configs of
+    the CrAM and AC/DC reference code (Peste et al. 2021, 2023), which keep the stem conv and
+    the classifier dense.
     """
     chosen = [path_str(p) for p, leaf in selected_leaves(params, where)]
     dropped = {chosen[0], chosen[-1]} if chosen else set()
@@ -179,3 +181,68 @@ def check_selected_floating(path: Sequence[Any], leaf: Any) -> None:
 
 def leaf_size(leaf: Any) -> int:
     return int(np.prod(leaf.shape, dtype=np.int64))
+
+
+class EmptySelectionWarning(UserWarning):
+    """A mask function selected no leaf, so its result prunes nothing.
+
+    Raised as an error instead with ``strict=True``. Filter it with
+    ``warnings.simplefilter("ignore", EmptySelectionWarning)`` where an empty selection is
+    expected (e.g. a model without dense or conv kernels).
+    """
+
+
+def _empty_selection_reason(leaves: list[tuple[tuple, Any]], where: Selector) -> str:
+    """Why ``where`` selected none of ``leaves``: a sentence for the warning/error."""
+    if not leaves:
+        return "params has no leaves (an empty tree)"
+    if where is not prunable:
+        names = [path_str(p) for p, _ in leaves]
+        return f"where selected none of its {len(leaves)} leaves (e.g. {names[:4]})"
+    kernels, unknown = [], []
+    for path, leaf in leaves:
+        shape = getattr(leaf, "shape", None)
+        if shape is None or len(shape) < 2:
+            continue
+        if _last_name(path) in KERNEL_NAMES:
+            kernels.append(f"{path_str(path)} ({getattr(leaf, 'dtype', type(leaf).__name__)})")
+        else:
+            unknown.append(path_str(path))
+    parts = [f"the default selector `prunable` accepted none of the {len(leaves)} leaves"]
+    if kernels:
+        parts.append(
+            f"leaves named like kernels but not floating point, never pruned: {kernels[:4]}"
+        )
+    if unknown:
+        parts.append(
+            f"leaves with ndim >= 2 whose last key is not one of {sorted(KERNEL_NAMES)}: "
+            f"{unknown[:4]} (pass where= a selector that accepts them)"
+        )
+    if not kernels and not unknown:
+        parts.append("no leaf has ndim >= 2")
+    return "; ".join(parts)
+
+
+def check_selection(
+    fn: str,
+    leaves: list[tuple[tuple, Any]],
+    chosen: Sequence[int],
+    where: Selector,
+    strict: bool,
+    reason: str | None = None,
+) -> None:
+    """Warn (or raise with ``strict=True``) when ``chosen`` is empty: nothing would be pruned.
+
+    ``leaves`` are the ``(path, leaf)`` pairs of the params, ``chosen`` the indices selected;
+    ``reason`` replaces the diagnosis derived from ``where``.
+    """
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict: expected a bool, got {type(strict).__name__} {strict!r}")
+    if chosen:
+        return
+    if reason is None:
+        reason = _empty_selection_reason(leaves, where)
+    msg = f"{fn}: no leaf selected, so the result prunes nothing: {reason}"
+    if strict:
+        raise ValueError(msg)
+    warnings.warn(msg + " (strict=True raises instead)", EmptySelectionWarning, stacklevel=3)

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress import masks as jcmasks
+from jaxcompress.masks._nm import check_nm
 
 __all__ = [
     "COMPRESSOR_KINDS",
@@ -175,6 +176,8 @@ def check_sparsities(value: Any, argname: str = "sparsities") -> tuple[float, ..
 def check_nm_patterns(value: Any, argname: str = "nm_patterns") -> tuple[tuple[int, int], ...]:
     """Validate a non-empty sequence of ``(n, m)`` pairs with ``1 <= n < m``.
 
+    Each pair is checked by the rule of :func:`jaxcompress.masks.nm`.
+
     Raises:
       TypeError: ``value`` is not a sequence of pairs of ints.
       ValueError: ``value`` is empty, or a pair does not satisfy ``1 <= n < m``.
@@ -188,20 +191,9 @@ def check_nm_patterns(value: Any, argname: str = "nm_patterns") -> tuple[tuple[i
         raise ValueError(f"{argname} must hold at least one (n, m) pair, got an empty {value!r}")
     out = []
     for i, pair in enumerate(value):
-        if (
-            isinstance(pair, (str, bytes))
-            or not isinstance(pair, Sequence)
-            or len(pair) != 2
-            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in pair)
-        ):
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
             raise TypeError(f"{argname}[{i}] must be an (n, m) pair of ints, got {pair!r}")
-        n, m = int(pair[0]), int(pair[1])
-        if not 1 <= n < m:
-            raise ValueError(
-                f"{argname}[{i}] = {pair!r} is not a valid N:M pattern; expected ints with "
-                "1 <= n < m (n kept in every group of m), e.g. (2, 4)"
-            )
-        out.append((n, m))
+        out.append(check_nm(pair[0], pair[1], argname=f"{argname}[{i}]"))
     return tuple(out)
 
 

@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jaxcompress.masks import map_masked, validate_masks
+from jaxcompress.masks import map_masked, path_str, validate_masks
 
-__all__ = ["MaskedState", "masked", "masked_params"]
+__all__ = ["FixedMaskState", "MaskedState", "fixed_mask", "masked", "masked_params"]
 
 
 def _is_none(x: Any) -> bool:
     return x is None
 
 
-class MaskedState(NamedTuple):
-    """State of :func:`masked`.
+class FixedMaskState(NamedTuple):
+    """State of :func:`fixed_mask`.
 
     Attributes:
       masks: the mask tree (mirrors the params; boolean arrays with ``True`` = kept, ``None``
@@ -40,7 +41,11 @@ def _cancel_pruned(mask: Any, update: Any, param: Any) -> Any:
     return jnp.where(mask, update, -param)
 
 
-def masked(
+#: Deprecated alias of :class:`FixedMaskState` (kept for one release).
+MaskedState = FixedMaskState
+
+
+def fixed_mask(
     inner: optax.GradientTransformation, masks: Any
 ) -> optax.GradientTransformationExtraArgs:
     r"""Runs ``inner`` on a fixed sparse support, keeping pruned weights at exactly zero.
@@ -70,8 +75,12 @@ def masked(
     2021, "AC/DC: Alternating Compressed/DeCompressed Training of Deep Neural Networks"),
     where gradients are masked and the weights are re-masked after every optimizer step.
 
-    The masks are stored in :class:`MaskedState`, so Orbax checkpoints include them; they are
-    placed on the params' shardings when ``init`` is called on concrete (sharded) params.
+    Not to be confused with ``optax.masked``, which applies a transformation to a subset of
+    the leaves: here every leaf goes through ``inner`` and the mask fixes which *entries* may
+    be non-zero.
+
+    The masks are stored in :class:`FixedMaskState`, so Orbax checkpoints include them; they
+    are placed on the params' shardings when ``init`` is called on concrete (sharded) params.
 
     Args:
       inner: the optimizer to run on the support. Extra arguments given to ``update`` are
@@ -82,31 +91,46 @@ def masked(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` requires ``params``.
+
+    Raises:
+      TypeError: ``inner`` is not an optax transformation.
+      ValueError: in ``init``, ``masks`` does not mirror the params; in ``update``, the
+        updates or params do not have the structure and shapes of the masks (the message
+        names the first differing leaf path), or ``params`` is missing.
     """
     if not isinstance(inner, optax.GradientTransformation):
         raise TypeError(
-            "masked(): argument 'inner' must be an optax.GradientTransformation, got "
+            "fixed_mask(): argument 'inner' must be an optax.GradientTransformation, got "
             f"{type(inner).__name__}: {inner!r}"
         )
     inner = optax.with_extra_args_support(inner)
 
-    def init_fn(params: optax.Params) -> MaskedState:
+    def init_fn(params: optax.Params) -> FixedMaskState:
         validate_masks(params, masks, "masks")
         state_masks = jax.tree.map(_place_like, masks, params, is_leaf=_is_none)
         inner_params = map_masked(_mask_leaf, params, state_masks)
-        return MaskedState(masks=state_masks, inner_state=inner.init(inner_params))
+        return FixedMaskState(masks=state_masks, inner_state=inner.init(inner_params))
 
     def update_fn(
         updates: optax.Updates,
-        state: MaskedState,
+        state: FixedMaskState,
         params: optax.Params | None = None,
         **extra_args: Any,
-    ) -> tuple[optax.Updates, MaskedState]:
+    ) -> tuple[optax.Updates, FixedMaskState]:
         if params is None:
             raise ValueError(
-                "masked(): update() needs the current params to keep pruned weights at zero; "
-                "call tx.update(grads, opt_state, params)."
+                "fixed_mask(): update() needs the current params to keep pruned weights at "
+                "zero; call tx.update(grads, opt_state, params)."
             )
+        if not (hasattr(state, "masks") and hasattr(state, "inner_state")):
+            raise TypeError(
+                f"fixed_mask(): state must be the FixedMaskState from init, got "
+                f"{type(state).__name__}"
+            )
+        # Static checks (run once per trace under jit): a mismatch would otherwise fail deep
+        # inside jax.tree.map with a message that names no leaf.
+        check_like_masks(updates, state.masks, "updates")
+        check_like_masks(params, state.masks, "params")
         grads = map_masked(_mask_leaf, updates, state.masks)
         support_params = map_masked(_mask_leaf, params, state.masks)
         inner_updates, inner_state = inner.update(
@@ -115,9 +139,60 @@ def masked(
         new_updates = jax.tree.map(
             _cancel_pruned, state.masks, inner_updates, params, is_leaf=_is_none
         )
-        return new_updates, MaskedState(masks=state.masks, inner_state=inner_state)
+        return new_updates, FixedMaskState(masks=state.masks, inner_state=inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def masked(
+    inner: optax.GradientTransformation, masks: Any
+) -> optax.GradientTransformationExtraArgs:
+    """Deprecated alias of :func:`fixed_mask` (renamed so that it is not confused with
+    ``optax.masked``); it will be removed in the next release."""
+    warnings.warn(
+        "jaxcompress.optim.masked is deprecated and will be removed in the next release; use "
+        "jaxcompress.optim.fixed_mask (same arguments; its state is FixedMaskState)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return fixed_mask(inner, masks)
+
+
+def check_like_masks(tree: Any, masks: Any, argname: str) -> None:
+    """Raise ``ValueError`` unless ``tree`` has the leaf paths of ``masks`` and, where a mask
+    is set, its shape; the message names the first differing path."""
+    mask_leaves = jax.tree_util.tree_flatten_with_path(masks, is_leaf=_is_none)[0]
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    for i, ((mpath, mask), (path, leaf)) in enumerate(zip(mask_leaves, leaves, strict=False)):
+        if path_str(mpath) != path_str(path):
+            raise ValueError(
+                f"{argname}: tree does not match the masks in the state: leaf {i} is "
+                f"{path_str(path)!r} where the masks have {path_str(mpath)!r} (the first "
+                f"differing path; {argname} has {len(leaves)} leaves, the masks "
+                f"{len(mask_leaves)})"
+            )
+        shape = getattr(leaf, "shape", None)
+        if mask is not None and (shape is None or tuple(shape) != tuple(mask.shape)):
+            raise ValueError(
+                f"{argname}: leaf {path_str(path)!r} has shape "
+                f"{None if shape is None else tuple(shape)}; the mask in the state has shape "
+                f"{tuple(mask.shape)}"
+            )
+    if len(leaves) != len(mask_leaves):
+        longer, name = (
+            (leaves, argname)
+            if len(leaves) > len(mask_leaves)
+            else (
+                mask_leaves,
+                "the masks",
+            )
+        )
+        extra = path_str(longer[min(len(leaves), len(mask_leaves))][0])
+        raise ValueError(
+            f"{argname}: tree does not match the masks in the state: {argname} has "
+            f"{len(leaves)} leaves, the masks {len(mask_leaves)}; the first differing path is "
+            f"{extra!r}, present only in {name}"
+        )
 
 
 def _mask_leaf(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -142,26 +217,26 @@ def _place_like(mask: Any, param: Any) -> Any:
 def masked_params(params: optax.Params, state: Any) -> optax.Params:
     """Returns ``params`` with the entries pruned by the masks of ``state`` set to zero.
 
-    Useful once, before training starts, when the params are not yet sparse: ``masked`` makes
+    Useful once, before training starts, when the params are not yet sparse: ``fixed_mask`` makes
     every pruned entry exactly zero after the first update anyway, but a forward pass taken
     before that update should already see the sparse model.
 
     Args:
       params: the params tree.
-      state: a :class:`MaskedState`, or an optimizer state that contains exactly one (for
-        example the state of ``optax.chain(..., masked(...))``).
+      state: a :class:`FixedMaskState`, or an optimizer state that contains exactly one (for
+        example the state of ``optax.chain(..., fixed_mask(...))``).
 
     Returns:
       :math:`m \\odot \\theta` with the same structure, dtypes and shardings as ``params``.
     """
     found = [
         s
-        for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, MaskedState))
-        if isinstance(s, MaskedState)
+        for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, FixedMaskState))
+        if isinstance(s, FixedMaskState)
     ]
     if len(found) != 1:
         raise ValueError(
-            "masked_params(): argument 'state' must contain exactly one MaskedState, found "
+            "masked_params(): argument 'state' must contain exactly one FixedMaskState, found "
             f"{len(found)} in a {type(state).__name__}."
         )
     masks = found[0].masks

@@ -19,10 +19,12 @@ with ``reference_budget=True`` and by default charges their dense time as fixed 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -40,6 +42,32 @@ __all__ = [
 
 _JSON_FORMAT = "jaxcompress.spdy.TimingTable"
 _JSON_VERSION = 1
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
+
+
+def _warn_short_last_layer(layers: list[LayerOptions], source: str, lineno: int) -> None:
+    """Warn when the last layer looks cut short: its labels are a strict prefix of the
+    labels that every other layer (two or more) shares."""
+    if len(layers) < 3:
+        return
+    shared = {layer.labels for layer in layers[:-1]}
+    last = layers[-1].labels
+    if len(shared) == 1:
+        (full,) = shared
+        if len(last) < len(full) and full[: len(last)] == last:
+            warnings.warn(
+                f"{source}:{lineno}: the last layer {layers[-1].name!r} has {len(last)} options "
+                f"where every other layer has {len(full)} (the same labels, up to "
+                f"{last[-1]!r}); the file may be truncated",
+                stacklevel=3,
+            )
 
 
 def _readonly(a: Any, dtype=np.float64) -> np.ndarray:
@@ -196,9 +224,33 @@ class TimingTable:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TimingTable:
-        """Read a reference ``timings/*.txt`` file (see :meth:`loads`)."""
-        with open(path, encoding="utf-8") as f:
-            return cls.loads(f.read(), source=os.fspath(path))
+        """Read a reference ``timings/*.txt`` file (see :meth:`loads`).
+
+        Raises:
+          ValueError: naming the file (and the line where there is one) for a file that is
+            not UTF-8 text, that ends in the middle of a line (no final newline: a
+            truncated copy), or that :meth:`loads` rejects.
+        """
+        source = os.fspath(path)
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{source}: not a text timing table: byte {e.start} is not UTF-8 ({e.reason})"
+            ) from None
+        if "\x00" in text:
+            line = text.count("\n", 0, text.index("\x00")) + 1
+            raise ValueError(f"{source}:{line}: not a text timing table: it contains NUL bytes")
+        if text.strip() and not text.endswith("\n"):
+            line = text.count("\n") + 1
+            last = text.rsplit("\n", 1)[-1]
+            raise ValueError(
+                f"{source}:{line}: the file ends in the middle of a line ({last!r}, no final "
+                "newline); it looks truncated"
+            )
+        return cls.loads(text, source=source)
 
     @classmethod
     def loads(cls, text: str, *, source: str = "<string>") -> TimingTable:
@@ -209,10 +261,16 @@ class TimingTable:
         label of a layer is a number (the reference sorts its level strings); names without
         entries are dropped (the ``rn50_4block`` trailer). A repeated label inside a layer
         keeps the last time (the reference's dict semantics) and warns. Blank lines are
-        skipped.
+        skipped. A layer name is never a number: a line holding only a number is a time
+        whose label was cut off, and an error.
+
+        Warns:
+          UserWarning: a repeated label; a last layer whose labels are a strict prefix of
+            those every other layer shares (the text may have been cut at a line end).
 
         Raises:
-          ValueError: naming ``source`` and the 1-based line number of the first bad line.
+          ValueError: naming ``source`` and the 1-based line number of the first bad line
+            (also for ``prunable > base``).
         """
         lines = [(i + 1, ln.strip()) for i, ln in enumerate(text.splitlines())]
         lines = [(i, ln) for i, ln in lines if ln]
@@ -235,6 +293,12 @@ class TimingTable:
             if not math.isfinite(v) or v < 0:
                 raise fail(ln_val, f"{key} time must be finite and non-negative, got {val!r}")
             header.append(v)
+            if key == "prunable" and v > header[0]:
+                raise fail(
+                    ln_val,
+                    f"prunable time {val} exceeds the base time {header[0]!r}; "
+                    "prunable is the part of base spent in the listed layers",
+                )
 
         entries: dict[str, dict[str, float]] = {}
         order: list[str] = []
@@ -243,6 +307,12 @@ class TimingTable:
         for lineno, ln in lines[4:]:
             parts = ln.split()
             if len(parts) == 1:
+                if _is_number(parts[0]):
+                    raise fail(
+                        lineno,
+                        f"a time without a label ({ln!r}): expected '<time> <label>' or a layer "
+                        "name; the line looks cut off (a truncated file?)",
+                    )
                 if parts[0] in entries:
                     raise fail(
                         lineno, f"layer {parts[0]!r} already defined on line {first_line[parts[0]]}"
@@ -284,6 +354,7 @@ class TimingTable:
             layers.append(LayerOptions(name, tuple(labels), [opts[x] for x in labels]))
         if not layers:
             raise fail(lines[-1][0] if lines else 1, "no layer with entries")
+        _warn_short_last_layer(layers, source, lines[-1][0])
         return cls(base=header[0], prunable=header[1], layers=tuple(layers), ignored=tuple(ignored))
 
     def dumps(self) -> str:
@@ -318,25 +389,39 @@ class TimingTable:
         }
         text = json.dumps(doc, indent=1)
         if path is not None:
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(text)
+            _write_atomic(os.fspath(path), text)
         return text
 
     @classmethod
     def from_json(cls, text_or_path: str | os.PathLike) -> TimingTable:
-        """Inverse of :meth:`to_json`; accepts the JSON text or a path to it."""
+        """Inverse of :meth:`to_json`; accepts the JSON text or a path to it.
+
+        Raises:
+          ValueError: naming the file (when a path is given) for a file that is not UTF-8
+            JSON, not a ``TimingTable`` document, or holds invalid values.
+        """
         text = os.fspath(text_or_path)
+        source = "<string>"
         if not text.lstrip().startswith("{"):
-            with open(text, encoding="utf-8") as f:
-                text = f.read()
+            source = text
+            with open(text, "rb") as f:
+                raw = f.read()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{source}: not a JSON timing table: byte {e.start} is not UTF-8 ({e.reason})"
+                ) from None
         try:
             doc = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"not valid JSON: {e}") from None
+            raise ValueError(f"{source}:{e.lineno}: not valid JSON: {e}") from None
         if not isinstance(doc, dict) or doc.get("format") != _JSON_FORMAT:
-            raise ValueError(f"not a {_JSON_FORMAT} document (missing or wrong 'format')")
+            raise ValueError(f"{source}: not a {_JSON_FORMAT} document (missing or wrong 'format')")
         if doc.get("version") != _JSON_VERSION:
-            raise ValueError(f"unsupported version {doc.get('version')!r}; expected 1")
+            raise ValueError(
+                f"{source}: unsupported version {doc.get('version')!r}; expected {_JSON_VERSION}"
+            )
         try:
             layers = tuple(
                 LayerOptions(d["name"], tuple(d["labels"]), d["times"], d.get("noise"))
@@ -344,7 +429,9 @@ class TimingTable:
             )
             return cls(doc["base"], doc["prunable"], layers, tuple(doc.get("ignored", ())))
         except (KeyError, TypeError) as e:
-            raise ValueError(f"malformed {_JSON_FORMAT} document: {e!r}") from None
+            raise ValueError(f"{source}: malformed {_JSON_FORMAT} document: {e!r}") from None
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
 
     # ---- analytic and measured tables ------------------------------------------------
 
@@ -408,13 +495,19 @@ class TimingTable:
         prunable = float(sum(float(v) for v in flops.values()))
         return cls(base=prunable + float(overhead), prunable=prunable, layers=tuple(layers))
 
-    @classmethod
-    def measure(cls, *args, **kwargs) -> TimingTable:
-        """Time each layer at each option on the current device; see
-        :func:`jaxcompress.spdy.measure`."""
-        from jaxcompress.spdy._measure import measure
 
-        return measure(*args, **kwargs)
+def _write_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same directory."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 # --------------------------------------------------------------------------------------

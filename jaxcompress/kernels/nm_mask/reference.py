@@ -7,10 +7,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxcompress.kernels._common import magnitude_ranks
+from jaxcompress.masks._nm import nm_mask_array
 
 
-@functools.partial(jax.jit, static_argnames=("n", "m"))
 def nm_mask_reference(w: jax.Array, n: int, m: int) -> jax.Array:
     """N:M magnitude mask of a ``(K, C)`` array, groups of ``m`` consecutive rows.
 
@@ -22,7 +21,9 @@ def nm_mask_reference(w: jax.Array, n: int, m: int) -> jax.Array:
 
     so every group keeps exactly ``n`` entries (Mishra et al., 2021, "Accelerating Sparse
     Deep Neural Networks", arXiv:2104.08378; Zhou et al., 2021, "Learning N:M Fine-grained
-    Structured Sparse Neural Networks From Scratch", arXiv:2102.04010).
+    Structured Sparse Neural Networks From Scratch", arXiv:2102.04010). This is
+    :func:`jaxcompress.masks.nm`'s rule and code (``jaxcompress.masks._nm.nm_mask_array``)
+    on axis 0 of a 2-D array.
 
     Args:
       w: ``(K, C)`` array with ``K % m == 0`` (checked by the caller).
@@ -32,11 +33,7 @@ def nm_mask_reference(w: jax.Array, n: int, m: int) -> jax.Array:
     Returns:
       Boolean ``(K, C)`` mask, ``True`` = kept.
     """
-    k, c = w.shape
-    groups = w.reshape(k // m, m, c)
-    ranks = magnitude_ranks([groups[:, i, :] for i in range(m)])
-    keep = jnp.stack([r < n for r in ranks], axis=1)
-    return keep.reshape(k, c)
+    return nm_mask_array(w, n, m)
 
 
 @functools.partial(jax.jit, static_argnames=("n", "m"))

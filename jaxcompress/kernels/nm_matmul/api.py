@@ -18,6 +18,16 @@ from jaxcompress.kernels.nm_pack.reference import unpack_reference, unpack_words
 _FLOAT_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16))
 
 
+def check_config(config: object) -> NMMatmulConfig | None:
+    """``config`` if it is ``None`` or an :class:`NMMatmulConfig`, else a ``TypeError``."""
+    if config is not None and not isinstance(config, NMMatmulConfig):
+        raise TypeError(
+            f"config: expected an NMMatmulConfig (tile sizes, e.g. NMMatmulConfig(block_k=128)) "
+            f"or None, got {type(config).__name__} {config!r}"
+        )
+    return config
+
+
 def resolve_config(
     config: NMMatmulConfig | None,
     batch: int,
@@ -27,11 +37,13 @@ def resolve_config(
     impl: str,
     itemsize: int = 2,
 ) -> NMMatmulConfig | None:
-    """The checked tile config for ``impl`` (``None`` for ``'xla'``)."""
+    """The checked tile config for ``impl``; ``None`` for ``'xla'``, which has no tiles.
+
+    The type is checked on every path; the tiles only where they are used.
+    """
+    config = check_config(config)
     if impl == "xla":
         return None
-    if config is not None and not isinstance(config, NMMatmulConfig):
-        raise TypeError(f"config must be an NMMatmulConfig or None, got {type(config).__name__}")
     layout = MetaLayout(n, m)
     min_dot = MIN_GPU_DOT if impl == "pallas" else 1
     if config is None:
@@ -128,12 +140,21 @@ def nm_matmul(
       implementation: ``'xla'`` (reference: unpack + ``jnp.dot``), ``'pallas'`` (GPU
         Triton kernel), ``'interpret'`` (that kernel in Pallas interpret mode) or ``None``
         (``'pallas'`` on GPU, else ``'xla'``).
-      config: tiles for the Pallas paths; ``None`` = :meth:`NMMatmulConfig.default` for
-        this shape. Ignored by ``'xla'``.
+      config: an :class:`NMMatmulConfig` with the tiles of the Pallas paths, or ``None``
+        (:meth:`NMMatmulConfig.default` for this shape). Any other type is a ``TypeError``
+        on every path. ``'pallas'``/``'interpret'`` check that the tiles fit the weight;
+        ``'xla'`` has no tiles and does not use them, so portable code may pass one config
+        for every platform.
 
     Returns:
       ``(..., N)`` array of ``x.dtype``.
+
+    Raises:
+      TypeError: ``config`` not an ``NMMatmulConfig`` or ``None``; operand types/dtypes.
+      ValueError: on the Pallas paths, a config whose tiles do not fit the weight;
+        mismatched shapes; an unknown ``implementation``.
     """
+    config = check_config(config)
     x, packed = check_operands(x, packed)
     impl = resolve_implementation(implementation)
     k, cols = packed.shape

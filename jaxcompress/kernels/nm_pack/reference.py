@@ -7,7 +7,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxcompress.kernels._common import META_DTYPE, MetaLayout, magnitude_ranks
+from jaxcompress.kernels._common import META_DTYPE, MetaLayout
+from jaxcompress.kernels.nm_mask.reference import nm_mask_reference
 
 
 def selected_indices(w: jax.Array, n: int, m: int) -> jax.Array:
@@ -19,10 +20,9 @@ def selected_indices(w: jax.Array, n: int, m: int) -> jax.Array:
     the member ``c`` that is kept and has exactly ``t`` kept members before it.
     """
     k, cols = w.shape
-    groups = w.reshape(k // m, m, cols)
-    ranks = magnitude_ranks([groups[:, c, :] for c in range(m)])
-    kept = [r < n for r in ranks]
-    before = jnp.cumsum(jnp.stack(kept, axis=1).astype(jnp.int32), axis=1)
+    keep = nm_mask_reference(w, n, m).reshape(k // m, m, cols)
+    kept = [keep[:, c, :] for c in range(m)]
+    before = jnp.cumsum(keep.astype(jnp.int32), axis=1)
     slots = []
     for t in range(n):
         idx = jnp.zeros((k // m, cols), jnp.int32)
