@@ -975,6 +975,7 @@ def batches(
     seed: int = 0,
     drop_remainder: bool = True,
     epoch: int = 0,
+    rows: tuple[int, int] | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Iterate over one epoch of ``(x, y)`` numpy batches.
 
@@ -982,20 +983,43 @@ def batches(
     the same for the same ``(seed, epoch)``, different across epochs, and every example
     appears once per epoch (the last ``N mod B`` of the permutation are skipped when
     ``drop_remainder``). Without ``shuffle`` batches follow the dataset order.
+
+    ``rows=(start, stop)`` yields only those rows of every batch and reads nothing else: in a
+    multi-process run each process passes its slice of the global batch
+    (``jaxcompress.sharding.process_rows``), so the processes together see exactly the batches
+    of a single process with the same ``seed``.
+
+    Raises:
+      ValueError: ``batch_size`` larger than the dataset with ``drop_remainder`` (no batch at
+        all), or ``rows`` outside ``[0, batch_size]``.
     """
     x, y = _arrays(ds)
     n_batches = num_batches(len(y), batch_size, drop_remainder)
+    if n_batches == 0:
+        raise ValueError(
+            f"batch_size={batch_size} is larger than the dataset ({len(y)} examples): with "
+            "drop_remainder=True there would be no batch; use a smaller batch_size or "
+            "drop_remainder=False"
+        )
     seed = _check_int("seed", seed, minimum=0)
     epoch = _check_int("epoch", epoch, minimum=0)
+    start, stop = 0, batch_size
+    if rows is not None:
+        if not (isinstance(rows, tuple) and len(rows) == 2):
+            raise ValueError(f"rows must be a (start, stop) pair, got {rows!r}")
+        start = _check_int("rows[0]", rows[0], minimum=0)
+        stop = _check_int("rows[1]", rows[1], minimum=start + 1)
+        if stop > batch_size:
+            raise ValueError(f"rows={rows!r} must lie within [0, batch_size={batch_size}]")
     order = np.random.default_rng([seed, epoch]).permutation(len(y)) if shuffle else None
 
     def generate() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for b in range(n_batches):
             if order is None:
                 sl = slice(b * batch_size, (b + 1) * batch_size)
-                yield x[sl], y[sl]
+                yield x[sl][start:stop], y[sl][start:stop]
             else:
-                idx = np.sort(order[b * batch_size : (b + 1) * batch_size])
+                idx = np.sort(order[b * batch_size : (b + 1) * batch_size])[start:stop]
                 yield x[idx], y[idx]
 
     return generate()
