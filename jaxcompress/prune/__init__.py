@@ -1,6 +1,13 @@
 """One-shot pruning and BatchNorm recalibration.
 
 * :func:`oneshot`: magnitude (global or per-layer) or N:M pruning of a params tree in one shot.
+* :func:`sparsegpt`: one-shot pruning of a Flax NNX model with layer-wise OBS reconstruction
+  (SparseGPT, Frantar & Alistarh 2023), calibrated sequentially on calibration data;
+  :func:`sparsegpt_layer` is the solver for one kernel and its Hessian.
+* :func:`wanda`: one-shot pruning by ``|W| * ||X||`` per output unit (Wanda, Sun et al. 2024);
+  :func:`wanda_layer` for one kernel.
+* :func:`hessians`: the dense model's layer Hessians ``2 X^T X / n`` (e.g. for
+  :func:`jaxcompress.spdy.obs_database`).
 * :func:`recalibrate_batchnorm`: re-estimate the BatchNorm running statistics of a pruned Flax
   NNX model with forward passes over calibration data ("BN tuning" in CrAM, Peste et al. 2023).
 * :func:`calibration_batches`: random calibration batches drawn from a training set.
@@ -11,6 +18,19 @@ from jaxcompress.prune._batchnorm import (
     calibration_batches,
     recalibrate_batchnorm,
 )
+from jaxcompress.prune._calibrate import hessians
+from jaxcompress.prune._obs import sparsegpt, wanda, wanda_layer
 from jaxcompress.prune._oneshot import oneshot
+from jaxcompress.spdy._obs import sparsegpt_layer
 
-__all__ = ["batchnorm_modules", "calibration_batches", "oneshot", "recalibrate_batchnorm"]
+__all__ = [
+    "batchnorm_modules",
+    "calibration_batches",
+    "hessians",
+    "oneshot",
+    "recalibrate_batchnorm",
+    "sparsegpt",
+    "sparsegpt_layer",
+    "wanda",
+    "wanda_layer",
+]

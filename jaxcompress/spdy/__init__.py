@@ -14,6 +14,10 @@
   coefficients, scored by the calibration loss of the stitched model (seeded, reproducible).
 * :func:`build_database`, :func:`adaprune_layer`, :func:`global_adaprune`: the layer-wise
   reconstruction database (AdaPrune) and global AdaPrune after stitching.
+* :func:`obs_database`: the database with OBS (SparseGPT) reconstruction from layer Hessians,
+  every option of a layer from one factorisation; :func:`sparsegpt_layer` is its solver;
+  :func:`stitcher` stitches profiles on the device inside a jitted calibration loss;
+  :func:`hessian_error` is the normalised output error from a Hessian.
 
 Float64 is the default DP dtype (needed for bit-parity with the reference); it runs under a
 local ``jax.enable_x64(True)`` and never flips the global flag.
@@ -35,6 +39,14 @@ from jaxcompress.spdy._measure import (
     null_call,
     time_callable,
     time_callables,
+)
+from jaxcompress.spdy._obs import (
+    NotPositiveDefiniteError,
+    Stitcher,
+    hessian_error,
+    obs_database,
+    sparsegpt_layer,
+    stitcher,
 )
 from jaxcompress.spdy._reconstruct import (
     Database,
@@ -67,10 +79,16 @@ __all__ = [
     "layer_error",
     "search",
     "unstructured_mask",
+    "hessian_error",
+    "obs_database",
+    "sparsegpt_layer",
+    "stitcher",
     "InfeasibleBudgetError",
     "LayerOptions",
+    "NotPositiveDefiniteError",
     "PreparedDP",
     "Solution",
+    "Stitcher",
     "TimingTable",
     "bucketize",
     "budget",
