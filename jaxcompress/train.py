@@ -688,50 +688,51 @@ def fit(
     mesh = _resolve_mesh(mesh)
     primary = jax.process_index() == 0
 
-    graphdef, params, rest = split_model(train_view(model))
-    step = make_train_step(
-        graphdef,
-        tx,
-        loss_fn=loss_fn,
-        pass_grad_fn=pass_grad_fn,
-        mesh=mesh,
-        param_sharding=param_sharding,
-        data_axes=data_axes,
-    )
-    if isinstance(step, ShardedStep):
-        abstract_state = jax.eval_shape(tx.init, params) if opt_state is None else opt_state
-        shardings = step.shardings(params, rest, abstract_state)  # checks specs before any work
-        if batch_size % shardings.data_size():
-            raise ValueError(
-                f"batch_size={batch_size} is not divisible by the {shardings.data_size()} slices "
-                f"of the data axes {shardings.data_axes} of mesh {dict(mesh.shape)}"
-            )
-        batcher = _Batcher(shardings.batch, batch_size)
-        params, rest = (
-            jax.device_put(_strong(t), s, may_alias=False)
-            for t, s in ((params, shardings.params), (rest, shardings.rest))
-        )
-        # tx.init runs on the placed params; its output (which may hold the caller's arrays,
-        # e.g. masks) is copied onto the state's shardings.
-        opt_state = tx.init(params) if opt_state is None else opt_state
-        opt_state = jax.device_put(_strong(opt_state), shardings.opt_state, may_alias=False)
-    else:
-        batcher = _Batcher(None, batch_size)
-        # The step donates its inputs: work on copies so the model's own arrays stay valid.
-        params, rest = _copy_tree(params), _copy_tree(rest)
-        # tx.init may put the caller's arrays (e.g. masks) into the state: copy it too.
-        opt_state = _copy_tree(tx.init(params) if opt_state is None else opt_state)
-
-    steps_per_epoch = x.shape[0] // batch_size
-    total = epochs * steps_per_epoch
-    every = steps_per_epoch if checkpoint_every is None else checkpoint_every
-    run_meta = {"batch_size": batch_size, "seed": seed, "train_examples": int(x.shape[0])}
-    records: list[dict[str, float]] = []
-    epoch_metrics: list[list[float]] = []
-    start_step = 0
-    resumed_from = None
+    # The directory is checked (a file, unwritable) before any work.
     ckpt = None if checkpoint_dir is None else Checkpointer(checkpoint_dir)
     try:
+        graphdef, params, rest = split_model(train_view(model))
+        step = make_train_step(
+            graphdef,
+            tx,
+            loss_fn=loss_fn,
+            pass_grad_fn=pass_grad_fn,
+            mesh=mesh,
+            param_sharding=param_sharding,
+            data_axes=data_axes,
+        )
+        if isinstance(step, ShardedStep):
+            abstract_state = jax.eval_shape(tx.init, params) if opt_state is None else opt_state
+            shardings = step.shardings(params, rest, abstract_state)  # checks specs before any work
+            if batch_size % shardings.data_size():
+                raise ValueError(
+                    f"batch_size={batch_size} is not divisible by the {shardings.data_size()} "
+                    f"slices of the data axes {shardings.data_axes} of mesh {dict(mesh.shape)}"
+                )
+            batcher = _Batcher(shardings.batch, batch_size)
+            params, rest = (
+                jax.device_put(_strong(t), s, may_alias=False)
+                for t, s in ((params, shardings.params), (rest, shardings.rest))
+            )
+            # tx.init runs on the placed params; its output (which may hold the caller's arrays,
+            # e.g. masks) is copied onto the state's shardings.
+            opt_state = tx.init(params) if opt_state is None else opt_state
+            opt_state = jax.device_put(_strong(opt_state), shardings.opt_state, may_alias=False)
+        else:
+            batcher = _Batcher(None, batch_size)
+            # The step donates its inputs: work on copies so the model's own arrays stay valid.
+            params, rest = _copy_tree(params), _copy_tree(rest)
+            # tx.init may put the caller's arrays (e.g. masks) into the state: copy it too.
+            opt_state = _copy_tree(tx.init(params) if opt_state is None else opt_state)
+
+        steps_per_epoch = x.shape[0] // batch_size
+        total = epochs * steps_per_epoch
+        every = steps_per_epoch if checkpoint_every is None else checkpoint_every
+        run_meta = {"batch_size": batch_size, "seed": seed, "train_examples": int(x.shape[0])}
+        records: list[dict[str, float]] = []
+        epoch_metrics: list[list[float]] = []
+        start_step = 0
+        resumed_from = None
         if ckpt is not None and ckpt.latest_step() is not None:
             latest = ckpt.latest_step()
             extra = ckpt.extra(latest) or {}

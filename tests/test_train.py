@@ -77,11 +77,17 @@ def test_train_step_compiles_once_and_updates_stats(digits):
     graphdef, params, rest = train.split_model(train.train_view(model))
     tx = optax.adam(1e-3)
     opt_state = tx.init(params)
-    step = train.make_train_step(graphdef, tx)
+    traces = [0]
+
+    def loss_fn(logits, labels):
+        traces[0] += 1  # runs only while the step is traced
+        return train.cross_entropy(logits, labels)
+
+    step = train.make_train_step(graphdef, tx, loss_fn=loss_fn)
     p, r, o, m1 = step(params, rest, opt_state, x[:32], y[:32])
     p, r, o, m2 = step(p, r, o, x[32:64], y[32:64])
     p, r, o, m3 = step(p, r, o, x[64:96], y[64:96])
-    assert step._cache_size() == 1
+    assert traces[0] == 1
     assert set(m1) == {"loss", "accuracy"} and np.isfinite(float(m3["loss"]))
     assert not np.allclose(r["blocks"][0]["bn"]["mean"][...], mean0)
 
@@ -194,6 +200,12 @@ def test_fit_with_masked_optimizer_keeps_pruned_weights_zero(digits):
         ({"train_ds": np.zeros((3, 8, 8, 1))}, TypeError, "train_ds"),
         ({"train_ds": (np.zeros((3, 8, 8, 1)), np.zeros((4,)))}, ValueError, "train_ds"),
         ({"callback": 3}, TypeError, "callback"),
+        ({"checkpoint_every": 5}, ValueError, "checkpoint_dir is None"),
+        ({"config": {"f": object()}}, TypeError, "config"),
+        ({"config": [1]}, TypeError, "config"),
+        ({"mesh": "data=3"}, ValueError, "batch_size=32 is not divisible by the 3"),
+        ({"mesh": 8}, TypeError, "mesh"),
+        ({"checkpoint_dir": __file__}, ValueError, "is not a directory"),
     ],
 )
 def test_fit_errors(digits, kwargs, exc, match):
