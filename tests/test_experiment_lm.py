@@ -132,3 +132,19 @@ def test_unavailable_pruner_is_a_clear_error_before_any_work(tmp_path, monkeypat
     with pytest.raises(ValueError, match="jaxcompress.prune.wanda is not available"):
         run(_tiny(pruners=("magnitude", "wanda")), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_rejects_bad_flags_before_any_work(tmp_path, capsys):
+    from experiments.lm.main import main
+
+    out = tmp_path / "out"
+    for argv, message in (
+        (["--iters", "0"], "iters must be a positive int"),
+        (["--nm-patterns", "2:4,3:3"], "nm_patterns"),
+        (["--trainers", "sgd"], "trainers"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--out", str(out)])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+    assert not out.exists()
