@@ -19,6 +19,7 @@ _SUBMODULES = (
     "optim",
     "prune",
     "spdy",
+    "structure",
     "train",
 )
 
@@ -33,6 +34,7 @@ __all__ = [  # noqa: RUF022
     "optim",
     "prune",
     "spdy",
+    "structure",
     "train",
 ]
 
@@ -47,6 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover
         optim,
         prune,
         spdy,
+        structure,
         train,
     )
 

@@ -1,0 +1,108 @@
+"""Multiply-adds of a traced model as a polynomial in the kept units of its groups."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from jaxcompress.structure._atoms import Atoms
+from jaxcompress.structure._groups import Analysis
+
+Poly = dict[tuple[str, ...], int]
+
+
+def _mul(a: Poly, b: Poly) -> Poly:
+    out: Poly = {}
+    for ka, ca in a.items():
+        for kb, cb in b.items():
+            key = tuple(sorted(ka + kb))
+            out[key] = out.get(key, 0) + ca * cb
+    return out
+
+
+def _add(a: Poly, b: Poly) -> Poly:
+    out = dict(a)
+    for k, c in b.items():
+        out[k] = out.get(k, 0) + c
+    return out
+
+
+def _seq_poly(atoms: Atoms, seq, names: dict[int, str]) -> Poly:
+    poly: Poly = {(): 1}
+    for r in atoms.leaves(seq):
+        if r in atoms.parts:
+            leaf: Poly = {}
+            for part in atoms.parts[r]:
+                leaf = _add(leaf, _seq_poly(atoms, part, names))
+        elif r in names:
+            leaf = {(names[r],): 1}
+        else:
+            leaf = {(): atoms.size[r]}
+        poly = _mul(poly, leaf)
+    return poly
+
+
+@dataclasses.dataclass(frozen=True)
+class MacCount:
+    """Multiply-adds of ``model(*inputs)`` as a function of each prunable group's kept units.
+
+    ``macs(kept)`` is ``sum_t c_t prod_{g in t} kept[g]`` over the terms of every
+    ``dot_general`` and convolution of the traced forward pass (``prod(out.shape) *
+    prod(contracted sizes)``, the count of ``jaxcompress.latency.count_macs``), where a group
+    not named in ``kept`` counts at full size. ``kept`` values may be ints or traced JAX scalars
+    (e.g. relaxed counts inside a jitted loss), so the polynomial is differentiable in them.
+
+    Attributes:
+      terms: ``{(group names, with multiplicity): coefficient}``.
+      sizes: full unit count of every prunable group.
+    """
+
+    terms: dict[tuple[str, ...], int]
+    sizes: dict[str, int]
+
+    @property
+    def dense(self) -> int:
+        """The multiply-adds of the unpruned model."""
+        return int(self())
+
+    def __call__(self, kept: Mapping[str, Any] | None = None):
+        kept = {} if kept is None else kept
+        if not isinstance(kept, Mapping):
+            raise TypeError(f"kept must map group names to unit counts, got {type(kept).__name__}")
+        for name, count in kept.items():
+            if name not in self.sizes:
+                raise ValueError(
+                    f"kept names {name!r}, which is not a prunable group; prunable groups are "
+                    f"{list(self.sizes)}"
+                )
+            if isinstance(count, (int, np.integer)) and not 0 <= count <= self.sizes[name]:
+                raise ValueError(f"kept[{name!r}] must be in [0, {self.sizes[name]}], got {count}")
+        total: Any = 0
+        for key, coef in self.terms.items():
+            term: Any = coef
+            for name in key:
+                term = term * kept.get(name, self.sizes[name])
+            total = total + term
+        return total
+
+
+def mac_count(analysis: Analysis) -> MacCount:
+    tr = analysis.trace
+    if tr.unsupported_macs:
+        raise ValueError(
+            "cannot count the multiply-adds of a forward pass with control flow "
+            f"{sorted(set(tr.unsupported_macs))}"
+        )
+    names = {c: n for n, c in analysis.class_of.items() if analysis.groups[n].prunable}
+    total: Poly = {}
+    for factors in tr.mac_terms:
+        poly: Poly = {(): 1}
+        for f in factors:
+            poly = _mul(poly, {(): f} if isinstance(f, int) else _seq_poly(tr.atoms, f, names))
+        total = _add(total, poly)
+    total = {k: c for k, c in total.items() if c}
+    sizes = {n: analysis.groups[n].size for n in names.values()}
+    return MacCount(total, sizes)
