@@ -130,6 +130,24 @@ class _MixNet(nnx.Module):
         return self.out(a * jax.nn.sigmoid(b))
 
 
+class _SEGroupNormTied(nnx.Module):
+    """GroupNorm, a squeeze-and-excitation gate and an output head tied to an embedding."""
+
+    def __init__(self, *, rngs: nnx.Rngs):
+        self.c1 = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+        self.gn = nnx.GroupNorm(8, num_groups=4, rngs=rngs)
+        self.se1 = nnx.Linear(8, 4, rngs=rngs)
+        self.se2 = nnx.Linear(4, 8, rngs=rngs)
+        self.c2 = nnx.Conv(8, 6, (3, 3), rngs=rngs)
+        self.emb = nnx.Embed(20, 6, rngs=rngs)
+
+    def __call__(self, x):
+        h = jax.nn.relu(self.gn(self.c1(x)))
+        s = jax.nn.sigmoid(self.se2(jax.nn.relu(self.se1(h.mean(axis=(1, 2))))))
+        h = self.c2(h * s[:, None, None, :]).mean(axis=(1, 2))
+        return self.emb.attend(h)
+
+
 class _SortNet(nnx.Module):
     def __init__(self, *, rngs: nnx.Rngs):
         self.fc1 = nnx.Linear(6, 8, rngs=rngs)
@@ -206,6 +224,11 @@ def _mixnet_params(k):
     return total + (a + b) * 2 * f + 2 * f + f * 5 + 5
 
 
+def _se_params(k):
+    e, s, c = 2 * k["c1:3.0"], k["se1"], k["c2"]
+    return 27 * e + e + 2 * e + e * s + s + s * e + e + 9 * e * c + c + 20 * c
+
+
 # --------------------------------------------------------------------------------------------
 # Cases
 # --------------------------------------------------------------------------------------------
@@ -245,6 +268,10 @@ def _mixnet():
     return _MixNet(rngs=nnx.Rngs(0)), jax.random.normal(_KEY, (3, 8, 8, 3))
 
 
+def _se():
+    return _SEGroupNormTied(rngs=nnx.Rngs(0)), jax.random.normal(_KEY, (3, 8, 8, 3))
+
+
 CASES = {
     "mlp": (_mlp, _mlp_params),
     "cnn": (_cnn, _cnn_params),
@@ -253,6 +280,7 @@ CASES = {
     "convnext": (_convnext, _convnext_params),
     "vit": (_vit, _vit_params),
     "mixnet": (_mixnet, _mixnet_params),
+    "se_groupnorm_tied": (_se, _se_params),
 }
 
 PRUNABLE = {
@@ -283,6 +311,8 @@ PRUNABLE = {
         "branch_b": 4,
         "fused": 16,
     },
+    # whole GroupNorm groups (of 2 channels) are units; the tied embedding reads c2's output
+    "se_groupnorm_tied": {"c1:3.0": 4, "se1": 4, "c2": 6},
 }
 
 
@@ -397,6 +427,9 @@ def test_prune_updates_flax_attributes():
     assert (small.grouped.in_features, small.grouped.out_features) == (4, 3)
     assert small.bn1.num_features == 4 and small.fused.out_features == 12
     assert small.out.in_features == 6
+    model, x = _case("se_groupnorm_tied")
+    small = S.prune(model, {"c1:3.0": np.array([True, False, False, True])}, x)
+    assert (small.gn.num_groups, small.gn.num_features, small.c2.in_features) == (2, 4, 4)
     model, tokens = _case("transformer")
     keep = {"blocks/1/attn/query:1": np.array([True, False, False, True])}
     attn = S.prune(model, keep, tokens).blocks[1].attn
