@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _util import count_compiles, jit_counting
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -306,10 +307,11 @@ def test_matmul_gradients_match_dense(implementation, dtype):
 
 def test_matmul_jit_does_not_recompile():
     packed = pack_nm(_nm_weight(14, 16, 8, 2, 4))
-    f = jax.jit(lambda x, p: nm_matmul(x, p, implementation="interpret"))
+    f = jit_counting(lambda x, p: nm_matmul(x, p, implementation="interpret"))
     f(_weight(15, (2, 16)), packed)
-    f(_weight(16, (2, 16)), packed)
-    assert f._cache_size() == 1
+    with count_compiles() as counter:
+        f(_weight(16, (2, 16)), packed)
+    assert f.traces == 1 and counter.compiles == 0
 
 
 def test_default_config_tiles_fit_the_gpu_shapes_of_the_benchmark():
