@@ -1,27 +1,300 @@
-"""Command-line glue shared by the experiments' ``main.py`` files.
+"""The command line of the experiments, generated from their config dataclasses.
 
-Each experiment's ``main.py`` owns its flags; this module holds the argument types and the
-common tail of ``main``: apply the flag overrides to the config, validate it (a bad value is
-reported by argparse, naming it, before any work), run, print the table and the wall time.
+Every field of an experiment's config (declared with :func:`experiments._common.field`) is a
+flag: ``epochs`` is ``--epochs 3``, ``train_subset`` is ``--train-subset 6000`` (``none`` for
+``None``), a tuple is comma-separated (``--widths 16,32,64``, ``--nm-patterns 2:4,4:8``), a
+bool is ``--progress`` / ``--no-progress``. Flags override the chosen config (the full one, or
+``--quick``'s); the result is validated by the config itself, so a bad value is reported in one
+line naming the field before any work. Every experiment also takes ``--out``, ``--quick``,
+``--mesh`` and ``--restart``.
+
+The argparse types and helpers at the end (:func:`positive_int`, :func:`run_config`, ...) are
+used by ``experiments.surrogate``'s hand-written command line.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import os
+import sys
 import time
+import types
+import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from experiments._common import MESH_AXES, check_out, parse_mesh
+
 __all__ = [
+    "add_config_flags",
     "add_run_flags",
+    "build_parser",
     "check_dirs",
     "comma_separated",
-    "positive_ints",
+    "main",
     "non_negative_int",
     "positive_int",
+    "positive_ints",
     "run_config",
 ]
+
+MESH_HELP = (
+    "device mesh, e.g. data=8 or data=4,fsdp=2 (axes: {axes}); checked against the devices "
+    "that exist. The training loops run on one device until jaxcompress.train.fit takes a "
+    "mesh, so only a one-device mesh (data=1) runs today"
+)
+RESTART_HELP = (
+    "start over in an existing --out instead of resuming. Resuming needs checkpoints that the "
+    "training loops do not write yet: every run starts over today, with or without this flag"
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Flags generated from a config dataclass
+# --------------------------------------------------------------------------------------------
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _scalar(tp: Any, name: str, choices: tuple | None) -> Callable[[str], Any]:
+    """Parse one value of type ``tp`` (int, float, str, bool or a fixed tuple of ints)."""
+    if tp is bool:
+        truth = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+        def parse_bool(text: str) -> bool:
+            if text.strip().lower() not in truth:
+                raise ValueError(text)
+            return truth[text.strip().lower()]
+
+        return parse_bool
+    if tp in (int, float):
+        return lambda text: tp(text.strip())
+    if tp is str:
+
+        def parse_str(text: str) -> str:
+            text = text.strip()
+            if choices is not None and text not in choices:
+                raise ValueError(text)
+            return text
+
+        return parse_str
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is tuple and args and Ellipsis not in args and all(a is int for a in args):
+        # a fixed tuple of ints such as an N:M pattern: "2:4"
+        def parse_pair(text: str) -> tuple[int, ...]:
+            parts = text.strip().split(":")
+            if len(parts) != len(args):
+                raise ValueError(text)
+            return tuple(int(p) for p in parts)
+
+        return parse_pair
+    raise TypeError(f"no flag type for field {name!r} of type {tp!r}")
+
+
+def _describe(tp: Any, choices: tuple | None) -> str:
+    if tp is bool:
+        return "true or false"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "one of " + ", ".join(choices) if choices else "a string"
+    return (
+        ":".join("N" * len(typing.get_args(tp)))
+        + " integers such as "
+        + ":".join(str(2 ** (k + 1)) for k in range(len(typing.get_args(tp))))
+    )
+
+
+def _flag_type(tp: Any, name: str, choices: tuple | None) -> tuple[Callable[[str], Any], str]:
+    """``(parse, metavar)`` of a field of type ``tp``: scalars, ``X | None`` and tuples."""
+    args = typing.get_args(tp)
+    optional = (typing.get_origin(tp) in (typing.Union, types.UnionType)) and type(None) in args
+    if optional:
+        (tp,) = [a for a in args if a is not type(None)]
+    origin, inner = typing.get_origin(tp), typing.get_args(tp)
+    if origin is tuple and len(inner) == 2 and inner[1] is Ellipsis:
+        item = _scalar(inner[0], name, choices)
+        expected = f"comma-separated items, each {_describe(inner[0], choices)}"
+        metavar = "A,B,..."
+    else:
+        item = _scalar(tp, name, choices)
+        expected = _describe(tp, choices)
+        metavar = "{" + ",".join(choices) + "}" if choices else name.upper()
+    if optional:
+        expected += ", or none"
+
+    def parse(text: str) -> Any:
+        if optional and text.strip().lower() == "none":
+            return None
+        try:
+            if item is not None and origin is tuple and len(inner) == 2 and inner[1] is Ellipsis:
+                values = tuple(item(part) for part in text.split(","))
+                return values
+            return item(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+    return parse, metavar
+
+
+def _fixed_tuple(tp: Any) -> bool:
+    """``tuple[int, int]`` and the like (not ``tuple[int, ...]``), inside ``| None`` too."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+    return typing.get_origin(tp) is tuple and Ellipsis not in typing.get_args(tp)
+
+
+def _show(value: Any, tp: Any) -> str:
+    """``value`` as its flag spells it: ``none``, ``16,32``, ``2:4``, ``2:4,4:8``."""
+    if value is None:
+        return "none"
+    if isinstance(value, tuple) and _fixed_tuple(tp):
+        return ":".join(map(str, value))
+    if isinstance(value, tuple):
+        return ",".join(":".join(map(str, v)) if isinstance(v, tuple) else str(v) for v in value)
+    return str(value)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_cls: type) -> list[str]:
+    """One flag per field of the dataclass ``config_cls``; returns the field names.
+
+    A flag that is not given sets no attribute, so ``--train-subset none`` (``None``) can
+    override a config's value.
+
+    The help is the field's ``metadata["help"]`` and its default; ``metadata["choices"]``
+    restricts a ``str`` field or every item of a ``tuple[str, ...]``; ``metadata["aliases"]``
+    adds flag spellings (e.g. ``--seeds`` for ``num_seeds``).
+    """
+    hints = typing.get_type_hints(config_cls)
+    group = parser.add_argument_group(
+        f"config ({config_cls.__module__}.{config_cls.__name__}; defaults of the full run)"
+    )
+    names = []
+    for f in dataclasses.fields(config_cls):
+        meta = f.metadata
+        if "help" not in meta:
+            raise TypeError(f"{config_cls.__name__}.{f.name} has no help: declare it with field()")
+        flags = [_flag(f.name), *meta.get("aliases", ())]
+        tp = hints[f.name]
+        text = f"{meta['help']} (default {_show(f.default, tp)})".replace("%", "%%")
+        if tp is bool:
+            group.add_argument(
+                *flags,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=text,
+            )
+        else:
+            choices = meta.get("choices")
+            parse, metavar = _flag_type(tp, f.name, None if choices is None else tuple(choices))
+            group.add_argument(
+                *flags,
+                dest=f.name,
+                type=parse,
+                default=argparse.SUPPRESS,
+                metavar=metavar,
+                help=text,
+            )
+        names.append(f.name)
+    return names
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (no usage block)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser(
+    *, prog: str, description: str, config_cls: type, out: str, quick: str
+) -> argparse.ArgumentParser:
+    """The parser of an experiment: ``--quick``, ``--out``, ``--mesh``, ``--restart`` and one
+    flag per config field (:func:`add_config_flags`). Errors are reported in one line."""
+    parser = _Parser(prog=prog, description=description)
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument(
+        "--out", default=out, help="output directory, created and checked for writing first"
+    )
+    parser.add_argument("--mesh", default=None, help=MESH_HELP.format(axes=", ".join(MESH_AXES)))
+    parser.add_argument("--restart", action="store_true", help=RESTART_HELP)
+    parser.set_defaults(_config_fields=add_config_flags(parser, config_cls))
+    return parser
+
+
+def _fail(parser: argparse.ArgumentParser, message: str) -> typing.NoReturn:
+    """Exit with status 2 and one line on stderr (no usage block, no traceback)."""
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
+def main(
+    argv: list[str] | None,
+    *,
+    parser: argparse.ArgumentParser,
+    configs: tuple[Any, Any],
+    train: str,
+) -> int:
+    """Parse ``argv``, build the config, check it, ``--mesh`` and ``--out``, then run.
+
+    Args:
+      argv: the arguments (``None``: ``sys.argv[1:]``).
+      parser: from :func:`build_parser`.
+      configs: the modules ``(default, quick)``, each with ``get_config()``.
+      train: the module with ``run(config, out) -> results`` and ``format_table(results)``,
+        imported only once every check has passed (it imports jax).
+
+    Every check runs before jax is imported or any data is loaded; a failed one exits with
+    status 2 and one line on stderr.
+    """
+    args = parser.parse_args(argv)
+    default, quick = configs
+    config = (quick if args.quick else default).get_config()
+    # a flag that was not given leaves no attribute (argparse.SUPPRESS): the config decides
+    changes = {name: getattr(args, name) for name in args._config_fields if hasattr(args, name)}
+    try:
+        config = config.replace(**changes).validate()
+    except (TypeError, ValueError) as err:
+        _fail(parser, str(err))
+    if getattr(config, "data_dir", None) is not None and not os.path.isdir(config.data_dir):
+        _fail(parser, f"data_dir: {config.data_dir!r} is not a directory")
+    if args.mesh is not None:
+        try:
+            mesh = parse_mesh(args.mesh)
+        except ValueError as err:
+            _fail(parser, str(err))
+        if any(size > 1 for size in mesh.values()):
+            _fail(
+                parser,
+                f"--mesh {args.mesh}: the training loops run on one device until "
+                "jaxcompress.train.fit takes a mesh; use data=1 or leave --mesh out",
+            )
+    try:
+        out = check_out(args.out)
+    except ValueError as err:
+        _fail(parser, str(err))
+    module = importlib.import_module(train)
+    return _run_and_report(config, out, module.run, module.format_table)
+
+
+def _run_and_report(config, out, run, format_table) -> int:
+    start = time.perf_counter()
+    results = run(config, out)
+    print(format_table(results))
+    print(f"wall time: {time.perf_counter() - start:.1f} s; results in {out}")
+    sys.stdout.flush()
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# argparse types and glue for hand-written command lines (experiments.surrogate)
+# --------------------------------------------------------------------------------------------
 
 
 def positive_int(text: str) -> int:
@@ -82,8 +355,8 @@ positive_ints = comma_separated(
 
 
 def add_run_flags(parser: argparse.ArgumentParser, out: str) -> None:
-    """The flags every experiment has: ``--out`` (default ``out``), ``--data-dir`` and
-    ``--no-progress``; :func:`check_dirs` checks the first two."""
+    """``--out`` (default ``out``), ``--data-dir`` and ``--no-progress``; :func:`check_dirs`
+    checks the first two."""
     parser.add_argument("--out", default=out, help="output directory")
     parser.add_argument(
         "--data-dir", default=None, help="data root (default $JAXCOMPRESS_DATA_DIR)"
@@ -92,7 +365,8 @@ def add_run_flags(parser: argparse.ArgumentParser, out: str) -> None:
 
 
 def check_dirs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Rejects a ``--data-dir`` that is not a directory and an ``--out`` that is a file."""
+    """Rejects a ``--data-dir`` that is not a directory and an ``--out`` that is a file
+    (:func:`run_config` checks that ``--out`` can be written, after the config)."""
     data_dir = getattr(args, "data_dir", None)
     if data_dir is not None and not os.path.isdir(data_dir):
         parser.error(f"--data-dir: {data_dir!r} is not a directory")
@@ -110,27 +384,16 @@ def run_config(
     format_table: Callable[[dict], str],
     out: str,
 ) -> int:
-    """Applies ``changes`` to ``config``, validates it, runs it and prints the result table.
-
-    Args:
-      parser: the experiment's parser; a config that fails validation is reported through
-        ``parser.error`` (exit status 2) before anything runs.
-      config: a frozen config dataclass with ``replace(**changes)`` and ``validate()``.
-      changes: field overrides taken from the flags.
-      run: ``run(config, out) -> results``.
-      format_table: ``format_table(results) -> str``.
-      out: the output directory.
-
-    Returns:
-      0, the process exit status.
-    """
+    """Applies ``changes`` to ``config``, validates it (a failure is reported through
+    ``parser.error``, exit status 2, before anything runs), checks that ``out`` can be written
+    (created if missing; one line, status 2), runs it and prints the table."""
     config = config.replace(**changes)
     try:
         config.validate()
     except (TypeError, ValueError) as err:
         parser.error(str(err))
-    start = time.perf_counter()
-    results = run(config, out)
-    print(format_table(results))
-    print(f"wall time: {time.perf_counter() - start:.1f} s; results in {out}")
-    return 0
+    try:
+        out = check_out(out)
+    except ValueError as err:
+        _fail(parser, str(err))
+    return _run_and_report(config, out, run, format_table)

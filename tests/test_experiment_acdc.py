@@ -164,8 +164,13 @@ def test_configs_validate():
         Config(sparsities=(0.9, 1.0)).validate()
     with pytest.raises(ValueError, match="epochs"):
         Config(epochs=3).validate()
-    with pytest.raises(ValueError, match="compressed_epochs"):
-        Config(compressed_epochs=0).validate()
+    with pytest.raises(ValueError, match="phases must be None or"):
+        Config(phases=(1, 0, 1, 1)).validate()
+    assert Config(epochs=10, phases=(2, 1, 2, 3)).validate().phase_epochs() == (2, 1, 2, 3)
+    with pytest.raises(ValueError, match="AC/DC timeline needs"):
+        Config(epochs=10, phases=(4, 2, 2, 3)).validate()
+    with pytest.raises(ValueError, match="memorisation must be one of"):
+        Config(memorisation="maybe").validate()
     with pytest.raises(ValueError, match="memorisation_fraction"):
         Config(memorisation_fraction=1.5).validate()
     with pytest.raises(TypeError, match="config"):
@@ -175,11 +180,13 @@ def test_configs_validate():
 @pytest.mark.parametrize(
     "argv, match",
     [
-        (["--dataset", "cifar10"], "invalid choice"),
-        (["--epochs", "0"], "positive integer"),
-        (["--seeds", "0"], "positive integer"),
-        (["--widths", "16,x"], "comma-separated"),
+        (["--dataset", "cifar10"], "argument --dataset: expected one of"),
+        (["--epochs", "0"], "epochs must be a positive int"),
+        (["--seeds", "0"], "num_seeds must be a positive int"),
+        (["--widths", "16,x"], "argument --widths: expected comma-separated items"),
         (["--epochs", "2"], "epochs"),
+        (["--phases", "1:1:1"], "argument --phases: expected"),
+        (["--memorisation", "maybe"], "argument --memorisation: expected one of yes, no, only"),
         (["--data-dir", "/nonexistent/dir"], "not a directory"),
     ],
 )
@@ -187,11 +194,18 @@ def test_cli_rejects_bad_flags(argv, match, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(argv)
     assert exc.value.code == 2
-    assert match in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert match in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_phases_and_memorisation_flags():
+    args = cli.build_parser().parse_args(["--phases", "2:1:2:3", "--memorisation", "only"])
+    assert args.phases == (2, 1, 2, 3) and args.memorisation == "only"
+    assert cli.build_parser().parse_args(["--phases", "none"]).phases is None
 
 
 def test_memorisation_only_runs_just_the_random_label_runs(tmp_path):
-    config = _tiny().replace(memorisation_only=True, memorisation_epochs=5)
+    config = _tiny().replace(memorisation="only", memorisation_epochs=5)
     results = run(config, tmp_path)
     assert "dense" not in results and "curves" not in results
     mem = results["memorisation"]
@@ -199,7 +213,5 @@ def test_memorisation_only_runs_just_the_random_label_runs(tmp_path):
     assert (tmp_path / "memorisation.png").read_bytes()[:8] == PNG
     assert not (tmp_path / "accuracy_curves.png").exists()
     assert "memorisation" in format_table(results)
-    with pytest.raises(ValueError, match="memorisation_only"):
-        config.replace(memorisation=False).validate()
     with pytest.raises(ValueError, match="memorisation_epochs"):
         config.replace(memorisation_epochs=0).validate()

@@ -1,10 +1,172 @@
-"""The shared argparse glue of the experiments (experiments/cli.py)."""
+"""The shared pieces of the experiments: flags generated from configs (experiments/cli.py) and
+experiments/_common.py (out and mesh checks, aggregation over seeds, run header)."""
+
+from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
+import sys
 
+import numpy as np
 import pytest
 
-from experiments.cli import comma_separated, non_negative_int, positive_int
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from experiments import _common, cli  # noqa: E402
+from experiments._common import ConfigBase, field  # noqa: E402
+from experiments.cli import comma_separated, non_negative_int, positive_int  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config(ConfigBase):
+    name: str = field("a", "a name", choices=("a", "b"))
+    count: int = field(3, "a count", aliases=("--n",))
+    rate: float = field(0.5, "a rate")
+    subset: int | None = field(None, "a subset")
+    widths: tuple[int, ...] = field((16, 32), "widths")
+    names: tuple[str, ...] = field(("a",), "names", choices=("a", "b"))
+    pattern: tuple[int, int] | None = field((2, 4), "a pattern")
+    patterns: tuple[tuple[int, int], ...] = field(((2, 4), (4, 8)), "patterns")
+    flag: bool = field(True, "a flag")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="p", exit_on_error=False)
+    cli.add_config_flags(parser, _Config)
+    return parser
+
+
+def test_flags_are_generated_from_the_fields():
+    args = _parser().parse_args(
+        ["--name", "b", "--n", "7", "--rate", "1e-3", "--subset", "none", "--widths", "8, 16",
+         "--names", "b,a", "--pattern", "1:4", "--patterns", "1:2,2:4", "--no-flag"]
+    )  # fmt: skip
+    assert vars(args) == {
+        "name": "b",
+        "count": 7,
+        "rate": 1e-3,
+        "subset": None,
+        "widths": (8, 16),
+        "names": ("b", "a"),
+        "pattern": (1, 4),
+        "patterns": ((1, 2), (2, 4)),
+        "flag": False,
+    }
+    assert vars(_parser().parse_args([])) == {}  # nothing given: the config decides
+    assert _parser().parse_args(["--subset", "12", "--pattern", "None"]).subset == 12
+    help_text = _parser().format_help()
+    assert "a pattern (default 2:4)" in help_text and "patterns (default 2:4,4:8)" in help_text
+    assert "a subset (default none)" in help_text and "widths (default 16,32)" in help_text
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--name", "c"], "expected one of a, b, got 'c'"),
+        (["--count", "1.5"], "expected an integer, got '1.5'"),
+        (["--rate", "fast"], "expected a number, got 'fast'"),
+        (["--subset", "all"], "expected an integer, or none, got 'all'"),
+        (["--widths", "8,,16"], "expected comma-separated items, each an integer"),
+        (["--names", "a,c"], "each one of a, b"),
+        (["--pattern", "2:4:8"], "integers such as 2:4, or none"),
+        (["--patterns", "2-4"], "integers such as 2:4, got '2-4'"),
+    ],
+)
+def test_bad_flag_values_name_what_was_expected(argv, expected):
+    with pytest.raises(argparse.ArgumentError, match=expected):
+        _parser().parse_args(argv)
+
+
+def test_a_field_without_help_is_refused():
+    @dataclasses.dataclass(frozen=True)
+    class Bare:
+        x: int = 1
+
+    with pytest.raises(TypeError, match="Bare.x has no help"):
+        cli.add_config_flags(argparse.ArgumentParser(), Bare)
+
+
+def test_config_replace_names_an_unknown_field():
+    assert _Config().replace(count=4).count == 4
+    with pytest.raises(TypeError, match=r"has no field 'cout'; its fields are .*count"):
+        _Config().replace(cout=4)
+
+
+def test_parse_mesh():
+    assert _common.parse_mesh("data=8", 8) == {"data": 8}
+    assert _common.parse_mesh(" data=4, fsdp=2 ", 8) == {"data": 4, "fsdp": 2}
+    for text, match in [
+        ("", "mesh must be"),
+        ("data", "expected axis=size"),
+        ("model=2", "unknown axis 'model'"),
+        ("data=0", "size of 'data' must be a positive int, got '0'"),
+        ("data=-2", "positive int"),
+        ("data=two", "positive int"),
+        ("data=2,data=2", "given twice"),
+        ("data=4,fsdp=4", "needs 16 devices, but only 8 exist"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            _common.parse_mesh(text, 8)
+    with pytest.raises(ValueError, match="needs 4096 devices"):
+        _common.parse_mesh("data=4096")  # the devices that exist
+
+
+def test_check_out_creates_and_probes(tmp_path):
+    out = tmp_path / "a" / "b"
+    assert _common.check_out(out) == str(out) and out.is_dir()
+    assert list(out.iterdir()) == []  # the write probe leaves nothing behind
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        _common.check_out(afile)
+    with pytest.raises(ValueError, match="cannot write to .*file/sub'"):
+        _common.check_out(afile / "sub")
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        with pytest.raises(ValueError, match="cannot write to"):
+            _common.check_out(ro)
+
+
+def test_aggregate_matches_numpy():
+    rng = np.random.default_rng(0)
+    records = [
+        {"seed": k, "acc": {"sgd": float(a)}, "curve": list(map(float, c))}
+        for k, (a, c) in enumerate(zip(rng.random(3), rng.random((3, 4)), strict=True))
+    ]
+    mean, std = _common.aggregate(records, keep=("seed",))
+    accs = np.array([r["acc"]["sgd"] for r in records])
+    curves = np.array([r["curve"] for r in records])
+    assert mean["seed"] == 0 and std["seed"] == 0  # kept from the first record
+    assert mean["acc"]["sgd"] == pytest.approx(accs.mean())
+    assert std["acc"]["sgd"] == pytest.approx(accs.std(ddof=1))
+    np.testing.assert_allclose(mean["curve"], curves.mean(0))
+    np.testing.assert_allclose(std["curve"], curves.std(0, ddof=1))
+    assert _common.aggregate(records[:1]) == (
+        {"seed": 0.0, "acc": records[0]["acc"], "curve": records[0]["curve"]},
+        None,
+    )
+    with pytest.raises(ValueError, match="at least one record"):
+        _common.aggregate([])
+
+
+def test_run_header_says_what_was_run():
+    config = argparse.Namespace(dataset="mnist", epochs=3)
+    sizes = {"train": 6000, "test": 10000, "train_full": 60000, "test_full": 10000}
+    assert (
+        _common.run_header(config, sizes, [0, 1], model="small_cnn")
+        == "mnist: train 6,000 of 60,000, test 10,000; 3 epochs; seeds 0, 1; model small_cnn"
+    )
+
+
+def test_integer_argument_types():
+    assert positive_int("3") == 3 and non_negative_int("0") == 0
+    for fn, bad in ((positive_int, "0"), (positive_int, "1.5"), (non_negative_int, "-1")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            fn(bad)
 
 
 def test_comma_separated_casts_strips_and_validates():
@@ -13,17 +175,27 @@ def test_comma_separated_casts_strips_and_validates():
     for bad in ("", "16,,32", "16,x", "0,4", "-1"):
         with pytest.raises(argparse.ArgumentTypeError, match=r"expected positive integers, got"):
             ints(bad)
-    names = comma_separated(
-        str, valid=lambda v: v in ("a", "b"), distinct=True, expected="names from a,b"
-    )
-    assert names("b,a") == ("b", "a")
-    for bad in ("a,a", "a,c", "a,"):
-        with pytest.raises(argparse.ArgumentTypeError, match="names from a,b"):
-            names(bad)
 
 
-def test_integer_argument_types():
-    assert positive_int("3") == 3 and non_negative_int("0") == 0
-    for fn, bad in ((positive_int, "0"), (positive_int, "1.5"), (non_negative_int, "-1")):
-        with pytest.raises(argparse.ArgumentTypeError):
-            fn(bad)
+@pytest.mark.parametrize("name", ["oneshot", "cram", "acdc", "spdy"])
+def test_experiment_configs_are_thin_and_their_ablations_valid(name):
+    import importlib
+
+    base = importlib.import_module(f"experiments.{name}.configs.base")
+    configs = {
+        kind: importlib.import_module(f"experiments.{name}.configs.{kind}")
+        for kind in ("default", "quick")
+    }
+    fields = dataclasses.fields(base.Config)
+    assert len(fields) <= 25, [f.name for f in fields]
+    assert all(f.metadata.get("help") for f in fields)  # one flag each, with its help
+    for module in configs.values():
+        assert isinstance(module.get_config().validate(), base.Config)
+    try:
+        ablations = importlib.import_module(f"experiments.{name}.configs.ablations").ABLATIONS
+    except ModuleNotFoundError:
+        return
+    built = _common.ablation_configs(ablations, configs)
+    assert len(built) == sum(len(a["variants"]) for a in ablations.values())
+    with pytest.raises(TypeError, match="has no field"):
+        _common.ablation_configs({"x": {"base": "quick", "variants": {"a": {"nope": 1}}}}, configs)

@@ -35,6 +35,7 @@ def _tiny() -> Config:
 def test_run_writes_schema_and_files(tmp_path):
     results = run(_tiny(), tmp_path)
     assert 0.6 < results["dense_accuracy"] <= 1.0
+    assert results["header"].startswith("digits: train 1,438, test 359; 3 epochs; seed 0")
     assert set(results["oneshot"]) == {"0.5", "0.8"}
     for entry in [*results["oneshot"].values(), results["nm_2_4"]]:
         assert 0.0 <= entry["raw"] <= 1.0 and 0.0 <= entry["bn_recalibrated"] <= 1.0
@@ -67,14 +68,23 @@ def test_configs_validate():
 @pytest.mark.parametrize(
     "argv, match",
     [
-        (["--dataset", "cifar10"], "invalid choice"),
-        (["--epochs", "0"], "positive integer"),
-        (["--seed", "-1"], "non-negative"),
+        (["--dataset", "cifar10"], "argument --dataset: expected one of"),
+        (["--epochs", "0"], "epochs must be a positive int"),
+        (["--seed", "-1"], "seed must be a non-negative int"),
+        (["--nm", "4:2"], "nm must be None or a pair"),
+        (["--nm", "2"], "argument --nm: expected"),
         (["--data-dir", "/nonexistent/dir"], "not a directory"),
+        (["--out", "/etc/hostname/sub"], "out: cannot write to '/etc/hostname/sub'"),
     ],
 )
 def test_cli_rejects_bad_flags(argv, match, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(argv)
     assert exc.value.code == 2
-    assert match in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert match in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_nm_none_skips_nm():
+    args = cli.build_parser().parse_args(["--nm", "none", "--sparsities", "0.5"])
+    assert args.nm is None and args.sparsities == (0.5,)

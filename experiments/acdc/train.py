@@ -29,7 +29,7 @@ BatchNorm stay dense, as the reference's ``weight_only``). Methods, per target s
   support;
 * ``oneshot_finetune``: the ``dense`` run's model at epoch :math:`E - L`, pruned once
   (:func:`jaxcompress.prune.oneshot`, global), then trained for the last :math:`L` epochs on
-  its fixed support (:func:`jaxcompress.optim.masked`) with a fresh momentum and the remaining
+  its fixed support (:func:`jaxcompress.optim.fixed_mask`) with a fresh momentum and the remaining
   part of the same cosine schedule. The split: :math:`E - L` dense epochs shared with
   ``dense``, :math:`L` sparse epochs, :math:`E` in total like every other method.
 
@@ -55,21 +55,27 @@ sparsity, compressed phases shaded) and ``memorisation.png``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import platform
 import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
+from experiments._common import (
+    aggregate,
+    check_out,
+    environment,
+    load_datasets,
+    run_header,
+    seed_list,
+    stage_bar,
+    write_json_atomic,
+)
 from experiments.acdc.configs.base import Config
-from experiments.oneshot.train import load_datasets
 from jaxcompress import data as jdata
 from jaxcompress import masks as jmasks
 from jaxcompress import optim, prune
@@ -242,8 +248,10 @@ def _train(
     metrics_path: str | None,
     probe_ds: Any = None,
     snapshot_epoch: int | None = None,
+    desc: str = "train",
 ) -> _Run:
-    """``fit`` with a callback that logs sparsity (and ``probe_ds`` accuracy) every epoch."""
+    """``fit`` with a callback that logs sparsity (and ``probe_ds`` accuracy) every epoch, and
+    one progress bar (``desc``) over the epochs."""
 
     def accuracy(m: nnx.Module, ds: Any) -> float:
         return jtrain.evaluate(m, ds, batch_size=config.eval_batch_size)["accuracy"]
@@ -254,6 +262,7 @@ def _train(
     snapshot: dict[str, Any] = {}
 
     def callback(epoch: int, record: dict[str, float], trained: nnx.Module) -> None:
+        bar.update(1)
         test_acc.append(record["eval_accuracy"])
         sparsity.append(_sparsity(trained))
         if probe_ds is not None:
@@ -262,19 +271,20 @@ def _train(
             snapshot["state"] = _copy_state(trained)
 
     start = time.perf_counter()
-    history = jtrain.fit(
-        model,
-        tx,
-        train_ds,
-        epochs=epochs,
-        batch_size=config.batch_size,
-        eval_ds=test_ds,
-        seed=seed,
-        progress=config.progress,
-        metrics_path=metrics_path,
-        eval_batch_size=config.eval_batch_size,
-        callback=callback,
-    )
+    with stage_bar(epochs, desc, config.progress) as bar:
+        history = jtrain.fit(
+            model,
+            tx,
+            train_ds,
+            epochs=epochs,
+            batch_size=config.batch_size,
+            eval_ds=test_ds,
+            seed=seed,
+            progress=False,
+            metrics_path=metrics_path,
+            eval_batch_size=config.eval_batch_size,
+            callback=callback,
+        )
     return _Run(
         model=model,
         history=history,
@@ -326,7 +336,7 @@ def _phase_extremes(curve: list[float], phases: tuple[tuple[int, int, str], ...]
 
 
 def _run_seed(
-    config: Config, seed: int, train_ds: Any, test_ds: Any, out: str | None, bar: Any
+    config: Config, seed: int, train_ds: Any, test_ds: Any, out: str | None
 ) -> dict[str, Any]:
     channels, classes = train_ds.x.shape[-1], train_ds.num_classes
     spe = jdata.num_batches(train_ds, config.batch_size)
@@ -340,7 +350,6 @@ def _run_seed(
     seconds_per_epoch: dict[str, float] = {}
 
     def train(name, tx, model=None, epochs=config.epochs, data=train_ds, **kwargs) -> _Run:
-        bar.set_description(f"seed {seed}: {name}")
         model = build_model(config, channels, classes, seed) if model is None else model
         result = _train(
             config,
@@ -351,14 +360,14 @@ def _run_seed(
             seed=seed,
             epochs=epochs,
             metrics_path=metrics(name),
+            desc=f"seed {seed}: {name}",
             **kwargs,
         )
         seconds[name] = result.seconds
         seconds_per_epoch[name] = result.seconds / epochs
-        bar.update(1)
         return result
 
-    if config.memorisation_only:
+    if config.memorisation == "only":
         return {
             "seed": seed,
             "memorisation": _memorisation(config, seed, train_ds, test_ds, train),
@@ -417,7 +426,7 @@ def _run_seed(
         finetune_sgd = make_sgd(config, spe, offset_steps=timeline.final_start * spe)
         res = train(
             f"oneshot_finetune_{key}",
-            optim.masked(finetune_sgd, masks),
+            optim.fixed_mask(finetune_sgd, masks),
             model=model,
             epochs=config.epochs - timeline.final_start,
         )
@@ -431,7 +440,7 @@ def _run_seed(
         curves[name] = dense.test_accuracy[: timeline.final_start] + res.test_accuracy
         sparsity_curves[name] = dense.sparsity[: timeline.final_start] + res.sparsity
 
-    if config.memorisation:
+    if config.memorisation == "yes":
         record["memorisation"] = _memorisation(config, seed, train_ds, test_ds, train)
     record["curves"] = {"test_accuracy": curves, "sparsity": sparsity_curves}
     record["seconds"] = seconds
@@ -487,33 +496,13 @@ def _memorisation(
 _NOT_AVERAGED = ("seed", "phases", "steps_per_epoch", "num_relabelled", "train_size")
 
 
-def _reduce(records: list[Any], fn: Callable[[np.ndarray], Any]) -> Any:
-    """``fn`` over seeds of aligned numbers (elementwise for lists) of same-shaped dicts."""
-    first = records[0]
-    if isinstance(first, dict):
-        return {
-            k: first[k] if k in _NOT_AVERAGED else _reduce([r[k] for r in records], fn)
-            for k in first
-        }
-    values = np.asarray(records, dtype=np.float64)
-    reduced = fn(values)
-    return reduced.tolist() if values.ndim > 1 else float(reduced)
-
-
-def _mean(values: np.ndarray) -> np.ndarray:
-    return values.mean(axis=0)
-
-
-def _std(values: np.ndarray) -> np.ndarray:
-    return values.std(axis=0, ddof=1)
-
-
 def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
     """Run the experiment; write ``results.json``, training logs and the plots to ``out``.
 
     Args:
       config: a :class:`Config` (validated first).
-      out: output directory (created); ``None`` writes nothing.
+      out: output directory (created and checked for writing before any data is loaded);
+        ``None`` writes nothing.
 
     Returns:
       The results dict (also ``results.json``). Accuracies are test accuracies at the final
@@ -541,40 +530,30 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
         ``oneshot_finetune_<s>``),
         ``phases`` (the AC/DC timeline in epochs), ``gmp_ramp`` and ``final_start``;
       * ``std``: sample standard deviations over seeds of all of the above (``num_seeds > 1``);
-      * ``per_seed``, ``config``, ``timing`` (seconds), ``dataset_sizes``, ``environment``.
+      * ``per_seed``, ``config``, ``header`` (what was run, one line), ``timing`` (seconds),
+        ``dataset_sizes``, ``environment``.
     """
     if not isinstance(config, Config):
         raise TypeError(f"config must be an experiments.acdc Config, got {type(config).__name__}")
     config.validate()
-    from tqdm import tqdm
-
+    out = None if out is None else check_out(out)
     t0 = time.perf_counter()
-    train_ds, test_ds = load_datasets(config)
+    sizes: dict[str, int] = {}
+    train_ds, test_ds = load_datasets(config, sizes)
     spe = jdata.num_batches(train_ds, config.batch_size)
     timeline = make_timeline(config, spe)  # validates steps_per_epoch before any training
-    if config.memorisation:
+    if config.memorisation != "no":
         mem_size = len(train_ds)
         if config.memorisation_subset is not None:
             mem_size = min(mem_size, config.memorisation_subset)
         make_timeline(config.memorisation_config(), jdata.num_batches(mem_size, config.batch_size))
     t_data = time.perf_counter()
-    if out is not None:
-        out = os.fspath(out)
-        os.makedirs(out, exist_ok=True)
 
-    runs_per_seed = 1 + 4 * len(config.sparsities) + (2 if config.memorisation else 0)
-    if config.memorisation_only:
-        runs_per_seed = 2
-    bar = tqdm(
-        total=runs_per_seed * config.num_seeds, disable=not config.progress, desc="acdc", leave=True
-    )
-    seeds = [config.seed + k for k in range(config.num_seeds)]
-    try:
-        records = [_run_seed(config, seed, train_ds, test_ds, out, bar) for seed in seeds]
-    finally:
-        bar.close()
+    seeds = seed_list(config)
+    records = [_run_seed(config, seed, train_ds, test_ds, out) for seed in seeds]
     t_train = time.perf_counter()
 
+    only = config.memorisation == "only"
     keys = (
         "dense",
         "dense_at_final_start",
@@ -586,10 +565,10 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
         "seconds",
         "seconds_per_epoch",
     )
-    averaged = _reduce([{k: r[k] for k in keys if k in r} for r in records], _mean)
+    averaged, std = aggregate([{k: r[k] for k in keys if k in r} for r in records], _NOT_AVERAGED)
     results: dict[str, Any] = {k: averaged[k] for k in keys[:5] if k in averaged}
     results["memorisation"] = averaged.get("memorisation", {})
-    if not config.memorisation_only:
+    if not only:
         results["curves"] = {
             "epochs": list(range(config.epochs + 1)),
             **averaged["curves"],
@@ -597,11 +576,13 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
             "gmp_ramp": [timeline.gmp_begin_epoch, timeline.final_start],
             "final_start": timeline.final_start,
         }
-    if len(records) > 1:
-        results["std"] = _reduce([{k: r[k] for k in keys if k in r} for r in records], _std)
+    if std is not None:
+        results["std"] = std
     results["per_seed"] = records
     results["config"] = {**dataclasses.asdict(config), "phase_epochs": config.phase_epochs()}
-    if not config.memorisation_only:
+    phases = "W:C:D:L " + ":".join(str(e) for e in config.phase_epochs())
+    results["header"] = run_header(config, sizes, seeds, model=config.model, phases=phases)
+    if not only:
         results["schedule"] = {
             "steps_per_epoch": spe,
             "acdc_steps": dataclasses.asdict(timeline.acdc),
@@ -611,7 +592,7 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
                 "every": timeline.gmp_every,
             },
         }
-    results["dataset_sizes"] = {"train": len(train_ds), "test": len(test_ds)}
+    results["dataset_sizes"] = sizes
     results["timing"] = {
         "data_seconds": t_data - t0,
         "train_seconds": t_train - t_data,
@@ -619,21 +600,14 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
         "seconds_per_epoch": averaged["seconds_per_epoch"],
         "total_seconds": t_train - t0,
     }
-    results["environment"] = {
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "devices": len(jax.devices()),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-    }
+    results["environment"] = environment()
     if out is not None:
-        with open(os.path.join(out, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        if not config.memorisation_only:
+        if not only:
             write_accuracy_plot(results, os.path.join(out, "accuracy_curves.png"))
-        if config.memorisation:
+        if config.memorisation != "no":
             write_memorisation_plot(results, os.path.join(out, "memorisation.png"))
         results["timing"]["total_seconds"] = time.perf_counter() - t0
+        write_json_atomic(os.path.join(out, "results.json"), results)
     return results
 
 
@@ -682,7 +656,7 @@ def _main_table(results: dict[str, Any]) -> list[str]:
 
 def format_table(results: dict[str, Any]) -> str:
     """A plain-text table: final test accuracy, sparsity, AC/DC dense half; memorisation."""
-    lines = []
+    lines = [results["header"]] if "header" in results else []
     if "dense" in results:
         lines += _main_table(results)
     mem = results.get("memorisation")

@@ -1,5 +1,8 @@
 """Helpers shared by the benchmarks: timing of optimizer steps (``cram_step.py``,
-``acdc_step.py``), and the machine record and JSON output of the latency benchmarks."""
+``acdc_step.py``), the machine record and atomic JSON output.
+
+The benchmarks are scripts (``python experiments/benchmarks/<name>.py``): Python puts this
+folder first on ``sys.path``, so they import this module, and ``spdy_oracle``, by name."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxcompress.checkpoint import write_json_atomic
 from jaxcompress.models import SmallCNN, resnet8
 
 __all__ = ["Variant", "benchmark_model", "copy_tree", "machine_info", "report", "write_json"]
@@ -45,12 +49,12 @@ def report(benchmark: str, args, rows: dict, summary: dict, line) -> dict:
     return result
 
 
-def write_json(path: str | None, result: dict) -> None:
-    """Write ``result`` to ``path`` (creating its folder); nothing when ``path`` is None."""
+def write_json(path: str | None, result: dict, indent: int = 1) -> None:
+    """Write ``result`` to ``path`` atomically (:func:`jaxcompress.checkpoint.write_json_atomic`),
+    creating its folder; nothing when ``path`` is None."""
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json_atomic(path, result, indent=indent)
 
 
 def benchmark_model(name: str, seed: int) -> nnx.Module:

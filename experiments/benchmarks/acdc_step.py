@@ -34,25 +34,21 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _timing import Variant, benchmark_model, copy_tree, write_json
 
 from jaxcompress import masks, train
 from jaxcompress.optim._acdc import acdc
 from jaxcompress.optim._gmp import gmp
 from jaxcompress.optim._schedule import acdc_schedule
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import Variant, benchmark_model, copy_tree  # noqa: E402
 
 TARGET_RATIO = 1.05
 # Long phases so that a variant stays in its phase for the whole benchmark.
@@ -196,9 +192,7 @@ def main(argv=None) -> dict:
         "host": platform.node(),
         "cpu_count": os.cpu_count(),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(args.out, result, indent=2)
     for name in med:
         extra = ""
         if name in ratios:

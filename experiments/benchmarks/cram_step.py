@@ -31,23 +31,19 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _timing import Variant, benchmark_model, copy_tree, write_json
 
 from jaxcompress import masks, train
 from jaxcompress.optim._cram import cram
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import Variant, benchmark_model, copy_tree  # noqa: E402
 
 TARGET_RATIO = 2.15
 
@@ -170,10 +166,7 @@ def main(argv=None) -> dict:
         "target_ratio": TARGET_RATIO,
         "meets_target": ratio <= TARGET_RATIO,
     }
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(args.out, result, indent=2)
     print(
         f"{args.model} batch {args.batch} on {result['device_kind']}: inner "
         f"{result['median_ms']['inner']:.2f} ms, CrAM+ {result['median_ms']['cram']:.2f} ms, "

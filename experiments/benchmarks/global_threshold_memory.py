@@ -53,7 +53,6 @@ if ARGS is not None:  # must happen before JAX initialises its backends
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={ARGS.devices}"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -61,6 +60,7 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from _timing import write_json  # noqa: E402
 from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
@@ -185,9 +185,7 @@ def main(args: argparse.Namespace) -> dict:
     )
     print(f"temp ratio naive/shard-local: {results['temp_ratio_naive_over_local']:.1f}x")
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as fh:
-            json.dump(results, fh, indent=2)
+        write_json(args.out, results, indent=2)
         print(f"wrote {args.out}")
     return results
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import json
 import math
 import os
 import platform as _platform
@@ -41,6 +40,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from _timing import write_json
 
 from jaxcompress.kernels import NMMatmulConfig, nm_mask, nm_matmul, pack_nm
 from jaxcompress.kernels._common import MetaLayout, is_gpu_backend
@@ -366,13 +366,10 @@ def main(argv=None) -> dict:
             },
         }
         result["policy"] = policy
-        with open(os.path.join(args.out, "nm_policy.json"), "w", encoding="utf-8") as f:
-            json.dump(policy, f, indent=2)
+        write_json(os.path.join(args.out, "nm_policy.json"), policy, indent=2)
     if sweeps:
-        with open(os.path.join(args.out, "sweep.json"), "w", encoding="utf-8") as f:
-            json.dump(sweeps, f, indent=2)
-    with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
+        write_json(os.path.join(args.out, "sweep.json"), sweeps, indent=2)
+    write_json(os.path.join(args.out, "results.json"), result, indent=2)
     with open(os.path.join(args.out, "results.csv"), "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -6,7 +6,7 @@ skipped, prior errors, reference budget, ``B = 10 000``, float64) and every targ
 
 * **parity**: coefficient 1 and ``--batch`` random coefficient vectors ``c ~ U[0, 1]^L``
   (seeded); the profile, the DP cost and the buckets used must be *identical* to the oracle's
-  (``tests/spdy_oracle.py``, a NumPy restatement written from the spec). Any difference
+  (``spdy_oracle.py`` beside this script, a NumPy restatement written from the spec). Any difference
   aborts the run.
 * **single solve**: ``jaxcompress.spdy.solve`` end to end (host preparation cached, cost
   transfer, DP, backtracking, ``block_until_ready``) vs one oracle call, compiled and warmed
@@ -36,12 +36,12 @@ import warnings
 
 import jax
 import numpy as np
+from _timing import write_json  # beside this script, as spdy_oracle
+from spdy_oracle import oracle_solve
 
 from jaxcompress import spdy
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.normpath(os.path.join(_HERE, "..", "..", "tests")))
-from spdy_oracle import oracle_solve  # noqa: E402
 
 TABLES = [
     "rn18_unstr",
@@ -217,7 +217,6 @@ def main(argv=None) -> int:
     }
     print(json.dumps(summary, indent=1))
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         meta = {
             "jax": jax.__version__,
             "device": str(jax.devices()[0]),
@@ -226,8 +225,7 @@ def main(argv=None) -> int:
             "loadavg_end": os.getloadavg(),
             "args": vars(args),
         }
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump({"meta": meta, "summary": summary, "rows": rows}, f, indent=1)
+        write_json(args.out, {"meta": meta, "summary": summary, "rows": rows})
     return 0
 
 

@@ -22,7 +22,7 @@ Pipeline of :func:`run`, for every seed:
 
 1. train one model per method, each from the same initialisation and data order, with SGD
    (heavy-ball momentum, coupled weight decay, cosine learning rate:
-   :func:`experiments.oneshot.train.make_optimizer`) as the optimizer or as CrAM's inner
+   :func:`experiments._common.make_sgd`) as the optimizer or as CrAM's inner
    optimizer (:func:`jaxcompress.optim.cram`, ``pass_grad_fn=True``);
 2. for every trained model: evaluate it dense; then, restoring the dense weights each time,
    prune it one-shot (global magnitude at each of ``sparsities``, and each N:M pattern), evaluate
@@ -39,10 +39,8 @@ channel stays dense: the same set of kernels for 2:4 and 4:8 and for every model
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import platform
 import time
 from typing import Any
 
@@ -50,12 +48,21 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
-from tqdm import tqdm
 
+from experiments._common import (
+    aggregate,
+    check_out,
+    environment,
+    load_datasets,
+    make_sgd,
+    prune_and_measure,
+    run_header,
+    seed_list,
+    stage_bar,
+    write_json_atomic,
+)
+from experiments._common import nm_selector as nm_selector_for_group
 from experiments.cram.configs.base import METHODS, Config
-from experiments.oneshot.train import load_datasets, prune_and_measure
-from experiments.oneshot.train import make_optimizer as make_sgd
-from experiments.oneshot.train import nm_selector as nm_selector_for_group
 from jaxcompress import optim, prune
 from jaxcompress import train as jtrain
 from jaxcompress.models import SmallCNN, resnet8
@@ -132,31 +139,36 @@ def make_transform(
 
 
 def oneshot_sweep(
-    model: nnx.Module, config: Config, calib: list[np.ndarray], test_ds: Any
+    model: nnx.Module,
+    config: Config,
+    calib: list[np.ndarray],
+    test_ds: Any,
+    desc: str = "prune + recalibrate",
 ) -> dict[str, Any]:
-    """Dense accuracy, then one-shot global and N:M pruning of ``model``, each with BNT.
+    """Dense accuracy, then one-shot global and N:M pruning of ``model``, each with BNT (one
+    progress bar, ``desc``, when ``config.progress``).
 
     The model is left with its dense weights and statistics. Returns ``{"dense", "dense_loss",
     "oneshot": {key: entry}, "nm": {key: entry}}`` with each entry as returned by
-    :func:`experiments.oneshot.train.prune_and_measure` (``raw``, ``bn_recalibrated``,
+    :func:`experiments._common.prune_and_measure` (``raw``, ``bn_recalibrated``,
     ``actual_sparsity``, ...).
     """
     model.eval()
     dense = jtrain.evaluate(model, test_ds, batch_size=config.eval_batch_size)
     dense_state = jax.tree.map(lambda a: a.copy(), nnx.state(model))
     where_nm = nm_selector(config)
-    oneshot = {
-        sparsity_key(s): prune_and_measure(
-            model, dense_state, calib, test_ds, config, sparsity=float(s), scope="global"
-        )
+    criteria = [
+        ("oneshot", sparsity_key(s), {"sparsity": float(s), "scope": "global"})
         for s in config.sparsities
-    }
-    nm = {
-        nm_key(n, m): prune_and_measure(
-            model, dense_state, calib, test_ds, config, n=n, m=m, where=where_nm
-        )
-        for n, m in config.nm_patterns
-    }
+    ] + [("nm", nm_key(n, m), {"n": n, "m": m, "where": where_nm}) for n, m in config.nm_patterns]
+    measured: dict[str, dict[str, Any]] = {"oneshot": {}, "nm": {}}
+    with stage_bar(len(criteria), desc, config.progress) as bar:
+        for kind, key, criterion in criteria:
+            measured[kind][key] = prune_and_measure(
+                model, dense_state, calib, test_ds, config, **criterion
+            )
+            bar.update(1)
+    oneshot, nm = measured["oneshot"], measured["nm"]
     nnx.update(model, dense_state)
     return {"dense": dense["accuracy"], "dense_loss": dense["loss"], "oneshot": oneshot, "nm": nm}
 
@@ -166,13 +178,8 @@ def _train(
 ) -> tuple[nnx.Module, jtrain.History]:
     model = build_model(config, train_ds.x.shape[-1], train_ds.num_classes, seed)
     total_steps = config.epochs * (len(train_ds) // config.batch_size)
-    bar = tqdm(
-        total=config.epochs,
-        desc=f"train {METHOD_LABELS[method]} (seed {seed})",
-        unit="epoch",
-        disable=not config.progress,
-    )
-    try:
+    desc = f"train {METHOD_LABELS[method]} (seed {seed})"
+    with stage_bar(config.epochs, desc, config.progress) as bar:
         history = jtrain.fit(
             model,
             make_transform(config, method, total_steps, seed),
@@ -180,7 +187,7 @@ def _train(
             epochs=config.epochs,
             batch_size=config.batch_size,
             seed=seed,
-            progress=config.progress,
+            progress=False,
             metrics_path=None
             if out is None
             else os.path.join(out, f"metrics_{method}_seed{seed}.jsonl"),
@@ -188,8 +195,6 @@ def _train(
             eval_batch_size=config.eval_batch_size,
             callback=lambda epoch, record, model: bar.update(1),
         )
-    finally:
-        bar.close()
     return model, history
 
 
@@ -216,7 +221,8 @@ def _run_seed(config: Config, seed: int, train_ds, test_ds, out: str | None) -> 
         t0 = time.perf_counter()
         model, history = _train(config, method, seed, train_ds, out)
         t1 = time.perf_counter()
-        sweep = oneshot_sweep(model, config, calib, test_ds)
+        desc = f"prune {METHOD_LABELS[method]} (seed {seed})"
+        sweep = oneshot_sweep(model, config, calib, test_ds, desc)
         record["prune_seconds"][method] = time.perf_counter() - t1
         record["train_seconds"][method] = t1 - t0
         record["history"][method] = history.epochs
@@ -232,20 +238,13 @@ def _run_seed(config: Config, seed: int, train_ds, test_ds, out: str | None) -> 
     return record
 
 
-def _reduce(records: list[Any], fn) -> Any:
-    """Map ``fn`` over aligned leaves (floats) of same-shaped nested dicts."""
-    first = records[0]
-    if isinstance(first, dict):
-        return {k: _reduce([r[k] for r in records], fn) for k in first}
-    return float(fn(np.asarray(records, dtype=np.float64)))
-
-
 def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
     """Run the experiment; write ``results.json``, training curves and the plot to ``out``.
 
     Args:
       config: a :class:`Config` (validated first).
-      out: output directory (created); ``None`` writes nothing.
+      out: output directory (created and checked for writing before any data is loaded);
+        ``None`` writes nothing.
 
     Returns:
       The results dict (also ``results.json``). Accuracies are BN-recalibrated test accuracies,
@@ -257,57 +256,53 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
         seeds (only when ``num_seeds > 1``);
       * ``actual_sparsity``: measured sparsity of the pruned kernels;
       * ``per_seed``: every seed's record, with its training ``history`` per method;
-      * ``config``, ``timing`` (seconds), ``dataset_sizes``, ``environment``.
+      * ``config``, ``header`` (what was run, one line), ``timing`` (seconds),
+        ``dataset_sizes``, ``environment``.
     """
     if not isinstance(config, Config):
         raise TypeError(f"config must be an experiments.cram Config, got {type(config).__name__}")
     config.validate()
-    out = None if out is None else os.fspath(out)
+    out = None if out is None else check_out(out)
     t0 = time.perf_counter()
-    train_ds, test_ds = load_datasets(config)
+    sizes: dict[str, int] = {}
+    train_ds, test_ds = load_datasets(config, sizes)
     if config.batch_size > len(train_ds):
         raise ValueError(
             f"batch_size={config.batch_size} is larger than the training set ({len(train_ds)})"
         )
     t_data = time.perf_counter()
-    if out is not None:
-        os.makedirs(out, exist_ok=True)
 
-    seeds = [config.seed + i for i in range(config.num_seeds)]
+    seeds = seed_list(config)
     per_seed = [_run_seed(config, seed, train_ds, test_ds, out) for seed in seeds]
     t_end = time.perf_counter()
 
     accuracy_keys = ("dense", "oneshot", "nm", "raw")
-    results: dict[str, Any] = {k: _reduce([r[k] for r in per_seed], np.mean) for k in accuracy_keys}
-    if len(seeds) > 1:
-        results["std"] = {
-            k: _reduce([r[k] for r in per_seed], lambda a: np.std(a, ddof=1)) for k in accuracy_keys
-        }
-    results["dense_loss"] = _reduce([r["dense_loss"] for r in per_seed], np.mean)
-    results["actual_sparsity"] = _reduce([r["actual_sparsity"] for r in per_seed], np.mean)
+    keys = (*accuracy_keys, "dense_loss", "actual_sparsity", "train_seconds", "prune_seconds")
+    mean, std = aggregate([{k: r[k] for k in keys} for r in per_seed])
+    results: dict[str, Any] = {k: mean[k] for k in accuracy_keys}
+    if std is not None:
+        results["std"] = {k: std[k] for k in accuracy_keys}
+    results["dense_loss"] = mean["dense_loss"]
+    results["actual_sparsity"] = mean["actual_sparsity"]
     results["per_seed"] = per_seed
     results["config"] = {**dataclasses.asdict(config), "seeds": seeds}
-    results["dataset_sizes"] = {"train": len(train_ds), "test": len(test_ds)}
-    train_seconds = _reduce([r["train_seconds"] for r in per_seed], np.sum)
+    results["header"] = run_header(config, sizes, seeds, model=config.model, rho=config.rho)
+    results["dataset_sizes"] = sizes
+    train_seconds = {m: s * len(seeds) for m, s in mean["train_seconds"].items()}
     results["timing"] = {
         "data_seconds": t_data - t0,
         "train_seconds": train_seconds,
         "seconds_per_epoch": {
             m: s / (config.epochs * len(seeds)) for m, s in train_seconds.items()
         },
-        "prune_and_recalibrate_seconds": _reduce([r["prune_seconds"] for r in per_seed], np.sum),
+        "prune_and_recalibrate_seconds": {
+            m: s * len(seeds) for m, s in mean["prune_seconds"].items()
+        },
         "total_seconds": t_end - t0,
     }
-    results["environment"] = {
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "devices": len(jax.devices()),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-    }
+    results["environment"] = environment()
     if out is not None:
-        with open(os.path.join(out, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
+        write_json_atomic(os.path.join(out, "results.json"), results)
         write_plot(results, os.path.join(out, "accuracy_vs_sparsity.png"))
     return results
 
@@ -339,10 +334,11 @@ def format_table(results: dict[str, Any]) -> str:
         f" {k:>{width}}" for k in [*(f"{float(s):.0%}" for s in levels), *patterns]
     )
     cfg = results["config"]
-    lines = [
+    what = results.get("header") or (
         f"{cfg['model']} on {cfg['dataset']}, {_epochs(cfg)}, rho={cfg['rho']}, "
-        f"seeds={cfg['seeds']}; test accuracy (%) after one-shot pruning",
-    ]
+        f"seeds={cfg['seeds']}"
+    )
+    lines = [what, "test accuracy (%) after one-shot pruning"]
     for title, source in (("with BN recalibration", None), ("raw (no BN recalibration)", "raw")):
         lines += ["", f"-- {title}", header]
         for method in methods:

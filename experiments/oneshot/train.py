@@ -20,87 +20,34 @@ Pipeline of :func:`run`:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import platform
 import time
 from typing import Any
 
 import jax
-import optax
 from flax import nnx
 
+from experiments._common import (
+    check_out,
+    environment,
+    load_datasets,
+    make_sgd,
+    nm_selector,
+    prune_and_measure,
+    run_header,
+    stage_bar,
+    write_json_atomic,
+)
 from experiments.oneshot.configs.base import Config
-from jaxcompress import data as jdata
-from jaxcompress import masks as jmasks
 from jaxcompress import prune
 from jaxcompress import train as jtrain
 from jaxcompress.models import SmallCNN
 
-__all__ = ["load_datasets", "make_optimizer", "run", "write_plot"]
+__all__ = ["format_table", "run", "write_plot"]
 
-
-def load_datasets(config: Config) -> tuple[Any, Any]:
-    """Train and test :class:`jaxcompress.data.ArrayDataset` s, subsampled as configured."""
-    train_ds = jdata.load(config.dataset, "train", data_dir=config.data_dir)
-    test_ds = jdata.load(config.dataset, "test", data_dir=config.data_dir)
-    if config.train_subset is not None and config.train_subset < len(train_ds):
-        train_ds = jdata.subset(train_ds, config.train_subset, seed=config.seed)
-    if config.test_subset is not None and config.test_subset < len(test_ds):
-        test_ds = jdata.subset(test_ds, config.test_subset, seed=config.seed)
-    return train_ds, test_ds
-
-
-def make_optimizer(config: Config, total_steps: int) -> optax.GradientTransformation:
-    r"""SGD as torch does it: :math:`d = g + \lambda\theta`, :math:`b \leftarrow \mu b + d`,
-    :math:`\theta \leftarrow \theta - \eta_t b`, with :math:`\eta_t` a cosine decay from
-    ``learning_rate`` to 0 over ``total_steps`` (Loshchilov & Hutter, 2017)."""
-    schedule = optax.cosine_decay_schedule(config.learning_rate, decay_steps=total_steps)
-    return optax.chain(
-        optax.add_decayed_weights(config.weight_decay),
-        optax.sgd(schedule, momentum=config.momentum),
-    )
-
-
-def _sparsity_of(params: Any, where) -> float:
-    return float(jmasks.summary(params, where=where).sparsity)
-
-
-def nm_selector(m: int):
-    """Prunable kernels whose contracting (input) dimension splits into groups of ``m``."""
-
-    def where(path, leaf) -> bool:
-        return jmasks.prunable(path, leaf) and leaf.shape[-2] % m == 0
-
-    return where
-
-
-def prune_and_measure(model, dense_state, calib, test_ds, config, **criterion) -> dict:
-    """Restore the dense weights, prune, evaluate, recalibrate BN, evaluate."""
-    nnx.update(model, dense_state)
-    params = nnx.state(model, nnx.Param)
-    pruned, _ = prune.oneshot(params, **criterion)
-    nnx.update(model, pruned)
-    where = criterion.get("where") or jmasks.prunable
-    raw = jtrain.evaluate(model, test_ds, batch_size=config.eval_batch_size)
-    start = time.perf_counter()
-    prune.recalibrate_batchnorm(
-        model,
-        calib,
-        num_batches=config.calib_batches,
-        momentum=config.calib_momentum,
-        mode=config.calib_mode,
-    )
-    calib_seconds = time.perf_counter() - start
-    recal = jtrain.evaluate(model, test_ds, batch_size=config.eval_batch_size)
-    return {
-        "raw": raw["accuracy"],
-        "bn_recalibrated": recal["accuracy"],
-        "raw_loss": raw["loss"],
-        "bn_recalibrated_loss": recal["loss"],
-        "actual_sparsity": _sparsity_of(pruned, where),
-        "recalibration_seconds": calib_seconds,
-    }
+# The notebooks import ``load_datasets`` (imported above) and ``make_optimizer`` from here; they
+# stay until the notebooks import them from ``experiments._common``.
+make_optimizer = make_sgd
 
 
 def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -108,21 +55,24 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
 
     Args:
       config: a :class:`Config` (validated first).
-      out: output directory (created); ``None`` writes nothing.
+      out: output directory (created and checked for writing before any data is loaded);
+        ``None`` writes nothing.
 
     Returns:
-      The results dict (also ``results.json``): ``dense_accuracy``, ``dense_loss``,
-      ``oneshot[str(s)] = {"raw", "bn_recalibrated", "actual_sparsity", ...}``,
-      ``nm_{n}_{m}`` likewise (when ``config.nm``), ``history``, ``config``, ``timing``,
-      ``environment``.
+      The results dict (also ``results.json``, written atomically): ``dense_accuracy``,
+      ``dense_loss``, ``oneshot[str(s)] = {"raw", "bn_recalibrated", "actual_sparsity", ...}``,
+      ``nm_{n}_{m}`` likewise (when ``config.nm``), ``history``, ``config``, ``header`` (what was
+      run, one line), ``dataset_sizes``, ``timing``, ``environment``.
     """
     if not isinstance(config, Config):
         raise TypeError(
             f"config must be an experiments.oneshot Config, got {type(config).__name__}"
         )
     config.validate()
+    out = None if out is None else check_out(out)
     t0 = time.perf_counter()
-    train_ds, test_ds = load_datasets(config)
+    sizes: dict[str, int] = {}
+    train_ds, test_ds = load_datasets(config, sizes)
     if config.batch_size > len(train_ds):
         raise ValueError(
             f"batch_size={config.batch_size} is larger than the training set ({len(train_ds)})"
@@ -132,18 +82,19 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
     channels = train_ds.x.shape[-1]
     model = SmallCNN(channels, train_ds.num_classes, config.widths, rngs=nnx.Rngs(config.seed))
     total_steps = config.epochs * (len(train_ds) // config.batch_size)
-    metrics_path = None if out is None else os.path.join(out, "metrics.jsonl")
-    history = jtrain.fit(
-        model,
-        make_optimizer(config, total_steps),
-        train_ds,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        progress=config.progress,
-        metrics_path=metrics_path,
-        eval_batch_size=config.eval_batch_size,
-    )
+    with stage_bar(config.epochs, "train (SGD)", config.progress) as bar:
+        history = jtrain.fit(
+            model,
+            make_sgd(config, total_steps),
+            train_ds,
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            progress=False,
+            metrics_path=None if out is None else os.path.join(out, "metrics.jsonl"),
+            eval_batch_size=config.eval_batch_size,
+            callback=lambda epoch, record, model: bar.update(1),
+        )
     model.eval()
     dense = jtrain.evaluate(model, test_ds, batch_size=config.eval_batch_size)
     t_train = time.perf_counter()
@@ -155,44 +106,39 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
         batch_size=min(config.calib_batch_size, len(train_ds)),
         seed=config.seed,
     )
-    oneshot = {}
-    for s in config.sparsities:
-        oneshot[f"{s:g}"] = prune_and_measure(
-            model, dense_state, calib, test_ds, config, sparsity=float(s), scope="global"
-        )
-    results: dict[str, Any] = {
-        "dense_accuracy": dense["accuracy"],
-        "dense_loss": dense["loss"],
-        "oneshot": oneshot,
-    }
+    criteria = {f"{s:g}": {"sparsity": float(s), "scope": "global"} for s in config.sparsities}
     if config.nm is not None:
         n, m = config.nm
-        results[f"nm_{n}_{m}"] = prune_and_measure(
-            model, dense_state, calib, test_ds, config, n=n, m=m, where=nm_selector(m)
-        )
+        criteria[f"nm_{n}_{m}"] = {"n": n, "m": m, "where": nm_selector(m)}
+    measured = {}
+    with stage_bar(len(criteria), "prune + recalibrate", config.progress) as bar:
+        for key, criterion in criteria.items():
+            measured[key] = prune_and_measure(
+                model, dense_state, calib, test_ds, config, **criterion
+            )
+            bar.update(1)
     nnx.update(model, dense_state)
     t_prune = time.perf_counter()
 
-    results["history"] = history.epochs
-    results["config"] = dataclasses.asdict(config)
-    results["dataset_sizes"] = {"train": len(train_ds), "test": len(test_ds)}
-    results["timing"] = {
-        "data_seconds": t_data - t0,
-        "train_seconds": t_train - t_data,
-        "prune_and_recalibrate_seconds": t_prune - t_train,
-        "total_seconds": t_prune - t0,
-    }
-    results["environment"] = {
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "devices": len(jax.devices()),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
+    results: dict[str, Any] = {
+        "dense_accuracy": dense["accuracy"],
+        "dense_loss": dense["loss"],
+        "oneshot": {k: v for k, v in measured.items() if not k.startswith("nm_")},
+        **{k: v for k, v in measured.items() if k.startswith("nm_")},
+        "history": history.epochs,
+        "config": dataclasses.asdict(config),
+        "header": run_header(config, sizes, [config.seed]),
+        "dataset_sizes": sizes,
+        "timing": {
+            "data_seconds": t_data - t0,
+            "train_seconds": t_train - t_data,
+            "prune_and_recalibrate_seconds": t_prune - t_train,
+            "total_seconds": t_prune - t0,
+        },
+        "environment": environment(),
     }
     if out is not None:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
+        write_json_atomic(os.path.join(out, "results.json"), results)
         write_plot(results, os.path.join(out, "accuracy_vs_sparsity.png"))
     return results
 
@@ -200,6 +146,7 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
 def format_table(results: dict[str, Any]) -> str:
     """A plain-text table of the results."""
     lines = [
+        *([results["header"]] if "header" in results else []),
         f"dense test accuracy: {results['dense_accuracy']:.4f}",
         f"{'pruning':>16}  {'sparsity':>8}  {'raw':>7}  {'BN recal':>8}  {'gain':>7}",
     ]

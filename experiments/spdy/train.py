@@ -62,7 +62,6 @@ import functools
 import json
 import math
 import os
-import platform
 import time
 from typing import Any
 
@@ -71,7 +70,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments.oneshot.train import load_datasets, make_optimizer
+from experiments._common import (
+    check_out,
+    environment,
+    load_datasets,
+    make_sgd,
+    run_header,
+    stage_bar,
+    write_json_atomic,
+)
 from experiments.spdy import model as fmodel
 from experiments.spdy.configs.base import FAMILIES, Config
 from jaxcompress import spdy
@@ -133,27 +140,31 @@ def _build_model(config: Config, channels: int, num_classes: int) -> SmallCNN:
 def _train_or_restore(config: Config, train_ds, out) -> tuple[SmallCNN, list]:
     model = _build_model(config, train_ds.x.shape[-1], train_ds.num_classes)
     if config.checkpoint is not None:
-        with Checkpointer(config.checkpoint) as ckpt:
+        with Checkpointer(os.path.abspath(config.checkpoint)) as ckpt:
             target = {"model_state": jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(model)))}
             state = ckpt.restore(target=target)["model_state"]
         nnx.update(model, state)
         model.eval()
         return model, []
     total = config.epochs * (len(train_ds) // config.batch_size)
-    history = jtrain.fit(
-        model,
-        make_optimizer(config, total),
-        train_ds,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        progress=config.progress,
-        metrics_path=None if out is None else os.path.join(out, "metrics.jsonl"),
-        eval_batch_size=config.eval_batch_size,
-    )
+    with stage_bar(config.epochs, "train dense (SGD)", config.progress) as bar:
+        history = jtrain.fit(
+            model,
+            make_sgd(config, total),
+            train_ds,
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            progress=False,
+            metrics_path=None if out is None else os.path.join(out, "metrics.jsonl"),
+            eval_batch_size=config.eval_batch_size,
+            callback=lambda epoch, record, model: bar.update(1),
+        )
     model.eval()
     if out is not None:
         with Checkpointer(os.path.join(os.path.abspath(out), "checkpoint")) as ckpt:
+            if 0 in ckpt.all_steps():  # a run into the same --out starts over (no resume yet)
+                ckpt.delete(0)
             ckpt.save(0, model_state=nnx.to_pure_dict(nnx.state(model)))
     return model, history.epochs
 
@@ -688,11 +699,11 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
     if not isinstance(config, Config):
         raise TypeError(f"config must be an experiments.spdy Config, got {type(config).__name__}")
     config.validate()
-    if out is not None:
-        os.makedirs(out, exist_ok=True)
+    out = None if out is None else check_out(out)
     t0 = time.perf_counter()
     load0 = os.getloadavg()
-    train_ds, test_ds = load_datasets(config)
+    sizes: dict[str, int] = {}
+    train_ds, test_ds = load_datasets(config, sizes)
     if config.calib_samples > len(train_ds):
         raise ValueError(
             f"calib_samples={config.calib_samples} exceeds the training set ({len(train_ds)})"
@@ -727,28 +738,21 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
     t_end = time.perf_counter()
     results["summary"] = summarize(results)
     results["history"] = history
-    results["config"] = dataclasses.asdict(config)
-    results["dataset_sizes"] = {"train": len(train_ds), "test": len(test_ds)}
+    results["config"] = {**dataclasses.asdict(config), **config.fixed()}
+    results["header"] = run_header(
+        config, sizes, [config.seed], levels=config.num_levels, speedups=config.speedups
+    )
+    results["dataset_sizes"] = sizes
     results["timing"] = {
         "train_seconds": t_train - t0,
         "spdy_seconds": t_end - t_train,
         "total_seconds": t_end - t0,
     }
-    results["environment"] = {
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "devices": len(jax.devices()),
-        "device_kind": jax.devices()[0].device_kind,
-        "timing_clock": timing_clock(config),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "loadavg_start": list(load0),
-        "loadavg_end": list(os.getloadavg()),
-    }
+    results["environment"] = environment(
+        timing_clock=timing_clock(config), loadavg_start=list(load0)
+    )
     if out is not None:
-        with open(os.path.join(out, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
+        write_json_atomic(os.path.join(out, "results.json"), results)
         write_plot(results, os.path.join(out, "profiles.png"))
         write_checks_plot(results, os.path.join(out, "checks.png"))
     return results
@@ -814,6 +818,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
 def format_table(results: dict[str, Any]) -> str:
     """Accuracy table: one row per (family, target, method)."""
     lines = [
+        *([results["header"]] if "header" in results else []),
         f"dense test accuracy {results['dense_accuracy']:.4f}",
         f"{'family':<20} {'target':>6} {'method':<17} {'model x':>7} {'acc LW':>7} "
         f"{'acc gAP':>7} {'calib':>7} {'meas x':>7} {'t meas/pred':>11}",

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 
-from experiments.oneshot.configs.base import (
+from experiments._common import (
     CALIBRATION_MODES,
     DATASETS,
+    ConfigBase,
+    check_bools,
+    check_choices,
     check_ints,
     check_source,
     check_widths,
+    field,
     is_int,
     is_real,
 )
@@ -19,82 +23,62 @@ METHODS = ("sgd", "cram", "cram_nm")
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(ConfigBase):
     """Every setting of one run; :meth:`validate` checks them all before any work.
 
-    Training (the same for every method; only the optimizer differs):
-
-    Attributes:
-      dataset: ``fashion_mnist``, ``mnist`` or ``digits``.
-      data_dir: data root (default ``$JAXCOMPRESS_DATA_DIR``).
-      seed: first seed (model initialisation, shuffling, CrAM draws, calibration subset).
-      num_seeds: independent repetitions with seeds ``seed, seed + 1, ...``; results report the
-        mean over seeds (and the sample standard deviation when ``num_seeds > 1``).
-      epochs: training epochs of every method.
-      batch_size: training batch size.
-      learning_rate: peak SGD learning rate :math:`\\eta_0` (cosine decay to 0 over all steps).
-      momentum: SGD heavy-ball momentum.
-      weight_decay: coupled L2 weight decay added to the gradient (as torch SGD, and the
-        CrAM reference).
-      model: ``small_cnn`` (:class:`jaxcompress.models.SmallCNN`, BatchNorm) or ``resnet8``.
-      widths: conv widths of the SmallCNN; for ``resnet8`` ``widths[0]`` is the stem width.
-      train_subset: train on a random subset of this size (``None``: all).
-      test_subset: evaluate on a random test subset of this size (``None``: all).
-      methods: which models to train: ``sgd`` (dense baseline), ``cram`` (CrAM+Multi, global
-        magnitude, sparsities drawn from ``cram_sparsities``), ``cram_nm`` (CrAM+ N:M, pattern
-        drawn from ``nm_patterns``).
-      rho: CrAM perturbation radius :math:`\\rho` (no gradient normalisation, as the reference,
-        which uses 0.05 on ImageNet and 0.15-0.2 on CIFAR-10). Ablation, CrAM+Multi,
-        ``--quick --epochs 3 --methods cram --rho R`` (one seed, 2000 test images, so about
-        +-0.9 points of sampling noise), dense / 80% / 90% / 95% accuracy after one-shot + BNT:
-        0.05: 79.95 / 78.05 / 77.90 / 73.35; 0.1: 79.80 / 77.35 / 78.45 / 73.25;
-        0.2: 79.25 / 77.70 / 76.75 / 73.15; 0.4: 78.25 / 78.15 / 76.35 / 74.00. No value is
-        clearly better in that range; 0.1 is kept as the default.
-      cram_sparsities: sparsities of the CrAM+Multi compressor.
-
-    One-shot evaluation (every trained model):
-
-    Attributes:
-      sparsities: global magnitude sparsities to prune at.
-      nm_patterns: ``(n, m)`` patterns: the CrAM+N:M training patterns and the one-shot N:M
-        pruning patterns. Kernels whose contracting dimension is not divisible by every ``m``
-        (e.g. a first conv with one input channel) stay dense in both.
-      calib_batches: BatchNorm recalibration forward passes (the reference BNT: 100).
-      calib_batch_size: calibration batch size (the reference: 128).
-      calib_momentum: EMA weight of each new batch (PyTorch convention; the reference: 0.1).
-      calib_mode: ``ema`` (the reference) or ``cumulative`` (exact mean; fewer batches suffice).
-      eval_batch_size: evaluation batch size.
-      progress: show progress bars.
+    Training is the same for every method; only the optimizer differs. CrAM+ keeps the
+    reference's defaults (``plus=True``, ``sparse_grad=True``, no gradient normalisation).
+    The one-shot evaluation prunes every trained model (global magnitude at ``sparsities``,
+    N:M at ``nm_patterns``) and recalibrates BatchNorm as the reference's BNT. Kernels whose
+    contracting dimension is not divisible by every ``m`` of ``nm_patterns`` (e.g. a first
+    conv with one input channel) stay dense in CrAM+N:M training and N:M pruning.
     """
 
-    dataset: str = "fashion_mnist"
-    data_dir: str | None = None
-    seed: int = 0
-    num_seeds: int = 1
-    epochs: int = 10
-    batch_size: int = 128
-    learning_rate: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    model: str = "small_cnn"
-    widths: tuple[int, ...] = (32, 64, 128)
-    train_subset: int | None = None
-    test_subset: int | None = None
-    methods: tuple[str, ...] = METHODS
-    rho: float = 0.1
-    cram_sparsities: tuple[float, ...] = (0.5, 0.7, 0.9)
-    sparsities: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
-    nm_patterns: tuple[tuple[int, int], ...] = ((2, 4), (4, 8))
-    calib_batches: int = 100
-    calib_batch_size: int = 128
-    calib_momentum: float = 0.1
-    calib_mode: str = "ema"
-    eval_batch_size: int = 1000
-    progress: bool = True
-
-    def replace(self, **changes) -> Config:
-        """A copy with some fields changed."""
-        return dataclasses.replace(self, **changes)
+    dataset: str = field("fashion_mnist", "data set", choices=DATASETS)
+    data_dir: str | None = field(None, "data root (none: $JAXCOMPRESS_DATA_DIR)")
+    seed: int = field(0, "first seed: initialisation, shuffling, CrAM draws, calibration subset")
+    num_seeds: int = field(
+        1,
+        "repetitions with seeds seed, seed+1, ...: mean (and std) over seeds",
+        aliases=("--seeds",),
+    )
+    epochs: int = field(10, "training epochs of every method")
+    batch_size: int = field(128, "training batch size")
+    learning_rate: float = field(0.05, "peak SGD learning rate (cosine decay to 0)")
+    momentum: float = field(0.9, "SGD heavy-ball momentum")
+    weight_decay: float = field(5e-4, "coupled L2 weight decay (torch SGD, the CrAM reference)")
+    model: str = field("small_cnn", "BatchNorm CNN to train", choices=MODELS)
+    widths: tuple[int, ...] = field(
+        (32, 64, 128), "SmallCNN conv widths (resnet8: widths[0] is the stem width)"
+    )
+    train_subset: int | None = field(None, "train on a random subset of this size (none: all)")
+    test_subset: int | None = field(None, "evaluate on a random subset of this size (none: all)")
+    methods: tuple[str, ...] = field(
+        METHODS,
+        "models to train: sgd (dense baseline), cram (CrAM+Multi, global magnitude), "
+        "cram_nm (CrAM+N:M)",
+        choices=METHODS,
+    )
+    rho: float = field(
+        0.1, "CrAM perturbation radius (the reference: 0.05 ImageNet, 0.15-0.2 CIFAR-10)"
+    )
+    cram_sparsities: tuple[float, ...] = field(
+        (0.5, 0.7, 0.9), "sparsities CrAM+Multi draws from at every step"
+    )
+    sparsities: tuple[float, ...] = field(
+        (0.5, 0.6, 0.7, 0.8, 0.9, 0.95), "global magnitude sparsities of the one-shot sweep"
+    )
+    nm_patterns: tuple[tuple[int, int], ...] = field(
+        ((2, 4), (4, 8)), "N:M patterns of CrAM+N:M training and of the one-shot N:M pruning"
+    )
+    calib_batches: int = field(100, "BatchNorm recalibration forward passes (the reference: 100)")
+    calib_batch_size: int = field(128, "calibration batch size (the reference: 128)")
+    calib_momentum: float = field(0.1, "EMA weight of each calibration batch (the reference: 0.1)")
+    calib_mode: str = field(
+        "ema", "BatchNorm statistics: EMA (the reference) or exact mean", choices=CALIBRATION_MODES
+    )
+    eval_batch_size: int = field(1000, "evaluation batch size")
+    progress: bool = field(True, "progress bars")
 
     def validate(self) -> Config:
         """Raise ``ValueError``/``TypeError`` naming the first bad field; return ``self``."""
@@ -132,16 +116,8 @@ class Config:
                 f"calib_mode must be one of {CALIBRATION_MODES}, got {self.calib_mode!r}"
             )
         check_widths(self)
-        if (
-            not isinstance(self.methods, tuple)
-            or not self.methods
-            or not all(m in METHODS for m in self.methods)
-            or len(set(self.methods)) != len(self.methods)
-        ):
-            raise ValueError(
-                f"methods must be a non-empty tuple of distinct names from {METHODS}, "
-                f"got {self.methods!r}"
-            )
+        check_choices(self, "methods", METHODS)
+        check_bools(self, ("progress",))
         for name in ("sparsities", "cram_sparsities"):
             value = getattr(self, name)
             if (

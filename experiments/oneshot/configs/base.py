@@ -3,61 +3,52 @@
 from __future__ import annotations
 
 import dataclasses
-import numbers
 
-DATASETS = ("fashion_mnist", "mnist", "digits")
-CALIBRATION_MODES = ("ema", "cumulative")
+from experiments._common import (
+    CALIBRATION_MODES,
+    DATASETS,
+    ConfigBase,
+    check_floats,
+    check_ints,
+    check_source,
+    check_widths,
+    field,
+    is_int,
+    is_real,
+)
+
+# ``check_ints``, ``check_widths`` and ``is_real`` are imported from here by
+# ``experiments.surrogate`` (rebuilt later); new code imports them from ``experiments._common``.
+__all__ = ["Config", "check_ints", "check_widths", "is_real"]
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    """Every setting of one run; :meth:`validate` checks them all before any work.
+class Config(ConfigBase):
+    """Every setting of one run; :meth:`validate` checks them all before any work."""
 
-    Attributes:
-      dataset: ``fashion_mnist``, ``mnist`` or ``digits``.
-      data_dir: data root (default ``$JAXCOMPRESS_DATA_DIR``).
-      seed: model initialisation, shuffling and calibration-subset seed.
-      epochs: training epochs.
-      batch_size: training batch size.
-      learning_rate: peak SGD learning rate (cosine decay to 0 over all steps).
-      momentum: SGD (heavy-ball) momentum.
-      weight_decay: coupled L2 weight decay added to the gradient (as torch SGD).
-      widths: conv widths of :class:`jaxcompress.models.SmallCNN`.
-      train_subset: train on a random subset of this size (``None``: all).
-      test_subset: evaluate on a random test subset of this size (``None``: all).
-      sparsities: global magnitude sparsities to prune at.
-      nm: ``(n, m)`` of the N:M pruning, or ``None`` to skip it.
-      calib_batches: BatchNorm recalibration forward passes.
-      calib_batch_size: calibration batch size.
-      calib_momentum: EMA weight of each new batch (PyTorch convention; CrAM uses 0.1).
-      calib_mode: ``ema`` or ``cumulative``.
-      eval_batch_size: evaluation batch size.
-      progress: show progress bars.
-    """
-
-    dataset: str = "fashion_mnist"
-    data_dir: str | None = None
-    seed: int = 0
-    epochs: int = 6
-    batch_size: int = 128
-    learning_rate: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    widths: tuple[int, ...] = (32, 64, 128)
-    train_subset: int | None = None
-    test_subset: int | None = None
-    sparsities: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95)
-    nm: tuple[int, int] | None = (2, 4)
-    calib_batches: int = 100
-    calib_batch_size: int = 128
-    calib_momentum: float = 0.1
-    calib_mode: str = "ema"
-    eval_batch_size: int = 1000
-    progress: bool = True
-
-    def replace(self, **changes) -> Config:
-        """A copy with some fields changed."""
-        return dataclasses.replace(self, **changes)
+    dataset: str = field("fashion_mnist", "data set", choices=DATASETS)
+    data_dir: str | None = field(None, "data root (none: $JAXCOMPRESS_DATA_DIR)")
+    seed: int = field(0, "model initialisation, shuffling and calibration-subset seed")
+    epochs: int = field(6, "training epochs")
+    batch_size: int = field(128, "training batch size")
+    learning_rate: float = field(0.1, "peak SGD learning rate (cosine decay to 0)")
+    momentum: float = field(0.9, "SGD heavy-ball momentum")
+    weight_decay: float = field(5e-4, "coupled L2 weight decay added to the gradient (torch SGD)")
+    widths: tuple[int, ...] = field((32, 64, 128), "conv widths of jaxcompress.models.SmallCNN")
+    train_subset: int | None = field(None, "train on a random subset of this size (none: all)")
+    test_subset: int | None = field(None, "evaluate on a random subset of this size (none: all)")
+    sparsities: tuple[float, ...] = field(
+        (0.5, 0.7, 0.8, 0.9, 0.95), "global magnitude sparsities to prune at"
+    )
+    nm: tuple[int, int] | None = field((2, 4), "N:M pattern of the N:M pruning (none: skip it)")
+    calib_batches: int = field(100, "BatchNorm recalibration forward passes")
+    calib_batch_size: int = field(128, "calibration batch size")
+    calib_momentum: float = field(0.1, "EMA weight of each calibration batch (torch convention)")
+    calib_mode: str = field(
+        "ema", "BatchNorm statistics: EMA or exact (cumulative) mean", choices=CALIBRATION_MODES
+    )
+    eval_batch_size: int = field(1000, "evaluation batch size")
+    progress: bool = field(True, "progress bars")
 
     def validate(self) -> Config:
         """Raise ``ValueError``/``TypeError`` naming the first bad field; return ``self``."""
@@ -75,6 +66,8 @@ class Config:
                 ("weight_decay", 0.0, float("inf")),
             ),
         )
+        if self.learning_rate == 0.0:
+            raise ValueError("learning_rate must be > 0, got 0.0")
         if not is_real(self.calib_momentum) or not 0.0 < self.calib_momentum <= 1.0:
             raise ValueError(f"calib_momentum must be in (0, 1], got {self.calib_momentum!r}")
         if self.calib_mode not in CALIBRATION_MODES:
@@ -97,52 +90,6 @@ class Config:
             or not 0 < self.nm[0] < self.nm[1]
         ):
             raise ValueError(f"nm must be None or a pair (n, m) with 0 < n < m, got {self.nm!r}")
+        if not isinstance(self.progress, bool):
+            raise TypeError(f"progress must be a bool, got {self.progress!r}")
         return self
-
-
-def is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-# Field checks shared by the experiments' ``Config.validate`` methods. Each raises a
-# ``ValueError`` (``TypeError`` for ``data_dir``) naming the field, the value and what was
-# expected.
-
-
-def check_source(config, datasets: tuple[str, ...]) -> None:
-    """``config.dataset`` in ``datasets``; ``config.data_dir`` a str path or None."""
-    if config.dataset not in datasets:
-        raise ValueError(f"dataset must be one of {datasets}, got {config.dataset!r}")
-    if config.data_dir is not None and not isinstance(config.data_dir, str):
-        raise TypeError(f"data_dir must be a str path or None, got {config.data_dir!r}")
-
-
-def check_ints(config, names, *, minimum: int = 1, optional: bool = False) -> None:
-    """Every field in ``names`` an int >= ``minimum`` (1 or 0), or None with ``optional``."""
-    what = {1: "a positive int", 0: "a non-negative int"}.get(minimum, f"an int >= {minimum}")
-    for name in names:
-        value = getattr(config, name)
-        if optional and value is None:
-            continue
-        if not is_int(value) or value < minimum:
-            suffix = " or None" if optional else ""
-            raise ValueError(f"{name} must be {what}{suffix}, got {value!r}")
-
-
-def check_floats(config, ranges) -> None:
-    """Every ``(name, lo, hi)`` field a real number in ``[lo, hi)``."""
-    for name, lo, hi in ranges:
-        value = getattr(config, name)
-        if not is_real(value) or not lo <= value < hi:
-            raise ValueError(f"{name} must be a float in [{lo}, {hi}), got {value!r}")
-
-
-def check_widths(config, name: str = "widths") -> None:
-    """A non-empty tuple of positive ints."""
-    value = getattr(config, name)
-    if not isinstance(value, tuple) or not value or not all(is_int(w) and w > 0 for w in value):
-        raise ValueError(f"{name} must be a non-empty tuple of positive ints, got {value!r}")

@@ -17,7 +17,6 @@ def get_config() -> Config:
         randinits=16,
         maxnoimp=8,
         search_gap_epochs=1,
-        layerperc=0.5,
         timing_repeats=7,
         timing_batch=128,
     )
