@@ -7,14 +7,13 @@ chooses kernel vs dense from a measured table. The Flax NNX conversion lives in
 ``jaxcompress.kernels.nnx`` and is not imported here (this package stays Flax-free).
 """
 
-from jaxcompress.kernels._common import IMPLEMENTATIONS, MetaLayout
+from jaxcompress.kernels._common import MetaLayout
 from jaxcompress.kernels.dispatch import load_policy, nm_linear, select_implementation
 from jaxcompress.kernels.nm_mask import nm_mask, nm_violations
 from jaxcompress.kernels.nm_matmul import NMMatmulConfig, nm_matmul
 from jaxcompress.kernels.nm_pack import PackedNM, pack_nm, unpack_nm
 
 __all__ = [
-    "IMPLEMENTATIONS",
     "MetaLayout",
     "NMMatmulConfig",
     "PackedNM",

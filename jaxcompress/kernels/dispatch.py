@@ -32,8 +32,6 @@ from jaxcompress.kernels.nm_pack.format import PackedNM
 POLICY_ENV = "JAXCOMPRESS_NM_POLICY"
 """Environment variable naming a policy JSON file that replaces the shipped table."""
 
-CHOICES = ("dense", "pallas")
-
 
 def _check_policy(policy: Any, source: str) -> dict:
     if not isinstance(policy, Mapping) or not isinstance(policy.get("devices"), Mapping):

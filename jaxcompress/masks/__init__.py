@@ -18,14 +18,12 @@ from jaxcompress.masks._selection import (
     prunable,
     select,
 )
-from jaxcompress.masks._summary import LeafSparsity, SparsitySummary, summary
+from jaxcompress.masks._summary import summary
 
 __all__ = [
     "KERNEL_NAMES",
     "EmptySelectionWarning",
-    "LeafSparsity",
     "Selector",
-    "SparsitySummary",
     "apply",
     "erk",
     "exclude_first_last",

@@ -26,11 +26,6 @@ Selector = Callable[[tuple, Any], bool]
 
 #: Names of leaves that hold a dense/conv kernel (matched against the last named key).
 KERNEL_NAMES = frozenset({"kernel", "weight", "weights", "w"})
-#: Names that are never pruned by the default selector (listed for documentation; the
-#: default selector only accepts ``KERNEL_NAMES``, so these are excluded by construction).
-EXCLUDED_NAMES = frozenset(
-    {"bias", "b", "scale", "offset", "embedding", "embed", "mean", "var", "gamma", "beta"}
-)
 
 
 def _key_name(key: Any) -> str | int | None:

@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from jaxcompress import masks as jcmasks
+from jaxcompress.masks import Selector
 from jaxcompress.masks._nm import check_nm
 
 __all__ = [
@@ -50,8 +51,6 @@ __all__ = [
 
 #: The kinds accepted by :func:`make_compressor`.
 COMPRESSOR_KINDS = ("global", "layer", "nm")
-
-Selector = Callable[[tuple, Any], bool]
 
 
 def _is_none(x: Any) -> bool:
