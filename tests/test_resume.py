@@ -171,3 +171,28 @@ def test_a_different_run_is_refused_before_training(tmp_path):
     ):
         run(directory, width=9)
     assert sorted(os.listdir(directory)) == before  # nothing saved was lost or added
+
+
+@pytest.mark.slow
+def test_a_run_saved_on_8_devices_resumes_on_one(uninterrupted, tmp_path):
+    model_a, hist_a = uninterrupted
+
+    def stop(epoch, record, model):
+        if epoch == 1:
+            raise _Preempted
+
+    with pytest.raises(_Preempted):
+        run(tmp_path, checkpoint_every=4, callback=stop, mesh="data=8")  # saved at step 4
+    model_b, hist_b = run(tmp_path, checkpoint_every=4)  # one device
+    assert hist_b.resumed_from == 4
+    for leaf in jax.tree.leaves(nnx.state(model_b)):
+        assert len(leaf.sharding.device_set) == 1
+    # Equal up to the rounding of 4 sharded steps (summation order of the gradients).
+    for a, b in zip(_records(hist_a), _records(hist_b), strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(model_a, nnx.Param)),
+        jax.tree.leaves(nnx.state(model_b, nnx.Param)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-3)
