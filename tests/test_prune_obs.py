@@ -230,6 +230,19 @@ def test_wanda_layer_scores_per_output():
     np.testing.assert_array_equal(np.asarray(nm_mask), expected.reshape(16, 6))
 
 
+def test_ties_go_to_the_lower_index():
+    # equal saliencies (H = I, equal weights): the lower row-major index of a block is pruned
+    w = np.ones((16, 4), np.float32)
+    out, mask = jc.prune.sparsegpt_layer(
+        w, np.eye(16, dtype=np.float32), sparsity=0.25, blocksize=8
+    )
+    expected = np.arange(32).reshape(8, 4) >= 8
+    np.testing.assert_array_equal(np.asarray(mask), np.concatenate([expected, expected]))
+    np.testing.assert_array_equal(np.asarray(out), np.where(mask, w, 0))
+    _, wmask = jc.prune.wanda_layer(w, np.ones(16, np.float32), sparsity=0.25)  # per column
+    np.testing.assert_array_equal(np.asarray(wmask), np.arange(16)[:, None].repeat(4, 1) >= 4)
+
+
 # ------------------------------------------------------------------------------- models
 
 

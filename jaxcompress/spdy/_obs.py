@@ -154,31 +154,51 @@ def _key_bounds(keys: jax.Array) -> tuple[int, int, int]:
     return -1, top, (top + 1).bit_length()
 
 
-def prune_smallest(keys: jax.Array, k: jax.Array) -> jax.Array:
-    """Boolean ``(G, N)``: the ``k`` smallest keys of each row pruned (ties: lower index first).
-
-    ``keys`` are integer keys from :func:`_int_keys` (or ``-1``: pruned before any other),
-    ``k`` a scalar or ``(G,)`` int count. A bisection over the key range (31 or 63 rounds of one
-    compare-and-count pass) finds the ``k``-th smallest key; its ties are split by a cumulative
-    count in index order.
-    """
-    g = keys.shape[0]
-    k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), (g,))
+def _threshold(keys: jax.Array, k: jax.Array) -> jax.Array:
+    """Per row of ``keys`` ``(G, N)``, the smallest ``t`` with ``#{key <= t} >= k``."""
     low, high, rounds = _key_bounds(keys)
     kd = keys.dtype
+    if keys.shape[0] == 1:  # one group: scalar bounds, a plain 1-D count per round
+        flat, k0 = keys.reshape(-1), k[0]
 
-    def body(_, bounds):  # smallest t with #{key <= t} >= k
+        def body1(_, bounds):
+            lo, hi = bounds
+            mid = lo + (hi - lo) // 2
+            ok = jnp.sum(flat <= mid, dtype=jnp.int32) >= k0
+            return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+        t, _ = lax.fori_loop(0, rounds, body1, (jnp.asarray(low, kd), jnp.asarray(high, kd)))
+        return t[None]
+
+    def body(_, bounds):
         lo, hi = bounds
         mid = lo + (hi - lo) // 2
         ok = jnp.sum(keys <= mid[:, None], axis=1, dtype=jnp.int32) >= k
         return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
 
-    lo0, hi0 = jnp.full((g,), low, kd), jnp.full((g,), high, kd)
-    t, _ = lax.fori_loop(0, rounds, body, (lo0, hi0))
-    below = keys < t[:, None]
+    g = keys.shape[0]
+    t, _ = lax.fori_loop(0, rounds, body, (jnp.full((g,), low, kd), jnp.full((g,), high, kd)))
+    return t
+
+
+def prune_smallest(keys: jax.Array, k: jax.Array) -> jax.Array:
+    """Boolean ``(G, N)``: the ``k`` smallest keys of each row pruned (ties: lower index first).
+
+    ``keys`` are integer keys from :func:`_int_keys` (or ``-1``: pruned before any other),
+    ``k`` a scalar or ``(G,)`` int count. A bisection over the key range (31 or 63 rounds of one
+    compare-and-count pass) finds the ``k``-th smallest key; its ties, when some of them must
+    be kept, are split by a cumulative count in index order (skipped otherwise).
+    """
+    k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), (keys.shape[0],))
+    t = _threshold(keys, k)[:, None]
+    below, equal = keys < t, keys == t
     need = k - jnp.sum(below, axis=1, dtype=jnp.int32)
-    equal = keys == t[:, None]
-    return below | (equal & (jnp.cumsum(equal, axis=1, dtype=jnp.int32) <= need[:, None]))
+    split = jnp.any(need < jnp.sum(equal, axis=1, dtype=jnp.int32))
+
+    def ties(_):
+        return below | (equal & (jnp.cumsum(equal, axis=1, dtype=jnp.int32) <= need[:, None]))
+
+    return lax.cond(split, ties, lambda _: below | equal, None)
 
 
 def _nm_keep(sal: jax.Array, n: int) -> jax.Array:
