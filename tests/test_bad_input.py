@@ -325,3 +325,15 @@ def test_real_tables_still_load_and_json_writes_atomically(tmp_path):
     table.to_json(out)
     assert spdy.TimingTable.from_json(out) == table
     assert sorted(os.listdir(tmp_path)) == ["rn18.json", "rn18.txt"]  # no temp file left
+
+
+def test_dumps_refuses_what_loads_cannot_read_back():
+    ok = spdy.LayerOptions("l1", ("a",), [0.3])
+    for layer, match in (
+        (spdy.LayerOptions("12", ("a",), [0.3]), "numeric name"),
+        (spdy.LayerOptions("l2", ("2 : 4", "b"), [0.3, 0.2]), "white space"),
+    ):
+        table = spdy.TimingTable(1.0, 0.5, (ok, layer))
+        with pytest.raises(ValueError, match=match):
+            table.dumps()
+        assert spdy.TimingTable.from_json(table.to_json()) == table

@@ -358,7 +358,24 @@ class TimingTable:
         return cls(base=header[0], prunable=header[1], layers=tuple(layers), ignored=tuple(ignored))
 
     def dumps(self) -> str:
-        """The reference text format (noise is not representable there)."""
+        """The reference text format (noise is not representable there).
+
+        Raises:
+          ValueError: a layer name that is a number, or an empty label or one with white
+            space: :meth:`loads` could not read them back (use :meth:`to_json`).
+        """
+        for layer in self.layers:
+            if _is_number(layer.name):
+                raise ValueError(
+                    f"layer {layer.name!r}: a numeric name cannot be written in the text format "
+                    "(a lone number reads as a cut-off entry); use to_json()"
+                )
+            bad = [lab for lab in layer.labels if not lab or any(c.isspace() for c in lab)]
+            if bad:
+                raise ValueError(
+                    f"layer {layer.name!r}: labels {bad} are empty or contain white space and "
+                    "cannot be written in the text format; use to_json()"
+                )
         out = ["base", repr(self.base), "prunable", repr(self.prunable)]
         for layer in self.layers:
             out.append(layer.name)
