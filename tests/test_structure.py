@@ -480,19 +480,31 @@ def test_pruned_model_round_trips_through_checkpointer(tmp_path):
 
 
 def test_unsupported_primitive_is_reported_and_refused():
-    model = _SortNet(rngs=nnx.Rngs(0))
-    x = jnp.ones((2, 6))
+    class FFTNet(nnx.Module):
+        def __init__(self, rngs):
+            self.fc1, self.fc2 = nnx.Linear(6, 8, rngs=rngs), nnx.Linear(5, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.fc2(jnp.abs(jnp.fft.rfft(jax.nn.relu(self.fc1(x)), axis=-1)))
+
+    model, x = FFTNet(nnx.Rngs(0)), jnp.ones((2, 6))
     g = S.groups(model, x)["fc1"]
     assert not g.prunable
-    assert g.reasons == ("unsupported primitive 'sort' uses it",)
+    assert g.reasons == ("unsupported primitive 'fft' uses it",)
     assert {m.name for m in g.members} == {"fc1/kernel", "fc1/bias"}
     with pytest.raises(
-        ValueError,
-        match=r"group 'fc1' is not prunable \(unsupported primitive "
-        r"'sort'.*fc1/kernel",
+        ValueError, match=r"group 'fc1' is not prunable \(unsupported primitive 'fft'.*fc1/kernel"
     ):
         S.prune(model, {"fc1": np.arange(8) < 4}, x)
     S.prune(model, {"fc1": np.ones(8, bool)}, x)  # an all-True mask is a no-op, allowed
+
+
+def test_sort_blocks_its_axis_only():
+    model, x = _SortNet(rngs=nnx.Rngs(0)), jnp.ones((2, 6))
+    groups = S.groups(model, x)
+    assert groups["fc1"].reasons == ("sort permutes it",)
+    with pytest.raises(ValueError, match=r"group 'fc1' is not prunable \(sort permutes it\)"):
+        S.zero(model, {"fc1": np.arange(8) < 4}, x)
 
 
 def test_control_flow_blocks_groups_and_macs():
@@ -556,3 +568,58 @@ def test_prune_refuses_a_module_with_hard_coded_shapes():
     assert set(S.groups(model, x)) >= {"fc1:1.0", "fc1:1.1"}
     with pytest.raises(ValueError, match="pruned Fixed does not run on the inputs"):
         S.prune(model, keep, x)
+
+
+@pytest.mark.parametrize("case", ["resnet8", "transformer", "mixnet"])
+def test_gates_fold_and_prune(case):
+    model, x = _case(case)
+    groups = S.groups(model, x)
+    names = [n for n, g in groups.items() if g.prunable]
+    gated = S.Gated(model, names, x)
+    y = _forward(model, x)
+    np.testing.assert_array_equal(np.asarray(_forward(gated, x)), np.asarray(y))  # gates = 1
+    keep = _random_keep(groups, np.random.default_rng(7))
+    rng = np.random.default_rng(8)
+    for name, mask in keep.items():
+        gated.gates[name][...] = jnp.asarray(mask * rng.uniform(0.5, 1.5, mask.shape), jnp.float32)
+    folded = _eval(S.fold(gated))
+    out = _forward(gated, x)
+    np.testing.assert_allclose(np.asarray(_forward(folded, x)), np.asarray(out), atol=1e-5)
+    pruned = _eval(S.prune(folded, keep, x))
+    np.testing.assert_allclose(np.asarray(_forward(pruned, x)), np.asarray(out), atol=1e-5)
+    # 0/1 gates are zero()
+    for name, mask in keep.items():
+        gated.gates[name][...] = jnp.asarray(mask, jnp.float32)
+    zeroed = _eval(S.zero(model, keep, x))
+    np.testing.assert_allclose(
+        np.asarray(_forward(gated, x)), np.asarray(_forward(zeroed, x)), atol=1e-5
+    )
+    if case != "transformer":  # one backward compile is enough for the file's time budget
+        return
+    loss = lambda g: jnp.sum(g(x).astype(jnp.float32) ** 2)  # noqa: E731
+    grads = nnx.grad(loss, argnums=nnx.DiffState(0, S.Gate))(gated)
+    assert set(grads["gates"]) == set(names)
+    assert all(float(jnp.abs(v[...]).sum()) > 0 for v in grads["gates"].values())
+
+
+def test_gates_keep_batchnorm_updates_and_refuse_bad_input():
+    model = jc.models.SmallCNN(widths=(4, 8), rngs=nnx.Rngs(0))
+    x = jax.random.normal(_KEY, (4, 8, 8, 1))
+    gated = S.Gated(model, ["blocks/0/conv"], x)
+    gated.train()
+    before = np.asarray(model.blocks[0].bn.mean[...])
+    gated(x)
+    assert not np.allclose(np.asarray(model.blocks[0].bn.mean[...]), before)
+    np.testing.assert_array_equal(  # the weights were restored after the call
+        np.asarray(model.blocks[1].conv.kernel[...]),
+        np.asarray(nnx.clone(model).blocks[1].conv.kernel[...]),
+    )
+    with pytest.raises(ValueError, match="unknown group 'nope'"):
+        S.Gated(model, ["nope"], x)
+    with pytest.raises(ValueError, match=r"cannot gate group 'head': it is not prunable"):
+        S.Gated(model, ["head"], x)
+    with pytest.raises(TypeError, match="names must be a sequence"):
+        S.Gated(model, "blocks/0/conv", x)
+    gated.gates["blocks/0/conv"][...] = jnp.array([1.0, -0.1, 1.0, 1.0])
+    with pytest.raises(ValueError, match=r"gates\['blocks/0/conv'\] must be finite and non-neg"):
+        S.fold(gated)

@@ -21,6 +21,10 @@ also change the ``1/sqrt(d)`` scale), a reshape mixes it with another axis, or a
 tracer does not know uses it. So ``prune(model, keep)`` and ``zero(model, keep)`` compute the
 same function for every ``keep`` the functions accept.
 
+:class:`Gated` puts a gate on every unit of chosen groups without rewriting the model (the
+gates scale the weights that read the units), :func:`fold` multiplies them into the weights, and
+:func:`macs` gives the multiply-adds as a polynomial in the kept unit counts.
+
 Example::
 
     gs = jc.structure.groups(model, x)
@@ -36,10 +40,22 @@ import numpy as np
 from flax import nnx
 
 from jaxcompress.structure import _prune
+from jaxcompress.structure._gates import Gate, Gated, fold
 from jaxcompress.structure._groups import Group, Slice, analyse
 from jaxcompress.structure._macs import MacCount, mac_count
 
-__all__ = ["Group", "MacCount", "Slice", "groups", "macs", "prune", "zero"]
+__all__ = [
+    "Gate",
+    "Gated",
+    "Group",
+    "MacCount",
+    "Slice",
+    "fold",
+    "groups",
+    "macs",
+    "prune",
+    "zero",
+]
 
 
 def groups(model: nnx.Module, *inputs) -> dict[str, Group]:
@@ -96,7 +112,8 @@ def zero(model: nnx.Module, keep: Mapping[str, np.ndarray], *inputs) -> nnx.Modu
 
     Zeroes every ``nnx.Param`` slice of the dropped units (the producing kernel and bias, the
     norm's scale and bias, so the unit outputs 0, and the consumers' input rows); running
-    statistics are left as they are (a zero variance would leave ``1/sqrt(eps)``). For every
+    statistics are left as they are (a zero variance would leave ``1/sqrt(eps)``). A model that
+    divides by a parameter of a dropped unit gets non-finite values there. For every
     ``keep`` that :func:`prune` accepts, ``zero(model, keep, *x)`` computes the same function as
     ``prune(model, keep, *x)``; arguments and errors as for :func:`prune`.
     """

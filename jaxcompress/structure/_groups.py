@@ -77,6 +77,7 @@ class Analysis:
     groups: dict[str, Group]
     trace: Trace
     class_of: dict[str, int]  # group name -> leaf atom root
+    consumed: dict[str, tuple[Slice, ...]]  # group name -> members contracted with activations
 
     def group_of_class(self) -> dict[int, str]:
         return {c: n for n, c in self.class_of.items()}
@@ -167,8 +168,13 @@ def analyse(model: nnx.Module, inputs: Sequence[Any]) -> Analysis:
         for key, cs2 in by_axis.items():
             for k, c in enumerate(cs2):
                 names[c] = key if len(cs2) == 1 else f"{key}.{k}"
+    consumers: dict[int, set[Path]] = {}
+    for seq, path in tr.consumers:
+        for cls in atoms.deep_leaves(seq):
+            consumers.setdefault(cls, set()).add(path)
     groups: dict[str, Group] = {}
     class_of: dict[str, int] = {}
+    consumed: dict[str, tuple[Slice, ...]] = {}
     for c in classes:
         name = names[c]
         while name in groups:
@@ -178,4 +184,5 @@ def analyse(model: nnx.Module, inputs: Sequence[Any]) -> Analysis:
             reasons.add("it indexes one variable axis twice")
         groups[name] = Group(name, atoms.size[c], tuple(members[c]), tuple(sorted(reasons)))
         class_of[name] = c
-    return Analysis(groups, tr, class_of)
+        consumed[name] = tuple(m for m in members[c] if m.path in consumers.get(c, ()))
+    return Analysis(groups, tr, class_of, consumed)

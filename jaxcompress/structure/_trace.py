@@ -60,6 +60,7 @@ class Trace:
     atoms: Atoms
     variables: dict[Path, tuple[type, tuple[int, ...], list[Seq]]]  # path -> (type, shape, axes)
     producers: list[tuple[Seq, Path]]  # free axes of a variable in dot_general/conv, in order
+    consumers: list[tuple[Seq, Path]]  # variable axes contracted with an activation
     grouped_convs: dict[Path, Seq]  # kernel path -> its feature-group atom sequence
     mac_terms: list[list[Any]]  # per dot_general/conv: atom sequences or constant ints
     unsupported_macs: list[str]
@@ -137,6 +138,7 @@ def trace(model: nnx.Module, inputs: tuple) -> Trace:
         atoms=atoms,
         variables=variables,
         producers=walker.producers,
+        consumers=walker.consumers,
         grouped_convs=walker.grouped_convs,
         mac_terms=walker.mac_terms,
         unsupported_macs=walker.unsupported_macs,
@@ -168,15 +170,16 @@ class _Walker:
       ``(groups, per group)`` atoms, so depthwise and grouped convolutions couple input and
       output channels group by group;
     * ``concatenate``, ``split`` and contiguous ``slice``: sum atoms (index offsets);
-    * ``reduce_*``, ``argmax``, cumulative ops, ``pad``, strided or dynamic slices, gathers on
-      an axis: the axis is blocked;
-    * anything else (control flow, scatter, sort, FFT, ...): every operand and result axis is
+    * ``reduce_*``, ``argmax``, cumulative ops, ``sort``, ``top_k``, ``pad``, pooling windows,
+      strided or dynamic slices, gathers on an axis: the axis is blocked;
+    * anything else (control flow, scatter, FFT, ...): every operand and result axis is
       blocked with the primitive's name.
     """
 
     def __init__(self) -> None:
         self.atoms = Atoms()
         self.producers: list[tuple[Seq, Path]] = []
+        self.consumers: list[tuple[Seq, Path]] = []
         self.grouped_convs: dict[Path, Seq] = {}
         self.mac_terms: list[list[Any]] = []
         self.unsupported_macs: list[str] = []
@@ -325,6 +328,26 @@ class _Walker:
 
     def _rule_iota(self, eqn, ins, dep):
         return [self.fresh(eqn.outvars[0].aval, dep)]
+
+    def _rule_sort(self, eqn, ins, dep):
+        d = eqn.params["dimension"]
+        first = ins[0]
+        for val in ins[1:]:
+            for i in range(len(first.axes)):
+                self.atoms.unify(first.axes[i], val.axes[i], "sort")
+        self.atoms.block(first.axes[d], "sort permutes it")
+        return [_Val(list(first.axes), dep, None) for _ in eqn.outvars]
+
+    def _rule_top_k(self, eqn, ins, dep):
+        val = ins[0]
+        outs = [self.fresh(v.aval, dep) for v in eqn.outvars]
+        last = len(val.axes) - 1
+        self.atoms.block(val.axes[last], "top_k selects along it")
+        for out in outs:
+            self.atoms.block(out.axes[last], "top_k selects along it")
+            for i in range(last):
+                self.atoms.unify(val.axes[i], out.axes[i], "top_k")
+        return outs
 
     def _rule_concatenate(self, eqn, ins, dep):
         d = eqn.params["dimension"]
@@ -477,6 +500,9 @@ class _Walker:
             self.atoms.unify(lhs.axes[i], rhs.axes[j], "dot_general")
             if both:
                 self.atoms.block(lhs.axes[i], "dot_general contracts it between two activations")
+            for act, var, k in ((lhs, rhs, j), (rhs, lhs, i)):
+                if act.dep and not var.dep and var.origin is not None:
+                    self.consumers.append((var.axes[k], var.origin))
         for i, j in zip(lb, rb, strict=True):
             self.atoms.unify(lhs.axes[i], rhs.axes[j], "dot_general")
         lfree = [lhs.axes[i] for i in range(len(lhs.axes)) if i not in set(lc) | set(lb)]
@@ -513,6 +539,10 @@ class _Walker:
                 self.grouped_convs[rhs.origin] = g
         if lhs.dep and rhs.dep:
             atoms.block(lf, "conv_general_dilated contracts it between two activations")
+        if lhs.dep and not rhs.dep and rhs.origin is not None:
+            # The feature groups pass through (a depthwise conv reads and writes the same
+            # channel); only the per-group input axis is read in the sense of a contraction.
+            self.consumers.append((ri, rhs.origin))
         atoms.unify(lhs.axes[lspec[0]], out.axes[ospec[0]], "conv_general_dilated")
         atoms.unify(ro, out.axes[ospec[1]], "conv_general_dilated")
         if not rhs.dep and rhs.origin is not None:
