@@ -261,7 +261,7 @@ def _truncate(src, dst, at):
 @needs_timings
 def test_truncated_table_names_file_and_line(tmp_path):
     data = open(RN18, "rb").read()
-    # cut in the middle of the 500th line, and in the middle of a layer name
+    # cut 4 bytes into line 500 ('0.002109 0.9225' becomes '0.00')
     cut = sum(len(x) + 1 for x in data.split(b"\n")[:499]) + 4
     path = tmp_path / "rn18_cut.txt"
     _truncate(RN18, path, cut)

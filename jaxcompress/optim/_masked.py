@@ -129,8 +129,8 @@ def fixed_mask(
             )
         # Static checks (run once per trace under jit): a mismatch would otherwise fail deep
         # inside jax.tree.map with a message that names no leaf.
-        check_like_masks(updates, state.masks, "updates")
-        check_like_masks(params, state.masks, "params")
+        _check_like_masks(updates, state.masks, "updates")
+        _check_like_masks(params, state.masks, "params")
         grads = map_masked(_mask_leaf, updates, state.masks)
         support_params = map_masked(_mask_leaf, params, state.masks)
         inner_updates, inner_state = inner.update(
@@ -158,7 +158,7 @@ def masked(
     return fixed_mask(inner, masks)
 
 
-def check_like_masks(tree: Any, masks: Any, argname: str) -> None:
+def _check_like_masks(tree: Any, masks: Any, argname: str) -> None:
     """Raise ``ValueError`` unless ``tree`` has the leaf paths of ``masks`` and, where a mask
     is set, its shape; the message names the first differing path."""
     mask_leaves = jax.tree_util.tree_flatten_with_path(masks, is_leaf=_is_none)[0]
