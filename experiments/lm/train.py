@@ -26,7 +26,12 @@ Pipeline of :func:`run`, for every trainer in ``config.trainers``:
    pruner; only the blocks' Linear kernels are pruned (embeddings, tied head and norms stay
    dense); Wanda and SparseGPT calibrate on ``calib_windows`` training windows; evaluate and
    sample text from every pruned model;
-4. write ``results.json`` (atomically, after every trainer) and ``loss_increase.png``.
+4. with ``spdy_speedups``: SPDY profiles of the AdamW model over an OBS (SparseGPT) database
+   against uniform sparsity at the same modelled speedup (:func:`spdy_stage`);
+5. write ``results.json`` (atomically, after every stage) and ``loss_increase.png``.
+
+Finished stages are cached under ``<out>/stages`` (keyed by a hash of the settings they depend
+on), so a rerun only computes what is missing.
 """
 
 from __future__ import annotations
@@ -52,17 +57,23 @@ from experiments.lm.configs.base import Config
 from jaxcompress import data as jdata
 from jaxcompress import masks as jmasks
 from jaxcompress import optim as joptim
-from jaxcompress import prune
+from jaxcompress import prune, spdy
 from jaxcompress import train as jtrain
 from jaxcompress.checkpoint import Checkpointer
 from jaxcompress.models import GPT, generate
 
-__all__ = ["block_kernels", "criteria", "format_table", "run", "write_plot"]
+__all__ = ["block_kernels", "criteria", "format_table", "run", "spdy_stage", "write_plot"]
 
 LOG_EVERY = 50
 EVAL_BATCH = 100
 SAMPLE_TEMPERATURE = 0.8  # nanoGPT's sample.py
 TRAINER_NAMES = {"adamw": "AdamW", "cram": "CrAM+", "acdc": "AC/DC"}
+# SPDY: per-layer sparsity options (plus the uniform level of every target), and a search
+# smaller than the reference's (randinits 100, maxnoimp 100) to fit a 2-core CPU.
+SPDY_LEVELS = tuple(round(0.1 * i, 1) for i in range(10))
+SPDY_RANDINITS = 20
+SPDY_MAXNOIMP = 20
+SPDY_SCORE_WINDOWS = 32
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,6 +116,7 @@ _MODEL_FIELDS = (
     "weight_decay",
 )
 _TRAINER_FIELDS = {"adamw": (), "cram": ("cram_rho", "cram_sparsities"), "acdc": ("acdc_sparsity",)}
+_SPDY_FIELDS = ("spdy_speedups", "calib_windows", "eval_windows")
 _PRUNE_FIELDS = (
     "sparsities",
     "nm_patterns",
@@ -345,7 +357,99 @@ def prune_stage(
     return result
 
 
-def _targets(models: dict[str, Any]) -> dict[str, Any]:
+def spdy_stage(
+    model: GPT,
+    config: Config,
+    calib_xy: tuple[jax.Array, jax.Array],
+    val_xy: tuple[np.ndarray, np.ndarray],
+) -> dict[str, Any]:
+    """SPDY (Frantar & Alistarh, ICML 2022) over an OBS database against uniform sparsity at
+    the same modelled speedup, for every target in ``config.spdy_speedups``.
+
+    * Time model: dense multiply-accumulates per token of every block kernel (``d_in d_out``),
+      sparse time proportional to density; the fixed part is the tied head (``d V``) and the
+      two attention products (``context d`` per block at the mean causal length).
+    * Database: :func:`jaxcompress.spdy.obs_database` from the dense model's layer Hessians on
+      the calibration windows; options :data:`SPDY_LEVELS` plus each target's uniform level
+      ``s_u`` (the sparsity that gives every layer the target speedup).
+    * Search: :func:`jaxcompress.spdy.search` scored by the calibration loss of the stitched
+      model on :data:`SPDY_SCORE_WINDOWS` windows (the DP on the database errors is among the
+      initial candidates); the uniform profile takes ``s_u`` in every layer from the same
+      database. Both are evaluated on the validation windows.
+    """
+    calib_x, calib_y = calib_xy
+    hessians = prune.hessians(model, calib_x, where=block_kernels)
+    params = nnx.state(model, nnx.Param)
+    leaves = {jmasks.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    flops = {name: float(np.prod(leaves[name].shape)) for name in hessians}
+    overhead = float(
+        config.d_model * model.vocab_size + config.num_layers * config.context * config.d_model
+    )
+    prunable = sum(flops.values())
+    base = prunable + overhead
+    uniform = {}
+    for target in config.spdy_speedups:
+        density = (base / target - overhead) / prunable
+        if density <= 0.0:
+            raise ValueError(
+                f"spdy_speedups: {target} is beyond the modelled maximum {base / overhead:.2f}"
+            )
+        uniform[target] = float(np.ceil((1.0 - density) * 1e4) / 1e4)
+    levels = sorted(set(SPDY_LEVELS) | set(uniform.values()))
+    table = spdy.TimingTable.from_flops(flops, levels, overhead=overhead)
+    start = time.perf_counter()
+    database = spdy.obs_database(params, hessians, levels)
+    database_seconds = time.perf_counter() - start
+    stitch = spdy.stitcher(database, params)
+    graphdef, _, rest = nnx.split(jtrain.eval_view(model), nnx.Param, ...)
+    sx, sy = calib_x[:SPDY_SCORE_WINDOWS], jnp.asarray(calib_y[:SPDY_SCORE_WINDOWS])
+
+    @jax.jit
+    def calib_loss(stitch, params, choice):
+        p, _ = stitch(params, choice)
+        logits = nnx.merge(graphdef, p, rest)(sx).astype(jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, sy).mean()
+
+    def measure(choice) -> dict[str, Any]:
+        p, _ = database.stitch(params, choice)
+        nnx.update(model, p)
+        loss = evaluate(model, *val_xy)
+        nnx.update(model, params)
+        return {
+            "val_loss": loss,
+            "perplexity": float(np.exp(loss)),
+            "calib_loss": float(calib_loss(stitch, params, jnp.asarray(choice))),
+            "modelled_speedup": spdy.modelled_speedup(table, choice),
+            "profile": {n: levels[int(c)] for n, c in zip(database.names, choice, strict=True)},
+        }
+
+    out: dict[str, Any] = {"levels": levels, "database_seconds": database_seconds}
+    for target in config.spdy_speedups:
+        uniform_choice = np.full(len(database.names), levels.index(uniform[target]))
+        found = spdy.search(
+            database.error_list(),
+            table,
+            spdy.budget(table, target),
+            lambda c: float(calib_loss(stitch, params, jnp.asarray(c))),
+            seed=config.seed,
+            randinits=SPDY_RANDINITS,
+            maxnoimp=SPDY_MAXNOIMP,
+            initial=[np.ones(len(database.names))],
+            progress=False,
+        )
+        out[f"{target:g}x"] = {
+            "uniform_sparsity": uniform[target],
+            "uniform": measure(uniform_choice),
+            "spdy": {
+                **measure(found.choice),
+                "evaluations": int(found.evaluations),
+                "search_seconds": float(found.seconds),
+            },
+        }
+    return out
+
+
+def _targets(models: dict[str, Any], spdy_results: dict[str, Any] | None) -> dict[str, Any]:
     """The issue's targets, each ``{"value": ..., "target": ..., "met": bool}`` (absent when a
     model or pruner needed for it was not run)."""
     out: dict[str, Any] = {}
@@ -386,6 +490,15 @@ def _targets(models: dict[str, Any]) -> dict[str, Any]:
             "target": "<= half of AdamW's increase",
             "met": cram <= 0.5 * adamw,
         }
+    for key, entry in (spdy_results or {}).items():
+        if isinstance(entry, dict) and "spdy" in entry:
+            value, uni = entry["spdy"]["val_loss"], entry["uniform"]["val_loss"]
+            out[f"spdy_vs_uniform_{key}"] = {
+                "value": value,
+                "uniform": uni,
+                "target": "below uniform sparsity at the same modelled speedup",
+                "met": value < uni,
+            }
     return out
 
 
@@ -407,7 +520,9 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
       ``perplexity`` (per character), ``sample``, ``block_sparsity``, ``history``,
       ``train_seconds``, ``resumed_from`` and ``pruned[pruner][criterion]`` (``val_loss``,
       ``perplexity``, ``increase``, ``sparsity``, ``prune_seconds``, ``sample``);
-      ``targets``; ``config``; ``header``; ``timing``; ``environment``; ``complete``.
+      ``spdy["<target>x"]`` with the ``uniform`` and ``spdy`` profiles (``val_loss``,
+      ``calib_loss``, ``modelled_speedup``, ``profile``); ``targets``; ``config``; ``header``;
+      ``timing``; ``environment``; ``complete``.
     """
     if not isinstance(config, Config):
         raise TypeError(f"config must be an experiments.lm Config, got {type(config).__name__}")
@@ -420,9 +535,8 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
     train = jdata.tinyshakespeare("train", data_dir=config.data_dir)
     val = jdata.tinyshakespeare("val", data_dir=config.data_dir)
     val_xy = jdata.windows(val, config.eval_windows, config.context, (config.seed, 1))
-    calib = jnp.asarray(
-        jdata.windows(train, config.calib_windows, config.context, (config.seed, 2))[0]
-    )
+    calib_xy = jdata.windows(train, config.calib_windows, config.context, (config.seed, 2))
+    calib = jnp.asarray(calib_xy[0])
     n_params = sum(
         int(np.prod(p.shape))
         for p in jax.tree.leaves(nnx.state(make_model(config, train.vocab_size), nnx.Param))
@@ -466,13 +580,36 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
         if stage_file is not None:
             write_json_atomic(stage_file, entry)
             write_json_atomic(os.path.join(out, "results.json"), results)
-    results["targets"] = _targets(results["models"])
+    if config.spdy_speedups is not None:
+        results["spdy"] = _spdy_results(config, train, calib_xy, val_xy, out)
+    results["targets"] = _targets(results["models"], results.get("spdy"))
     results["timing"]["total_seconds"] = time.perf_counter() - t0
     results["complete"] = True
     if out is not None:
         write_json_atomic(os.path.join(out, "results.json"), results)
         write_plot(results, os.path.join(out, "loss_increase.png"))
     return results
+
+
+def _spdy_results(config, train, calib_xy, val_xy, out) -> dict[str, Any]:
+    """The SPDY stage on the AdamW model (trained or restored), cached in ``<out>/stages``."""
+    stage_file = (
+        None
+        if out is None
+        else os.path.join(
+            out, "stages", f"spdy-{_fingerprint(config, _MODEL_FIELDS + _SPDY_FIELDS)}.json"
+        )
+    )
+    if stage_file is not None and os.path.isfile(stage_file):
+        with open(stage_file) as f:
+            return json.load(f)
+    model, _ = train_model("adamw", config, train, out)
+    with stage_bar(1, "spdy adamw", config.progress) as bar:
+        result = spdy_stage(model, config, (jnp.asarray(calib_xy[0]), calib_xy[1]), val_xy)
+        bar.update(1)
+    if stage_file is not None:
+        write_json_atomic(stage_file, result)
+    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -499,6 +636,15 @@ def format_table(results: dict[str, Any]) -> str:
                 for label in labels
             )
             lines.append(f"  {pruner:<10}{cells}")
+    for key, entry in (results.get("spdy") or {}).items():
+        if isinstance(entry, dict) and "spdy" in entry:
+            uni, found = entry["uniform"], entry["spdy"]
+            lines.append(
+                f"\nSPDY {key} (AdamW model): uniform {entry['uniform_sparsity']:.3f} val loss "
+                f"{uni['val_loss']:.4f}; SPDY profile val loss {found['val_loss']:.4f} "
+                f"(modelled speedups {uni['modelled_speedup']:.3f} / "
+                f"{found['modelled_speedup']:.3f}, {found['evaluations']} profiles scored)"
+            )
     targets = results.get("targets", {})
     if targets:
         lines.append("\ntargets:")

@@ -54,6 +54,9 @@ class Config(ConfigBase):
     sparsities: tuple[float, ...] = field((0.5, 0.7), "one-shot unstructured sparsities")
     nm_patterns: tuple[tuple[int, int], ...] = field(((2, 4), (4, 8)), "one-shot N:M patterns")
     pruners: tuple[str, ...] = field(PRUNERS, "one-shot pruners", choices=PRUNERS)
+    spdy_speedups: tuple[float, ...] | None = field(
+        (1.5, 2.0), "modelled speedups of the SPDY profiles of the AdamW model (none: skip)"
+    )
     calib_windows: int = field(128, "calibration windows (context long) for Wanda and SparseGPT")
     eval_windows: int = field(1000, "validation windows the loss is averaged over")
     sample_chars: int = field(200, "characters sampled from every model (0: none)")
@@ -133,5 +136,15 @@ class Config(ConfigBase):
                     f"nm_patterns: every block kernel's input size (d_model={self.d_model} and "
                     f"4 d_model) must be divisible by m, got pattern {n}:{m}"
                 )
+        if self.spdy_speedups is not None and (
+            not isinstance(self.spdy_speedups, tuple)
+            or not self.spdy_speedups
+            or not all(is_real(v) and 1.0 < v < 100.0 for v in self.spdy_speedups)
+            or len(set(self.spdy_speedups)) != len(self.spdy_speedups)
+        ):
+            raise ValueError(
+                "spdy_speedups must be None or a non-empty tuple of distinct numbers in (1, 100), "
+                f"got {self.spdy_speedups!r}"
+            )
         check_bools(self, ("progress",))
         return self
