@@ -43,6 +43,7 @@ __all__ = [
     "AXIS_NAMES",
     "FSDP_MIN_SIZE",
     "StepShardings",
+    "check_mesh",
     "data_axes_of",
     "global_array",
     "initialize",

@@ -236,6 +236,7 @@ def test_fsdp_step_has_no_whole_parameter_all_gather(digits):
     assert gathered and not whole, f"all-gathers of whole parameters: {whole}"
 
 
+@pytest.mark.slow  # about 30 s on 2 shared cores
 def test_compression_adds_no_whole_parameter_all_gather_under_fsdp():
     # LeNet-300-100-sized layers: XLA gathers weights for the forward/backward pass. The
     # compression logic (global magnitude masks, masking, CrAM's perturbation) adds none:
@@ -254,6 +255,7 @@ def test_compression_adds_no_whole_parameter_all_gather_under_fsdp():
     assert counts["cram"] <= 2 * counts["sgd"]
 
 
+@pytest.mark.slow  # about 30 s on 2 shared cores
 def test_restore_onto_another_mesh_places_every_leaf(digits, tmp_path):
     x, y = digits
     tx_make, pass_grad_fn = OPTIMIZERS["cram"]
