@@ -140,6 +140,7 @@ def _first_difference(
     if a is not None and (b is None or a["path"] == b["path"] or a["path"] not in other_by_path):
         path = a["path"]  # a leaf the other side lacks, or the same leaf with another type
     else:
+        assert b is not None
         path = b["path"]
     return (
         path or "<root>",
@@ -391,7 +392,7 @@ class Checkpointer:
                 f"Checkpointer: argument 'max_to_keep' must be a positive integer or None, got "
                 f"{max_to_keep!r}"
             )
-        directory = os.fspath(directory)
+        directory = str(os.fspath(directory))
         if "://" not in directory:  # local path; remote ones (gs://...) are left to Orbax
             directory = os.path.abspath(directory)
             _check_local_directory(directory, create=bool(create))
@@ -399,7 +400,7 @@ class Checkpointer:
             raise FileNotFoundError(
                 f"Checkpointer: directory {directory!r} does not exist and create=False"
             )
-        self._directory = directory
+        self._directory: str = directory
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if max_to_keep is None else int(max_to_keep),
             create=bool(create),
@@ -444,7 +445,7 @@ class Checkpointer:
             try:
                 with open(path, "rb") as handle:
                     return json.loads(handle.read().decode("utf-8"))
-            except (ValueError, UnicodeDecodeError) as err:
+            except ValueError as err:  # UnicodeDecodeError and JSONDecodeError included
                 raise ValueError(
                     f"Checkpointer: the {item} file {path!r} of step {step} is empty or corrupt "
                     f"({type(err).__name__}: {err})"
@@ -567,7 +568,7 @@ class Checkpointer:
         # Each item is stored wrapped in a one-entry dict: StandardSave takes no bare arrays.
         # Items without any array (e.g. an optimizer state made only of EmptyState) are fully
         # described by their fingerprint and are not written.
-        args = {
+        args: dict[str, Any] = {
             name: ocp.args.StandardSave({_WRAP: tree})
             for name, tree in storable.items()
             if jax.tree.leaves(tree)
@@ -647,7 +648,7 @@ class Checkpointer:
                 f"Checkpointer.restore(): argument 'mesh' must be a jax.sharding.Mesh or None, "
                 f"got {type(mesh).__name__}"
             )
-        args = {
+        args: dict[str, Any] = {
             name: ocp.args.StandardRestore(
                 {_WRAP: jax.tree.map(lambda leaf: _abstract_leaf(leaf, mesh), tree)}
             )
@@ -662,7 +663,7 @@ class Checkpointer:
                     try:
                         with open(path, "rb") as handle:
                             json.loads(handle.read().decode("utf-8"))
-                    except (ValueError, UnicodeDecodeError) as err:
+                    except ValueError as err:  # UnicodeDecodeError and JSONDecodeError included
                         raise ValueError(
                             f"Checkpointer.restore(): the metadata file {path!r} of step {step} "
                             f"is empty or corrupt ({type(err).__name__}: {err})"

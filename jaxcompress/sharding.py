@@ -32,7 +32,7 @@ import re
 import socket
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import numpy as np
@@ -448,17 +448,17 @@ def process_rows(sharding: NamedSharding, batch_size: int) -> tuple[int, int]:
       ValueError: ``batch_size`` not divisible by the batch axes, or a device layout that gives
         this process non-contiguous rows.
     """
-    n = _axes_size(sharding.mesh, _spec_axes(sharding.spec[0]) if len(sharding.spec) else ())
+    mesh = cast(Mesh, sharding.mesh)
+    n = _axes_size(mesh, _spec_axes(sharding.spec[0]) if len(sharding.spec) else ())
     if batch_size % n:
         raise ValueError(
             f"batch size {batch_size} is not divisible by the {n} slices of mesh axes "
-            f"{_spec_axes(sharding.spec[0])} ({dict(sharding.mesh.shape)})"
+            f"{_spec_axes(sharding.spec[0])} ({dict(mesh.shape)})"
         )
     index_map = sharding.addressable_devices_indices_map((batch_size,))
-    starts = sorted({idx[0].start or 0 for idx in index_map.values()})
-    stops = sorted(
-        {batch_size if idx[0].stop is None else idx[0].stop for idx in index_map.values()}
-    )
+    slices = [cast(slice, cast(tuple, idx)[0]).indices(batch_size) for idx in index_map.values()]
+    starts = sorted({s[0] for s in slices})
+    stops = sorted({s[1] for s in slices})
     start, stop = starts[0], stops[-1]
     if (stop - start) != len(starts) * (batch_size // n):
         raise ValueError(
@@ -541,6 +541,7 @@ def initialize(
                 f"initialize(): {name}={value!r}; expected a non-negative integer (argument or "
                 f"JAXCOMPRESS_{name.upper()})"
             )
+    num_processes, process_id = int(cast(int, num_processes)), int(cast(int, process_id))
     if num_processes < 1 or process_id >= num_processes:
         raise ValueError(
             f"initialize(): process_id={process_id} must be in [0, num_processes={num_processes})"
@@ -557,8 +558,8 @@ def initialize(
     try:
         jax.distributed.initialize(
             coordinator_address=coordinator_address,
-            num_processes=int(num_processes),
-            process_id=int(process_id),
+            num_processes=num_processes,
+            process_id=process_id,
             local_device_ids=local_device_ids,
             initialization_timeout=max(1, int(np.ceil(timeout_s))),
         )

@@ -195,7 +195,7 @@ class ShardedStep:
         self._data_axes = jc_sharding.data_axes_of(mesh, data_axes)
         self._donate = donate
         self._min_size = min_size
-        self._jitted: dict[tuple, tuple[Callable, jc_sharding.StepShardings]] = {}
+        self._jitted: dict[tuple, tuple[Any, jc_sharding.StepShardings]] = {}
 
     def shardings(self, params: Any, rest: Any, opt_state: Any) -> jc_sharding.StepShardings:
         """The shardings of the step's arguments (arrays or ``jax.ShapeDtypeStruct`` trees).
@@ -223,7 +223,7 @@ class ShardedStep:
         ]
         return put[0], put[1], put[2]
 
-    def _get(self, params: Any, rest: Any, opt_state: Any) -> tuple[Callable, Any]:
+    def _get(self, params: Any, rest: Any, opt_state: Any) -> tuple[Any, Any]:
         key = _signature(params, rest, opt_state)
         hit = self._jitted.get(key)
         if hit is None:
@@ -328,7 +328,8 @@ def make_train_step(
                 # Same batch, train mode; the running statistics of this pass are dropped.
                 return jax.grad(lambda q: objective(q, rest, x, y)[0])(p)
 
-            updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
+            extra_args: dict[str, Any] = {"grad_fn": grad_fn}  # GradientTransformationExtraArgs
+            updates, opt_state = tx.update(grads, opt_state, params, **extra_args)
         else:
             updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -360,15 +361,16 @@ _eval_sums_jit = jax.jit(_eval_sums, static_argnums=(0, 6))
 
 
 class _ShardedEval:
-    """``step(params, rest, x, y, weight)`` jitted on a mesh; params and rest are placed by
-    the sharding rule on every call (a no-op when they are already there)."""
+    """``step(params, rest, x, y, weight)`` on a mesh: params and ``rest`` go to their
+    shardings and the batch to the data axes (no-ops when they are already there), then the
+    shared jitted sums run; jit caches on the input shardings, so repeated evaluations of one
+    model reuse one executable."""
 
     def __init__(self, graphdef, loss_fn, mesh, param_sharding, data_axes, min_size):
         self._graphdef, self._loss_fn = graphdef, loss_fn
         self.mesh = mesh
         self._rule, self._min_size = param_sharding, min_size
         self._data_axes = jc_sharding.data_axes_of(mesh, data_axes)
-        self._jitted: dict[tuple, tuple[Callable, jc_sharding.StepShardings]] = {}
 
     def shardings(self, params: Any, rest: Any) -> jc_sharding.StepShardings:
         return jc_sharding.step_shardings(
@@ -382,21 +384,11 @@ class _ShardedEval:
         )
 
     def __call__(self, params, rest, x, y, weight):
-        key = _signature(params, rest)
-        hit = self._jitted.get(key)
-        if hit is None:
-            sh = self.shardings(params, rest)
-            graphdef, loss_fn = self._graphdef, self._loss_fn
-            jitted = jax.jit(
-                lambda p, r, a, b, w: _eval_sums(graphdef, p, r, a, b, w, loss_fn),
-                in_shardings=(sh.params, sh.rest, sh.batch, sh.batch, sh.batch),
-                out_shardings=(sh.replicated, sh.replicated),
-            )
-            hit = self._jitted[key] = (jitted, sh)
-        jitted, sh = hit
+        sh = self.shardings(params, rest)
         params = jax.device_put(params, sh.params)
         rest = jax.device_put(rest, sh.rest)
-        return jitted(params, rest, x, y, weight)
+        x, y, weight = (jax.device_put(a, sh.batch) for a in (x, y, weight))
+        return _eval_sums_jit(self._graphdef, params, rest, x, y, weight, self._loss_fn)
 
 
 def make_eval_step(
@@ -513,8 +505,8 @@ def evaluate(
     if mesh is None:
         step, batcher = make_eval_step(graphdef), _Batcher(None, bs)
     else:
-        step = make_eval_step(
-            graphdef, mesh=mesh, param_sharding=param_sharding, data_axes=data_axes
+        step = _ShardedEval(
+            graphdef, None, mesh, param_sharding, data_axes, jc_sharding.FSDP_MIN_SIZE
         )
         sh = step.shardings(params, rest)
         bs = -(-bs // sh.data_size()) * sh.data_size()
@@ -707,7 +699,8 @@ def fit(
             if batch_size % shardings.data_size():
                 raise ValueError(
                     f"batch_size={batch_size} is not divisible by the {shardings.data_size()} "
-                    f"slices of the data axes {shardings.data_axes} of mesh {dict(mesh.shape)}"
+                    f"slices of the data axes {shardings.data_axes} of mesh "
+                    f"{dict(step.mesh.shape)}"
                 )
             batcher = _Batcher(shardings.batch, batch_size)
             params, rest = (
@@ -775,6 +768,7 @@ def fit(
                 handle.writelines(json.dumps(r) + "\n" for r in records)
 
         def save(t: int) -> None:
+            assert ckpt is not None
             ckpt.save(
                 t,
                 params=params,
