@@ -716,7 +716,8 @@ def fit(
             # The step donates its inputs: work on copies so the model's own arrays stay valid.
             params, rest = _copy_tree(params), _copy_tree(rest)
             # tx.init may put the caller's arrays (e.g. masks) into the state: copy it too.
-            opt_state = _copy_tree(tx.init(params) if opt_state is None else opt_state)
+            # Weak types (jnp.asarray(0.0) in a state) would come back strong and recompile.
+            opt_state = _strong(_copy_tree(tx.init(params) if opt_state is None else opt_state))
 
         steps_per_epoch = x.shape[0] // batch_size
         total = epochs * steps_per_epoch
