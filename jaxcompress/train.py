@@ -136,8 +136,22 @@ def _host(a: Any) -> np.ndarray:
     return np.asarray(a)
 
 
-def _resolve_mesh(mesh: Mesh | str | Mapping[str, int] | None) -> Mesh | None:
-    return None if mesh is None else jc_sharding.make_mesh(mesh)
+def _resolve_mesh(
+    mesh: Mesh | str | Mapping[str, int] | None,
+    param_sharding: Any = "replicated",
+    data_axes: Any = None,
+) -> Mesh | None:
+    """The mesh from its spelling; sharding arguments without a mesh are an error."""
+    if mesh is None:
+        if not (isinstance(param_sharding, str) and param_sharding == "replicated"):
+            raise ValueError(
+                f"param_sharding={param_sharding!r} needs a mesh (mesh='data=8', ...); without "
+                "one everything runs on one device"
+            )
+        if data_axes is not None:
+            raise ValueError(f"data_axes={data_axes!r} needs a mesh (mesh='data=8', ...)")
+        return None
+    return jc_sharding.make_mesh(mesh)
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,7 +323,7 @@ def make_train_step(
         raise TypeError(f"loss_fn must be callable (logits, labels) -> scalar, got {loss_fn!r}")
     if not isinstance(pass_grad_fn, bool):
         raise TypeError(f"pass_grad_fn must be a bool, got {pass_grad_fn!r}")
-    mesh = _resolve_mesh(mesh)
+    mesh = _resolve_mesh(mesh, param_sharding, data_axes)
     if mesh is not None:
         jc_sharding.data_axes_of(mesh, data_axes)
         _check_positive_int("fsdp_min_size", fsdp_min_size)
@@ -413,7 +427,7 @@ def make_eval_step(
     """
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable or None, got {loss_fn!r}")
-    mesh = _resolve_mesh(mesh)
+    mesh = _resolve_mesh(mesh, param_sharding, data_axes)
     if mesh is not None:
         _check_positive_int("fsdp_min_size", fsdp_min_size)
         return _ShardedEval(graphdef, loss_fn, mesh, param_sharding, data_axes, fsdp_min_size)
@@ -498,7 +512,7 @@ def evaluate(
     """
     _check_positive_int("batch_size", batch_size)
     x, y = _as_arrays(ds, "ds")
-    mesh = _resolve_mesh(mesh)
+    mesh = _resolve_mesh(mesh, param_sharding, data_axes)
     graphdef, params, rest = split_model(eval_view(model))
     n = x.shape[0]
     bs = min(batch_size, n)
@@ -677,7 +691,7 @@ def fit(
         if checkpoint_dir is None:
             raise ValueError("checkpoint_every is set but checkpoint_dir is None")
     config = _check_config(config)
-    mesh = _resolve_mesh(mesh)
+    mesh = _resolve_mesh(mesh, param_sharding, data_axes)
     primary = jax.process_index() == 0
 
     # The directory is checked (a file, unwritable) before any work.

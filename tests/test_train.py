@@ -206,6 +206,8 @@ def test_fit_with_masked_optimizer_keeps_pruned_weights_zero(digits):
         ({"mesh": "data=3"}, ValueError, "batch_size=32 is not divisible by the 3"),
         ({"mesh": 8}, TypeError, "mesh"),
         ({"checkpoint_dir": __file__}, ValueError, "is not a directory"),
+        ({"param_sharding": "fsdp"}, ValueError, "needs a mesh"),
+        ({"data_axes": ("data",)}, ValueError, "needs a mesh"),
     ],
 )
 def test_fit_errors(digits, kwargs, exc, match):
