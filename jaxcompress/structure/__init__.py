@@ -68,6 +68,10 @@ def groups(model: nnx.Module, *inputs) -> dict[str, Group]:
       model: any ``flax.nnx.Module``.
       *inputs: example inputs of ``model(*inputs)`` (the batch size does not matter).
 
+    Every group the tracer finds prunable is then probed: the model with one of its units
+    removed is traced again (abstractly), and a group whose model no longer runs (code that
+    checks or hard-codes a size) is reported not prunable with the error.
+
     Returns:
       ``{name: Group}``; :attr:`Group.prunable` tells which can be pruned, and
       :attr:`Group.reasons` why the others cannot.
@@ -76,7 +80,8 @@ def groups(model: nnx.Module, *inputs) -> dict[str, Group]:
       TypeError: ``model`` is not an NNX module.
       ValueError: no inputs, or the forward pass cannot be traced with them.
     """
-    return analyse(model, inputs).groups
+    analysis = analyse(model, inputs)
+    return _prune.probe(model, analysis, inputs).groups
 
 
 def prune(model: nnx.Module, keep: Mapping[str, np.ndarray], *inputs) -> nnx.Module:

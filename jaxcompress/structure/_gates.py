@@ -12,6 +12,7 @@ import numpy as np
 from flax import nnx
 
 from jaxcompress.structure._groups import Analysis, analyse
+from jaxcompress.structure._prune import probe
 from jaxcompress.structure._trace import Path
 
 
@@ -87,7 +88,7 @@ class Gated(nnx.Module):
     """
 
     def __init__(self, model: nnx.Module, names: Iterable[str], *inputs, init: float = 1.0):
-        analysis = analyse(model, inputs)
+        analysis = probe(model, analyse(model, inputs), inputs)
         names = check_names(names, analysis)
         if isinstance(init, bool) or not isinstance(init, numbers.Real) or init < 0:
             raise ValueError(f"init must be a non-negative float, got {init!r}")

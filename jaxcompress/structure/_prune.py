@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -99,9 +100,10 @@ def zero(model: nnx.Module, analysis: Analysis, masks: dict[str, np.ndarray]) ->
     return _map_state(model, fn)
 
 
-def prune(
-    model: nnx.Module, analysis: Analysis, masks: dict[str, np.ndarray], inputs
+def _pruned(
+    model: nnx.Module, analysis: Analysis, masks: dict[str, np.ndarray], abstract: bool
 ) -> nnx.Module:
+    """The pruned model with Flax attributes updated; ``abstract``: shapes only."""
     axis_keep = _axis_keep(analysis, masks)
     by_path: dict[Path, list[tuple[int, np.ndarray]]] = {}
     for (path, axis), keep in axis_keep.items():
@@ -109,14 +111,48 @@ def prune(
             by_path.setdefault(path, []).append((axis, np.flatnonzero(keep)))
 
     def fn(path, x):
+        if path in by_path and abstract:
+            shape = list(x.shape)
+            for axis, idx in by_path[path]:
+                shape[axis] = idx.shape[0]
+            return jax.ShapeDtypeStruct(tuple(shape), x.dtype)
         for axis, idx in by_path.get(path, ()):
             x = jnp.take(x, jnp.asarray(idx), axis=axis)
         return x
 
     new = _map_state(model, fn)
     _update_attributes(new, analysis, masks)
+    return new
+
+
+def prune(
+    model: nnx.Module, analysis: Analysis, masks: dict[str, np.ndarray], inputs
+) -> nnx.Module:
+    new = _pruned(model, analysis, masks, abstract=False)
     _check_traces(model, new, analysis, inputs)
     return new
+
+
+def probe(model: nnx.Module, analysis: Analysis, inputs) -> Analysis:
+    """Mark not prunable the groups whose model no longer runs with one unit removed.
+
+    The tracer proves that removing a unit equals zeroing it; it cannot see sizes that code
+    checks or hard-codes (``jax.nn.dot_product_attention`` requires the value head size to equal
+    the key head size; a module may reshape to a constant). Each prunable group is removed one
+    unit at a time, abstractly, and the forward pass traced again.
+    """
+    for name, group in list(analysis.groups.items()):
+        if not group.prunable or group.size < 2:
+            continue
+        mask = np.arange(group.size) < group.size - 1
+        try:
+            _check_traces(model, _pruned(model, analysis, {name: mask}, True), analysis, inputs)
+        except ValueError as e:
+            cause = e.__cause__ if e.__cause__ is not None else e
+            reason = f"the model does not run with a unit removed ({type(cause).__name__}: "
+            reason += str(cause).strip().splitlines()[0][:200] + ")"
+            analysis.groups[name] = dataclasses.replace(group, reasons=(reason,))
+    return analysis
 
 
 def _kept(analysis: Analysis, masks: dict[str, np.ndarray], seq) -> int:
@@ -134,31 +170,31 @@ def _update_attributes(model: nnx.Module, analysis: Analysis, masks: dict[str, n
     for path, module in nnx.iter_graph(model):
         path = tuple(path)
         if isinstance(module, nnx.Conv):
-            kernel = module.kernel[...]
+            kernel_shape = _shape(module.kernel)
             groups = module.feature_group_count
             seq = analysis.trace.grouped_convs.get((*path, "kernel"))
             if seq is not None:
                 groups = _kept(analysis, masks, seq)
             module.feature_group_count = groups
-            module.in_features = groups * kernel.shape[-2]
-            module.out_features = kernel.shape[-1]
+            module.in_features = groups * kernel_shape[-2]
+            module.out_features = kernel_shape[-1]
         elif isinstance(module, nnx.LinearGeneral):
-            shape = module.kernel[...].shape
+            shape = _shape(module.kernel)
             n_in, n_out = len(module.in_features), len(module.out_features)
             module.out_features = tuple(shape[len(shape) - n_out :])
             module.in_features = tuple(shape[len(shape) - n_out - n_in : len(shape) - n_out])
         elif isinstance(module, nnx.Linear):
-            module.in_features, module.out_features = module.kernel[...].shape
+            module.in_features, module.out_features = _shape(module.kernel)
         elif isinstance(module, nnx.Embed):
-            module.num_embeddings, module.features = module.embedding[...].shape
+            module.num_embeddings, module.features = _shape(module.embedding)
         elif isinstance(module, nnx.MultiHeadAttention):
-            q = module.query.kernel[...].shape  # (in, heads, head_dim)
-            k = module.key.kernel[...].shape
+            q = _shape(module.query.kernel)  # (in, heads, head_dim)
+            k = _shape(module.key.kernel)
             module.in_features = q[0]
             module.num_heads, module.head_dim = q[1], q[2]
             module.qkv_features = q[1] * q[2]
             module.in_kv_features, module.num_kv_heads = k[0], k[1]
-            module.out_features = module.out.kernel[...].shape[-1]
+            module.out_features = _shape(module.out.kernel)[-1]
         elif isinstance(module, nnx.GroupNorm):
             features = _norm_features(module)
             if features is not None:
@@ -170,11 +206,16 @@ def _update_attributes(model: nnx.Module, analysis: Analysis, masks: dict[str, n
                 module.num_features = features
 
 
+def _shape(var: nnx.Variable) -> tuple[int, ...]:
+    """The shape of a variable's value (an array or, for abstract models, a shape struct)."""
+    return tuple(var.get_value().shape)
+
+
 def _norm_features(module) -> int | None:
     for name in ("scale", "bias", "mean"):
         var = getattr(module, name, None)
         if isinstance(var, nnx.Variable):
-            return int(var[...].shape[-1])
+            return int(_shape(var)[-1])
     return None
 
 
