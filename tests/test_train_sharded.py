@@ -341,3 +341,33 @@ def test_explicit_partition_spec_tree(digits):
     )
     assert model.layers[0].kernel[...].sharding.spec == P(None, "fsdp")
     assert model.layers[1].kernel[...].sharding.is_fully_replicated
+
+
+class _Annotated(nnx.Module):
+    def __init__(self, rngs):
+        init = nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, "fsdp"))
+        self.a = nnx.Linear(64, 32, kernel_init=init, rngs=rngs)
+        self.b = nnx.Linear(32, 10, rngs=rngs)
+
+    def __call__(self, x):
+        return self.b(jax.nn.relu(self.a(x)))
+
+
+def test_flax_sharding_metadata_as_the_rule(digits):
+    x, y = digits
+    mesh = sharding.make_mesh("data=2,fsdp=4")
+    with jax.set_mesh(mesh):  # Flax creates annotated variables on the mesh
+        model = _Annotated(nnx.Rngs(0))
+    specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
+    train.fit(
+        model,
+        optax.adam(1e-3),
+        (x, y),
+        epochs=1,
+        batch_size=BATCH,
+        progress=False,
+        mesh=mesh,
+        param_sharding=specs,
+    )
+    assert model.a.kernel[...].sharding.spec == P(None, "fsdp")
+    assert model.b.kernel[...].sharding.is_fully_replicated
