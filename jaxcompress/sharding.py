@@ -264,7 +264,8 @@ def param_specs(
       params: a pytree of arrays or ``jax.ShapeDtypeStruct``.
       mesh: the mesh (Auto axes).
       rule: ``"replicated"``, ``"fsdp"`` (see the module docstring), or a pytree with the
-        structure of ``params`` whose leaves are ``PartitionSpec`` or ``None`` (replicated).
+        structure of ``params`` whose leaves are ``PartitionSpec`` or ``None`` (replicated),
+        e.g. ``nnx.get_partition_spec(params)`` for Flax NNX sharding metadata.
       data_axes: the batch axes (default: every mesh axis); ``"fsdp"`` shards over the
         ``fsdp`` axis when the mesh has one, else over these.
       min_size: leaves with fewer elements stay replicated under ``"fsdp"``.
