@@ -640,6 +640,12 @@ def test_factory_rejects_bad_arguments():
         acdc(optax.sgd(0.1), sparsity=0.9, schedule=SCHED, scope="nm")
     with pytest.raises(ValueError, match="nm"):
         acdc(optax.sgd(0.1), sparsity=None, schedule=SCHED, scope="nm", nm=(4, 4))
+    with pytest.raises(ValueError, match=r"nm: n must satisfy 1 <= n < m.*n=0"):
+        acdc(optax.sgd(0.1), sparsity=None, schedule=SCHED, scope="nm", nm=(0, 4))
+    with pytest.raises(TypeError, match="nm: expected a pair"):
+        acdc(optax.sgd(0.1), sparsity=None, schedule=SCHED, scope="nm", nm=(2, 4, 8))
+    with pytest.raises(TypeError, match="nm: m must be an int"):
+        acdc(optax.sgd(0.1), sparsity=None, schedule=SCHED, scope="nm", nm=(2, 4.0))
     with pytest.raises(ValueError, match="reset_inner_state"):
         acdc(optax.sgd(0.1), reset_inner_state="momentum", **ok)
     with pytest.raises(TypeError, match="where"):

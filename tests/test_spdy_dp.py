@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _util import count_compiles
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from spdy_oracle import bucketize as oracle_bucketize
@@ -290,11 +291,12 @@ def test_no_recompilation_on_second_call_and_new_costs():
     times = np.array([[1.0, 0.5, 0.2], [2.0, 1.0, 0.1]])
     rng = np.random.default_rng(0)
     spdy.solve(rng.uniform(size=(2, 3)), times, 2.0, buckets=100)
-    before = _dp._solve_jit._cache_size()
-    for _ in range(3):
-        spdy.solve(rng.uniform(size=(2, 3)), times, 2.0, buckets=100)
-    spdy.solve(rng.uniform(size=(2, 3)), times * 1.01, 2.0, buckets=100)  # new table, same shape
-    assert _dp._solve_jit._cache_size() == before
+    costs = [rng.uniform(size=(2, 3)) for _ in range(4)]
+    with count_compiles() as counter:
+        for c in costs[:3]:
+            spdy.solve(c, times, 2.0, buckets=100)
+        spdy.solve(costs[3], times * 1.01, 2.0, buckets=100)  # new table, same shape
+    assert counter.compiles == 0
 
 
 def test_solve_batch_equals_single_solves_for_every_batch_size():

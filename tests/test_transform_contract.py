@@ -126,8 +126,7 @@ class Case:
     ``make()`` builds it; ``injected()`` builds it with a hyperparameter injected (top level,
     or in the inner optimizer), ``set_hyper(state, value)`` changes that value in the state and
     ``new_value`` is the value to change to; ``mirrors_params``: some state leaves have a
-    param's shape (masks, moments) and must carry its sharding. ``*_xfail``: a known breach
-    of the contract (strict xfail: the test starts failing once it is fixed).
+    param's shape (masks, moments) and must carry its sharding.
     """
 
     make: Callable[[], optax.GradientTransformation]
@@ -137,8 +136,6 @@ class Case:
     params: Callable[[], Any] = _kernel_params
     grad_fn: bool = False
     mirrors_params: bool = True
-    inject_xfail: str = ""
-    sharded_recompile_xfail: str = ""
 
 
 def _masks():
@@ -151,13 +148,6 @@ def _graph():
 
 def _gates(path, leaf):
     return path in ("x", "y")
-
-
-_UNCOMMITTED_SCALARS = (
-    "init creates scalar state leaves (count, key, ...) uncommitted on one device; the first "
-    "jitted update returns them replicated on the params' mesh, so the second call recompiles"
-)
-_NOT_INJECTABLE = "the factory rejects an injected (array) hyperparameter value"
 
 
 CASES = {
@@ -175,7 +165,6 @@ CASES = {
         set_hyper=_set_top("rho"),
         new_value=0.5,
         grad_fn=True,
-        sharded_recompile_xfail=_UNCOMMITTED_SCALARS,
     ),
     "cram_nm": Case(
         make=lambda: optim.cram(_sgd(), rho=0.05, compressor="nm", nm_patterns=((2, 4), (4, 8))),
@@ -185,7 +174,6 @@ CASES = {
         set_hyper=_set_top("rho"),
         new_value=0.5,
         grad_fn=True,
-        sharded_recompile_xfail=_UNCOMMITTED_SCALARS,
     ),
     "acdc": Case(
         make=lambda: optim.acdc(
@@ -196,7 +184,6 @@ CASES = {
         )(_sgd(), sparsity=0.5, schedule=optim.acdc_schedule(**ACDC_SCHEDULE)),
         set_hyper=_set_top("sparsity"),
         new_value=0.8,
-        sharded_recompile_xfail=_UNCOMMITTED_SCALARS,
     ),
     "gmp": Case(
         make=lambda: optim.gmp(_sgd(), sparsity=0.75, begin_step=0, end_step=4, every=1),
@@ -205,7 +192,6 @@ CASES = {
         ),
         set_hyper=_set_inner_lr,
         new_value=0.02,
-        sharded_recompile_xfail=_UNCOMMITTED_SCALARS,
     ),
     "surrogate_penalty": Case(
         make=lambda: L.surrogate_penalty(_graph(), 0.5),
@@ -217,8 +203,6 @@ CASES = {
         new_value=2.0,
         params=_gate_params,
         mirrors_params=False,
-        inject_xfail=_NOT_INJECTABLE + " (strength)",
-        sharded_recompile_xfail=_UNCOMMITTED_SCALARS,
     ),
     "project_nonnegative": Case(
         make=lambda: L.project_nonnegative(_gates, prune_below=0.3),
@@ -229,7 +213,6 @@ CASES = {
         new_value=0.9,
         params=_gate_params,
         mirrors_params=False,
-        inject_xfail=_NOT_INJECTABLE + " (prune_below)",
     ),
 }
 
@@ -247,18 +230,6 @@ def _avals(tree: Any) -> Any:
 
 
 parametrize = pytest.mark.parametrize("name", sorted(CASES))
-
-
-def _params_with_xfail(field: str) -> Any:
-    return pytest.mark.parametrize(
-        "name",
-        [
-            pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=getattr(c, field)))
-            if getattr(c, field)
-            else n
-            for n, c in sorted(CASES.items())
-        ],
-    )
 
 
 # ----------------------------------------------------------------------------- contract
@@ -300,7 +271,7 @@ def test_jitted_update_traces_and_compiles_once(name):
     assert counter.compiles == 0
 
 
-@_params_with_xfail("inject_xfail")
+@parametrize
 def test_inject_hyperparams(name):
     case = CASES[name]
     # float32 params: optax's own inject_hyperparams(sgd) turns a bf16 momentum trace into
@@ -327,6 +298,23 @@ def test_inject_hyperparams(name):
         for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(moved), strict=True)
     ]
     assert any(differs), f"{name}: changing the injected hyperparameter changed nothing"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda v: L.surrogate_penalty(_graph(), v),
+        lambda v: L.project_nonnegative(_gates, prune_below=v),
+    ],
+    ids=["surrogate_penalty", "project_nonnegative"],
+)
+def test_array_hyperparameters_are_checked_by_shape_and_dtype(make):
+    """An injectable hyperparameter may be a (traced) array: a 0-d float passes, other
+    shapes and dtypes fail at once; a Python number is still checked by value."""
+    make(jnp.asarray(0.5, jnp.float32))
+    for bad in (jnp.zeros((2,), jnp.float32), jnp.asarray(True), -0.5):
+        with pytest.raises(ValueError):
+            make(bad)
 
 
 @parametrize
@@ -425,7 +413,7 @@ def test_sharded_state_follows_the_params(name):
     assert step.traces == traces and counter.compiles == 0
 
 
-@_params_with_xfail("sharded_recompile_xfail")
+@parametrize
 def test_sharded_second_step_does_not_recompile(name):
     """The state from an eager ``init`` on sharded params is placed as the jitted update
     returns it, so the second step reuses the first step's program."""
@@ -443,3 +431,24 @@ def test_sharded_second_step_does_not_recompile(name):
     with count_compiles() as counter:
         params, state = step(params, state, shard_rows(_grads(params, 1)))
     assert step.traces == 1 and counter.compiles == 0
+
+
+@parametrize
+def test_init_under_jit_on_sharded_params(name):
+    """``init`` traced by ``jit`` (where the params are tracers, with no placement to read)
+    gives the eager state's values."""
+    case = CASES[name]
+    tx = case.make()
+    params = shard_rows(case.params())
+    assert_trees_equal(jax.jit(tx.init)(params), tx.init(params))
+
+
+@parametrize
+def test_single_device_init_is_unchanged(name):
+    """Without sharded params ``init`` commits nothing: the state stays where JAX puts it."""
+    case = CASES[name]
+    state = case.make().init(case.params())
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        assert len(leaf.sharding.device_set) == 1, path_str(path)
+        if leaf.ndim == 0:
+            assert not leaf.committed, path_str(path)

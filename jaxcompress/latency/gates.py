@@ -784,7 +784,9 @@ def project_nonnegative(
         ``"a/b/0/c"``). Default: every :class:`Gate` with the ``"identity"`` parametrization
         (softplus gates are positive already and are left alone).
       prune_below: relative threshold in ``[0, 1)``; 0 (default) only projects onto
-        :math:`\\alpha \\ge 0`.
+        :math:`\\alpha \\ge 0`. A 0-d float array is accepted, so
+        ``optax.inject_hyperparams`` can inject it; it is checked by shape and dtype only (it
+        may be traced), not by value.
 
     Raises:
       ValueError: ``prune_below`` outside ``[0, 1)``; in ``update`` if ``params`` is not
@@ -792,13 +794,23 @@ def project_nonnegative(
     """
     if where is not None and not callable(where):
         raise TypeError(f"where must be callable (path, leaf) -> bool or None, got {where!r}")
-    if (
-        isinstance(prune_below, bool)
-        or not isinstance(prune_below, (int, float))
-        or not 0.0 <= prune_below < 1.0
+    if isinstance(prune_below, numbers.Real) and not isinstance(prune_below, bool):
+        if not 0.0 <= prune_below < 1.0:
+            raise ValueError(f"prune_below must be a float in [0, 1), got {prune_below!r}")
+        prune_below = float(prune_below)
+        threshold = prune_below > 0.0
+    elif (
+        hasattr(prune_below, "shape")
+        and hasattr(prune_below, "dtype")
+        and jnp.ndim(prune_below) == 0
+        and jnp.issubdtype(prune_below.dtype, jnp.floating)
     ):
-        raise ValueError(f"prune_below must be a float in [0, 1), got {prune_below!r}")
-    prune_below = float(prune_below)
+        # e.g. injected by optax.inject_hyperparams (possibly traced): checked by shape/dtype
+        threshold = True
+    else:
+        raise ValueError(
+            f"prune_below must be a float in [0, 1) or a 0-d float array, got {prune_below!r}"
+        )
 
     def init_fn(params):
         del params
@@ -820,7 +832,7 @@ def project_nonnegative(
 
         def step(u, p):
             out = jnp.maximum(u, -p)
-            if prune_below > 0.0:
+            if threshold:  # an array prune_below of 0 cuts nothing: p + out >= 0
                 after = p + out
                 cut = after < prune_below * jnp.max(after)
                 out = jnp.where(cut, -p, out)

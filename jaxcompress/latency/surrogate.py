@@ -43,6 +43,7 @@ from flax import nnx
 from jaxcompress.latency.cost import LatencyModel, LayerGraph
 from jaxcompress.latency.gates import Gate, gate_effective
 from jaxcompress.masks import path_str
+from jaxcompress.optim._placement import replicate_on_params_mesh
 
 __all__ = [
     "DEFAULT_EPS",
@@ -478,6 +479,13 @@ def _parametrization(leaf: Any) -> str:
     return "identity"
 
 
+def _is_real_scalar_array(value: Any) -> bool:
+    """A 0-d integer or floating array (NumPy, JAX or a tracer), not bool."""
+    if not isinstance(value, (np.ndarray, jax.Array)) or np.ndim(value) != 0:
+        return False
+    return jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)
+
+
 def surrogate_penalty(
     cost: LayerGraph | LatencyModel,
     strength: float | optax.Schedule | LambdaController,
@@ -504,8 +512,10 @@ def surrogate_penalty(
 
     Args:
       cost: a :class:`LayerGraph` (FLOPs surrogate) or a :class:`LatencyModel` (latency form).
-      strength: lambda: a float, an optax schedule of the step count (e.g. :func:`linear_ramp`)
-        or a :class:`LambdaController` (updated every step from ``R``).
+      strength: lambda: a float >= 0, an optax schedule of the step count (e.g.
+        :func:`linear_ramp`), a :class:`LambdaController` (updated every step from ``R``), or
+        a 0-d real array, so ``optax.inject_hyperparams`` can inject it (an array is checked
+        by shape and dtype only, its value is not: it may be traced).
       kind: the penalty whose gradient is added: ``"ratio"`` (the l1/l2 surrogate ``R``,
         default) or ``"l1"`` (network slimming: :math:`\\sum |\\alpha|`, not normalised).
       p, eps: see :func:`ratio`.
@@ -547,9 +557,13 @@ def surrogate_penalty(
         controller, schedule = None, strength
     elif isinstance(strength, numbers.Real) and not isinstance(strength, bool) and strength >= 0:
         controller, schedule = None, None
+    elif _is_real_scalar_array(strength):
+        # e.g. injected by optax.inject_hyperparams (possibly traced): checked by shape/dtype
+        controller, schedule = None, None
     else:
         raise ValueError(
-            f"strength must be a float >= 0, a schedule or a LambdaController, got {strength!r}"
+            f"strength must be a float >= 0, a 0-d real array, a schedule or a LambdaController, "
+            f"got {strength!r}"
         )
 
     def cost_ratio(gates):
@@ -570,13 +584,13 @@ def surrogate_penalty(
         return penalty, (ratio_value, gates)
 
     def init_fn(params):
-        del params
         ctrl = (
             controller.init()
             if controller is not None
             else ControllerState(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
         )
-        return SurrogateState(jnp.zeros((), jnp.int32), ctrl, jnp.zeros((), jnp.float32))
+        state = SurrogateState(jnp.zeros((), jnp.int32), ctrl, jnp.zeros((), jnp.float32))
+        return replicate_on_params_mesh(state, params)
 
     def update_fn(updates, state, params=None):
         if params is None:

@@ -46,7 +46,7 @@ the whole schedule.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -56,7 +56,9 @@ from jax import lax
 
 from jaxcompress import masks as jc_masks
 from jaxcompress.masks._magnitude import check_sparsity
+from jaxcompress.masks._nm import check_nm
 from jaxcompress.optim._masked import _cancel_pruned, _mask_leaf, _place_like
+from jaxcompress.optim._placement import replicate_on_params_mesh
 from jaxcompress.optim._schedule import AcdcSchedule
 
 __all__ = ["AcdcState", "acdc", "moment_leaves"]
@@ -238,14 +240,10 @@ def _mask_fn(
 
 
 def _check_nm(nm: Any) -> tuple[int, int]:
-    ok = (
-        isinstance(nm, tuple | list)
-        and len(nm) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in nm)
-    )
-    if not ok or not 0 <= nm[0] < nm[1]:
-        raise ValueError(f"nm: expected a pair (n, m) of ints with 0 <= n < m, got {nm!r}")
-    return int(nm[0]), int(nm[1])
+    """``nm`` as a pair ``(n, m)`` with the rule of :func:`jaxcompress.masks.nm` (1 <= n < m)."""
+    if isinstance(nm, str | bytes) or not isinstance(nm, Sequence) or len(nm) != 2:
+        raise TypeError(f"nm: expected a pair (n, m) of ints with 1 <= n < m, got {nm!r}")
+    return check_nm(*nm, argname="nm")
 
 
 # ----------------------------------------------------------------------------- transform
@@ -314,10 +312,11 @@ def acdc(
 
     Raises:
       TypeError: ``inner`` not an optax transformation, ``schedule`` not an
-        :class:`AcdcSchedule`, ``where`` not callable, a sparsity of the wrong type.
-      ValueError: unknown ``scope``, sparsity outside [0, 1) or inconsistent with ``nm``, a
-        malformed ``nm``, an unknown ``reset_inner_state``. ``init`` raises if the mask
-        function rejects the params (e.g. N:M on a leaf whose contracting axis is not a
+        :class:`AcdcSchedule`, ``where`` not callable, a sparsity of the wrong type, ``nm``
+        not a pair of ints.
+      ValueError: unknown ``scope``, sparsity outside [0, 1) or inconsistent with ``nm``, an
+        ``nm`` outside ``1 <= n < m``, an unknown ``reset_inner_state``. ``init`` raises if the
+        mask function rejects the params (e.g. N:M on a leaf whose contracting axis is not a
         multiple of ``m``).
     """
     inner = check_inner(inner, "acdc")
@@ -363,12 +362,13 @@ def acdc(
             masks = full_masks(params, template)
             ham = jnp.zeros((), jnp.int32)
             inner_params = params
-        return AcdcState(
+        state = AcdcState(
             count=jnp.zeros((), jnp.int32),
             masks=masks,
             inner_state=inner.init(inner_params),
             mask_hamming=jnp.asarray(ham, jnp.int32),
         )
+        return replicate_on_params_mesh(state, params)
 
     def update_fn(
         updates: optax.Updates,

@@ -13,6 +13,7 @@ import optax
 
 from jaxcompress.masks import map_masked
 from jaxcompress.optim._compressors import Compressor, make_compressor
+from jaxcompress.optim._placement import replicate_on_params_mesh
 
 __all__ = ["CramState", "cram"]
 
@@ -259,7 +260,7 @@ def cram(
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: optax.Params) -> CramState:
-        return CramState(
+        state = CramState(
             count=jnp.zeros((), dtype=jnp.int32),
             key=jax.random.key_data(jax.random.key(seed)),
             choice=jnp.zeros((), dtype=jnp.int32),
@@ -267,6 +268,7 @@ def cram(
             masks=comp.full_masks(params),
             inner_state=inner.init(params),
         )
+        return replicate_on_params_mesh(state, params)
 
     def update_fn(
         updates: optax.Updates,

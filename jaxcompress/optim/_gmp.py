@@ -46,6 +46,7 @@ from jaxcompress.optim._acdc import (
     masked_inner_update,
     place_masks,
 )
+from jaxcompress.optim._placement import replicate_on_params_mesh
 
 __all__ = ["GmpState", "gmp", "gmp_sparsity"]
 
@@ -233,9 +234,10 @@ def gmp(
             inner_params = jc_masks.map_masked(
                 lambda w, m: jnp.where(m, w, jnp.zeros((), w.dtype)), params, masks
             )
-        return GmpState(
+        state = GmpState(
             count=jnp.zeros((), jnp.int32), masks=masks, inner_state=inner.init(inner_params)
         )
+        return replicate_on_params_mesh(state, params)
 
     def update_fn(
         updates: optax.Updates,
