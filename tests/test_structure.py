@@ -628,3 +628,22 @@ def test_gates_keep_batchnorm_updates_and_refuse_bad_input():
     gated.gates["blocks/0/conv"][...] = jnp.array([1.0, -0.1, 1.0, 1.0])
     with pytest.raises(ValueError, match=r"gates\['blocks/0/conv'\] must be finite and non-neg"):
         S.fold(gated)
+
+
+def test_sharded_params_prune_zero_and_gate():
+    mesh = jax.make_mesh((8,), ("m",))
+    model = jc.models.MLP(hidden=(64, 32), rngs=nnx.Rngs(0))
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("m", None))
+    for layer in model.layers[:2]:  # input axes sharded: 784 and 64 rows over 8 devices
+        layer.kernel.set_value(jax.device_put(layer.kernel.get_value(), spec))
+    x = jax.random.normal(_KEY, (2, 784))
+    keep = {"layers/0": np.arange(64) % 3 > 0}
+    pruned, zeroed = S.prune(model, keep, x), S.zero(model, keep, x)
+    assert zeroed.layers[1].kernel.get_value().sharding.spec == spec.spec  # same shapes: kept
+    # the pruned axis (rows of layers/1: 42, not a multiple of 8) becomes replicated
+    assert pruned.layers[1].kernel.get_value().shape == (42, 32)
+    assert pruned.layers[0].kernel.get_value().sharding.spec[0] == "m"  # other axes keep theirs
+    np.testing.assert_allclose(np.asarray(pruned(x)), np.asarray(zeroed(x)), atol=1e-5)
+    gated = S.Gated(model, ["layers/0"], x)
+    gated.gates["layers/0"][...] = jnp.asarray(keep["layers/0"], jnp.float32)
+    np.testing.assert_allclose(np.asarray(gated(x)), np.asarray(zeroed(x)), atol=1e-5)

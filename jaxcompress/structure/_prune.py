@@ -100,6 +100,19 @@ def zero(model: nnx.Module, analysis: Analysis, masks: dict[str, np.ndarray]) ->
     return _map_state(model, fn)
 
 
+def _take(x: jax.Array, idx: np.ndarray, axis: int) -> jax.Array:
+    """``x`` restricted to ``idx`` along ``axis``; a named sharding keeps its other axes (the
+    pruned axis, whose new size need not divide the mesh, becomes replicated)."""
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = [*sharding.spec, *([None] * (x.ndim - len(sharding.spec)))]
+        spec[axis] = None
+        out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+        index = (slice(None),) * axis + (jnp.asarray(idx),)
+        return jax.device_put(x.at[index].get(out_sharding=out), out)
+    return jnp.take(x, jnp.asarray(idx), axis=axis)
+
+
 def _pruned(
     model: nnx.Module, analysis: Analysis, masks: dict[str, np.ndarray], abstract: bool
 ) -> nnx.Module:
@@ -117,7 +130,7 @@ def _pruned(
                 shape[axis] = idx.shape[0]
             return jax.ShapeDtypeStruct(tuple(shape), x.dtype)
         for axis, idx in by_path.get(path, ()):
-            x = jnp.take(x, jnp.asarray(idx), axis=axis)
+            x = _take(x, idx, axis)
         return x
 
     new = _map_state(model, fn)
