@@ -278,7 +278,11 @@ def test_restore_onto_another_mesh_places_every_leaf(digits, tmp_path):
     step = train.make_train_step(graphdef, tx, pass_grad_fn=True, mesh=mesh, param_sharding="fsdp")
     sh = step.shardings(params, rest, jax.eval_shape(tx.init, params))
     params = jax.device_put(params, sh.params)
-    target_state = tx.init(params)
+    # optax's own init functions put scalar counters on one device (jnp.zeros([])); make
+    # that explicit for every scalar leaf, whatever this transform's init does.
+    target_state = jax.tree.map(
+        lambda a: jax.device_put(a, jax.devices()[0]) if a.ndim == 0 else a, tx.init(params)
+    )
     assert not isinstance(target_state.count.sharding, NamedSharding)
     with Checkpointer(tmp_path) as ckpt:
         restored = ckpt.restore(target={"params": params, "opt_state": target_state})
