@@ -30,34 +30,47 @@ import numpy as np
 __all__ = [
     "CALIBRATION_MODES",
     "ConfigBase",
+    "DataConfig",
     "DATASETS",
     "MESH_AXES",
+    "MODELS",
+    "QUICK_RECALIBRATION",
+    "RecalibrationConfig",
+    "SGDConfig",
     "ablation_configs",
     "aggregate",
+    "build_model",
     "check_bools",
+    "check_calibration",
     "check_choices",
     "check_floats",
+    "check_fractions",
     "check_ints",
     "check_out",
     "check_source",
     "check_widths",
     "environment",
     "field",
+    "fit_stage",
     "is_int",
     "is_real",
     "load_datasets",
     "make_sgd",
     "nm_selector",
     "parse_mesh",
+    "prepare_run",
     "prune_and_measure",
     "run_header",
     "seed_list",
     "stage_bar",
+    "train_sgd",
     "write_json_atomic",
 ]
 
 DATASETS = ("fashion_mnist", "mnist", "digits")
 CALIBRATION_MODES = ("ema", "cumulative")
+#: The BatchNorm CNNs of ``cram`` and ``acdc`` (:func:`build_model`).
+MODELS = ("small_cnn", "resnet8")
 #: Mesh axis names ``--mesh`` accepts: data parallelism and fully sharded data parallelism.
 MESH_AXES = ("data", "fsdp")
 
@@ -65,6 +78,21 @@ MESH_AXES = ("data", "fsdp")
 # --------------------------------------------------------------------------------------------
 # Config fields and their checks
 # --------------------------------------------------------------------------------------------
+
+
+#: The quick settings of the one-shot experiments (``oneshot``, ``cram``): a narrower SmallCNN
+#: trained for 3 epochs on 20,000 images (about 470 steps, enough for the dense model and its
+#: BatchNorm statistics to converge: within 3 points of the full run on MNIST), 20 calibration
+#: batches averaged exactly, a 2,000-image test subset.
+QUICK_RECALIBRATION = {
+    "epochs": 3,
+    "train_subset": 20_000,
+    "test_subset": 2_000,
+    "widths": (16, 32, 64),
+    "learning_rate": 0.1,
+    "calib_batches": 20,
+    "calib_mode": "cumulative",  # the exact mean of 20 batches; an EMA would need about 100
+}
 
 
 def field(default: Any, help: str, **metadata: Any) -> Any:  # noqa: A002 - argparse's word
@@ -137,6 +165,32 @@ def check_choices(config: Any, name: str, choices: Sequence[str]) -> None:
         raise ValueError(
             f"{name} must be a non-empty tuple of distinct names from {tuple(choices)}, "
             f"got {value!r}"
+        )
+
+
+def check_fractions(config: Any, name: str, *, zero: bool = True) -> None:
+    """A non-empty tuple of distinct floats in ``[0, 1)`` (``(0, 1)`` without ``zero``)."""
+    value = getattr(config, name)
+    lo = "[0" if zero else "(0"
+    if (
+        not isinstance(value, tuple)
+        or not value
+        or not all(is_real(s) and (0.0 <= s if zero else 0.0 < s) and s < 1.0 for s in value)
+    ):
+        raise ValueError(f"{name} must be a non-empty tuple of floats in {lo}, 1), got {value!r}")
+    if len({float(s) for s in value}) != len(value):
+        raise ValueError(f"{name} must be distinct, got {value!r}")
+
+
+def check_calibration(config: Any) -> None:
+    """The BatchNorm recalibration fields ``calib_batches``, ``calib_batch_size``,
+    ``calib_momentum`` (in ``(0, 1]``) and ``calib_mode`` (in :data:`CALIBRATION_MODES`)."""
+    check_ints(config, ("calib_batches", "calib_batch_size"))
+    if not is_real(config.calib_momentum) or not 0.0 < config.calib_momentum <= 1.0:
+        raise ValueError(f"calib_momentum must be in (0, 1], got {config.calib_momentum!r}")
+    if config.calib_mode not in CALIBRATION_MODES:
+        raise ValueError(
+            f"calib_mode must be one of {CALIBRATION_MODES}, got {config.calib_mode!r}"
         )
 
 
@@ -239,6 +293,86 @@ def load_datasets(config: Any, sizes: dict[str, int] | None = None) -> tuple[Any
     if sizes is not None:
         sizes.update(train=len(train_ds), test=len(test_ds), **full)
     return train_ds, test_ds
+
+
+def prepare_run(config: Any, out: str | os.PathLike | None) -> tuple[Any, Any, Any, dict]:
+    """The start of every experiment's ``run``: validate ``config``, check ``out`` (created,
+    writable) before any data is loaded, load the datasets (:func:`load_datasets`) and check
+    that ``config.batch_size`` fits the training set.
+
+    Returns:
+      ``(out, train_ds, test_ds, sizes)``: ``out`` as an absolute path (``None`` stays
+      ``None``) and the ``sizes`` for :func:`run_header`.
+    """
+    config.validate()
+    out = None if out is None else check_out(out)
+    sizes: dict[str, int] = {}
+    train_ds, test_ds = load_datasets(config, sizes)
+    if config.batch_size > len(train_ds):
+        raise ValueError(
+            f"batch_size={config.batch_size} is larger than the training set ({len(train_ds)})"
+        )
+    return out, train_ds, test_ds, sizes
+
+
+def fit_stage(model, tx, train_ds, config, *, desc: str, epochs: int | None = None, **kwargs):
+    """:func:`jaxcompress.train.fit` for ``epochs`` (default ``config.epochs``) with one
+    progress bar over the epochs (``desc``, when ``config.progress``) instead of ``fit``'s own,
+    ``config.batch_size`` and ``config.eval_batch_size``; ``kwargs`` go to ``fit`` (a
+    ``callback`` is called after the bar advances)."""
+    from jaxcompress import train as jtrain
+
+    epochs = config.epochs if epochs is None else epochs
+    callback = kwargs.pop("callback", None)
+    with stage_bar(epochs, desc, config.progress) as bar:
+
+        def advance(epoch, record, trained):
+            bar.update(1)
+            if callback is not None:
+                callback(epoch, record, trained)
+
+        return jtrain.fit(
+            model,
+            tx,
+            train_ds,
+            epochs=epochs,
+            batch_size=config.batch_size,
+            eval_batch_size=config.eval_batch_size,
+            progress=False,
+            callback=advance,
+            **kwargs,
+        )
+
+
+def train_sgd(model, train_ds, config, out: str | None, desc: str = "train (SGD)"):
+    """Train ``model`` densely with :func:`make_sgd` over ``config.epochs`` (:func:`fit_stage`,
+    seed ``config.seed``), logging to ``<out>/metrics.jsonl``; return the ``History``."""
+    total_steps = config.epochs * (len(train_ds) // config.batch_size)
+    return fit_stage(
+        model,
+        make_sgd(config, total_steps),
+        train_ds,
+        config,
+        desc=desc,
+        seed=config.seed,
+        metrics_path=None if out is None else os.path.join(out, "metrics.jsonl"),
+    )
+
+
+def build_model(config: Any, in_channels: int, num_classes: int, seed: int) -> Any:
+    """A freshly initialised BatchNorm CNN: ``config.model`` in :data:`MODELS`,
+    :class:`jaxcompress.models.SmallCNN` with ``config.widths``, or ResNet-8 with stem width
+    ``config.widths[0]``."""
+    from flax import nnx
+
+    from jaxcompress.models import SmallCNN, resnet8
+
+    rngs = nnx.Rngs(seed)
+    if config.model == "resnet8":
+        return resnet8(
+            in_channels=in_channels, num_classes=num_classes, width=config.widths[0], rngs=rngs
+        )
+    return SmallCNN(in_channels, num_classes, config.widths, rngs=rngs)
 
 
 def make_sgd(config: Any, total_steps: int) -> Any:
@@ -437,3 +571,75 @@ def ablation_configs(ablations: Mapping[str, Any], configs: Mapping[str, Any]) -
         for label, changes in ablation["variants"].items():
             out[f"{name}/{label}"] = base.replace(**changes).validate()
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(ConfigBase):
+    """The fields every image experiment has: data, seed, subsets, batch size, progress."""
+
+    dataset: str = field("fashion_mnist", "data set", choices=DATASETS)
+    data_dir: str | None = field(None, "data root (none: $JAXCOMPRESS_DATA_DIR)")
+    seed: int = field(
+        0, "seed of initialisation, shuffling, subsets and every draw (the first of num_seeds)"
+    )
+    train_subset: int | None = field(None, "train on a random subset of this size (none: all)")
+    test_subset: int | None = field(None, "evaluate on a random subset of this size (none: all)")
+    batch_size: int = field(128, "training batch size")
+    progress: bool = field(True, "progress bars")
+
+    def check_data(self) -> None:
+        """Check the fields of :class:`DataConfig` (``ValueError``/``TypeError`` naming one)."""
+        check_source(self, DATASETS)
+        check_ints(self, ("seed",), minimum=0)
+        check_ints(self, ("batch_size",))
+        check_ints(self, ("train_subset", "test_subset"), optional=True)
+        check_bools(self, ("progress",))
+
+
+@dataclasses.dataclass(frozen=True)
+class SGDConfig(DataConfig):
+    """:class:`DataConfig` and the SmallCNN trained with :func:`make_sgd` (``oneshot``,
+    ``cram``, ``acdc``); an experiment redeclares a field to change its default or help."""
+
+    epochs: int = field(10, "training epochs")
+    learning_rate: float = field(0.1, "peak SGD learning rate (cosine decay to 0)")
+    momentum: float = field(0.9, "SGD heavy-ball momentum")
+    weight_decay: float = field(5e-4, "coupled L2 weight decay added to the gradient (torch SGD)")
+    widths: tuple[int, ...] = field(
+        (32, 64, 128), "SmallCNN conv widths (resnet8: widths[0] is the stem width)"
+    )
+    eval_batch_size: int = field(1000, "evaluation batch size")
+
+    def check_sgd(self) -> None:
+        """Check the fields of :class:`SGDConfig` (``ValueError``/``TypeError`` naming one)."""
+        self.check_data()
+        check_ints(self, ("epochs", "eval_batch_size"))
+        check_floats(
+            self,
+            (
+                ("learning_rate", 0.0, math.inf),
+                ("momentum", 0.0, 1.0),
+                ("weight_decay", 0.0, math.inf),
+            ),
+        )
+        if self.learning_rate == 0.0:
+            raise ValueError("learning_rate must be > 0, got 0.0")
+        check_widths(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecalibrationConfig(SGDConfig):
+    """:class:`SGDConfig` and the BatchNorm recalibration after one-shot pruning
+    (:func:`prune_and_measure`; the CrAM reference's BNT: 100 batches of 128, EMA 0.1)."""
+
+    calib_batches: int = field(100, "BatchNorm recalibration forward passes (the reference: 100)")
+    calib_batch_size: int = field(128, "calibration batch size (the reference: 128)")
+    calib_momentum: float = field(0.1, "EMA weight of each calibration batch (the reference: 0.1)")
+    calib_mode: str = field(
+        "ema", "BatchNorm statistics: EMA (the reference) or exact mean", choices=CALIBRATION_MODES
+    )
+
+    def check_recalibration(self) -> None:
+        """Check the fields of :class:`RecalibrationConfig`."""
+        self.check_sgd()
+        check_calibration(self)

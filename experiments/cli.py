@@ -32,6 +32,7 @@ __all__ = [
     "add_run_flags",
     "build_parser",
     "check_dirs",
+    "command",
     "comma_separated",
     "main",
     "non_negative_int",
@@ -42,12 +43,12 @@ __all__ = [
 
 MESH_HELP = (
     "device mesh, e.g. data=8 or data=4,fsdp=2 (axes: {axes}); checked against the devices "
-    "that exist. The training loops run on one device until jaxcompress.train.fit takes a "
-    "mesh, so only a one-device mesh (data=1) runs today"
+    "that exist. The experiments do not pass a mesh to jaxcompress.train.fit yet: only a "
+    "one-device mesh (data=1) runs today"
 )
 RESTART_HELP = (
-    "start over in an existing --out instead of resuming. Resuming needs checkpoints that the "
-    "training loops do not write yet: every run starts over today, with or without this flag"
+    "start over in an existing --out instead of resuming. The experiments do not checkpoint "
+    "their training yet: every run starts over today, with or without this flag"
 )
 
 
@@ -272,8 +273,8 @@ def main(
         if any(size > 1 for size in mesh.values()):
             _fail(
                 parser,
-                f"--mesh {args.mesh}: the training loops run on one device until "
-                "jaxcompress.train.fit takes a mesh; use data=1 or leave --mesh out",
+                f"--mesh {args.mesh}: the experiments do not shard their training yet (they "
+                "run on one device); use data=1 or leave --mesh out",
             )
     try:
         out = check_out(args.out)
@@ -281,6 +282,29 @@ def main(
         _fail(parser, str(err))
     module = importlib.import_module(train)
     return _run_and_report(config, out, module.run, module.format_table)
+
+
+def command(
+    name: str, config_cls: type, configs: tuple[Any, Any], *, description: str
+) -> tuple[Callable[[], argparse.ArgumentParser], Callable[[list[str] | None], int]]:
+    """``(build_parser, main)`` of ``python -m experiments.<name>``: its parser
+    (:func:`build_parser`, output ``runs/<name>``) and its entry point (:func:`main` with the
+    ``(default, quick)`` ``configs`` and the module ``experiments.<name>.train``)."""
+
+    def build() -> argparse.ArgumentParser:
+        return build_parser(
+            prog=f"python -m experiments.{name}",
+            description=description,
+            config_cls=config_cls,
+            out=f"runs/{name}",
+            quick=f"the quick config (experiments/{name}/configs/quick.py): a few minutes on 2 "
+            "CPU cores, the same story as the full run",
+        )
+
+    def run_main(argv: list[str] | None = None) -> int:
+        return main(argv, parser=build(), configs=configs, train=f"experiments.{name}.train")
+
+    return build, run_main
 
 
 def _run_and_report(config, out, run, format_table) -> int:

@@ -199,3 +199,58 @@ def test_experiment_configs_are_thin_and_their_ablations_valid(name):
     assert len(built) == sum(len(a["variants"]) for a in ablations.values())
     with pytest.raises(TypeError, match="has no field"):
         _common.ablation_configs({"x": {"base": "quick", "variants": {"a": {"nope": 1}}}}, configs)
+
+
+# Each experiment rejects a bad flag in one line on stderr (status 2), before any work; the
+# flags are generated from the configs, so a few cases per experiment cover every kind.
+@pytest.mark.parametrize(
+    "experiment, argv, match",
+    [
+        ("acdc", ["--dataset", "cifar10"], "argument --dataset: expected one of"),
+        ("acdc", ["--epochs", "0"], "epochs must be a positive int"),
+        ("acdc", ["--seeds", "0"], "num_seeds must be a positive int"),
+        ("acdc", ["--widths", "16,x"], "argument --widths: expected comma-separated items"),
+        ("acdc", ["--epochs", "2"], "epochs"),
+        ("acdc", ["--phases", "1:1:1"], "argument --phases: expected"),
+        (
+            "acdc",
+            ["--memorisation", "maybe"],
+            "argument --memorisation: expected one of yes, no, only",
+        ),
+        ("acdc", ["--data-dir", "/nonexistent/dir"], "not a directory"),
+        ("oneshot", ["--dataset", "cifar10"], "argument --dataset: expected one of"),
+        ("oneshot", ["--epochs", "0"], "epochs must be a positive int"),
+        ("oneshot", ["--seed", "-1"], "seed must be a non-negative int"),
+        ("oneshot", ["--nm", "4:2"], "nm must be None or a pair"),
+        ("oneshot", ["--nm", "2"], "argument --nm: expected"),
+        ("oneshot", ["--data-dir", "/nonexistent/dir"], "not a directory"),
+        ("oneshot", ["--out", "/etc/hostname/sub"], "out: cannot write to '/etc/hostname/sub'"),
+        ("cram", ["--dataset", "cifar10"], "argument --dataset: expected one of fashion_mnist"),
+        ("cram", ["--epochs", "0"], "epochs must be a positive int, got 0"),
+        ("cram", ["--epochs", "1.5"], "argument --epochs: expected an integer, got '1.5'"),
+        ("cram", ["--seeds", "0"], "num_seeds must be a positive int, got 0"),
+        ("cram", ["--rho", "-1"], "rho must be a float in [0.0, inf), got -1.0"),
+        ("cram", ["--rho", "nan"], "rho must be a float"),
+        ("cram", ["--methods", "sgd,adam"], "argument --methods: expected comma-separated items"),
+        ("cram", ["--methods", "sgd,sgd"], "methods must be a non-empty tuple of distinct names"),
+        ("cram", ["--nm-patterns", "2:4,4"], "argument --nm-patterns: expected"),
+        ("cram", ["--nm-patterns", "4:2"], "nm_patterns must be"),
+        ("cram", ["--train-subset", "0"], "train_subset must be a positive int or None"),
+        ("cram", ["--data-dir", "/nonexistent/dir"], "not a directory"),
+        ("cram", ["--mesh", "model=2"], "mesh: unknown axis 'model'"),
+        ("cram", ["--mesh", "data=0"], "mesh: size of 'data' must be a positive int"),
+        ("cram", ["--mesh", "data=4096"], "needs 4096 devices"),
+        ("cram", ["--mesh", "data=2"], "the experiments do not shard their training yet"),
+        ("cram", ["--out", "/etc/hostname/sub"], "out: cannot write to '/etc/hostname/sub'"),
+        ("cram", ["--rho"], "expected one argument"),
+    ],
+)
+def test_cli_rejects_bad_flags_in_one_line(experiment, argv, match, capsys):
+    import importlib
+
+    main = importlib.import_module(f"experiments.{experiment}.main").main
+    with pytest.raises(SystemExit) as exc:
+        main(["--quick", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert match in err and len(err.strip().splitlines()) == 1, err

@@ -67,12 +67,12 @@ from flax import nnx
 
 from experiments._common import (
     aggregate,
-    check_out,
+    build_model,
     environment,
-    load_datasets,
+    fit_stage,
+    prepare_run,
     run_header,
     seed_list,
-    stage_bar,
     write_json_atomic,
 )
 from experiments.acdc.configs.base import Config
@@ -80,7 +80,6 @@ from jaxcompress import data as jdata
 from jaxcompress import masks as jmasks
 from jaxcompress import optim, prune
 from jaxcompress import train as jtrain
-from jaxcompress.models import SmallCNN, resnet8
 
 __all__ = [
     "Timeline",
@@ -104,16 +103,6 @@ def sparsity_key(s: float) -> str:
 # --------------------------------------------------------------------------------------------
 # Model, optimizer, schedules
 # --------------------------------------------------------------------------------------------
-
-
-def build_model(config: Config, in_channels: int, num_classes: int, seed: int) -> nnx.Module:
-    """A freshly initialised BatchNorm CNN (``config.model``) for ``in_channels`` inputs."""
-    rngs = nnx.Rngs(seed)
-    if config.model == "resnet8":
-        return resnet8(
-            in_channels=in_channels, num_classes=num_classes, width=config.widths[0], rngs=rngs
-        )
-    return SmallCNN(in_channels, num_classes, config.widths, rngs=rngs)
 
 
 def cosine_lr(config: Config, steps_per_epoch: int, offset_steps: int = 0) -> optax.Schedule:
@@ -262,7 +251,6 @@ def _train(
     snapshot: dict[str, Any] = {}
 
     def callback(epoch: int, record: dict[str, float], trained: nnx.Module) -> None:
-        bar.update(1)
         test_acc.append(record["eval_accuracy"])
         sparsity.append(_sparsity(trained))
         if probe_ds is not None:
@@ -271,20 +259,18 @@ def _train(
             snapshot["state"] = _copy_state(trained)
 
     start = time.perf_counter()
-    with stage_bar(epochs, desc, config.progress) as bar:
-        history = jtrain.fit(
-            model,
-            tx,
-            train_ds,
-            epochs=epochs,
-            batch_size=config.batch_size,
-            eval_ds=test_ds,
-            seed=seed,
-            progress=False,
-            metrics_path=metrics_path,
-            eval_batch_size=config.eval_batch_size,
-            callback=callback,
-        )
+    history = fit_stage(
+        model,
+        tx,
+        train_ds,
+        config,
+        desc=desc,
+        epochs=epochs,
+        eval_ds=test_ds,
+        seed=seed,
+        metrics_path=metrics_path,
+        callback=callback,
+    )
     return _Run(
         model=model,
         history=history,
@@ -497,12 +483,9 @@ _NOT_AVERAGED = ("seed", "phases", "steps_per_epoch", "num_relabelled", "train_s
 
 
 def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Run the experiment; write ``results.json``, training logs and the plots to ``out``.
-
-    Args:
-      config: a :class:`Config` (validated first).
-      out: output directory (created and checked for writing before any data is loaded);
-        ``None`` writes nothing.
+    """Run ``config`` (validated first); write ``results.json``,
+    training logs and the plots to ``out`` (checked first by
+    :func:`experiments._common.prepare_run`; ``None`` writes nothing).
 
     Returns:
       The results dict (also ``results.json``). Accuracies are test accuracies at the final
@@ -535,11 +518,8 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
     """
     if not isinstance(config, Config):
         raise TypeError(f"config must be an experiments.acdc Config, got {type(config).__name__}")
-    config.validate()
-    out = None if out is None else check_out(out)
     t0 = time.perf_counter()
-    sizes: dict[str, int] = {}
-    train_ds, test_ds = load_datasets(config, sizes)
+    out, train_ds, test_ds, sizes = prepare_run(config, out)
     spe = jdata.num_batches(train_ds, config.batch_size)
     timeline = make_timeline(config, spe)  # validates steps_per_epoch before any training
     if config.memorisation != "no":

@@ -6,6 +6,7 @@ folder first on ``sys.path``, so they import this module, and ``spdy_oracle``, b
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -13,12 +14,24 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from jaxcompress import train
 from jaxcompress.checkpoint import write_json_atomic
 from jaxcompress.models import SmallCNN, resnet8
 
-__all__ = ["Variant", "benchmark_model", "copy_tree", "machine_info", "report", "write_json"]
+__all__ = [
+    "Variant",
+    "benchmark_model",
+    "copy_tree",
+    "machine_info",
+    "random_batch_setup",
+    "report",
+    "step_parser",
+    "time_variants",
+    "write_json",
+]
 
 
 def machine_info() -> dict:
@@ -65,6 +78,30 @@ def benchmark_model(name: str, seed: int) -> nnx.Module:
     return resnet8(in_channels=1, num_classes=10, rngs=rngs)
 
 
+def step_parser(doc: str) -> argparse.ArgumentParser:
+    """The flags of the step-time benchmarks: ``--out``, ``--model``, ``--batch``,
+    ``--repeats``, ``--steps``, ``--warmup`` (the description is ``doc``'s first paragraph)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="JSON file for the results")
+    parser.add_argument("--model", choices=("smallcnn", "resnet8"), default="smallcnn")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=15, help="timed blocks (>= 10)")
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed block")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed blocks per variant")
+    return parser
+
+
+def random_batch_setup(args):
+    """The model (``args.model``, seed ``args.seed``) split for a train step and one random
+    batch of ``args.batch`` 28x28x1 images: ``(graphdef, params, rest, x, y)``."""
+    model = benchmark_model(args.model, args.seed)
+    graphdef, params, rest = train.split_model(train.train_view(model))
+    rng = np.random.default_rng(args.seed)
+    x = jnp.asarray(rng.random((args.batch, 28, 28, 1), np.float32))
+    y = jnp.asarray(rng.integers(0, 10, size=args.batch), jnp.int32)
+    return graphdef, params, rest, x, y
+
+
 def copy_tree(tree):
     """A fresh copy of every array (so donated buffers of one variant don't alias another's)."""
     return jax.tree.map(lambda a: jnp.array(a, copy=True), tree)
@@ -87,3 +124,21 @@ class Variant:
         self.carry = carry
         self.times.append((time.perf_counter() - start) / steps)
         self.cpu_times.append((time.process_time() - cpu_start) / steps)
+
+
+def time_variants(variants: list[Variant], *, warmup: int, steps: int, repeats: int) -> dict:
+    """Compile and warm up every variant (``warmup`` blocks of ``steps`` calls, not kept), then
+    time ``repeats`` blocks of each, interleaved so that load drift hits all alike; return the
+    compile-and-warm-up seconds per variant name."""
+    compile_s = {}
+    for v in variants:
+        start = time.perf_counter()
+        for _ in range(warmup):
+            v.block(steps)
+        compile_s[v.name] = time.perf_counter() - start
+        v.times.clear()
+        v.cpu_times.clear()
+    for _ in range(repeats):
+        for v in variants:
+            v.block(steps)
+    return compile_s

@@ -37,13 +37,18 @@ import argparse
 import os
 import platform
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from _timing import Variant, benchmark_model, copy_tree, write_json
+from _timing import (
+    Variant,
+    copy_tree,
+    random_batch_setup,
+    step_parser,
+    time_variants,
+    write_json,
+)
 
 from jaxcompress import masks, train
 from jaxcompress.optim._acdc import acdc
@@ -63,13 +68,7 @@ SCHEDULE = acdc_schedule(
 
 
 def _parse(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="JSON file for the results")
-    parser.add_argument("--model", choices=("smallcnn", "resnet8"), default="smallcnn")
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=15, help="timed blocks (>= 10)")
-    parser.add_argument("--steps", type=int, default=5, help="steps per timed block")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed blocks per variant")
+    parser = step_parser(__doc__)
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--scope", choices=("global", "layer"), default="global")
     parser.add_argument(
@@ -89,11 +88,7 @@ def _parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = _parse(argv)
-    model = benchmark_model(args.model, args.seed)
-    graphdef, params, rest = train.split_model(train.train_view(model))
-    rng = np.random.default_rng(args.seed)
-    x = jnp.asarray(rng.random((args.batch, 28, 28, 1), np.float32))
-    y = jnp.asarray(rng.integers(0, 10, size=args.batch), jnp.int32)
+    graphdef, params, rest, x, y = random_batch_setup(args)
     sparse_masks = masks.magnitude(params, args.sparsity, scope=args.scope)
 
     inner = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
@@ -134,17 +129,7 @@ def main(argv=None) -> dict:
         variant("gmp_steady", gmp_tx, count=_PHASE + 10),
         variant("gmp_prune", gmp_tx, count=_PHASE + _PHASE // 4 - 1, reset_count=True),
     ]
-    compile_s = {}
-    for v in variants:
-        start = time.perf_counter()
-        for _ in range(args.warmup):
-            v.block(args.steps)
-        compile_s[v.name] = time.perf_counter() - start
-        v.times.clear()
-        v.cpu_times.clear()
-    for _ in range(args.repeats):
-        for v in variants:
-            v.block(args.steps)
+    compile_s = time_variants(variants, warmup=args.warmup, steps=args.steps, repeats=args.repeats)
 
     base = variants[0]
     med = {v.name: statistics.median(v.times) for v in variants}

@@ -51,10 +51,11 @@ from flax import nnx
 
 from experiments._common import (
     aggregate,
-    check_out,
+    build_model,
     environment,
-    load_datasets,
+    fit_stage,
     make_sgd,
+    prepare_run,
     prune_and_measure,
     run_header,
     seed_list,
@@ -65,7 +66,6 @@ from experiments._common import nm_selector as nm_selector_for_group
 from experiments.cram.configs.base import METHODS, Config
 from jaxcompress import optim, prune
 from jaxcompress import train as jtrain
-from jaxcompress.models import SmallCNN, resnet8
 
 __all__ = [
     "build_model",
@@ -94,16 +94,6 @@ def nm_key(n: int, m: int) -> str:
 def nm_selector(config: Config):
     """Conv/dense kernels whose contracting dimension is divisible by every ``m`` (their lcm)."""
     return nm_selector_for_group(math.lcm(*(m for _, m in config.nm_patterns)))
-
-
-def build_model(config: Config, in_channels: int, num_classes: int, seed: int) -> nnx.Module:
-    """A freshly initialised BatchNorm CNN (``config.model``) for ``in_channels`` inputs."""
-    rngs = nnx.Rngs(seed)
-    if config.model == "resnet8":
-        return resnet8(
-            in_channels=in_channels, num_classes=num_classes, width=config.widths[0], rngs=rngs
-        )
-    return SmallCNN(in_channels, num_classes, config.widths, rngs=rngs)
 
 
 def make_transform(
@@ -178,23 +168,18 @@ def _train(
 ) -> tuple[nnx.Module, jtrain.History]:
     model = build_model(config, train_ds.x.shape[-1], train_ds.num_classes, seed)
     total_steps = config.epochs * (len(train_ds) // config.batch_size)
-    desc = f"train {METHOD_LABELS[method]} (seed {seed})"
-    with stage_bar(config.epochs, desc, config.progress) as bar:
-        history = jtrain.fit(
-            model,
-            make_transform(config, method, total_steps, seed),
-            train_ds,
-            epochs=config.epochs,
-            batch_size=config.batch_size,
-            seed=seed,
-            progress=False,
-            metrics_path=None
-            if out is None
-            else os.path.join(out, f"metrics_{method}_seed{seed}.jsonl"),
-            pass_grad_fn=method != "sgd",
-            eval_batch_size=config.eval_batch_size,
-            callback=lambda epoch, record, model: bar.update(1),
-        )
+    history = fit_stage(
+        model,
+        make_transform(config, method, total_steps, seed),
+        train_ds,
+        config,
+        desc=f"train {METHOD_LABELS[method]} (seed {seed})",
+        seed=seed,
+        metrics_path=None
+        if out is None
+        else os.path.join(out, f"metrics_{method}_seed{seed}.jsonl"),
+        pass_grad_fn=method != "sgd",
+    )
     return model, history
 
 
@@ -239,12 +224,9 @@ def _run_seed(config: Config, seed: int, train_ds, test_ds, out: str | None) -> 
 
 
 def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Run the experiment; write ``results.json``, training curves and the plot to ``out``.
-
-    Args:
-      config: a :class:`Config` (validated first).
-      out: output directory (created and checked for writing before any data is loaded);
-        ``None`` writes nothing.
+    """Run ``config`` (validated first); write ``results.json``,
+    training curves and the plot to ``out`` (checked first by
+    :func:`experiments._common.prepare_run`; ``None`` writes nothing).
 
     Returns:
       The results dict (also ``results.json``). Accuracies are BN-recalibrated test accuracies,
@@ -261,15 +243,8 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
     """
     if not isinstance(config, Config):
         raise TypeError(f"config must be an experiments.cram Config, got {type(config).__name__}")
-    config.validate()
-    out = None if out is None else check_out(out)
     t0 = time.perf_counter()
-    sizes: dict[str, int] = {}
-    train_ds, test_ds = load_datasets(config, sizes)
-    if config.batch_size > len(train_ds):
-        raise ValueError(
-            f"batch_size={config.batch_size} is larger than the training set ({len(train_ds)})"
-        )
+    out, train_ds, test_ds, sizes = prepare_run(config, out)
     t_data = time.perf_counter()
 
     seeds = seed_list(config)

@@ -28,14 +28,15 @@ import jax
 from flax import nnx
 
 from experiments._common import (
-    check_out,
     environment,
     load_datasets,
     make_sgd,
     nm_selector,
+    prepare_run,
     prune_and_measure,
     run_header,
     stage_bar,
+    train_sgd,
     write_json_atomic,
 )
 from experiments.oneshot.configs.base import Config
@@ -43,7 +44,7 @@ from jaxcompress import prune
 from jaxcompress import train as jtrain
 from jaxcompress.models import SmallCNN
 
-__all__ = ["format_table", "run", "write_plot"]
+__all__ = ["format_table", "load_datasets", "make_optimizer", "run", "write_plot"]
 
 # The notebooks import ``load_datasets`` (imported above) and ``make_optimizer`` from here; they
 # stay until the notebooks import them from ``experiments._common``.
@@ -51,12 +52,9 @@ make_optimizer = make_sgd
 
 
 def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Run the experiment; write ``results.json``, ``metrics.jsonl`` and the plot to ``out``.
-
-    Args:
-      config: a :class:`Config` (validated first).
-      out: output directory (created and checked for writing before any data is loaded);
-        ``None`` writes nothing.
+    """Run ``config`` (validated first); write ``results.json``,
+    ``metrics.jsonl`` and the plot to ``out`` (checked first by
+    :func:`experiments._common.prepare_run`; ``None`` writes nothing).
 
     Returns:
       The results dict (also ``results.json``, written atomically): ``dense_accuracy``,
@@ -68,33 +66,13 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
         raise TypeError(
             f"config must be an experiments.oneshot Config, got {type(config).__name__}"
         )
-    config.validate()
-    out = None if out is None else check_out(out)
     t0 = time.perf_counter()
-    sizes: dict[str, int] = {}
-    train_ds, test_ds = load_datasets(config, sizes)
-    if config.batch_size > len(train_ds):
-        raise ValueError(
-            f"batch_size={config.batch_size} is larger than the training set ({len(train_ds)})"
-        )
+    out, train_ds, test_ds, sizes = prepare_run(config, out)
     t_data = time.perf_counter()
 
     channels = train_ds.x.shape[-1]
     model = SmallCNN(channels, train_ds.num_classes, config.widths, rngs=nnx.Rngs(config.seed))
-    total_steps = config.epochs * (len(train_ds) // config.batch_size)
-    with stage_bar(config.epochs, "train (SGD)", config.progress) as bar:
-        history = jtrain.fit(
-            model,
-            make_sgd(config, total_steps),
-            train_ds,
-            epochs=config.epochs,
-            batch_size=config.batch_size,
-            seed=config.seed,
-            progress=False,
-            metrics_path=None if out is None else os.path.join(out, "metrics.jsonl"),
-            eval_batch_size=config.eval_batch_size,
-            callback=lambda epoch, record, model: bar.update(1),
-        )
+    history = train_sgd(model, train_ds, config, out)
     model.eval()
     dense = jtrain.evaluate(model, test_ds, batch_size=config.eval_batch_size)
     t_train = time.perf_counter()

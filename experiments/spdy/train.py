@@ -71,18 +71,15 @@ import numpy as np
 from flax import nnx
 
 from experiments._common import (
-    check_out,
     environment,
-    load_datasets,
-    make_sgd,
+    prepare_run,
     run_header,
-    stage_bar,
+    train_sgd,
     write_json_atomic,
 )
 from experiments.spdy import model as fmodel
 from experiments.spdy.configs.base import FAMILIES, Config
 from jaxcompress import spdy
-from jaxcompress import train as jtrain
 from jaxcompress.checkpoint import Checkpointer
 from jaxcompress.masks import keep_count
 from jaxcompress.models import SmallCNN
@@ -146,20 +143,7 @@ def _train_or_restore(config: Config, train_ds, out) -> tuple[SmallCNN, list]:
         nnx.update(model, state)
         model.eval()
         return model, []
-    total = config.epochs * (len(train_ds) // config.batch_size)
-    with stage_bar(config.epochs, "train dense (SGD)", config.progress) as bar:
-        history = jtrain.fit(
-            model,
-            make_sgd(config, total),
-            train_ds,
-            epochs=config.epochs,
-            batch_size=config.batch_size,
-            seed=config.seed,
-            progress=False,
-            metrics_path=None if out is None else os.path.join(out, "metrics.jsonl"),
-            eval_batch_size=config.eval_batch_size,
-            callback=lambda epoch, record, model: bar.update(1),
-        )
+    history = train_sgd(model, train_ds, config, out, "train dense (SGD)")
     model.eval()
     if out is not None:
         with Checkpointer(os.path.join(os.path.abspath(out), "checkpoint")) as ckpt:
@@ -698,12 +682,9 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
     """
     if not isinstance(config, Config):
         raise TypeError(f"config must be an experiments.spdy Config, got {type(config).__name__}")
-    config.validate()
-    out = None if out is None else check_out(out)
     t0 = time.perf_counter()
     load0 = os.getloadavg()
-    sizes: dict[str, int] = {}
-    train_ds, test_ds = load_datasets(config, sizes)
+    out, train_ds, test_ds, sizes = prepare_run(config, out)
     if config.calib_samples > len(train_ds):
         raise ValueError(
             f"calib_samples={config.calib_samples} exceeds the training set ({len(train_ds)})"

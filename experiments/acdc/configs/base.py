@@ -3,28 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 from experiments._common import (
-    DATASETS,
-    ConfigBase,
-    check_bools,
-    check_floats,
+    MODELS,
+    SGDConfig,
+    check_fractions,
     check_ints,
-    check_source,
-    check_widths,
     field,
     is_int,
     is_real,
 )
 
-MODELS = ("small_cnn", "resnet8")
 MEMORISATION = ("yes", "no", "only")
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(ConfigBase):
-    """Every setting of one run; :meth:`validate` checks them all before any work.
+class Config(SGDConfig):
+    """Every setting of one run: :class:`experiments._common.SGDConfig` and the fields below;
+    :meth:`validate` checks them all before any work.
 
     Training is the same for every method (only the optimizer wrapper differs); the AC/DC
     timeline is :meth:`phase_epochs` (``phases``, or the paper's proportions of ``epochs``).
@@ -39,26 +35,15 @@ class Config(ConfigBase):
     95% it cannot, hence ``memorisation_sparsity=0.95`` (``experiments/acdc/RESULTS.md``).
     """
 
-    dataset: str = field("fashion_mnist", "data set", choices=DATASETS)
-    data_dir: str | None = field(None, "data root (none: $JAXCOMPRESS_DATA_DIR)")
-    seed: int = field(0, "first seed: initialisation, shuffling, subsets, label noise")
     num_seeds: int = field(
         1,
         "repetitions with seeds seed, seed+1, ...: mean (and std) over seeds",
         aliases=("--seeds",),
     )
     epochs: int = field(30, "epoch budget E of every method; the AC/DC phases scale with it")
-    batch_size: int = field(128, "training batch size")
     learning_rate: float = field(0.1, "peak SGD learning rate of the reference CosineLR")
     lr_warmup_epochs: int = field(1, "linear learning-rate warm-up epochs of CosineLR")
-    momentum: float = field(0.9, "SGD heavy-ball momentum")
-    weight_decay: float = field(5e-4, "coupled L2 weight decay (torch SGD, the reference)")
     model: str = field("small_cnn", "BatchNorm CNN to train", choices=MODELS)
-    widths: tuple[int, ...] = field(
-        (32, 64, 128), "SmallCNN conv widths (resnet8: widths[0] is the stem width)"
-    )
-    train_subset: int | None = field(None, "train on a random subset of this size (none: all)")
-    test_subset: int | None = field(None, "evaluate on a random subset of this size (none: all)")
     sparsities: tuple[float, ...] = field(
         (0.9, 0.95), "target sparsities (global magnitude) of AC/DC, GMP and one-shot + FT"
     )
@@ -79,8 +64,6 @@ class Config(ConfigBase):
     memorisation_epochs: int | None = field(
         60, "epoch budget of the memorisation runs, AC/DC phases scaled to it (none: epochs)"
     )
-    eval_batch_size: int = field(1000, "evaluation batch size")
-    progress: bool = field(True, "progress bars")
 
     def memorisation_config(self) -> Config:
         """The configuration of the memorisation runs: ``epochs = memorisation_epochs``."""
@@ -105,42 +88,21 @@ class Config(ConfigBase):
 
     def validate(self) -> Config:
         """Raise ``ValueError``/``TypeError`` naming the first bad field; return ``self``."""
-        check_source(self, DATASETS)
+        self.check_sgd()
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
-        check_ints(self, ("seed",), minimum=0)
-        check_ints(self, ("memorisation_epochs",), optional=True)
-        check_ints(self, ("num_seeds", "epochs", "batch_size", "eval_batch_size"))
+        check_ints(self, ("num_seeds",))
+        check_ints(self, ("memorisation_epochs", "memorisation_subset"), optional=True)
         if not is_int(self.lr_warmup_epochs) or not 0 <= self.lr_warmup_epochs < self.epochs:
             raise ValueError(
                 f"lr_warmup_epochs must be an int in [0, epochs={self.epochs}), got "
                 f"{self.lr_warmup_epochs!r}"
             )
-        check_ints(self, ("train_subset", "test_subset", "memorisation_subset"), optional=True)
-        check_floats(
-            self,
-            (
-                ("learning_rate", 0.0, math.inf),
-                ("momentum", 0.0, 1.0),
-                ("weight_decay", 0.0, math.inf),
-            ),
-        )
-        check_widths(self)
-        if (
-            not isinstance(self.sparsities, tuple)
-            or not self.sparsities
-            or not all(is_real(s) and 0.0 < s < 1.0 for s in self.sparsities)
-        ):
-            raise ValueError(
-                f"sparsities must be a non-empty tuple of floats in (0, 1), got {self.sparsities!r}"
-            )
-        if len({f"{s:g}" for s in self.sparsities}) != len(self.sparsities):
-            raise ValueError(f"sparsities must be distinct, got {self.sparsities!r}")
+        check_fractions(self, "sparsities", zero=False)
         if self.memorisation not in MEMORISATION:
             raise ValueError(
                 f"memorisation must be one of {MEMORISATION}, got {self.memorisation!r}"
             )
-        check_bools(self, ("progress",))
         if not is_real(self.memorisation_fraction) or not 0.0 < self.memorisation_fraction < 1.0:
             raise ValueError(
                 f"memorisation_fraction must be a float in (0, 1), got "

@@ -9,11 +9,9 @@ from typing import Any, ClassVar
 
 from experiments._common import (
     DATASETS,
-    ConfigBase,
-    check_bools,
+    DataConfig,
     check_choices,
     check_ints,
-    check_source,
     check_widths,
     field,
     is_int,
@@ -26,8 +24,9 @@ __all__ = ["DATASETS", "FAMILIES", "Config"]
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(ConfigBase):
-    """Every setting of one run; :meth:`validate` checks them all before any work.
+class Config(DataConfig):
+    """Every setting of one run: :class:`experiments._common.DataConfig` and the fields below;
+    :meth:`validate` checks them all before any work.
 
     The default model is a 7-conv plain BN CNN (+ head) whose layers differ in width (16 to 128
     channels), resolution (14x14 to 4x4), FLOPs per weight (196 to 16; 1 for the head) and size
@@ -84,19 +83,13 @@ class Config(ConfigBase):
         "eval_batch_size",
     )
 
-    dataset: str = field("fashion_mnist", "data set", choices=DATASETS)
-    data_dir: str | None = field(None, "data root (none: $JAXCOMPRESS_DATA_DIR)")
-    seed: int = field(0, "initialisation, shuffling, calibration subset, reconstruction, search")
     epochs: int = field(8, "dense training epochs (SGD, cosine learning rate)")
-    batch_size: int = field(128, "training batch size")
     learning_rate: float = field(0.1, "peak SGD learning rate")
     widths: tuple[int, ...] = field(
         (16, 16, 32, 32, 64, 64, 128), "conv widths of the SmallCNN blocks, one per block"
     )
     strides: tuple[int, ...] = field((2, 1, 2, 1, 2, 1, 1), "conv strides, one per block")
     pool_after: tuple[bool, ...] = field((False,) * 7, "2x2 max pooling after a block")
-    train_subset: int | None = field(None, "train on a random subset of this size (none: all)")
-    test_subset: int | None = field(None, "evaluate on a random subset of this size (none: all)")
     checkpoint: str | None = field(
         None, "restore the dense model from this Orbax directory (<out>/checkpoint of a run)"
     )
@@ -120,7 +113,6 @@ class Config(ConfigBase):
         "thousands before its run time follows the work",
     )
     timing_repeats: int = field(25, "interleaved repeats of every timing measurement")
-    progress: bool = field(True, "progress output")
 
     def fixed(self) -> dict[str, Any]:
         """The fixed settings (class attributes), for the results."""
@@ -128,17 +120,16 @@ class Config(ConfigBase):
 
     def validate(self) -> Config:
         """Raise ``ValueError``/``TypeError`` naming the first bad field; return ``self``."""
-        check_source(self, DATASETS)
+        self.check_data()
         if self.checkpoint is not None and not isinstance(self.checkpoint, str):
             raise TypeError(f"checkpoint must be a str path or None, got {self.checkpoint!r}")
         if self.checkpoint is not None and not os.path.isdir(self.checkpoint):
             raise ValueError(f"checkpoint: {self.checkpoint!r} is not a directory")
-        check_ints(self, ("seed", "maxnoimp", "search_gap_epochs"), minimum=0)
+        check_ints(self, ("maxnoimp", "search_gap_epochs"), minimum=0)
         check_ints(
             self,
             (
                 "epochs",
-                "batch_size",
                 "num_levels",
                 "calib_samples",
                 "adaprune_epochs",
@@ -149,13 +140,11 @@ class Config(ConfigBase):
                 "timing_repeats",
             ),
         )
-        check_ints(self, ("train_subset", "test_subset"), optional=True)
         check_choices(self, "families", FAMILIES)
         if not is_real(self.learning_rate) or not 0.0 < self.learning_rate < float("inf"):
             raise ValueError(
                 f"learning_rate must be a finite float > 0, got {self.learning_rate!r}"
             )
-        check_bools(self, ("progress",))
         check_widths(self)
         if (
             not isinstance(self.strides, tuple)
