@@ -1,5 +1,6 @@
-"""Quick run (under 5 minutes on 2 CPU cores): a narrower 2-layer GPT, 300 steps per trainer,
-fewer calibration and validation windows. Same pipeline and output schema as the full run."""
+"""Quick run (under 5 minutes on 2 idle CPU cores): a narrower 2-layer GPT, 300 steps per
+trainer, fewer calibration and validation windows, SPDY at 1.5x only. Same pipeline and output
+schema as the full run."""
 
 from experiments.lm.configs.base import Config
 
@@ -16,4 +17,5 @@ def get_config() -> Config:
         eval_windows=200,
         sample_chars=100,
         checkpoint_every=300,
+        spdy_speedups=(1.5,),
     )
