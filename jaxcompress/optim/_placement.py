@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = ["params_mesh", "replicate_on_params_mesh"]
@@ -57,6 +58,15 @@ def replicate_on_params_mesh(state: Any, params: Any) -> Any:
             return x
         if x.ndim > 0 and tuple(x.shape) in param_shapes:
             return x
-        return jax.device_put(x, replicated)
+        if replicated.is_fully_addressable:
+            return jax.device_put(x, replicated)
+        # A mesh over several processes: every process builds the same small value (init is
+        # deterministic) and supplies it for its own devices.
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = np.asarray(jax.random.key_data(x))
+            placed = jax.make_array_from_callback(data.shape, replicated, lambda i: data[i])
+            return jax.random.wrap_key_data(placed, impl=jax.random.key_impl(x))
+        host = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, replicated, lambda i: host[i])
 
     return jax.tree.map(place, state)
