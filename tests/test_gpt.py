@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _util import count_compiles
 from flax import nnx
 
 import jaxcompress as jc
@@ -140,11 +141,9 @@ def test_generate_is_deterministic_per_key_and_compiles_once():
     np.testing.assert_array_equal(a[:, :3], prompt)
     assert not np.array_equal(a, c)
     assert int(a.min()) >= 0 and int(a.max()) < V
-    from jaxcompress.models.gpt import _generate
-
-    before = _generate._cache_size()
-    generate(model, prompt, 12, jax.random.key(5))
-    assert _generate._cache_size() == before
+    with count_compiles() as counter:
+        generate(model, prompt, 12, jax.random.key(5))
+    assert counter.compiles == 0
 
 
 def test_generate_greedy_matches_a_python_loop_past_the_context():

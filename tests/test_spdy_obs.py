@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _util import jit_counting
 from flax import nnx
 
 import jaxcompress as jc
@@ -80,7 +81,7 @@ def test_stitcher_and_search_on_the_stitched_loss(setup):
     st = jc.spdy.stitcher(db, params)
     target = model(x)
 
-    @jax.jit
+    @jit_counting
     def loss(st, params, choice):
         p, _ = st(params, choice)
         return jnp.mean((nnx.merge(graphdef, p, rest)(x) - target) ** 2)
@@ -105,7 +106,7 @@ def test_stitcher_and_search_on_the_stitched_loss(setup):
     )  # fmt: skip
     assert jc.spdy.modelled_speedup(table, result.choice) >= 1.5
     assert result.score == pytest.approx(float(loss(st, params, jnp.asarray(result.choice))))
-    assert loss._cache_size() == 1  # every profile scored by one compiled loss
+    assert loss.traces == 1  # every profile scored by one compiled loss
 
 
 def test_bad_database_input(setup):
