@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.extend  # for jax.extend.core.Jaxpr: `import jax` alone does not promise it
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
