@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxcompress.checkpoint import Checkpointer, structure_fingerprint
-from jaxcompress.optim._masked import MaskedState, masked
+from jaxcompress.optim._masked import FixedMaskState, fixed_mask
 
 
 def _params(seed=0, width=8):
@@ -81,7 +81,7 @@ def _assert_trees_bit_equal(a, b):
 
 def _state(seed=0, key=None):
     params = _params(seed)
-    tx = masked(optax.adamw(1e-2, weight_decay=0.1), _masks(params))
+    tx = fixed_mask(optax.adamw(1e-2, weight_decay=0.1), _masks(params))
     opt_state = tx.init(params)
     step = _make_step(tx, *_data())
     key = jax.random.key(seed) if key is None else key
@@ -98,7 +98,7 @@ def test_round_trip_is_bit_exact_with_masks_and_typed_key(tmp_path):
         restored = ckpt.restore(target=target)
     assert restored["step"] == 3
     assert restored["extra"] == {"lr": 0.01, "tag": "a"}
-    assert isinstance(restored["opt_state"], MaskedState)
+    assert isinstance(restored["opt_state"], FixedMaskState)
     assert restored["opt_state"].masks["dense"]["bias"] is None
     assert restored["key"].dtype == key.dtype
     _assert_trees_bit_equal(restored["params"], params)
@@ -124,7 +124,8 @@ def test_round_trip_raw_uint32_key_and_rbg_key(tmp_path):
 def test_resumed_training_equals_uninterrupted_training(tmp_path):
     total = 20
     params0 = _params(seed=1)
-    tx = masked(optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.05, 0.9)), _masks(params0))
+    inner = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.05, 0.9))
+    tx = fixed_mask(inner, _masks(params0))
     step = _make_step(tx, *_data(seed=1))
 
     params, opt_state, key = params0, tx.init(params0), jax.random.key(42)
@@ -190,7 +191,7 @@ def test_refuses_to_save_a_different_structure(tmp_path):
             ckpt.save(2, params=params, key=key)
         # A mask that is None in one run and an array in another is a structure difference.
         other_masks = {**_masks(params), "out": {"kernel": None}}
-        other_state = masked(optax.adamw(1e-2), other_masks).init(params)
+        other_state = fixed_mask(optax.adamw(1e-2), other_masks).init(params)
         with pytest.raises(ValueError, match=r"masks.*\['out'\]\['kernel'\]"):
             ckpt.save(2, params=params, opt_state=other_state, key=key)
         with pytest.raises(ValueError, match="float32.*float16|float16.*float32"):

@@ -171,7 +171,7 @@ def test_evaluate_matches_full_batch_computation(digits):
 
 def test_fit_with_masked_optimizer_keeps_pruned_weights_zero(digits):
     from jaxcompress import prune
-    from jaxcompress.optim._masked import masked
+    from jaxcompress.optim._masked import fixed_mask
 
     train_ds, _ = digits
     model = _cnn(3)
@@ -179,7 +179,7 @@ def test_fit_with_masked_optimizer_keeps_pruned_weights_zero(digits):
     nnx.update(model, pruned)
     train.fit(
         model,
-        masked(optax.sgd(0.05, momentum=0.9), masks),
+        fixed_mask(optax.sgd(0.05, momentum=0.9), masks),
         train_ds,
         epochs=1,
         batch_size=100,

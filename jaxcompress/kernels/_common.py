@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas import triton as pltriton
 
 from jaxcompress.masks._magnitude import magnitude_keys
 from jaxcompress.masks._nm import check_nm as masks_check_nm
@@ -107,8 +108,6 @@ def triton_compiler_params(*, num_warps: int = 4, num_stages: int = 3):
 
     ``CompilerParams`` in jax >= 0.7; older releases called it ``TritonCompilerParams``.
     """
-    from jax.experimental.pallas import triton as pltriton
-
     params = getattr(pltriton, "CompilerParams", None) or pltriton.TritonCompilerParams
     return params(num_warps=num_warps, num_stages=num_stages)
 

@@ -545,7 +545,7 @@ def _resolve_dtype(dtype: Any, inputs: Sequence[Any]) -> tuple[np.dtype, bool]:
         raise TypeError(f"dtype must be float32 or float64; got {dtype!r}") from e
     if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise TypeError(f"dtype must be float32 or float64; got {dtype!r}")
-    need_x64 = dt == np.float64 and not jax.config.jax_enable_x64
+    need_x64 = dt == np.float64 and not jax.config.read("jax_enable_x64")
     if need_x64 and any(isinstance(x, jax.core.Tracer) for x in inputs):
         raise TypeError(
             "dtype=float64 with traced costs needs 64-bit JAX: enable it around the enclosing "
@@ -637,7 +637,7 @@ class PreparedDP:
             c = _pad_costs(costs, self._plan, dt, batched=True)
             args = self._args(dt)
 
-            x64 = bool(need_x64 or jax.config.jax_enable_x64)  # the caller's effective mode
+            x64 = bool(need_x64 or jax.config.read("jax_enable_x64"))  # the caller's effective mode
 
             def chunk(part):  # may run on a pool thread: re-enter the caller's x64 mode
                 with jax.enable_x64(x64):
