@@ -106,6 +106,7 @@ def _check_point(p, dense_flops):
     assert p["flops_ratio"] == pytest.approx(p["flops"] / dense_flops)
 
 
+@pytest.mark.slow  # the tiny end-to-end run (~80 s of CPU); #23 rebuilds this experiment
 def test_run_writes_schema_and_files(tiny_run):
     results, out = tiny_run
     assert {"cnn", "sst2", "mlp", "units", "config", "timing", "environment"} <= set(results)
@@ -150,6 +151,7 @@ def test_run_writes_schema_and_files(tiny_run):
         assert word in table
 
 
+@pytest.mark.slow  # the tiny end-to-end run (~80 s of CPU); #23 rebuilds this experiment
 def test_compressed_points_are_smaller_and_consistent(tiny_run):
     results, _ = tiny_run
     cnn = results["cnn"]

@@ -13,7 +13,13 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 _ROOT = pathlib.Path(__file__).resolve().parent.parent
-NOTEBOOKS = sorted((_ROOT / "notebooks").glob("*.ipynb"))
+# Notebook 06 (latency surrogate, about 2 minutes of CPU) runs with `-m slow`: issue #23 rebuilds
+# it on `jc.structure`, and the default suite must stay well under 15 minutes on 2 cores.
+_SLOW_NOTEBOOKS = {"06_latency_surrogate.ipynb"}
+NOTEBOOKS = [
+    pytest.param(p, marks=pytest.mark.slow) if p.name in _SLOW_NOTEBOOKS else p
+    for p in sorted((_ROOT / "notebooks").glob("*.ipynb"))
+]
 TIMEOUT_S = 600
 PATH_VARIABLES = ("JAXCOMPRESS_DATA_DIR", "JAXCOMPRESS_CACHE_DIR")
 
@@ -67,7 +73,9 @@ def test_notebooks_exist():
     assert NOTEBOOKS, "notebooks/ has no .ipynb file"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+@pytest.mark.parametrize(
+    "path", NOTEBOOKS, ids=[(p.values[0] if hasattr(p, "values") else p).name for p in NOTEBOOKS]
+)
 def test_notebook_executes(path, monkeypatch):
     nb = nbformat.read(path, as_version=4)
     # Committed notebooks carry no outputs.
