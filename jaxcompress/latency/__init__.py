@@ -1,160 +1,116 @@
-"""End-to-end compression with the l1/l2 latency surrogate (Nasery, Shah, Suggala, Jain,
-CVPRW 2024, arXiv:2306.05785).
+"""End-to-end structured compression with the l1/l2 latency surrogate, on any Flax NNX model.
 
-* :mod:`~jaxcompress.latency.gates`: non-negative :class:`Gate` parameters and gated Flax NNX
-  models (channels, neurons, heads, ranks, quantization levels); :func:`project_nonnegative`
-  keeps identity-parametrised gates >= 0 inside an optax chain (the default mechanism;
-  ``parametrization="softplus"`` is the alternative).
-* :mod:`~jaxcompress.latency.cost`: the static :class:`LayerGraph`, exact MAC counting from a
-  model's jaxpr (:func:`count_macs`), analytic graphs (:func:`cost_graph`) and a measured,
-  interpolated :class:`LatencyModel` stored as a SPDY ``TimingTable``.
-* :mod:`~jaxcompress.latency.surrogate`: :math:`r(\\alpha) = (\\|\\alpha\\|_1/\\|\\alpha\\|_2)^p`
-  (``p = 2``), the FLOPs and latency regularisers, the l1 baseline, lambda schedules and a
-  controller, and :func:`surrogate_penalty` (the regulariser as an optax transform).
-* :mod:`~jaxcompress.latency.extract`: threshold (``tau = 1e-2``), remove, fold, return a
-  plain smaller model (optionally with counts rounded to a multiple, within a MAC budget:
-  :func:`fit_counts_to_budget`); :func:`measure_latency`, :func:`finetune`, uniform-width baselines.
+Nasery, Shah, Suggala, Jain, "End-to-End Neural Network Compression via l1/l2 Regularized
+Latency Surrogates", CVPRW 2024, arXiv:2306.05785.
 
-Reconstructed choices (spec 4.2 items (a)-(d); the paper body was not available), each an
-option with this default:
+Every removable unit ``j`` of a group (a channel with every layer that reads or writes it, an
+FFN neuron, an attention head, a rank-1 component of a factorised Dense layer) gets a gate
+:math:`\\alpha_j \\ge 0`. Training minimises :math:`L(\\theta, \\alpha) + \\lambda R(\\alpha)`
+where :math:`R` is the model's cost (MACs, or a measured latency model) evaluated at the
+surrogate widths :math:`r(\\alpha_g) = (\\|\\alpha_g\\|_1 / \\|\\alpha_g\\|_2)^p` of the groups,
+over the dense cost. Extraction then removes the units with small gates.
 
-* (a) exponent ``p = 2`` in :func:`ratio` (``p=`` everywhere; ``p = 1`` is the plain ratio);
-* (b) positivity: identity gates + :func:`project_nonnegative` (``parametrization="softplus"``
-  on any gated module is the alternative);
-* (c) lambda: :func:`surrogate_penalty` takes a constant, a schedule (:func:`linear_ramp`) or a
-  :func:`lambda_controller` (multiplicative by default; ``feedback="surrogate"`` steers the
-  surrogate cost, ``"active"`` the thresholded real cost);
-* (d) extraction threshold ``tau = 1e-2`` relative to the group's largest gate.
+Everything works on the model's own code: the groups, their MAC polynomial and the per-op
+shapes come from :mod:`jaxcompress.structure` (the traced jaxpr), the gates scale the weights
+that read each unit (:class:`jaxcompress.structure.Gated`), and extraction folds the gates and
+calls :func:`jaxcompress.structure.prune`. No model class is special.
 
-Counting convention: multiply-adds of convolutions and matrix products per example (see
-:mod:`~jaxcompress.latency.cost`).
+* Gating: :func:`gated`, :func:`factorize` / :class:`Factorized` (truncated SVD; the rank axis
+  becomes a group), :func:`project_nonnegative`.
+* Cost: :class:`jaxcompress.structure.MacCount` (``jc.structure.macs``), or a measured
+  :class:`LatencyModel` (:func:`measure_latency_model`); :func:`measure_latency`.
+* Surrogate: :func:`ratio`, :func:`surrogate_counts`, :func:`flops_regularizer`,
+  :func:`latency_regularizer`, :func:`l1_penalty`, :func:`surrogate_penalty` (an optax
+  transform), :func:`linear_ramp`, :func:`lambda_controller` / :class:`LambdaController`,
+  :func:`gate_diagnostics`.
+* Extraction: :func:`extract` / :class:`Extracted` with policies :func:`round_to_multiple`,
+  :func:`within_budget`, :func:`pad_to_fast`; baseline :func:`uniform_width`.
 
-Typical use::
+Reconstructed choices (the paper body was not available), each an option with this default:
 
-    model = GatedCNN(rngs=nnx.Rngs(0))
-    graph = cost_graph(model, (28, 28, 1))
-    ctrl = lambda_controller(0.5 * graph.dense(), graph)
-    tx = optax.chain(surrogate_penalty(graph, ctrl), optax.adam(1e-3), project_nonnegative())
-    jaxcompress.train.fit(model, tx, train, epochs=..., batch_size=...)
-    small = extract(model, input_shape=(28, 28, 1))   # small.model, small.macs
+* (a) exponent ``p = 2`` in :func:`ratio` (``DEFAULT_P``; then ``r`` is a count: equal to
+  :math:`\\|\\alpha\\|_0` when the non-zero gates are equal);
+* (b) positivity: identity gates + :func:`project_nonnegative` (projected gradient; exact
+  zeros), optionally zeroing gates below ``prune_below`` times their group's largest;
+* (c) lambda: a constant, a schedule (:func:`linear_ramp`) or a :func:`lambda_controller`
+  (multiplicative by default; ``feedback="surrogate"`` steers the surrogate cost,
+  ``"active"`` the cost at the counts extraction would keep); ``scale="rms"`` multiplies each
+  group's push by the rms of its gates (the ratio is scale-invariant, so its gradient shrinks
+  as gates grow);
+* (d) extraction threshold ``tau = 1e-2`` (``DEFAULT_TAU``) relative to the group's largest
+  gate.
+
+Counting convention: multiply-adds of ``dot_general`` and convolutions **per example** (the
+first example of the inputs along their leading axis).
+
+Typical use (runs as written)::
+
+    import jax, optax
+    from flax import nnx
+    import jaxcompress as jc
+    from jaxcompress import latency as L
+
+    model = jc.models.SmallCNN(widths=(8, 16), rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
+    g = L.gated(model, x)                          # a gate per channel of every prunable group
+    macs = jc.structure.macs(model, x[:1])         # MACs per example, polynomial in kept counts
+    ctrl = L.lambda_controller(0.5 * macs.dense, macs)
+    tx = optax.chain(L.surrogate_penalty(macs, ctrl), optax.adam(1e-3), L.project_nonnegative())
+    # ... train g (e.g. jc.train.fit(g, tx, train_ds, epochs=..., batch_size=...)) ...
+    small = L.extract(g, x, policy=[L.round_to_multiple(4)])
+    small.model, small.macs                        # a plain SmallCNN, its MACs per example
 """
 
-from jaxcompress.latency.cost import (
-    PAD_MIN_GAIN,
-    CostTerm,
-    LatencyModel,
-    LayerGraph,
-    OpSpec,
-    attention_macs,
-    conv_macs,
-    cost_graph,
-    count_macs,
-    dense_macs,
-    measure_latency_model,
-)
-from jaxcompress.latency.extract import (
-    DEFAULT_TAU,
+from jaxcompress.latency._cost import LatencyModel, measure_latency, measure_latency_model
+from jaxcompress.latency._extract import (
     Extracted,
-    FactorizedLinear,
-    FactorizedMLP,
-    LevelDense,
-    SlimTransformerClassifier,
-    calibration_loss,
     extract,
-    finetune,
-    fit_counts_to_budget,
-    kept_units,
-    measure_latency,
-    scale_width,
-    uniform_width_models,
+    pad_to_fast,
+    round_to_multiple,
+    uniform_width,
+    within_budget,
 )
-from jaxcompress.latency.gates import (
-    PARAMETRIZATIONS,
-    BitGatedDense,
-    ChannelGate,
-    Gate,
-    GatedCNN,
-    GatedMLP,
-    GatedTransformerClassifier,
-    LowRankLinear,
-    gate_effective,
-    gate_rms,
-    gate_values,
-    project_nonnegative,
-    residual_levels,
-)
-from jaxcompress.latency.surrogate import (
-    DEFAULT_EPS,
+from jaxcompress.latency._gating import Factorized, factorize, gated
+from jaxcompress.latency._surrogate import (
     DEFAULT_P,
-    ControllerState,
+    DEFAULT_TAU,
     LambdaController,
-    SurrogateState,
-    active_counts,
     flops_regularizer,
     gate_diagnostics,
     l1_penalty,
     lambda_controller,
     latency_regularizer,
     linear_ramp,
+    project_nonnegative,
     ratio,
     surrogate_counts,
-    surrogate_macs,
     surrogate_penalty,
 )
 
 __all__ = [
-    "DEFAULT_EPS",
     "DEFAULT_P",
     "DEFAULT_TAU",
-    "PAD_MIN_GAIN",
-    "PARAMETRIZATIONS",
-    "BitGatedDense",
-    "ChannelGate",
-    "ControllerState",
-    "CostTerm",
     "Extracted",
-    "FactorizedLinear",
-    "FactorizedMLP",
-    "Gate",
-    "GatedCNN",
-    "GatedMLP",
-    "GatedTransformerClassifier",
+    "Factorized",
     "LambdaController",
     "LatencyModel",
-    "LayerGraph",
-    "LevelDense",
-    "LowRankLinear",
-    "OpSpec",
-    "SlimTransformerClassifier",
-    "SurrogateState",
-    "active_counts",
-    "attention_macs",
-    "calibration_loss",
-    "conv_macs",
-    "cost_graph",
-    "count_macs",
-    "dense_macs",
     "extract",
-    "finetune",
-    "fit_counts_to_budget",
+    "factorize",
     "flops_regularizer",
     "gate_diagnostics",
-    "gate_effective",
-    "gate_rms",
-    "gate_values",
-    "kept_units",
+    "gated",
     "l1_penalty",
     "lambda_controller",
     "latency_regularizer",
     "linear_ramp",
     "measure_latency",
     "measure_latency_model",
+    "pad_to_fast",
     "project_nonnegative",
     "ratio",
-    "residual_levels",
-    "scale_width",
+    "round_to_multiple",
     "surrogate_counts",
-    "surrogate_macs",
     "surrogate_penalty",
-    "uniform_width_models",
+    "uniform_width",
+    "within_budget",
 ]

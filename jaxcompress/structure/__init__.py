@@ -133,7 +133,8 @@ def macs(model: nnx.Module, *inputs) -> MacCount:
     ``macs(model, *x)(kept)`` equals the multiply-adds of ``prune(model, keep, *x)`` on ``x``
     for every ``keep`` with ``kept[name] == keep[name].sum()`` (``dot_general`` and
     convolutions, batch included: pass one-example inputs for a per-example count, as
-    ``jaxcompress.latency.count_macs`` reports). See :class:`MacCount`.
+    ``jaxcompress.latency`` does). :attr:`MacCount.ops` lists the contractions, each with its
+    operand shapes as polynomials in the kept counts. See :class:`MacCount`.
 
     Raises:
       TypeError, ValueError: as :func:`groups`; ``ValueError`` also when the forward pass holds

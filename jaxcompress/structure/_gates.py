@@ -87,8 +87,18 @@ class Gated(nnx.Module):
     ``(size,)``.
     """
 
-    def __init__(self, model: nnx.Module, names: Iterable[str], *inputs, init: float = 1.0):
-        analysis = probe(model, analyse(model, inputs), inputs)
+    def __init__(
+        self,
+        model: nnx.Module,
+        names: Iterable[str],
+        *inputs,
+        init: float = 1.0,
+        _analysis: Analysis | None = None,
+    ):
+        # ``_analysis``: an already probed analysis of ``model`` (saves a second trace).
+        analysis = (
+            _analysis if _analysis is not None else probe(model, analyse(model, inputs), inputs)
+        )
         names = check_names(names, analysis)
         if isinstance(init, bool) or not isinstance(init, numbers.Real) or init < 0:
             raise ValueError(f"init must be a non-negative float, got {init!r}")

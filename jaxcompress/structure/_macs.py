@@ -45,23 +45,72 @@ def _seq_poly(atoms: Atoms, seq, names: dict[int, str]) -> Poly:
     return poly
 
 
+def _eval(poly: Poly, kept: Mapping[str, Any], sizes: Mapping[str, int]) -> Any:
+    total: Any = 0
+    for key, coef in poly.items():
+        term: Any = coef
+        for name in key:
+            term = term * kept.get(name, sizes[name])
+        total = total + term
+    return total
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Op:
+    """One ``dot_general`` or convolution of the traced forward pass, as a function of the kept
+    unit counts: enough to re-run it at any widths (e.g. to time it).
+
+    Attributes:
+      primitive: the JAX primitive; ``primitive.bind(*operands, **params)`` runs it.
+      params: its parameters (``feature_group_count`` at full width for convolutions).
+      shapes: per operand, per axis, the size as a polynomial in the kept counts.
+      dtypes: the operand dtypes.
+      feature_groups: for grouped convolutions, ``feature_group_count`` as a polynomial.
+      macs: the op's multiply-adds as a polynomial (its share of :class:`MacCount`).
+      groups: the prunable groups the op's shapes depend on.
+    """
+
+    primitive: Any
+    params: dict[str, Any]
+    shapes: tuple[tuple[Poly, ...], ...]
+    dtypes: tuple[Any, ...]
+    feature_groups: Poly | None
+    macs: Poly
+    groups: tuple[str, ...]
+
+    def operand_shapes(
+        self, kept: Mapping[str, int], sizes: Mapping[str, int]
+    ) -> tuple[tuple[int, ...], ...]:
+        """The operand shapes at ``kept`` (groups not named at full ``sizes``)."""
+        return tuple(tuple(int(_eval(p, kept, sizes)) for p in shape) for shape in self.shapes)
+
+    def op_params(self, kept: Mapping[str, int], sizes: Mapping[str, int]) -> dict[str, Any]:
+        """``params`` with ``feature_group_count`` at ``kept``."""
+        if self.feature_groups is None:
+            return dict(self.params)
+        return {**self.params, "feature_group_count": int(_eval(self.feature_groups, kept, sizes))}
+
+
 @dataclasses.dataclass(frozen=True)
 class MacCount:
     """Multiply-adds of ``model(*inputs)`` as a function of each prunable group's kept units.
 
     ``macs(kept)`` is ``sum_t c_t prod_{g in t} kept[g]`` over the terms of every
     ``dot_general`` and convolution of the traced forward pass (``prod(out.shape) *
-    prod(contracted sizes)``, the count of ``jaxcompress.latency.count_macs``), where a group
+    prod(contracted sizes)``; convolutions times the kernel's spatial size), where a group
     not named in ``kept`` counts at full size. ``kept`` values may be ints or traced JAX scalars
     (e.g. relaxed counts inside a jitted loss), so the polynomial is differentiable in them.
 
     Attributes:
       terms: ``{(group names, with multiplicity): coefficient}``.
       sizes: full unit count of every prunable group.
+      ops: the contractions the terms come from, one :class:`Op` each (to re-run or time them
+        at other widths, e.g. ``jaxcompress.latency.measure_latency_model``).
     """
 
     terms: dict[tuple[str, ...], int]
     sizes: dict[str, int]
+    ops: tuple[Op, ...] = ()
 
     @property
     def dense(self) -> int:
@@ -80,13 +129,7 @@ class MacCount:
                 )
             if isinstance(count, (int, np.integer)) and not 0 <= count <= self.sizes[name]:
                 raise ValueError(f"kept[{name!r}] must be in [0, {self.sizes[name]}], got {count}")
-        total: Any = 0
-        for key, coef in self.terms.items():
-            term: Any = coef
-            for name in key:
-                term = term * kept.get(name, self.sizes[name])
-            total = total + term
-        return total
+        return _eval(self.terms, kept, self.sizes)
 
 
 def mac_count(analysis: Analysis) -> MacCount:
@@ -98,11 +141,31 @@ def mac_count(analysis: Analysis) -> MacCount:
         )
     names = {c: n for n, c in analysis.class_of.items() if analysis.groups[n].prunable}
     total: Poly = {}
-    for factors in tr.mac_terms:
+    ops = []
+    for factors, rec in zip(tr.mac_terms, tr.ops, strict=True):
         poly: Poly = {(): 1}
         for f in factors:
             poly = _mul(poly, {(): f} if isinstance(f, int) else _seq_poly(tr.atoms, f, names))
         total = _add(total, poly)
+        shapes = tuple(
+            tuple(_seq_poly(tr.atoms, seq, names) for seq in axes) for axes in rec.operands
+        )
+        groups_poly = (
+            None if rec.feature_groups is None else _seq_poly(tr.atoms, rec.feature_groups, names)
+        )
+        used = {n for shape in shapes for p in shape for key in p for n in key}
+        used |= {n for key in (groups_poly or {}) for n in key}
+        ops.append(
+            Op(
+                rec.primitive,
+                rec.params,
+                shapes,
+                tuple(rec.dtypes),
+                groups_poly,
+                {k: c for k, c in poly.items() if c},
+                tuple(sorted(used)),
+            )
+        )
     total = {k: c for k, c in total.items() if c}
     sizes = {n: analysis.groups[n].size for n in names.values()}
-    return MacCount(total, sizes)
+    return MacCount(total, sizes, tuple(ops))

@@ -54,6 +54,17 @@ class _Val:
 
 
 @dataclasses.dataclass
+class OpRecord:
+    """One contraction of the traced forward pass, to re-run it at other widths."""
+
+    primitive: Any  # the jax primitive (dot_general or conv_general_dilated)
+    params: dict[str, Any]
+    operands: list[list[Seq]]  # per operand: the atom sequence of each axis
+    dtypes: list[Any]
+    feature_groups: Seq | None  # conv feature_group_count atoms (None: not grouped)
+
+
+@dataclasses.dataclass
 class Trace:
     """The propagated structure of one model on one set of example inputs."""
 
@@ -63,6 +74,7 @@ class Trace:
     consumers: list[tuple[Seq, Path]]  # variable axes contracted with an activation
     grouped_convs: dict[Path, Seq]  # kernel path -> its feature-group atom sequence
     mac_terms: list[list[Any]]  # per dot_general/conv: atom sequences or constant ints
+    ops: list[OpRecord]  # per dot_general/conv, in the order of mac_terms
     unsupported_macs: list[str]
     out_shapes: Any
 
@@ -141,6 +153,7 @@ def trace(model: nnx.Module, inputs: tuple) -> Trace:
         consumers=walker.consumers,
         grouped_convs=walker.grouped_convs,
         mac_terms=walker.mac_terms,
+        ops=walker.ops,
         unsupported_macs=walker.unsupported_macs,
         out_shapes=out_shapes,
     )
@@ -182,6 +195,7 @@ class _Walker:
         self.consumers: list[tuple[Seq, Path]] = []
         self.grouped_convs: dict[Path, Seq] = {}
         self.mac_terms: list[list[Any]] = []
+        self.ops: list[OpRecord] = []
         self.unsupported_macs: list[str] = []
 
     # ---------------------------------------------------------------- helpers
@@ -513,7 +527,19 @@ class _Walker:
                     self.producers.append((seq, val.origin))
         out = _Val([lhs.axes[i] for i in lb] + lfree + rfree, dep, None)
         self.mac_terms.append(list(out.axes) + [lhs.axes[i] for i in lc])
+        self._record(eqn, ins, None)
         return [out]
+
+    def _record(self, eqn, ins: list[_Val], groups: Seq | None) -> None:
+        self.ops.append(
+            OpRecord(
+                eqn.primitive,
+                dict(eqn.params),
+                [list(v.axes) for v in ins],
+                [v.aval.dtype for v in eqn.invars],
+                groups,
+            )
+        )
 
     def _rule_conv_general_dilated(self, eqn, ins, dep):
         lhs, rhs = ins[0], ins[1]
@@ -524,6 +550,7 @@ class _Walker:
         groups = eqn.params["feature_group_count"]
         out = self.fresh(eqn.outvars[0].aval, dep)
         atoms = self.atoms
+        grouped: Seq | None = None
         lf, ri, ro = lhs.axes[lspec[1]], rhs.axes[rspec[1]], rhs.axes[rspec[0]]
         if groups == 1:
             atoms.unify(lf, ri, "conv_general_dilated")
@@ -535,6 +562,7 @@ class _Walker:
             atoms.unify(lf, g + per_in, "conv_general_dilated")
             atoms.unify(ri, per_in, "conv_general_dilated")
             atoms.unify(ro, g + atoms.seq(c_out // groups), "conv_general_dilated")
+            grouped = g
             if rhs.origin is not None:
                 self.grouped_convs[rhs.origin] = g
         if lhs.dep and rhs.dep:
@@ -549,4 +577,5 @@ class _Walker:
             self.producers.append((ro, rhs.origin))
         spatial = [int(eqn.invars[1].aval.shape[i]) for i in rspec[2:]]
         self.mac_terms.append(list(out.axes) + [ri, math.prod(spatial)])
+        self._record(eqn, ins, grouped)
         return [out]

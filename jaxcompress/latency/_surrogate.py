@@ -1,9 +1,7 @@
 """The l1/l2 latency surrogate, the l1 (network-slimming) baseline and lambda schedules.
 
 Nasery, Shah, Suggala, Jain, "End-to-End Neural Network Compression via l1/l2 Regularized
-Latency Surrogates", CVPRW 2024, arXiv:2306.05785 (working specification: section 4.2 of the
-project's algorithms notes; the exponent ``p``, the positivity mechanism, the lambda schedule
-and the extraction threshold are reconstructions and are options here).
+Latency Surrogates", CVPRW 2024, arXiv:2306.05785.
 
 For a gate group :math:`\\alpha \\in \\mathbb{R}^n_{\\ge 0}` the surrogate width is
 
@@ -12,18 +10,12 @@ For a gate group :math:`\\alpha \\in \\mathbb{R}^n_{\\ge 0}` the surrogate width
 
 scale-invariant (:math:`r(c\\alpha) = r(\\alpha)`, :math:`c > 0`), and for ``p = 2``
 :math:`r(\\alpha) \\le \\|\\alpha\\|_0` with equality when the non-zeros are equal. The FLOPs
-surrogate replaces each :math:`\\|\\alpha\\|_0` of the layer graph with :math:`r`:
-
-.. math::  R(\\alpha) = \\frac{1}{F_{\\text{dense}}} \\sum_l F_l\\, r(\\alpha_{l-1})\\, r(\\alpha_l)
-
-(generally: every :class:`~jaxcompress.latency.cost.CostTerm` at surrogate widths), and the
-latency form evaluates a measured :class:`~jaxcompress.latency.cost.LatencyModel` at the
-surrogate widths. Training minimises :math:`L(\\theta, \\alpha) + \\lambda R(\\alpha)` over
-:math:`\\alpha \\ge 0`.
+surrogate evaluates the model's MAC polynomial (:class:`jaxcompress.structure.MacCount`) at the
+surrogate widths, :math:`R(\\alpha) = \\text{MACs}(r(\\alpha)) / \\text{MACs}_{\\text{dense}}`;
+the latency form evaluates a measured :class:`~jaxcompress.latency.LatencyModel` there.
 
 Numerics: :math:`\\|\\alpha\\|_2` is computed as :math:`\\sqrt{\\|\\alpha\\|_2^2 + \\epsilon^2}`
-(``eps = 1e-6``), so :math:`r` and its gradient are finite at and near :math:`\\alpha = 0`
-(:math:`r(0) = 0`); the scale invariance then holds for :math:`\\|\\alpha\\|_2 \\gg \\epsilon`.
+(``eps = 1e-6``), so :math:`r` and its gradient are finite at and near :math:`\\alpha = 0`.
 """
 
 from __future__ import annotations
@@ -40,39 +32,16 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxcompress.latency.cost import LatencyModel, LayerGraph
-from jaxcompress.latency.gates import Gate, gate_effective
-from jaxcompress.masks import path_str
+from jaxcompress.latency._cost import LatencyModel
 from jaxcompress.optim._placement import replicate_on_params_mesh
-
-__all__ = [
-    "DEFAULT_EPS",
-    "DEFAULT_P",
-    "ControllerState",
-    "LambdaController",
-    "SurrogateState",
-    "active_counts",
-    "check_multiple",
-    "flops_regularizer",
-    "gate_diagnostics",
-    "group_multiples",
-    "l1_penalty",
-    "lambda_controller",
-    "latency_regularizer",
-    "linear_ramp",
-    "ratio",
-    "round_up_count",
-    "surrogate_counts",
-    "surrogate_macs",
-    "surrogate_penalty",
-]
+from jaxcompress.structure import Gate, MacCount
 
 DEFAULT_P = 2.0
 DEFAULT_EPS = 1e-6
 DEFAULT_TAU = 1e-2
 
 
-def _check_p(p: Any) -> float:
+def check_p(p: Any) -> float:
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
         raise TypeError(f"p must be a positive float, got {p!r}")
     if not math.isfinite(float(p)) or p <= 0:
@@ -80,46 +49,64 @@ def _check_p(p: Any) -> float:
     return float(p)
 
 
-def _check_eps(eps: Any) -> float:
+def check_eps(eps: Any) -> float:
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (eps > 0):
         raise ValueError(f"eps must be a float > 0, got {eps!r}")
     return float(eps)
 
 
-def _check_tau(tau: Any) -> float:
+def check_tau(tau: Any) -> float:
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0 <= tau < 1:
         raise ValueError(f"tau must be a float in [0, 1), got {tau!r}")
     return float(tau)
 
 
 def check_multiple(m: Any, what: str = "multiple") -> int:
-    """``m`` as an int >= 1, else a ``ValueError`` naming ``what`` and the value."""
     if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1:
         raise ValueError(f"{what} must be an int >= 1, got {m!r}")
     return int(m)
 
 
 def group_multiples(multiple: Any, names: Any) -> dict[str, int]:
-    """``{group: m}``: the multiple each group's kept unit count is rounded up to.
-
-    ``multiple`` is one int >= 1 for every group, or a mapping ``{group: int >= 1}`` (groups
-    not named keep 1). Raises ``ValueError`` naming the bad value or the unknown groups.
-    """
+    """``{group: m}`` from one int for every group or a mapping ``{group: int}`` (others 1)."""
     names = list(names)
     if isinstance(multiple, Mapping):
         unknown = sorted(set(multiple) - set(names))
         if unknown:
-            raise ValueError(f"multiple names unknown gate groups {unknown}; groups are {names}")
+            raise ValueError(f"multiple names unknown groups {unknown}; groups are {names}")
         return {n: check_multiple(multiple.get(n, 1), f"multiple[{n!r}]") for n in names}
     return dict.fromkeys(names, check_multiple(multiple))
 
 
 def round_up_count(count: Any, multiple: int, size: int) -> Any:
-    """``min(size, ceil(count / multiple) * multiple)`` (works on ints and traced arrays)."""
+    """``min(size, ceil(count / multiple) * multiple)`` (ints and traced arrays)."""
     if multiple == 1:
         return count
     rounded = -(-count // multiple) * multiple
     return jnp.minimum(rounded, size) if isinstance(rounded, jax.Array) else min(rounded, size)
+
+
+def check_gates(gates: Any, sizes: Mapping[str, int] | None = None) -> None:
+    """``gates`` must be a non-empty mapping of 1-D arrays (of the groups' sizes)."""
+    if not isinstance(gates, Mapping) or not gates:
+        raise TypeError(
+            "gates must be a non-empty mapping group name -> 1-D array (e.g. "
+            f"{{n: g[...] for n, g in gated.gates.items()}}), got {type(gates).__name__}"
+        )
+    for name, a in gates.items():
+        shape = jnp.shape(a)
+        if sizes is not None:
+            if name not in sizes:
+                raise ValueError(
+                    f"gates names {name!r}, which is not a prunable group of the cost; its "
+                    f"groups are {list(sizes)}"
+                )
+            if shape != (sizes[name],):
+                raise ValueError(
+                    f"gates[{name!r}] has shape {shape}, the cost expects ({sizes[name]},)"
+                )
+        elif len(shape) != 1:
+            raise ValueError(f"gates[{name!r}] must be a 1-D array, got shape {shape}")
 
 
 def ratio(a: jax.Array, p: float = DEFAULT_P, *, eps: float = DEFAULT_EPS) -> jax.Array:
@@ -127,9 +114,9 @@ def ratio(a: jax.Array, p: float = DEFAULT_P, *, eps: float = DEFAULT_EPS) -> ja
 
     ``p = 2`` (default) makes ``r`` a count: ``r(a) = ||a||_0`` when the non-zeros are equal.
     Finite value and gradient everywhere, including ``a = 0`` (where ``r = 0``), for any
-    ``p > 0``. Applied to a weight tensor with ``p = 2`` this is DeepHoyer's Hoyer-square.
+    ``p > 0``.
     """
-    p, eps = _check_p(p), _check_eps(eps)
+    p, eps = check_p(p), check_eps(eps)
     a = jnp.asarray(a)
     l1 = jnp.sum(jnp.abs(a))
     l2 = jnp.sqrt(jnp.sum(jnp.square(a)) + eps * eps)
@@ -141,53 +128,75 @@ def ratio(a: jax.Array, p: float = DEFAULT_P, *, eps: float = DEFAULT_EPS) -> ja
     return jnp.where(positive, safe**p, 0.0)
 
 
-def _check_gates(gates: Mapping[str, Any], graph: LayerGraph) -> None:
-    if not isinstance(graph, LayerGraph):
-        raise TypeError(f"graph must be a LayerGraph, got {type(graph).__name__}")
-    if not isinstance(gates, Mapping):
-        raise TypeError(
-            f"gates must be a mapping name -> array (see gate_values), got {type(gates).__name__}"
-        )
-    missing = [n for n, _ in graph.groups if n not in gates]
-    if missing:
-        raise ValueError(
-            f"gates do not match the graph: missing groups {missing}; gates have {sorted(gates)}"
-        )
-    for name, size in graph.groups:
-        shape = jnp.shape(gates[name])
-        if shape != (size,):
-            raise ValueError(f"gate group {name!r} has shape {shape}, the graph expects ({size},)")
-
-
 def surrogate_counts(
+    gates: Mapping[str, jax.Array], p: float = DEFAULT_P, *, eps: float = DEFAULT_EPS
+) -> dict[str, jax.Array]:
+    """``{group: r(alpha_group)}``: the relaxed kept-unit count of every gated group."""
+    check_gates(gates)
+    return {name: ratio(a, p, eps=eps) for name, a in gates.items()}
+
+
+def _cost_sizes(cost: Any) -> dict[str, int]:
+    if isinstance(cost, (MacCount, LatencyModel)):
+        return dict(cost.sizes)
+    raise TypeError(
+        f"cost must be a jaxcompress.structure.MacCount or a LatencyModel, got "
+        f"{type(cost).__name__}"
+    )
+
+
+def flops_regularizer(
     gates: Mapping[str, jax.Array],
-    graph: LayerGraph,
+    macs: MacCount,
     *,
     p: float = DEFAULT_P,
     eps: float = DEFAULT_EPS,
-) -> dict[str, jax.Array]:
-    """``{group: r(alpha_group)}`` for every group of ``graph``."""
-    _check_gates(gates, graph)
-    return {name: ratio(gates[name], p, eps=eps) for name, _ in graph.groups}
+) -> jax.Array:
+    """:math:`R(\\alpha) = \\text{MACs}(r(\\alpha)) / \\text{MACs}_{\\text{dense}}` (1 at equal,
+    all-on gates); groups of ``macs`` without gates count at full size."""
+    if not isinstance(macs, MacCount):
+        raise TypeError(f"macs must be a jaxcompress.structure.MacCount, got {type(macs).__name__}")
+    check_gates(gates, macs.sizes)
+    return macs(surrogate_counts(gates, p, eps=eps)) / macs.dense
+
+
+def latency_regularizer(
+    gates: Mapping[str, jax.Array],
+    lat: LatencyModel,
+    *,
+    p: float = DEFAULT_P,
+    eps: float = DEFAULT_EPS,
+) -> jax.Array:
+    """Latency form: :math:`T(r(\\alpha)) / T_{\\text{dense}}` with a measured
+    :class:`~jaxcompress.latency.LatencyModel` (interpolated at the surrogate widths)."""
+    if not isinstance(lat, LatencyModel):
+        raise TypeError(f"lat must be a LatencyModel, got {type(lat).__name__}")
+    check_gates(gates, lat.sizes)
+    return lat(surrogate_counts(gates, p, eps=eps)) / lat.dense
+
+
+def l1_penalty(gates: Mapping[str, jax.Array]) -> jax.Array:
+    """Network-slimming baseline (Liu et al., ICCV 2017, arXiv:1708.06519):
+    :math:`\\sum_g \\sum_j |\\alpha_{g,j}|`. Not scale-invariant: it shrinks every gate."""
+    check_gates(gates)
+    return sum(jnp.sum(jnp.abs(jnp.asarray(a))) for a in gates.values())
 
 
 def active_counts(
     gates: Mapping[str, jax.Array],
-    graph: LayerGraph,
     *,
     tau: float = DEFAULT_TAU,
     multiple: int | Mapping[str, int] = 1,
+    sizes: Mapping[str, int] | None = None,
 ) -> dict[str, jax.Array]:
-    """Units that extraction keeps: ``alpha_j >= tau * max(alpha)`` and ``alpha_j > 0``, at
-    least 1 per group, rounded up to ``multiple`` (capped at the group size): the rule of
-    :func:`jaxcompress.latency.extract.kept_units`."""
-    _check_gates(gates, graph)
-    tau = _check_tau(tau)
-    multiples = group_multiples(multiple, (n for n, _ in graph.groups))
+    """Units extraction keeps: ``alpha_j >= tau * max(alpha)`` and ``alpha_j > 0``, at least 1,
+    rounded up to ``multiple`` (capped at the group size). Jit-friendly."""
+    multiples = group_multiples(multiple, gates)
     out = {}
-    for name, size in graph.groups:
-        a = jnp.asarray(gates[name])
+    for name, a in gates.items():
+        a = jnp.asarray(a)
         keep = (a >= tau * jnp.max(a)) & (a > 0)
+        size = a.shape[0] if sizes is None else sizes[name]
         out[name] = round_up_count(jnp.maximum(jnp.sum(keep), 1), multiples[name], size)
     return out
 
@@ -198,53 +207,36 @@ def gate_diagnostics(
     r"""Per-group statistics that say how hard the l1/l2 surrogate can still push each group.
 
     For the gates :math:`\alpha_K` that extraction would keep (``alpha_j >= tau * max``,
-    ``alpha_j > 0``; :func:`active_counts`'s rule, ``k = |K|``) the **uniformity**
+    ``alpha_j > 0``, ``k = |K|``) the **uniformity**
 
     .. math::  u = \frac{(\sum_{j \in K} \alpha_j)^2}{k \sum_{j \in K} \alpha_j^2}
                = \frac{r_{p=2}(\alpha_K)}{k} \in (0, 1]
 
-    is 1 exactly when the kept gates are equal. That is where the ratio stops pushing: with
-    :math:`s_1 = \|\alpha\|_1, s_2 = \|\alpha\|_2`,
+    is 1 exactly when the kept gates are equal, where the gradient of the ratio,
+    :math:`\partial r / \partial \alpha_j = (2 s_1 / s_2^2)(1 - s_1 \alpha_j / s_2^2)`, vanishes
+    for every ``j``: the surrogate prunes a group by making its gates unequal, so a group the
+    task loss holds near ``u = 1`` is pruned last. Plain l1 has no such fixed point.
 
-    .. math::  \frac{\partial r}{\partial \alpha_j}
-               = \frac{2 s_1}{s_2^2}\Big(1 - \frac{s_1 \alpha_j}{s_2^2}\Big),
-
-    which vanishes for every ``j`` at equal gates (the maximum of ``r`` over a fixed support).
-    The surrogate prunes a group by making its gates unequal; its push on a group is
-    proportional to how unequal the gates already are, so a group that the task loss holds
-    near ``u = 1`` is pruned last, if at all. This happens to a gated
-    layer whose common gate scale the loss uses, such as a last conv that feeds pooling and
-    the classifier with no normalisation in between (``experiments/surrogate/RESULTS.md``).
-    Plain l1 pushes every gate by the same amount and has no such fixed point.
-
-    Host-side diagnostic (NumPy; not for use under ``jit``).
-
-    Args:
-      gates: ``{group: gate values}`` (e.g. :func:`~jaxcompress.latency.gate_values`).
-      tau: the extraction threshold, relative to the group's largest gate, in ``[0, 1)``.
+    Host-side (NumPy; not for use under ``jit``).
 
     Returns:
-      ``{group: {"size", "kept", "max", "rms_kept", "uniformity"}}`` as Python numbers;
-      ``kept`` and ``uniformity`` are 0 for an all-zero group (JSON-safe; a group with
-      kept gates has ``0 < uniformity <= 1``).
+      ``{group: {"size", "kept", "max", "rms_kept", "uniformity"}}`` as Python numbers
+      (``kept`` and ``uniformity`` are 0 for an all-zero group).
 
     Raises:
-      TypeError: ``gates`` is not a mapping. ValueError: a group is not a 1-D array, has a
-      negative or non-finite gate, or ``tau`` is outside ``[0, 1)``.
+      TypeError: ``gates`` is not a mapping. ValueError: a group is not a non-empty 1-D array,
+      has a negative or non-finite gate, or ``tau`` is outside ``[0, 1)``.
     """
-    tau = _check_tau(tau)
-    if not isinstance(gates, Mapping):
-        raise TypeError(
-            f"gates must be a mapping name -> array (see gate_values), got {type(gates).__name__}"
-        )
+    tau = check_tau(tau)
+    check_gates(gates)
     out: dict[str, dict[str, float]] = {}
     for name, values in gates.items():
         a = np.asarray(values, dtype=np.float64)
         if a.ndim != 1 or a.size == 0:
-            raise ValueError(f"gate group {name!r} must be a non-empty 1-D array, got {a.shape}")
+            raise ValueError(f"gates[{name!r}] must be a non-empty 1-D array, got {a.shape}")
         if not np.all(np.isfinite(a)) or np.any(a < 0):
             raise ValueError(
-                f"gate group {name!r} has negative or non-finite gates (min {a.min()!r}); "
+                f"gates[{name!r}] has negative or non-finite gates (min {a.min()!r}); "
                 "the surrogate expects gates >= 0"
             )
         top = float(a.max())
@@ -260,58 +252,6 @@ def gate_diagnostics(
     return out
 
 
-def surrogate_macs(
-    gates: Mapping[str, jax.Array],
-    graph: LayerGraph,
-    *,
-    p: float = DEFAULT_P,
-    eps: float = DEFAULT_EPS,
-) -> jax.Array:
-    """Un-normalised surrogate cost :math:`\\sum_t \\text{coef}_t \\prod_i \\sum r(\\cdot)`."""
-    return graph.macs(surrogate_counts(gates, graph, p=p, eps=eps))
-
-
-def flops_regularizer(
-    gates: Mapping[str, jax.Array],
-    graph: LayerGraph,
-    *,
-    p: float = DEFAULT_P,
-    eps: float = DEFAULT_EPS,
-) -> jax.Array:
-    """:math:`R(\\alpha)`: surrogate MACs over the dense MACs (1 for equal, all-on gates)."""
-    return surrogate_macs(gates, graph, p=p, eps=eps) / graph.dense()
-
-
-def latency_regularizer(
-    gates: Mapping[str, jax.Array],
-    model: LatencyModel,
-    *,
-    p: float = DEFAULT_P,
-    eps: float = DEFAULT_EPS,
-) -> jax.Array:
-    """Latency form: :math:`T(r(\\alpha)) / T_{\\text{dense}}` with a measured
-    :class:`~jaxcompress.latency.cost.LatencyModel` (per-term tables interpolated at the
-    surrogate widths)."""
-    if not isinstance(model, LatencyModel):
-        raise TypeError(f"model must be a LatencyModel, got {type(model).__name__}")
-    counts = surrogate_counts(gates, model.graph, p=p, eps=eps)
-    return model.latency(counts) / model.dense()
-
-
-def l1_penalty(gates: Mapping[str, jax.Array], graph: LayerGraph | None = None) -> jax.Array:
-    """Network-slimming baseline (Liu et al., ICCV 2017, arXiv:1708.06519):
-    :math:`\\sum_g \\sum_j |\\alpha_{g,j}|` over the groups of ``graph`` (default: all gates).
-    Not scale-invariant: it shrinks every gate."""
-    if graph is not None:
-        _check_gates(gates, graph)
-        names = [n for n, _ in graph.groups]
-    else:
-        if not isinstance(gates, Mapping) or not gates:
-            raise ValueError("gates must be a non-empty mapping name -> array")
-        names = list(gates)
-    return sum(jnp.sum(jnp.abs(jnp.asarray(gates[n]))) for n in names)
-
-
 # --------------------------------------------------------------------------------------------
 # Lambda schedules
 # --------------------------------------------------------------------------------------------
@@ -319,7 +259,7 @@ def l1_penalty(gates: Mapping[str, jax.Array], graph: LayerGraph | None = None) 
 
 def linear_ramp(peak: float, ramp_steps: int, *, delay: int = 0) -> optax.Schedule:
     """``lambda(t) = peak * clip((t - delay) / ramp_steps, 0, 1)``: 0 for ``delay`` steps, a
-    linear ramp over ``ramp_steps`` (spec: the first ~10-20% of training), then held."""
+    linear ramp over ``ramp_steps``, then held."""
     if isinstance(peak, bool) or not isinstance(peak, numbers.Real) or not peak >= 0:
         raise ValueError(f"peak must be a float >= 0, got {peak!r}")
     for name, v, low in (("ramp_steps", ramp_steps, 1), ("delay", delay, 0)):
@@ -340,16 +280,16 @@ _MODES = ("multiplicative", "pi")
 
 @dataclasses.dataclass(frozen=True)
 class LambdaController:
-    """Steers lambda so the (surrogate) cost ratio reaches ``target`` (a fraction of dense).
+    """Steers lambda so the cost ratio reaches ``target`` (a fraction of dense).
 
     With the relative error :math:`e_t = (R_t - \\rho)/\\rho`, ``R_t`` the current cost over
     dense and :math:`\\rho` the target ratio:
 
-    * ``"multiplicative"`` (default): :math:`\\lambda_{t+1} = \\lambda_t e^{k e_t}`: grows
-      geometrically while the model is too expensive, decays once it is too cheap;
+    * ``"multiplicative"`` (default): :math:`\\lambda_{t+1} = \\lambda_t e^{k e_t}`;
     * ``"pi"``: :math:`\\lambda_{t+1} = \\lambda_0 + k e_t + k_i \\sum_{s \\le t} e_s`.
 
-    Both clip to ``[lam_min, lam_max]``. Build with :func:`lambda_controller`.
+    Both clip to ``[lam_min, lam_max]``. Build with :func:`lambda_controller`; ``init()`` and
+    ``update(state, value)`` are pure and jit-friendly.
     """
 
     target: float
@@ -389,7 +329,7 @@ class LambdaController:
 
 def lambda_controller(
     target: float,
-    dense: float | LayerGraph | LatencyModel,
+    dense: float | MacCount | LatencyModel,
     *,
     lam0: float = 1e-2,
     gain: float = 0.05,
@@ -401,8 +341,9 @@ def lambda_controller(
     """A :class:`LambdaController` for an absolute ``target`` cost.
 
     Args:
-      target: target MACs (or seconds for a latency model), ``0 < target <= dense``.
-      dense: the dense cost, or the graph / latency model to read it from.
+      target: target MACs per example (or seconds for a latency model),
+        ``0 < target <= dense``.
+      dense: the dense cost, or the ``MacCount`` / ``LatencyModel`` to read it from.
       lam0: initial lambda (> 0 for ``"multiplicative"``).
       gain: ``k`` (exponent rate, or proportional gain in ``"pi"`` mode), > 0.
       mode: ``"multiplicative"`` or ``"pi"``.
@@ -412,8 +353,8 @@ def lambda_controller(
     Raises:
       ValueError: target above the dense cost or <= 0, bad gains or modes.
     """
-    if isinstance(dense, (LayerGraph, LatencyModel)):
-        dense = dense.dense()
+    if isinstance(dense, (MacCount, LatencyModel)):
+        dense = float(dense.dense)
     for name, v in (("target", target), ("dense", dense)):
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
             raise ValueError(f"{name} must be a finite number, got {v!r}")
@@ -457,7 +398,7 @@ class SurrogateState(NamedTuple):
     Attributes:
       count: steps taken.
       controller: lambda controller state (``lam`` is the lambda used at the next step).
-      value: the regulariser ``R`` (cost / dense) at the last step's params.
+      value: the feedback cost ratio at the last step's params.
     """
 
     count: jax.Array
@@ -469,25 +410,34 @@ def _is_var(x: Any) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def _leaf_value(leaf: Any) -> jax.Array:
-    return leaf[...] if _is_var(leaf) else leaf
+def key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
 
 
-def _parametrization(leaf: Any) -> str:
-    if isinstance(leaf, Gate):
-        return leaf.get_metadata().get("parametrization", "identity")
-    return "identity"
+def gate_leaves(params: Any) -> tuple[list, Any, dict[str, int]]:
+    """``(flat leaves, treedef, {group name: leaf index})`` of the :class:`Gate` leaves."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_var)
+    index: dict[str, int] = {}
+    for i, (path, leaf) in enumerate(flat):
+        if isinstance(leaf, Gate):
+            name = key_name(path[-1])
+            if name in index:
+                raise ValueError(f"params hold two Gate leaves for group {name!r}")
+            index[name] = i
+    return flat, treedef, index
 
 
 def _is_real_scalar_array(value: Any) -> bool:
-    """A 0-d integer or floating array (NumPy, JAX or a tracer), not bool."""
     if not isinstance(value, (np.ndarray, jax.Array)) or np.ndim(value) != 0:
         return False
     return jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)
 
 
 def surrogate_penalty(
-    cost: LayerGraph | LatencyModel,
+    cost: MacCount | LatencyModel,
     strength: float | optax.Schedule | LambdaController,
     *,
     kind: str = "ratio",
@@ -500,65 +450,59 @@ def surrogate_penalty(
 ) -> optax.GradientTransformation:
     """Add :math:`\\lambda \\nabla_\\alpha R(\\alpha)` to the gate gradients (an optax transform).
 
-    Place it **first** in the chain (it adds to the raw gradients, like
-    ``optax.add_decayed_weights``), and :func:`~jaxcompress.latency.gates.project_nonnegative`
-    last::
+    Place it **first** in the chain and :func:`~jaxcompress.latency.project_nonnegative` last::
 
-        tx = optax.chain(surrogate_penalty(graph, lam), optax.adam(1e-3), project_nonnegative())
+        tx = optax.chain(surrogate_penalty(macs, ctrl), optax.adam(1e-3), project_nonnegative())
 
-    The gates are read from ``params``: :class:`~jaxcompress.latency.gates.Gate` leaves of an
-    ``nnx.State`` (named by path, parametrization applied, so the gradient is taken w.r.t. the
-    stored value), or, in a plain pytree, the leaves whose path names a graph group.
+    The gates are the :class:`jaxcompress.structure.Gate` leaves of ``params`` (an
+    ``nnx.State`` of a :class:`jaxcompress.structure.Gated` model, at any nesting), each named
+    by the last key of its path, i.e. its group name. Groups of ``cost`` without a gate count
+    at full size.
 
     Args:
-      cost: a :class:`LayerGraph` (FLOPs surrogate) or a :class:`LatencyModel` (latency form).
+      cost: a :class:`jaxcompress.structure.MacCount` of the ungated model (FLOPs form;
+        per-example or not, only the ratio to dense is used) or a
+        :class:`~jaxcompress.latency.LatencyModel` (latency form).
       strength: lambda: a float >= 0, an optax schedule of the step count (e.g.
-        :func:`linear_ramp`), a :class:`LambdaController` (updated every step from ``R``), or
-        a 0-d real array, so ``optax.inject_hyperparams`` can inject it (an array is checked
-        by shape and dtype only, its value is not: it may be traced).
-      kind: the penalty whose gradient is added: ``"ratio"`` (the l1/l2 surrogate ``R``,
-        default) or ``"l1"`` (network slimming: :math:`\\sum |\\alpha|`, not normalised).
+        :func:`linear_ramp`), a :class:`LambdaController` (updated every step from the
+        feedback ratio), or a 0-d real array (so ``optax.inject_hyperparams`` can inject it).
+      kind: ``"ratio"`` (the l1/l2 surrogate ``R``, default) or ``"l1"`` (network slimming:
+        :math:`\\sum |\\alpha|`, not normalised; ``R`` is still reported as the feedback).
       p, eps: see :func:`ratio`.
       feedback: the cost ratio a controller steers and ``state.value`` records:
-        ``"surrogate"`` (default, ``R`` at the surrogate widths) or ``"active"`` (the cost at
-        the exact widths extraction would keep with threshold ``tau``; steers the real FLOPs,
-        which the surrogate under-estimates when the surviving gates are unequal).
+        ``"surrogate"`` (``R`` at the surrogate widths) or ``"active"`` (the cost at the counts
+        extraction keeps with threshold ``tau``, rounded up to ``multiple``).
       tau: extraction threshold for ``feedback="active"``.
-      multiple: for ``feedback="active"``, the kept counts are rounded up as
-        ``extract(multiple=...)`` will round them (:func:`active_counts`), so a controller
-        steers the cost of the model extraction will return.
-      scale: ``"none"`` (default: the gradient of the penalty) or ``"rms"``: each group's
-        penalty gradient times the rms of its gates (held constant). The ratio is
-        scale-invariant, so its gradient shrinks as :math:`1/\\|\\alpha_l\\|`: a group whose
-        gates grow (e.g. gates read by a classifier with no normalisation after them, whose
-        common scale acts as a temperature) escapes the penalty. With ``"rms"`` the push
-        on a group no longer depends on its gates' scale. Not a gradient of any objective.
+      multiple: int or ``{group: int}``: for ``feedback="active"``, round the kept counts up
+        as :func:`~jaxcompress.latency.round_to_multiple` will at extraction.
+      scale: ``"none"`` (the gradient of the penalty) or ``"rms"``: each group's penalty
+        gradient times the rms of its gates (held constant), so the push on a group does not
+        shrink as its gates grow (the ratio's gradient scales as :math:`1/\\|\\alpha_l\\|`).
+        Not a gradient of any objective.
 
-    State: :class:`SurrogateState` (``value`` = the feedback cost ratio at the last params,
-    ``controller.lam`` = the lambda for the next step).
+    State: ``SurrogateState(count, controller=ControllerState(lam, integral), value)``.
+
+    Raises:
+      TypeError, ValueError: bad arguments (here); in ``update``: no ``params``, no Gate leaf,
+      a Gate whose name is not a group of ``cost``, a gate of the wrong shape.
     """
-    if not isinstance(cost, (LayerGraph, LatencyModel)):
-        raise TypeError(f"cost must be a LayerGraph or LatencyModel, got {type(cost).__name__}")
+    sizes = _cost_sizes(cost)
     if kind not in ("ratio", "l1"):
         raise ValueError(f"kind must be 'ratio' or 'l1', got {kind!r}")
-    p, eps = _check_p(p), _check_eps(eps)
+    p, eps = check_p(p), check_eps(eps)
     if feedback not in ("surrogate", "active"):
         raise ValueError(f"feedback must be 'surrogate' or 'active', got {feedback!r}")
     if scale not in ("none", "rms"):
         raise ValueError(f"scale must be 'none' or 'rms', got {scale!r}")
-    tau = _check_tau(tau)
-    graph = cost if isinstance(cost, LayerGraph) else cost.graph
-    group_names = {n for n, _ in graph.groups}
-    multiples = group_multiples(multiple, (n for n, _ in graph.groups))
+    tau = check_tau(tau)
+    multiples = group_multiples(multiple, sizes)
     if isinstance(strength, LambdaController):
-        controller = strength
-        schedule = None
+        controller, schedule = strength, None
     elif callable(strength):
         controller, schedule = None, strength
     elif isinstance(strength, numbers.Real) and not isinstance(strength, bool) and strength >= 0:
         controller, schedule = None, None
     elif _is_real_scalar_array(strength):
-        # e.g. injected by optax.inject_hyperparams (possibly traced): checked by shape/dtype
         controller, schedule = None, None
     else:
         raise ValueError(
@@ -566,22 +510,13 @@ def surrogate_penalty(
             f"got {strength!r}"
         )
 
-    def cost_ratio(gates):
-        if isinstance(cost, LatencyModel):
-            return latency_regularizer(gates, cost, p=p, eps=eps)
-        return flops_regularizer(gates, graph, p=p, eps=eps)
+    def evaluate(counts):
+        return cost(counts) / cost.dense
 
-    def active_ratio(gates):
-        counts = active_counts(gates, graph, tau=tau, multiple=multiples)
-        if isinstance(cost, LatencyModel):
-            return cost.latency(counts) / cost.dense()
-        return graph.macs(counts) / graph.dense()
-
-    def objective(raw, kinds):
-        gates = {n: gate_effective(raw[n], kinds[n]) for n in raw}
-        ratio_value = cost_ratio(gates)
-        penalty = l1_penalty(gates, graph) if kind == "l1" else ratio_value
-        return penalty, (ratio_value, gates)
+    def objective(gates):
+        value = evaluate(surrogate_counts(gates, p, eps=eps))
+        penalty = l1_penalty(gates) if kind == "l1" else value
+        return penalty, value
 
     def init_fn(params):
         ctrl = (
@@ -595,25 +530,20 @@ def surrogate_penalty(
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError("surrogate_penalty needs params: call update(updates, state, params)")
-        flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_var)
-        has_vars = any(_is_var(leaf) for _, leaf in flat)
-        index: dict[str, int] = {}
-        for i, (path, leaf) in enumerate(flat):
-            name = path_str(path)
-            if (isinstance(leaf, Gate) if has_vars else name in group_names) and (
-                name in group_names
-            ):
-                index[name] = i
-        missing = sorted(group_names - set(index))
-        if missing:
+        flat, treedef, index = gate_leaves(params)
+        if not index:
             raise ValueError(
-                f"params do not hold the graph's gate groups {missing}; found gates {sorted(index)}"
+                "params hold no jaxcompress.structure.Gate leaf; pass the params of a "
+                "structure.Gated model (e.g. jc.latency.gated(model, x))"
             )
-        raws = {n: _leaf_value(flat[i][1]) for n, i in index.items()}
-        kinds = {n: _parametrization(flat[i][1]) for n, i in index.items()}
-        (_, (value, gates)), grad = jax.value_and_grad(objective, has_aux=True)(raws, kinds)
+        gates = {n: flat[i][1][...] for n, i in index.items()}
+        check_gates(gates, sizes)
+        (_, value), grad = jax.value_and_grad(objective, has_aux=True)(gates)
         if feedback == "active":
-            value = active_ratio(jax.lax.stop_gradient(gates))
+            counts = active_counts(
+                jax.lax.stop_gradient(gates), tau=tau, multiple=multiples, sizes=sizes
+            )
+            value = evaluate(counts)
         if controller is not None:
             lam = state.controller.lam
             ctrl = controller.update(state.controller, value)
@@ -626,12 +556,81 @@ def surrogate_penalty(
             g = lam * grad[n]
             if scale == "rms":
                 g = g * jax.lax.stop_gradient(jnp.sqrt(jnp.mean(jnp.square(gates[n]))))
-            g = g.astype(_leaf_value(u).dtype)
-            flat_u[i] = u.replace(u[...] + g) if _is_var(u) else u + g
+            u_value = u[...] if _is_var(u) else u
+            g = g.astype(u_value.dtype)
+            flat_u[i] = u.replace(u_value + g) if _is_var(u) else u_value + g
         new_updates = jax.tree_util.tree_unflatten(treedef, flat_u)
         new_state = SurrogateState(
             optax.safe_increment(state.count), ctrl, jnp.asarray(value, jnp.float32)
         )
         return new_updates, new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def project_nonnegative(prune_below: float = 0.0) -> optax.GradientTransformation:
+    """Keep every :class:`jaxcompress.structure.Gate` of the params non-negative after the
+    update (projected gradient), inside an optax chain. Put it **last**.
+
+    For each Gate leaf the update ``u`` becomes :math:`u' = \\max(u, -\\theta)`, so
+    :math:`\\theta + u' = \\max(\\theta + u, 0)` exactly in floating point. Other leaves pass
+    through unchanged.
+
+    With ``prune_below = tau > 0`` the step also zeroes every gate of a group that would end
+    below ``tau`` times the group's largest gate (``u' = -theta``): the units extraction at the
+    same ``tau`` would remove are removed during training, so the network adapts to their loss.
+    A hard-threshold step, not a projection onto a convex set.
+
+    Args:
+      prune_below: relative threshold in ``[0, 1)`` (0: only the projection), or a 0-d float
+        array (for ``optax.inject_hyperparams``; checked by shape and dtype only).
+
+    Raises:
+      ValueError: ``prune_below`` outside ``[0, 1)``; in ``update`` if ``params`` is missing.
+    """
+    if isinstance(prune_below, numbers.Real) and not isinstance(prune_below, bool):
+        if not 0.0 <= prune_below < 1.0:
+            raise ValueError(f"prune_below must be a float in [0, 1), got {prune_below!r}")
+        prune_below = float(prune_below)
+        threshold = prune_below > 0.0
+    elif (
+        hasattr(prune_below, "shape")
+        and hasattr(prune_below, "dtype")
+        and jnp.ndim(prune_below) == 0
+        and jnp.issubdtype(prune_below.dtype, jnp.floating)
+    ):
+        threshold = True
+    else:
+        raise ValueError(
+            f"prune_below must be a float in [0, 1) or a 0-d float array, got {prune_below!r}"
+        )
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError(
+                "project_nonnegative needs params: call update(updates, state, params)"
+            )
+
+        def step(u, p):
+            out = jnp.maximum(u, -p)
+            if threshold:
+                after = p + out
+                cut = after < prune_below * jnp.max(after)
+                out = jnp.where(cut, -p, out)
+            return out.astype(u.dtype)
+
+        def proj(u, p):
+            if not isinstance(p, Gate):
+                return u
+            if _is_var(u):
+                return u.replace(step(u[...], p[...]))
+            return step(u, p[...])
+
+        new = jax.tree_util.tree_map(proj, updates, params, is_leaf=_is_var)
+        return new, state
 
     return optax.GradientTransformation(init_fn, update_fn)
