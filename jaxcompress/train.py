@@ -63,7 +63,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from jaxcompress import sharding as jc_sharding
+from jaxcompress import _sharding as jc_sharding
 from jaxcompress.checkpoint import Checkpointer
 
 __all__ = [
@@ -188,9 +188,9 @@ class ShardedStep:
     Made by :func:`make_train_step` with ``mesh=``. Call it like the plain step,
     ``step(params, rest, opt_state, x, y) -> (params, rest, opt_state, metrics)``; the arguments
     must already be placed (:meth:`place`) and ``x``, ``y`` are numpy arrays (one process) or
-    global arrays on :attr:`StepShardings.batch`. Outputs keep the input shardings; metrics are
-    replicated. One executable is compiled per signature of its arguments (structure, shapes,
-    dtypes); a new batch size compiles a new one.
+    global arrays on the batch sharding (``step.shardings(...).batch``). Outputs keep the input
+    shardings; metrics are replicated. One executable is compiled per signature of its
+    arguments (structure, shapes, dtypes); a new batch size compiles a new one.
     """
 
     def __init__(
@@ -473,7 +473,7 @@ def _check_positive_int(name: str, value: Any) -> None:
 class _Batcher:
     """Rows of global batches for this process, as the step's inputs."""
 
-    def __init__(self, sharding: jc_sharding.NamedSharding | None, batch_size: int):
+    def __init__(self, sharding: Any, batch_size: int):
         self._sharding, self._batch_size = sharding, batch_size
         self.rows = (0, batch_size)
         if sharding is not None:
@@ -650,7 +650,11 @@ def fit(
       loss_fn: training loss ``(logits, labels) -> scalar``.
       opt_state: start from this optimizer state (ignored when resuming from a checkpoint).
       eval_batch_size: batch size for ``eval_ds``.
-      callback: ``callback(epoch, record, model)`` after each epoch. It may read the model freely.
+      callback: ``callback(epoch, record, model)`` after each epoch, before the record is
+        printed, logged and checkpointed. It may read the model freely and add JSON-serialisable
+        entries to ``record`` (e.g. a sparsity or a probe accuracy): they are saved with the
+        checkpoint and come back in the history of a resumed run, so a caller's per-epoch
+        curves survive a restart. On a resume it is not called again for restored epochs.
       mesh: ``None`` (one device), a ``jax.sharding.Mesh`` with Auto axes or a string such as
         ``"data=8"`` / ``"data=4,fsdp=2"``. ``batch_size`` must be a multiple of the data axes'
         size.
@@ -847,6 +851,9 @@ def fit(
                 record["eval_loss"], record["eval_accuracy"] = ev["loss"], ev["accuracy"]
             record["seconds"] = time.perf_counter() - start
             bar.close()
+            if callback is not None:
+                # before the record is logged and checkpointed: entries it adds are restored
+                callback(epoch + 1, record, model)
             if progress and primary:
                 tqdm.write(
                     " ".join(
@@ -861,8 +868,6 @@ def fit(
             t = (epoch + 1) * steps_per_epoch
             if ckpt is not None and (t % every == 0 or t == total) and t > start_step:
                 save(t)
-            if callback is not None:
-                callback(epoch + 1, record, model)
     finally:
         if ckpt is not None:
             ckpt.close()

@@ -38,9 +38,7 @@ masks = multihost_utils.process_allgather(hist.opt_state.masks, tiled=True)
 # Restore: a rerun resumes from the final checkpoint (saved by both processes) on the mesh.
 model2, hist2 = T.run(os.path.join(out, "ckpt"))
 again = multihost_utils.process_allgather(nnx.state(model2, nnx.Param), tiled=True)
-rows = sharding.process_rows(
-    sharding.step_shardings(sharding.make_mesh(T.MESH), {}, {}, None).batch, T.BATCH
-)
+rows = sharding.process_rows(T.MESH, T.BATCH)
 flat = lambda tree: [np.asarray(a) for a in jax.tree.leaves(tree)]
 result = {
     "records": [{k: v for k, v in r.items() if k != "seconds"} for r in hist.epochs],
@@ -166,10 +164,10 @@ def test_two_processes_equal_one_process(tmp_path):
 
 def test_process_rows_and_batches_rows_give_the_global_batch():
     mesh = sharding.make_mesh("data=8")
-    batch = sharding.step_shardings(mesh, {}, {}, None).batch
-    assert sharding.process_rows(batch, 64) == (0, 64)  # one process holds every row
+    assert sharding.process_rows(mesh, 64) == (0, 64)  # one process holds every row
+    assert sharding.process_rows("data=4,fsdp=2", 64, data_axes="data") == (0, 64)
     with pytest.raises(ValueError, match="not divisible by the 8"):
-        sharding.process_rows(batch, 60)
+        sharding.process_rows(mesh, 60)
     x = np.arange(100, dtype=np.float32)[:, None]
     ds = (x, np.arange(100, dtype=np.int32))
     whole = [xb for xb, _ in data.batches(ds, 20, seed=4, epoch=2)]

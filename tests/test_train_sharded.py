@@ -15,7 +15,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 from sklearn.datasets import load_digits
 
-from jaxcompress import optim, sharding, train
+from jaxcompress import _sharding, optim, sharding, train
 from jaxcompress.checkpoint import Checkpointer
 from jaxcompress.models import MLP
 
@@ -154,7 +154,7 @@ def test_fsdp_rule_and_state_follow_params():
     )
     tx = optim.gmp(optax.adam(1e-3), sparsity=0.5, begin_step=0, end_step=4, every=2)
     state = tx.init(params)
-    ospecs = sharding.state_specs(state, params, specs, mesh, rule="fsdp")
+    ospecs = _sharding.state_specs(state, params, specs, mesh, rule="fsdp")
     assert ospecs.masks["a"]["kernel"] == P("fsdp", None)
     assert ospecs.masks["b"]["kernel"] == P(None, "fsdp")
     assert ospecs.masks["d"]["kernel"] == P()
