@@ -8,6 +8,9 @@
   :func:`wanda_layer` for one kernel.
 * :func:`hessians`: the dense model's layer Hessians ``2 X^T X / n`` (e.g. for
   :func:`jaxcompress.spdy.obs_database`).
+* :func:`structured`: structured one-shot pruning of any NNX model: whole channels, neurons and
+  heads of its dependency groups (:mod:`jaxcompress.structure`) ranked by group norms
+  (:func:`unit_scores`; DepGraph, Fang et al. 2023; Li et al. 2017) and physically removed.
 * :func:`recalibrate_batchnorm`: re-estimate the BatchNorm running statistics of a pruned Flax
   NNX model with forward passes over calibration data ("BN tuning" in CrAM, Peste et al. 2023).
 * :func:`calibration_batches`: random calibration batches drawn from a training set.
@@ -21,6 +24,8 @@ from jaxcompress.prune._batchnorm import (
 from jaxcompress.prune._calibrate import hessians
 from jaxcompress.prune._obs import sparsegpt, wanda, wanda_layer
 from jaxcompress.prune._oneshot import oneshot
+from jaxcompress.prune._structured import structured
+from jaxcompress.spdy._groups import unit_scores
 from jaxcompress.spdy._obs import sparsegpt_layer
 
 __all__ = [
@@ -31,6 +36,8 @@ __all__ = [
     "recalibrate_batchnorm",
     "sparsegpt",
     "sparsegpt_layer",
+    "structured",
+    "unit_scores",
     "wanda",
     "wanda_layer",
 ]

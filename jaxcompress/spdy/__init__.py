@@ -10,6 +10,9 @@
   overhead that :func:`measure` subtracts.
 * :func:`budget`, :func:`max_speedup`, :func:`modelled_speedup`, :func:`prior_errors`: the
   reference's budget and error-prior accounting.
+* :func:`group_options`: structured options of any NNX model from its dependency groups
+  (:mod:`jaxcompress.structure`): a :class:`GroupOptions` with kept channel counts per group,
+  an exact MAC table, a measured table, per-option errors and the pruned model of a profile.
 * :func:`search`: the reference's random-restart plus local search over per-layer error
   coefficients, scored by the calibration loss of the stitched model (seeded, reproducible).
 * :func:`build_database`, :func:`adaprune_layer`, :func:`global_adaprune`: the layer-wise
@@ -32,6 +35,7 @@ from jaxcompress.spdy._dp import (
     solve,
     solve_batch,
 )
+from jaxcompress.spdy._groups import GroupOptions, group_options
 from jaxcompress.spdy._measure import (
     CLOCKS,
     Timing,
@@ -70,12 +74,14 @@ from jaxcompress.spdy._tables import (
 __all__ = [
     "CLOCKS",
     "Database",
+    "GroupOptions",
     "SearchResult",
     "Timing",
     "adaprune_layer",
     "build_database",
     "channel_mask",
     "global_adaprune",
+    "group_options",
     "layer_error",
     "search",
     "unstructured_mask",

@@ -82,6 +82,14 @@ def _summary(samples: np.ndarray) -> tuple[float, float]:
     return med, float((q3 - q1) / med) if med > 0 else 0.0
 
 
+def paired(samples: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """``(median, IQR / median(samples))`` of the paired differences ``samples - reference``
+    (a model timed right after its reference in every round: drifting load cancels)."""
+    diff = samples - reference
+    q1, q3 = np.percentile(diff, [25, 75])
+    return float(np.median(diff)), float((q3 - q1) / np.median(samples))
+
+
 CLOCKS = ("wall", "cpu")
 
 
@@ -403,9 +411,7 @@ def measure(
         noise = [n for _, n in stats]
         for ref, i in ctx:
             if ref is not None:
-                diff = samples[i] - samples[ref]
-                q1, q3 = np.percentile(diff, [25, 75])
-                delta[i] = (float(np.median(diff)), float((q3 - q1) / np.median(samples[i])))
+                delta[i] = paired(samples[i], samples[ref])
             d, n = delta[i]
             times.append(max(times[0] + d, 0.0))
             noise.append(n)
