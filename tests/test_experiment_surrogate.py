@@ -1,7 +1,9 @@
-"""The latency-surrogate experiment runs end to end on a tiny real setting and keeps its schema."""
+"""The latency-surrogate experiment: config and flags, its helpers, resume or refusal of an
+existing --out, and a tiny end-to-end run per task (slow) with the results.json schema."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -16,334 +18,294 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+import jaxcompress as jc  # noqa: E402
 import jaxcompress.latency as L  # noqa: E402
+from experiments._common import open_run  # noqa: E402
 from experiments.surrogate import main as cli  # noqa: E402
+from experiments.surrogate import report  # noqa: E402
+from experiments.surrogate._study import hold_above, rms_gates  # noqa: E402
 from experiments.surrogate.configs import default, quick  # noqa: E402
-from experiments.surrogate.configs.base import Config  # noqa: E402
-from experiments.surrogate.train import (  # noqa: E402
-    _aggregate,
-    _cnn_summary,
-    accuracy_at,
-    best_within,
-    format_table,
-    lowrank_from_dense,
-    pareto_front,
-    run,
-    svd_ranks_for_budget,
-    truncated_svd_model,
-    uniform_flops_at,
-)
-from jaxcompress.models import MLP  # noqa: E402
-from jaxcompress.spdy import TimingTable  # noqa: E402
+from experiments.surrogate.configs.base import TASK_DEFAULTS, TASKS, Config  # noqa: E402
+from experiments.surrogate.tasks import head_groups, svd_ranks  # noqa: E402
+from experiments.surrogate.train import _aggregate, run  # noqa: E402
+from jaxcompress.models import MLP, SmallCNN  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
-
-def _tiny() -> Config:
-    # digits (1438 x 8x8) for both image tasks: 22 steps per epoch at batch 64 (SST-2: 20); a
-    # strong controller gain so that two penalty epochs (44 steps) prune.
-    return quick.get_config().replace(
-        cnn_lam0=0.1,
-        l1_lam0=0.01,
-        latency_batch_size=8,
-        latency_repeats=2,
-        latency_rounds=1,
-        cnn_dataset="digits",
-        cnn_widths=(8, 16, 16, 16),
-        cnn_epochs=3,
-        cnn_finetune_epochs=1,
-        cnn_batch_size=64,
-        cnn_learning_rate=1e-2,
-        cnn_targets=(0.4,),
-        cnn_gain=0.3,
-        cnn_channel_multiple=2,
-        cnn_rounding="budget",
-        cnn_budget_criterion="loss",
-        cnn_multipliers=(0.5, 1.0),
-        cnn_latency_targets=(0.5,),
-        cnn_latency_grid=(0.5, 1.0),
-        cnn_latency_batch=8,
-        cnn_train_subset=None,
-        cnn_test_subset=None,
-        sst2_d_model=16,
-        sst2_num_heads=2,
-        sst2_num_layers=1,
-        sst2_mlp_dim=32,
-        sst2_max_len=16,
-        sst2_epochs=2,
-        sst2_finetune_epochs=0,  # no fine-tuning: the extracted model is evaluated as is
-        sst2_batch_size=64,
-        sst2_learning_rate=1e-2,
-        sst2_targets=(0.4,),
-        sst2_gain=0.3,
-        sst2_train_subset=1280,
-        sst2_warmup_steps=0,
-        mlp_dataset="digits",
-        mlp_hidden=(32, 16),
-        mlp_epochs=2,
-        mlp_penalty_epochs=2,
-        mlp_finetune_epochs=0,  # SVD still fine-tunes for the 2 penalty epochs
-        mlp_batch_size=64,
-        mlp_learning_rate=1e-2,
-        mlp_targets=(0.4,),
-        mlp_gain=0.3,
-        mlp_train_subset=None,
-        mlp_test_subset=None,
-        progress=False,
-    )
+# --------------------------------------------------------------------------------------------
+# Config and flags
+# --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("surrogate")
-    return run(_tiny(), out), out
+def test_configs_validate_and_stay_small():
+    assert len(dataclasses.fields(Config)) <= 25
+    for config in (default.get_config(), quick.get_config()):
+        assert config.validate() is config
+        assert config.tasks == TASKS
+    c = quick.get_config()
+    assert c.task("cnn").targets == (0.5, 0.25) and c.task("cnn").lam0 == 0.1
+    assert c.task("cnn").gain == TASK_DEFAULTS["cnn"]["gain"]  # None: the task's
+    assert default.get_config().task("mlp").dataset == "mnist"
+    assert Config(dataset="digits").task("mlp").dataset == "digits"
+    assert Config(dataset="digits").task("sst2").dataset == "sst2"
+    assert Config().task("sst2").multipliers == (1.0,)
+    assert Config(multipliers=(1.0, 0.5)).task("sst2").multipliers == (0.5, 1.0)
 
 
-def _check_point(p, dense_flops):
-    assert isinstance(p["flops"], int) and 0 < p["flops"]
-    assert 0.0 <= p["accuracy"] <= 1.0
-    assert p["latency_ms"] > 0
-    assert p["flops_ratio"] == pytest.approx(p["flops"] / dense_flops)
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"tasks": ("cnn", "resnet")}, "tasks"),
+        ({"tasks": ()}, "tasks"),
+        ({"dataset": "cifar10"}, "dataset"),
+        ({"targets": (0.5, 1.5)}, "targets"),
+        ({"targets": (0.5, 0.5)}, "targets must be distinct"),
+        ({"multipliers": (0.5,)}, "multipliers must contain 1.0"),
+        ({"epochs": 2, "finetune_epochs": 2}, "finetune_epochs must be < epochs"),
+        ({"epochs": 0}, "epochs"),
+        ({"tau": 1.0}, "tau"),
+        ({"width": 0.0}, "width"),
+        ({"gain": -1.0}, "gain"),
+        ({"lam0": 1e4}, "lam0"),
+        ({"num_seeds": 0}, "num_seeds"),
+        ({"normalize": 1}, "normalize"),
+    ],
+)
+def test_config_rejects_bad_values(changes, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        Config().replace(**changes).validate()
 
 
-@pytest.mark.slow  # the tiny end-to-end run (~80 s of CPU); #23 rebuilds this experiment
-def test_run_writes_schema_and_files(tiny_run):
-    results, out = tiny_run
-    assert {"cnn", "sst2", "mlp", "units", "config", "timing", "environment"} <= set(results)
-    for task, methods in (("cnn", ("uniform", "surrogate", "l1", "surrogate_latency")),
-                          ("sst2", ("surrogate",)),
-                          ("mlp", ("surrogate", "svd"))):  # fmt: skip
-        res = results[task]
-        ref = res["reference"]
-        assert ref["flops_ratio"] == 1.0 and ref["latency_ratio"] == 1.0
-        _check_point(ref, ref["flops"])
-        for method in methods:
-            assert len(res[method]) >= 1
-            for p in res[method]:
-                _check_point(p, ref["flops"])
-        assert len(res["per_seed"]) == 1 and "summary" in res
-        assert (out / f"pareto_{task}.png").read_bytes()[:8] == PNG
-    on_disk = json.loads((out / "results.json").read_text())
-    assert on_disk["cnn"]["surrogate"] == results["cnn"]["surrogate"]
-    assert (out / "metrics_cnn_uniform_1_seed0.jsonl").exists()
-    assert (out / "metrics_cnn_surrogate_0.4_penalty_seed0.jsonl").exists()
-    # the latency form: its measured table is saved and reloads into the same model
-    table = TimingTable.from_json((out / "cnn_latency_table.json").read_text())
-    tiny = _tiny()
-    gated = L.GatedCNN(1, 10, tiny.cnn_widths, strides=tiny.cnn_strides, rngs=nnx.Rngs(0))
-    graph = L.cost_graph(gated, (8, 8, 1))
-    model = L.LatencyModel.from_table(graph, table).monotone()  # cnn_latency_monotone
-    (point,) = results["cnn"]["surrogate_latency"]
-    modelled = float(model.latency(point["widths"]) / model.dense())
-    assert point["modelled_latency_ratio"] == pytest.approx(modelled, rel=1e-5)
-    # cnn_latency_padding: extracted at the fastest measured widths at least as wide
-    measured = L.LatencyModel.from_table(graph, table)
-    before = {g: int(w) for g, w in point["widths_before_padding"].items()}  # one-seed means
-    assert point["widths"] == measured.fastest_widths(before)
-    grid = float(measured.latency(point["widths"]) / measured.dense())
-    assert point["measured_grid_latency_ratio"] == pytest.approx(grid, rel=1e-5)
-    assert grid <= point["measured_grid_latency_ratio_before_padding"] * (1 + 1e-6)
-    assert 0.0 < modelled < 1.0 and point["flops"] < results["cnn"]["reference"]["flops"]
-    (row,) = results["cnn"]["summary"]["latency_form"]
-    assert row["target"] == 0.5 and row["latency_ratio"] == point["latency_ratio"]
-    table = format_table(results)
-    for word in ("[cnn]", "[sst2]", "[mlp]", "uniform", "l1", "svd", "latency form"):
-        assert word in table
-
-
-@pytest.mark.slow  # the tiny end-to-end run (~80 s of CPU); #23 rebuilds this experiment
-def test_compressed_points_are_smaller_and_consistent(tiny_run):
-    results, _ = tiny_run
-    cnn = results["cnn"]
-    dense = cnn["reference"]["flops"]
-    assert [p["multiplier"] for p in cnn["uniform"]] == [0.5, 1.0]
-    assert cnn["uniform"][0]["flops"] < dense
-    for method in ("surrogate", "l1"):
-        p = cnn[method][0]
-        assert p["flops"] < dense  # the controller pruned
-        widths = [p["widths"][f"blocks/{i}/gate/alpha"] for i in range(4)]
-        assert all(1 <= w <= full for w, full in zip(widths, (8, 16, 16, 16), strict=True))
-        assert all(w % 2 == 0 for w in widths)  # cnn_channel_multiple=2
-        # cnn_rounding="budget": rounded within the target, whatever the exact counts cost
-        assert p["flops"] <= p["target"] * dense
-        active = p["active_flops_ratio_per_epoch"]  # exact counts, one per penalty epoch
-        assert len(active) == 2 and all(0 < a <= 1 for a in active)
-        assert p["lambda_final"] > 0
-        stats = p["gate_stats"]  # gate_diagnostics of the gated model before extraction
-        assert set(stats) == set(p["widths"])
-        for name, g in stats.items():
-            assert 0 <= g["kept"] <= g["size"] and 0 <= g["uniformity"] <= 1 + 1e-9
-            assert (g["kept"] == 0) == (g["uniformity"] == 0)  # 0: a group pruned to nothing
-            assert p["widths"][name] <= max(-(-g["kept"] // 2) * 2, 2)  # kept, rounded up
-    sst = results["sst2"]
-    assert sst["surrogate"][0]["flops"] < sst["reference"]["flops"]
-    # sst2_finetune_epochs=0: the extracted model is evaluated as extracted
-    assert sst["surrogate"][0]["accuracy"] == sst["surrogate"][0]["accuracy_before_finetune"]
-    mlp = results["mlp"]
-    for s, v in zip(mlp["surrogate"], mlp["svd"], strict=True):
-        assert s["flops"] < mlp["reference"]["flops"]
-        assert v["flops"] <= s["flops"]  # SVD at equal (not larger) FLOPs
-        assert v["hidden"] == [32, 16]
-        assert s["hidden"][0] <= 32 and s["ranks"][0] <= 32
-    summary = cnn["summary"]
-    assert summary["dominated_budgets"] in (0, 1)
-    assert len(summary["latency"]) == 2
-    assert 0.0 <= results["sst2"]["summary"]["flops_reduction"] < 1.0
-
-
-def test_lowrank_from_dense_is_the_same_function_and_svd_truncation():
-    dense = MLP(12, (8, 6), 3, rngs=nnx.Rngs(0))
-    x = np.asarray(jax.random.normal(jax.random.key(1), (5, 12)))
-    gated = lowrank_from_dense(dense, gate_init=0.1)
-    assert all(np.allclose(v, 0.1) for v in L.gate_values(gated).values())
-    np.testing.assert_allclose(gated(x), dense(x), rtol=1e-4, atol=1e-5)
-    full = truncated_svd_model(dense, (8, 6))
-    np.testing.assert_allclose(full(x), dense(x), rtol=1e-4, atol=1e-5)
-    # uniform truncation: the largest common rank fraction within the budget
-    ranks = svd_ranks_for_budget(784, (300, 100), 10, 100_000)
-    assert ranks == (81, 27)  # rank fraction 81/300 in both layers
-    cost = (784 + 300) * 81 + (300 + 100) * 27 + 100 * 10
-    assert cost <= 100_000 < (784 + 300) * 82 + (300 + 100) * 27 + 1000
-    assert svd_ranks_for_budget(784, (300, 100), 10, 10) == (1, 1)
-
-
-def test_pareto_helpers():
-    pts = [
-        {"flops": 100, "accuracy": 0.80},
-        {"flops": 400, "accuracy": 0.90},
-        {"flops": 200, "accuracy": 0.79},  # dominated by the first point
-        {"flops": 1600, "accuracy": 0.92},
-    ]
-    assert [p["flops"] for p in pareto_front(pts)] == [100, 400, 1600]
-    assert best_within(pts, 0.85)["flops"] == 400
-    assert best_within(pts, 0.95) is None
-    assert uniform_flops_at(0.85, pts) == pytest.approx(200.0)  # halfway in log FLOPs
-    assert uniform_flops_at(0.70, pts) == 100.0
-    assert uniform_flops_at(0.93, pts) is None
-    assert accuracy_at(200, pts) == pytest.approx(0.85)
-    assert accuracy_at(50, pts) is None
-    assert accuracy_at(5000, pts) == 0.92
-
-
-def test_dominance_below_l1s_cheapest_model_needs_its_accuracy():
-    def pt(key, flops, acc, **extra):
-        return {"key": key, "flops": flops, "accuracy": acc, "latency_ms": flops / 1000, **extra}
-
-    ref = pt("uniform_1", 1000, 0.92, multiplier=1.0)
-    res = {
-        "reference": ref,
-        "uniform": [pt("uniform_0.5", 300, 0.88, multiplier=0.5), ref],
-        "l1": [pt("l1_0.5", 500, 0.91, target=0.5), pt("l1_0.2", 200, 0.90, target=0.2)],
-        # 0.5: above l1's curve; 0.2: cheaper than every l1 model but less accurate than the
-        # cheapest one, which is not dominance
-        "surrogate": [pt("s_0.5", 400, 0.915, target=0.5), pt("s_0.2", 150, 0.85, target=0.2)],
-    }
-    summary = _cnn_summary(res)
-    assert [d["dominates"] for d in summary["dominance"]] == [True, False]
-    assert summary["dominance"][1]["l1_accuracy_at_surrogate_flops"] is None
-    res["surrogate"][1] = pt("s_0.2", 150, 0.905, target=0.2)  # cheaper and as accurate
-    assert [d["dominates"] for d in _cnn_summary(res)["dominance"]] == [True, True]
-
-
-def test_seeds_are_averaged_with_std():
-    def record(acc, flops, lat):
-        point = {"key": "surrogate_0.5", "target": 0.5, "flops": flops, "accuracy": acc,
-                 "latency_ms": lat, "widths": {"g": flops // 10}}  # fmt: skip
-        ref = {"key": "uniform_1", "multiplier": 1.0, "flops": 100, "accuracy": 0.9,
-               "latency_ms": 2.0}  # fmt: skip
-        return {"reference": ref, "surrogate": [point]}
-
-    mean = _aggregate([record(0.80, 40, 1.0), record(0.90, 51, 3.0)])
-    p = mean["surrogate"][0]
-    assert p["key"] == "surrogate_0.5" and p["target"] == 0.5
-    assert p["flops"] == 46 and isinstance(p["flops"], int)  # round(45.5) to even
-    assert p["accuracy"] == pytest.approx(0.85) and p["latency_ms"] == pytest.approx(2.0)
-    assert p["accuracy_std"] == pytest.approx(np.std([0.8, 0.9], ddof=1))
-    assert p["widths"] == {"g": 4.5}
-    assert mean["reference"]["flops_std"] == 0.0
-
-
-def test_configs_validate():
-    assert default.get_config().validate().cnn_dataset == "fashion_mnist"
-    assert quick.get_config().validate().cnn_train_subset is not None
-    bad = [
-        ({"tasks": ("cnn", "imagenet")}, ValueError, "tasks"),
-        ({"cnn_targets": (0.5, 1.0)}, ValueError, "cnn_targets"),
-        ({"cnn_targets": (0.5, 0.5)}, ValueError, "distinct"),
-        ({"cnn_multipliers": (0.5, 0.75)}, ValueError, "1.0"),
-        ({"cnn_finetune_epochs": 8}, ValueError, "cnn_finetune_epochs"),
-        ({"cnn_strides": (2, 2)}, ValueError, "cnn_strides"),
-        ({"sst2_d_model": 66}, ValueError, "sst2_d_model"),
-        ({"tau": 1.0}, ValueError, "tau"),
-        ({"cnn_gain": 0.0}, ValueError, "cnn_gain"),
-        ({"cnn_lam0": 1e4}, ValueError, "cnn_lam0"),
-        ({"cnn_channel_multiple": 0}, ValueError, "cnn_channel_multiple"),
-        ({"cnn_rounding": "nearest"}, ValueError, "cnn_rounding must be one of"),
-        ({"cnn_budget_criterion": "mass"}, ValueError, "cnn_budget_criterion must be one of"),
-        ({"scale": "l2"}, ValueError, "scale must be"),
-        ({"cnn_latency_targets": (0.5, 1.2)}, ValueError, "cnn_latency_targets"),
-        ({"cnn_latency_grid": (0.25, 0.5)}, ValueError, "cnn_latency_grid must contain 1.0"),
-        ({"cnn_latency_batch": 0}, ValueError, "cnn_latency_batch"),
-        ({"cnn_latency_monotone": 1}, TypeError, "cnn_latency_monotone"),
-        ({"cnn_latency_padding": "yes"}, TypeError, "cnn_latency_padding must be a bool"),
-        ({"cnn_normalize_last_gates": True}, ValueError, "cnn_normalize_last_gates must be"),
-        ({"mlp_dataset": "cifar10"}, ValueError, "mlp_dataset"),
-        ({"num_seeds": 0}, ValueError, "num_seeds"),
-        ({"progress": "yes"}, TypeError, "progress"),
-    ]
-    for changes, error, match in bad:
-        with pytest.raises(error, match=match):
-            Config(**changes).validate()
-    with pytest.raises(TypeError, match="config"):
-        run({"tasks": ("cnn",)})
+def test_replace_rejects_unknown_fields():
+    with pytest.raises(TypeError, match="cnn_targets"):
+        Config().replace(cnn_targets=(0.5,))
 
 
 @pytest.mark.parametrize(
     "argv, match",
     [
-        (["--tasks", "cnn,resnet"], "comma-separated tasks"),
-        (["--cnn-dataset", "cifar10"], "invalid choice"),
-        (["--seeds", "0"], "positive integer"),
-        (["--cnn-epochs", "-1"], "positive integer"),
-        (["--cnn-targets", "0.5,1.5"], "FLOPs fractions"),
-        (["--cnn-channel-multiple", "0"], "positive integer"),
-        (["--cnn-rounding", "down"], "invalid choice"),
-        (["--scale", "max"], "invalid choice"),
-        (["--cnn-normalize-last", "l1"], "invalid choice"),
-        (["--cnn-epochs", "2"], "cnn_finetune_epochs"),
+        (["--tasks", "cnn,resnet"], "tasks"),
+        (["--dataset", "cifar10"], "expected one of"),
+        (["--seeds", "0"], "num_seeds"),
+        (["--epochs", "-1"], "epochs"),
+        (["--targets", "0.5,1.5"], "targets"),
+        (["--epochs", "2", "--finetune-epochs", "2"], "finetune_epochs"),
+        (["--gain", "abc"], "expected a number"),
         (["--data-dir", "/nonexistent/dir"], "not a directory"),
     ],
 )
-def test_cli_rejects_bad_flags(argv, match, capsys):
+def test_cli_rejects_bad_flags_in_one_line(argv, match, capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
-        cli.main(argv)
+        cli.main([*argv, "--out", str(tmp_path / "out")])
     assert exc.value.code == 2
-    assert match in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert match in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "run.json").exists()  # nothing written
 
 
 def test_cli_parses_flags():
     args = cli.build_parser().parse_args(
-        ["--quick", "--tasks", "cnn,mlp", "--seeds", "2", "--cnn-targets", "0.5,0.3", "--out", "x",
-         "--cnn-channel-multiple", "8", "--cnn-rounding", "budget", "--cnn-budget-criterion",
-         "loss", "--scale", "rms", "--cnn-normalize-last", "none", "--no-cnn-latency-padding"]
+        ["--quick", "--tasks", "cnn,mlp", "--seeds", "2", "--targets", "0.5,0.3", "--out", "x",
+         "--dataset", "mnist", "--no-normalize", "--lam0", "none"]
     )  # fmt: skip
-    assert args.tasks == ("cnn", "mlp") and args.seeds == 2 and args.cnn_targets == (0.5, 0.3)
-    assert args.cnn_channel_multiple == 8 and args.cnn_rounding == "budget"
-    assert args.cnn_budget_criterion == "loss" and args.scale == "rms"
-    assert args.cnn_normalize_last_gates == "none" and args.cnn_latency_padding is False
-    assert cli.build_parser().parse_args([]).cnn_latency_padding is None  # the config decides
-    assert default.get_config().cnn_latency_padding is True
-    assert args.quick and args.out == "x" and not args.no_progress
+    assert args.tasks == ("cnn", "mlp") and args.num_seeds == 2 and args.targets == (0.5, 0.3)
+    assert args.dataset == "mnist" and args.normalize is False and args.lam0 is None
+    assert args.quick and args.out == "x"
+    assert not hasattr(cli.build_parser().parse_args([]), "normalize")  # the config decides
 
 
-def test_normalized_last_gates_per_method():
-    from experiments.surrogate.train import normalizes_last_gates
+def test_existing_out_of_another_config_is_refused(tmp_path, capsys):
+    open_run(quick.get_config().replace(tasks=("cnn",)), tmp_path)
+    with pytest.raises(ValueError, match="tasks"):
+        run(quick.get_config().replace(tasks=("mlp",)), tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--quick", "--tasks", "mlp", "--out", str(tmp_path)])
+    assert exc.value.code == 2 and "another config" in capsys.readouterr().err
 
-    assert default.get_config().cnn_normalize_last_gates == "surrogate"
-    expect = {"surrogate": (True, False), "all": (True, True), "none": (False, False)}
-    for mode, (ratio, l1) in expect.items():
-        config = Config(cnn_normalize_last_gates=mode)
-        assert normalizes_last_gates(config, "ratio") is ratio
-        assert normalizes_last_gates(config, "l1") is l1
-    with pytest.raises(ValueError, match="kind"):
-        normalizes_last_gates(Config(), "hoyer")
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _pt(key, flops, accuracy, **extra):
+    return {"key": key, "flops": flops, "accuracy": accuracy, **extra}
+
+
+def test_pareto_helpers():
+    pts = [_pt("a", 100, 0.80), _pt("b", 200, 0.85), _pt("c", 300, 0.84), _pt("d", 400, 0.90)]
+    assert [p["key"] for p in report.pareto_front(pts)] == ["a", "b", "d"]
+    assert report.best_within(pts, 0.845)["key"] == "b"
+    assert report.best_within(pts, 0.95) is None
+    assert report.uniform_flops_at(0.80, pts) == 100.0
+    assert report.uniform_flops_at(0.95, pts) is None
+    assert 200.0 < report.uniform_flops_at(0.875, pts) < 400.0
+    assert report.accuracy_at(50, pts) is None
+    assert report.accuracy_at(500, pts) == 0.90
+    assert report.accuracy_at(200, pts) == pytest.approx(0.85)
+
+
+def _record(surrogate_flops=400, landing=(-0.01, 0.03)):
+    ref = _pt("uniform_1", 1000, 0.90, method="uniform", multiplier=1.0, latency_ms=2.0)
+    uni = [
+        _pt("uniform_0.5", 300, 0.85, method="uniform", multiplier=0.5, latency_ms=1.0),
+        _pt("uniform_0.75", 560, 0.896, method="uniform", multiplier=0.75, latency_ms=1.4),
+        ref,
+    ]
+
+    def comp(method, target, flops, acc, err):
+        return _pt(f"{method}_{target:g}", flops, acc, method=method, target=target,
+                   landing_error=err, latency_ms=flops / 500)  # fmt: skip
+
+    return {
+        "reference": ref,
+        "uniform": uni,
+        "surrogate": [comp("surrogate", 0.5, surrogate_flops, 0.898, landing[0])],
+        "l1": [comp("l1", 0.5, 480, 0.893, landing[1])],
+    }
+
+
+def test_summary_of_a_gated_study():
+    s = report.summarize("resnet20", _record())
+    assert s["surrogate_best"]["key"] == "surrogate_0.5"
+    assert s["uniform_best"]["key"] == "uniform_0.75"  # 0.896 >= 0.90 - 0.005
+    assert s["flops_advantage_over_best_uniform"] == pytest.approx(560 / 400)
+    assert s["met_flops_advantage"] and s["controller"]["met"]
+    assert s["controller"]["worst"] == 0.03
+    assert s["surrogate_minus_l1_at_equal_flops"] == [None]  # cheaper than every l1 model
+    missed = report.summarize("resnet20", _record(surrogate_flops=500, landing=(-0.08, 0.0)))
+    assert not missed["met_flops_advantage"] and not missed["controller"]["met"]
+    cnn = report.summarize("cnn", _record())  # 0.3 points: uniform x0.75 is out
+    assert cnn["uniform_best"]["key"] == "uniform_1"
+    record = _record()
+    for p in [record["reference"], *(q for m in ("uniform", "surrogate", "l1") for q in record[m])]:
+        p.update(flops_ratio=p["flops"] / 1000, latency_ratio=p["latency_ms"] / 2.0)
+    table = report.format_table({"resnet20": {**record, "summary": s, "dataset": "x"}})
+    assert "1.40x fewer FLOPs" in table and "+3.0%" in table
+
+
+def test_seeds_are_averaged_with_std():
+    a, b = _record(), _record(surrogate_flops=420)
+    b["surrogate"][0]["accuracy"] = 0.9
+    mean = _aggregate([a, b])
+    p = mean["surrogate"][0]
+    assert p["flops"] == 410 and p["key"] == "surrogate_0.5" and p["method"] == "surrogate"
+    assert p["accuracy"] == pytest.approx(0.899)
+    assert p["flops_std"] == pytest.approx(np.std([400, 420], ddof=1))
+    assert "accuracy_std" in mean["reference"]
+
+
+def test_rms_gates_keep_the_function_and_commit_what_was_trained():
+    model = SmallCNN(1, 10, (4, 6), rngs=nnx.Rngs(0))
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 1)).astype(np.float32)
+    model.eval()
+    names = head_groups(jc.structure.groups(model, x[:1]))
+    assert names == ["blocks/1/conv"]
+    gated = L.gated(model, x[:1], init=0.1)
+    wrapped = rms_gates(gated, names)
+    assert rms_gates(gated, ()) is gated
+    gated.gates["blocks/0/conv"][...] = np.ones(4, np.float32)
+    # equal gates act as 1 once normalised: the ungated function
+    np.testing.assert_allclose(wrapped(x), model(x), rtol=1e-5, atol=1e-5)
+    gated.gates[names[0]][...] = np.array([0.1, 0.2, 0.0, 0.4, 0.1, 0.3], np.float32)
+    out = wrapped(x)
+    wrapped.commit()
+    g = np.asarray(gated.gates[names[0]][...])
+    assert np.sqrt(np.mean(g**2)) == pytest.approx(1.0, rel=1e-5)
+    np.testing.assert_allclose(gated(x), out, rtol=1e-5, atol=1e-5)
+
+
+def test_hold_above_passes_the_gradients_below_the_target():
+    model = MLP(6, (5,), 3, rngs=nnx.Rngs(0))
+    x = np.ones((1, 6), np.float32)
+    gated = L.gated(model, x, init=0.5)
+    gated.gates["layers/0"][...] = np.array([1.0, 0.5, 0.2, 0.1, 0.05], np.float32)
+    cost = jc.structure.macs(model, x)
+    tx = hold_above(L.surrogate_penalty(cost, 1.0, feedback="active"), 0.5)
+    params = nnx.state(gated, nnx.Param)
+    grads = jax.tree.map(np.zeros_like, params)
+    state = tx.init(params)
+    first, state = tx.update(grads, state, params)  # step 0: always penalised
+    assert float(state.value) == 1.0  # every unit kept: the dense cost
+    gate = np.asarray(first["gates"]["layers/0"][...])
+    kernel = np.asarray(first["model"]["layers"][0]["kernel"][...])
+    assert np.abs(gate).max() > 0 and np.abs(kernel).max() == 0  # only the gates are penalised
+    second, _ = tx.update(grads, state, params)  # still above 0.5: penalised
+    np.testing.assert_allclose(second["gates"]["layers/0"][...], gate)
+    held, _ = tx.update(grads, state._replace(value=jax.numpy.asarray(0.4)), params)
+    assert np.abs(np.asarray(held["gates"]["layers/0"][...])).max() == 0
+
+
+def test_svd_ranks_fit_the_budget():
+    dense = MLP(20, (12, 8), 3, rngs=nnx.Rngs(0))
+    x = np.zeros((1, 20), np.float32)
+    fac = L.factorize(dense, x, select=lambda path, layer: path != ("layers", 2))
+    cost = jc.structure.macs(fac, x)
+    full = {n: s for n, s in cost.sizes.items() if n.endswith("/u")}
+    assert sorted(full.values()) == [8, 12]
+    for budget in (cost.dense, 0.5 * cost.dense, 1.0):
+        kept = svd_ranks(cost, full, budget)
+        assert cost(kept) <= budget or set(kept.values()) == {1}
+    kept = svd_ranks(cost, full, 0.5 * cost.dense)
+    bigger = {n: min(full[n], k + 1) for n, k in kept.items()}
+    assert cost(bigger) > 0.5 * cost.dense  # the largest fraction that fits
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny end-to-end runs (real data; digits for the image tasks)
+# --------------------------------------------------------------------------------------------
+
+
+def _tiny(task: str) -> Config:
+    return quick.get_config().replace(
+        tasks=(task,),
+        dataset="digits",
+        epochs=2,
+        finetune_epochs=1,
+        train_subset=640 if task == "sst2" else None,
+        test_subset=200,
+        width=0.25,
+        targets=(0.5,),
+        multipliers=(0.5, 1.0) if task in ("cnn", "resnet20") else None,
+        batch_size=64,
+        gain=20.0,
+        latency_repeats=2,
+        progress=False,
+    )
+
+
+_POINT = {"key", "method", "flops", "accuracy", "latency_ms", "flops_ratio", "latency_ratio"}
+_COMPRESSED = _POINT | {"target", "landing_error", "kept", "sizes", "gated_accuracy",
+                        "accuracy_before_finetune", "lambda_final", "gate_stats"}  # fmt: skip
+
+
+@pytest.mark.slow  # 1-3 minutes of CPU per task (tracing, training, timing)
+@pytest.mark.parametrize("task", TASKS)
+def test_tiny_run_per_task(task, tmp_path):
+    config = _tiny(task)
+    results = run(config, tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(results))
+    assert (tmp_path / f"pareto_{task}.png").read_bytes()[:8] == PNG
+    assert (tmp_path / "stages" / f"{task}_seed0.json").is_file()
+    res = results[task]
+    assert set(res) >= {"reference", "summary", "per_seed", "seconds", "dataset"}
+    assert set(res["reference"]) >= _POINT
+    compressed = res["surrogate"] + res.get("l1", [])
+    assert compressed and all(set(p) >= _COMPRESSED for p in compressed)
+    ref_flops = res["reference"]["flops"]
+    for p in compressed:
+        budget = p["target"] * ref_flops
+        assert p["flops"] <= budget  # within_budget: never above the target
+        assert p["landing_error"] == pytest.approx(p["flops"] / budget - 1)
+        assert all(0 < p["kept"][n] <= p["sizes"][n] for n in p["kept"])
+        assert p["latency_ms"] > 0
+    if task in ("cnn", "resnet20"):
+        assert [p["multiplier"] for p in res["uniform"]] == [0.5, 1.0]
+        assert res["uniform"][0]["flops"] < ref_flops
+    if task == "mlp":
+        assert res["svd"][0]["flops"] <= res["surrogate"][0]["flops"]
+    assert set(results) >= {"units", "config", "dataset_sizes", "timing", "environment"}
+    # a finished run is read back, not rerun; another config is refused
+    assert run(config, tmp_path) == json.loads(json.dumps(results))
+    with pytest.raises(ValueError, match="another config"):
+        run(config.replace(tau=0.02), tmp_path)

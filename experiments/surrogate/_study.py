@@ -1,0 +1,356 @@
+r"""What every study shares: one task's context (data, epoch budget, training, evaluation,
+result points), the penalised run, uniform-width baselines and the latency measurement.
+
+The penalised run (:func:`compress`) is the method of Nasery, Shah, Suggala, Jain
+(arXiv:2306.05785): non-negative gates on the model's prunable groups
+(:func:`jaxcompress.latency.gated`), trained with
+
+.. math::  L(\theta, \alpha) + \lambda R(\alpha),\qquad
+           R(\alpha) = \mathrm{MACs}(r(\alpha)) / \mathrm{MACs}_{\text{dense}},\qquad
+           r(\alpha) = (\|\alpha\|_1 / \|\alpha\|_2)^p
+
+(``kind="l1"``: :math:`\sum_j \alpha_j`, network slimming), where the lambda controller
+:math:`\lambda \leftarrow \lambda e^{k (F - F^*) / F^*}` steers :math:`F`, the exact MACs of
+the units extraction would keep now, to the target :math:`F^*`. The optax chain is
+``surrogate_penalty -> adam -> project_nonnegative(prune_below=tau)``. Then extraction
+(threshold ``tau``, then :func:`jaxcompress.latency.within_budget` drops the units of least gate
+mass per MAC until the model fits :math:`F^*`), and fine-tuning on the rest of the learning-rate
+schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import optax
+from flax import nnx
+
+import jaxcompress.latency as L
+from experiments.surrogate.configs.base import LAM_MAX, Config, TaskSettings
+from jaxcompress import data as jdata
+from jaxcompress import structure as S
+from jaxcompress import train as jtrain
+
+__all__ = [
+    "LATENCY_BATCH",
+    "Study",
+    "compress",
+    "finish",
+    "hold_above",
+    "measure_latencies",
+    "rms_gates",
+    "uniform",
+]
+
+#: Examples per timed forward pass, and interleaved timing rounds over a task's models.
+LATENCY_BATCH, LATENCY_ROUNDS = 64, 3
+
+
+@dataclasses.dataclass
+class Study:
+    """One task on one seed: data, the epoch budget, and every trained model (kept for the
+    latency measurement at the end).
+
+    Attributes:
+      name, config, settings, seed: the task, the run's config, its resolved settings, the seed.
+      train, test: datasets; ``example``: one-example model inputs (MACs per example);
+        ``timed``: the inputs of a timed forward pass (``LATENCY_BATCH`` test examples).
+      out: where the training logs go (``None``: nowhere); ``bar``: the run's progress bar.
+      warmup_steps: linear learning-rate warm-up of every schedule.
+    """
+
+    name: str
+    config: Config
+    settings: TaskSettings
+    seed: int
+    train: Any
+    test: Any
+    out: str | None
+    bar: Any
+    warmup_steps: int = 0
+    models: dict[str, nnx.Module] = dataclasses.field(default_factory=dict)
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def example(self) -> tuple:
+        return (np.asarray(self.train.x[:1]),)
+
+    @property
+    def timed(self) -> tuple:
+        return (np.asarray(self.test.x[:LATENCY_BATCH]),)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return jdata.num_batches(self.train, self.config.batch_size)
+
+    def schedule(self, offset: int = 0) -> optax.Schedule:
+        """Cosine decay from the peak learning rate to 0 over the task's epoch budget (after
+        ``warmup_steps`` of linear warm-up), from step ``offset`` on (fine-tuning continues
+        the schedule of the run it came from)."""
+        total = self.settings.epochs * self.steps_per_epoch
+        peak = self.settings.learning_rate
+        warmup = min(self.warmup_steps, total // 2)
+        if warmup:
+            base = optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total, 0.0)
+        else:
+            base = optax.cosine_decay_schedule(peak, total)
+        return base if offset == 0 else (lambda step: base(step + offset))
+
+    def fit(self, run: str, model: nnx.Module, tx, epochs: int, **kwargs) -> jtrain.History:
+        """Train ``model`` in place (seed ``self.seed``), logging to
+        ``<out>/metrics/<task>_<run>_seed<seed>.jsonl``."""
+        self.bar.set_description(f"{self.name} seed {self.seed}: {run}")
+        metrics = None
+        if self.out is not None:
+            metrics = os.path.join(self.out, "metrics", f"{self.name}_{run}_seed{self.seed}.jsonl")
+            os.makedirs(os.path.dirname(metrics), exist_ok=True)
+        start = time.perf_counter()
+        history = jtrain.fit(
+            model,
+            tx,
+            self.train,
+            epochs=epochs,
+            batch_size=self.config.batch_size,
+            seed=self.seed,
+            progress=False,
+            metrics_path=metrics,
+            eval_batch_size=self.config.eval_batch_size,
+            **kwargs,
+        )
+        self.seconds[run] = self.seconds.get(run, 0.0) + time.perf_counter() - start
+        return history
+
+    def accuracy(self, model: nnx.Module) -> float:
+        return float(
+            jtrain.evaluate(model, self.test, batch_size=self.config.eval_batch_size)["accuracy"]
+        )
+
+    def point(self, key: str, model: nnx.Module, **fields: Any) -> dict[str, Any]:
+        """A result point: exact MACs per example (:func:`jaxcompress.structure.macs`) and test
+        accuracy of ``model``, which is kept for :func:`measure_latencies`."""
+        self.models[key] = model
+        self.bar.update(1)
+        flops = int(S.macs(model, *self.example).dense)
+        return {"key": key, "flops": flops, "accuracy": self.accuracy(model), **fields}
+
+
+def uniform(study: Study, build: Callable[[], nnx.Module]) -> list[dict[str, Any]]:
+    """The uniform-width baselines: for each multiplier ``m``, a freshly built model with
+    ``round(m * size)`` units of every prunable group (:func:`jaxcompress.latency.uniform_width`)
+    trained from scratch for the whole budget; sorted by multiplier (the last is 1.0)."""
+    points = []
+    for m in sorted(study.settings.multipliers):
+        model = build()
+        if m != 1.0:
+            model = L.uniform_width(model, m, *study.example)
+        key = f"uniform_{m:g}"
+        study.fit(key, model, optax.adam(study.schedule()), study.settings.epochs)
+        points.append(study.point(key, model, method="uniform", multiplier=float(m)))
+    return points
+
+
+class _RmsGates(nnx.Module):
+    """``gated`` with the gates of ``names`` divided by their rms in the forward pass.
+
+    A group that no normalisation layer follows (the units the classifier head reads, the
+    ranks of a factorised layer) otherwise turns the common scale of its gates into a free
+    parameter: at the head a logit temperature, which training grows in lock-step, leaving the
+    gates equal where the scale-invariant ratio has no push. Normalised, only their relative
+    sizes matter, as for a group that a BatchNorm follows, and equal gates compute the
+    ungated function whatever their value. :meth:`commit` stores the normalised values, so
+    extraction folds what was trained.
+    """
+
+    def __init__(self, gated: S.Gated, names: Sequence[str]):
+        self.gated = gated
+        self.names = tuple(names)
+
+    def _normalised(self) -> dict[str, Any]:
+        import jax.numpy as jnp
+
+        out = {}
+        for name in self.names:
+            g = self.gated.gates[name][...]
+            out[name] = g / jnp.sqrt(jnp.mean(jnp.square(g)) + 1e-12)
+        return out
+
+    def __call__(self, *inputs, **kwargs):
+        raw = {name: self.gated.gates[name][...] for name in self.names}
+        for name, value in self._normalised().items():
+            self.gated.gates[name][...] = value
+        try:
+            return self.gated(*inputs, **kwargs)
+        finally:
+            for name, value in raw.items():
+                self.gated.gates[name][...] = value
+
+    def commit(self) -> S.Gated:
+        for name, value in self._normalised().items():
+            self.gated.gates[name][...] = value
+        return self.gated
+
+
+def rms_gates(gated: S.Gated, names: Sequence[str]) -> nnx.Module:
+    """``gated`` whose gates of ``names`` act divided by their rms (``gated`` itself when
+    ``names`` is empty); ``.commit()`` on the result stores the normalised gates."""
+    return _RmsGates(gated, names) if names else gated
+
+
+def hold_above(penalty: optax.GradientTransformation, ratio: float):
+    """``penalty`` (a :func:`jaxcompress.latency.surrogate_penalty` with ``feedback="active"``)
+    applied only at the steps where the units kept at the previous step cost more than
+    ``ratio`` of the dense MACs; at the others the gradients pass unchanged (the controller
+    still updates lambda).
+
+    With Adam the penalty's push on a gate hardly depends on lambda while it dominates the
+    loss gradient, so a multiplicative controller that has just reached its target keeps
+    pruning until lambda has fallen by orders of magnitude: the quick CNN run landed 44% below
+    its target 0.25. Holding the penalty off below the target stops the pruning within Adam's
+    momentum; above it extraction's ``within_budget`` trims the rest.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    def update(updates, state, params=None):
+        penalised, new_state = penalty.update(updates, state, params)
+        on = (state.count == 0) | (state.value > ratio)
+        return jax.tree.map(lambda u, v: jnp.where(on, v, u), updates, penalised), new_state
+
+    return optax.GradientTransformation(penalty.init, update)
+
+
+def _kept(gates: dict[str, np.ndarray], tau: float) -> dict[str, int]:
+    """Units extraction would keep: gate >= tau * group max and > 0 (at least one)."""
+    return {n: max(1, int(((g >= tau * g.max()) & (g > 0)).sum())) for n, g in gates.items()}
+
+
+def _gate_values(gated: S.Gated) -> dict[str, np.ndarray]:
+    return {n: np.asarray(g[...]) for n, g in gated.gates.items()}
+
+
+def compress(
+    study: Study,
+    key: str,
+    model: nnx.Module,
+    *,
+    target: float,
+    reference_flops: int,
+    kind: str,
+    cost: S.MacCount,
+    select: Callable[[str, S.Group], bool] | None = None,
+    normalize: Callable[[dict[str, S.Group]], Sequence[str]] | None = None,
+    penalty_epochs: int,
+    finetune_epochs: int,
+    lr_offset: int = 0,
+) -> dict[str, Any]:
+    """Penalised training of ``model`` towards ``target * reference_flops`` MACs, extraction
+    within that budget, fine-tuning; the extracted model's point.
+
+    Args:
+      cost: :func:`jaxcompress.structure.macs` of ``model`` (per example).
+      kind: ``"ratio"`` (the l1/l2 surrogate) or ``"l1"``.
+      select: which groups get gates (default: every prunable group a weight reads).
+      normalize: ``groups -> names`` of the gated groups whose gates act divided by their rms
+        (only for ``kind="ratio"`` with ``config.normalize``).
+      lr_offset: schedule step of the penalty phase's first step.
+    """
+    config, settings = study.config, study.settings
+    budget = target * reference_flops
+    gated = L.gated(model, *study.example, select=select, init=config.gate_init)
+    names: Sequence[str] = ()
+    if normalize is not None and kind == "ratio" and config.normalize:
+        names = [n for n in normalize(S.groups(model, *study.example)) if n in gated.gates]
+    trained = rms_gates(gated, names)
+    lam0 = settings.lam0 if kind == "ratio" else config.l1_lam0
+    controller = L.lambda_controller(
+        budget, cost, lam0=lam0, gain=settings.gain / study.steps_per_epoch, lam_max=LAM_MAX
+    )
+    penalty = L.surrogate_penalty(
+        cost, controller, kind=kind, p=config.p, feedback="active", tau=config.tau
+    )
+    tx = optax.chain(
+        hold_above(penalty, budget / cost.dense) if config.hold else penalty,
+        optax.adam(study.schedule(lr_offset)),
+        L.project_nonnegative(prune_below=config.tau),
+    )
+    active: list[float] = []
+
+    def record(epoch: int, metrics: dict[str, float], _model: nnx.Module) -> None:
+        active.append(float(cost(_kept(_gate_values(gated), config.tau))) / reference_flops)
+
+    history = study.fit(f"{key}_penalty", trained, tx, penalty_epochs, callback=record)
+    gated_accuracy = study.accuracy(trained)
+    if names:
+        trained.commit()
+    gates = _gate_values(gated)
+    extracted = L.extract(gated, *study.example, tau=config.tau, policy=[L.within_budget(budget)])
+    small = extracted.model
+    before = study.accuracy(small)
+    if finetune_epochs:
+        offset = lr_offset + penalty_epochs * study.steps_per_epoch
+        study.fit(f"{key}_finetune", small, optax.adam(study.schedule(offset)), finetune_epochs)
+    point = study.point(
+        key,
+        small,
+        method="surrogate" if kind == "ratio" else "l1",
+        target=float(target),
+        kept={n: int(k) for n, k in extracted.kept.items()},
+        sizes={n: int(g.size) for n, g in gated.gates.items()},
+        normalized=list(names),
+        gated_accuracy=gated_accuracy,
+        accuracy_before_finetune=before,
+        lambda_final=float(history.opt_state[0].controller.lam),
+        active_flops_ratio_per_epoch=active,
+        steered_flops_ratio=active[-1] if active else None,
+        gate_stats=_jsonable(L.gate_diagnostics(gates, tau=config.tau)),
+    )
+    if point["flops"] != int(extracted.macs):
+        raise AssertionError(f"structure.macs {point['flops']} != extract's {extracted.macs}")
+    point["landing_error"] = point["flops"] / budget - 1.0
+    return point
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.generic, np.ndarray)) or hasattr(value, "shape"):
+        arr = np.asarray(value)
+        return arr.item() if arr.ndim == 0 else arr.tolist()
+    return value
+
+
+def measure_latencies(study: Study, points: dict[str, dict[str, Any]]) -> None:
+    """Adds ``latency_ms`` to every point: the median over ``LATENCY_ROUNDS``
+    interleaved rounds (every model once per round, so load changes on a shared machine hit
+    all alike) of :func:`jaxcompress.latency.measure_latency` medians on ``study.timed``."""
+    study.bar.set_description(f"{study.name} seed {study.seed}: latency")
+    samples: dict[str, list[float]] = {key: [] for key in points}
+    for _ in range(LATENCY_ROUNDS):
+        for key in points:
+            samples[key].append(
+                L.measure_latency(
+                    study.models[key], *study.timed, repeats=study.config.latency_repeats, warmup=2
+                )
+            )
+    for key, point in points.items():
+        point["latency_ms"] = 1e3 * float(np.median(samples[key]))
+
+
+def finish(
+    study: Study, methods: dict[str, list[dict[str, Any]]], reference: dict[str, Any]
+) -> dict[str, Any]:
+    """Latency for every point, ratios to the reference, training time: the seed's record."""
+    keyed = {reference["key"]: reference}
+    keyed.update({p["key"]: p for points in methods.values() for p in points})
+    measure_latencies(study, keyed)
+    for p in keyed.values():
+        p["flops_ratio"] = p["flops"] / reference["flops"]
+        p["latency_ratio"] = p["latency_ms"] / reference["latency_ms"]
+    return {"reference": dict(reference), **methods, "seconds": dict(study.seconds)}
