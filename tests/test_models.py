@@ -222,3 +222,43 @@ def test_transformer_jit_and_validation():
         TransformerClassifier(10, d_model=10, num_heads=3, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="dropout"):
         TransformerClassifier(10, dropout=1.0, rngs=nnx.Rngs(0))
+
+
+# ----------------------------------------------------------------------------- Shared attention
+
+
+@pytest.mark.parametrize("prescale", [True, False])
+def test_shared_attention_matches_flax_with_mask_and_causal(prescale):
+    from jaxcompress.models._attention import dot_product_attention
+
+    kq, kk, kv, km = jax.random.split(jax.random.key(0), 4)
+    q, k, v = (jax.random.normal(s, (2, 7, 3, 8)) for s in (kq, kk, kv))
+    mask = jax.random.bernoulli(km, 0.7, (2, 1, 1, 7)).at[:, :, :, 0].set(True)
+    for kw in ({}, {"mask": mask}, {"is_causal": True}, {"mask": mask, "is_causal": True}):
+        want = nnx.dot_product_attention(q, k, v, deterministic=True, **kw)
+        got = dot_product_attention(
+            q, k, v, kw.get("mask"), causal=kw.get("is_causal", False), prescale=prescale
+        )
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=str(kw.keys()))
+
+
+def test_shared_attention_is_the_transformers_and_rejects_unsupported_options():
+    from jaxcompress.models._attention import flax_attention_fn
+
+    model = make_transformer(dropout=0.2)
+    assert model.blocks[0].attn.attention_fn is flax_attention_fn
+    q = jnp.ones((1, 4, 2, 8))
+    with pytest.raises(ValueError, match="precision="):
+        flax_attention_fn(q, q, q, precision=jax.lax.Precision.HIGHEST)
+    with pytest.raises(ValueError, match="dropout_rng"):
+        flax_attention_fn(q, q, q, dropout_rate=0.5, deterministic=False)
+    # Flax's broadcast dropout: one keep mask for every batch row and head.
+    out = flax_attention_fn(
+        q,
+        q,
+        jnp.arange(32.0).reshape(1, 4, 2, 4).repeat(1, 0) * jnp.ones((3, 1, 1, 1)),
+        dropout_rng=jax.random.key(1),
+        dropout_rate=0.5,
+        deterministic=False,
+    )
+    np.testing.assert_array_equal(out[0], out[2])

@@ -6,6 +6,7 @@ import numbers
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 # He et al. (2015), "Delving Deep into Rectifiers", arXiv:1502.01852: N(0, 2 / fan_out) keeps the
@@ -58,3 +59,38 @@ def check_image_batch(name: str, x: jax.Array, in_channels: int) -> None:
         raise ValueError(
             f"{name} expects an NHWC batch of shape (N, H, W, {in_channels}), got shape {x.shape}"
         )
+
+
+def check_heads(d_model: object, num_heads: object) -> tuple[int, int]:
+    """Return ``(d_model, num_heads)`` as positive ints with ``d_model % num_heads == 0``."""
+    d = check_positive_int("d_model", d_model)
+    h = check_positive_int("num_heads", num_heads)
+    if d % h:
+        raise ValueError(
+            f"d_model must be divisible by num_heads, got d_model={d_model!r}, "
+            f"num_heads={num_heads!r}"
+        )
+    return d, h
+
+
+def embed_tokens(model: nnx.Module, tokens: jax.Array, limit_name: str, limit: int) -> jax.Array:
+    """Token plus learned position embeddings, with embedding dropout, of a 2-D integer batch.
+
+    ``model`` has ``embed`` (``nnx.Embed``), ``pos_embed`` (``nnx.Param`` ``(limit, d)``) and
+    ``embed_dropout``. Raises ``ValueError`` naming the model unless ``tokens`` is an integer
+    ``(batch, length)`` array with ``length <= limit`` (the model's ``limit_name``).
+    """
+    name = type(model).__name__
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(
+            f"{name} expects integer tokens of shape (batch, length), got shape {tokens.shape} "
+            f"and dtype {tokens.dtype}"
+        )
+    length = tokens.shape[1]
+    if length > limit:
+        raise ValueError(
+            f"{name} was built with {limit_name}={limit}, got sequences of length {length} "
+            f"(tokens shape {tokens.shape})"
+        )
+    x = model.embed(tokens) + model.pos_embed[...][:length]
+    return model.embed_dropout(x)

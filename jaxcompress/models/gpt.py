@@ -10,7 +10,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxcompress.models._common import check_positive_int, check_rate, check_rngs
+from jaxcompress.models._attention import dot_product_attention
+from jaxcompress.models._common import (
+    check_heads,
+    check_positive_int,
+    check_rate,
+    check_rngs,
+    embed_tokens,
+)
 
 __all__ = ["GPT", "GPTBlock", "CausalSelfAttention", "generate"]
 
@@ -35,8 +42,8 @@ class CausalSelfAttention(nnx.Module):
         A_h = \operatorname{softmax}\Bigl(\frac{Q_h K_h^\top}{\sqrt{d_h}} + C\Bigr),\qquad
         y = \operatorname{concat}_h(\mathrm{Drop}(A_h) V_h)\, W_o + b_o,
 
-    with :math:`C_{ts} = -\infty` for :math:`s > t` (a position never sees later ones). The
-    softmax is computed in float32.
+    with :math:`C_{ts} = -\infty` for :math:`s > t` (a position never sees later ones). Scores
+    and softmax are float32.
     """
 
     def __init__(
@@ -65,16 +72,10 @@ class CausalSelfAttention(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, t, d = x.shape
-        h, dh = self.num_heads, self.head_dim
-        q = self.query(x).reshape(b, t, h, dh)
-        k = self.key(x).reshape(b, t, h, dh)
-        v = self.value(x).reshape(b, t, h, dh)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(dh)
-        causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-        scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
-        weights = self.attn_dropout(jax.nn.softmax(scores, axis=-1).astype(x.dtype))
-        y = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, d)
-        return self.out(y)
+        heads = (b, t, self.num_heads, self.head_dim)
+        q, k, v = (proj(x).reshape(heads) for proj in (self.query, self.key, self.value))
+        y = dot_product_attention(q, k, v, causal=True, dropout=self.attn_dropout, prescale=False)
+        return self.out(y.reshape(b, t, d))
 
 
 class GPTBlock(nnx.Module):
@@ -174,13 +175,7 @@ class GPT(nnx.Module):
     ):
         self.vocab_size = check_positive_int("vocab_size", vocab_size)
         self.context = check_positive_int("context", context)
-        self.d_model = check_positive_int("d_model", d_model)
-        self.num_heads = check_positive_int("num_heads", num_heads)
-        if self.d_model % self.num_heads:
-            raise ValueError(
-                f"d_model must be divisible by num_heads, got d_model={d_model!r}, "
-                f"num_heads={num_heads!r}"
-            )
+        self.d_model, self.num_heads = check_heads(d_model, num_heads)
         self.num_layers = check_positive_int("num_layers", num_layers)
         self.mlp_dim = (
             4 * self.d_model if mlp_dim is None else check_positive_int("mlp_dim", mlp_dim)
@@ -225,19 +220,7 @@ class GPT(nnx.Module):
         )
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise ValueError(
-                f"GPT expects integer tokens of shape (B, T), got shape {tokens.shape} and dtype "
-                f"{tokens.dtype}"
-            )
-        length = tokens.shape[1]
-        if length > self.context:
-            raise ValueError(
-                f"GPT was built with context={self.context}, got sequences of length {length} "
-                f"(tokens shape {tokens.shape})"
-            )
-        x = self.embed(tokens) + self.pos_embed[...][:length]
-        x = self.embed_dropout(x)
+        x = embed_tokens(self, tokens, "context", self.context)
         for block in self.blocks:
             x = block(x)
         x = self.final_ln(x)

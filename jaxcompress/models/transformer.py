@@ -6,7 +6,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxcompress.models._common import check_positive_int, check_rate, check_rngs
+from jaxcompress.models._attention import flax_attention_fn
+from jaxcompress.models._common import (
+    check_heads,
+    check_positive_int,
+    check_rate,
+    check_rngs,
+    embed_tokens,
+)
 
 PAD_ID = 0
 
@@ -35,6 +42,7 @@ class EncoderBlock(nnx.Module):
             dropout_rate=dropout,
             deterministic=False,
             decode=False,
+            attention_fn=flax_attention_fn,
             rngs=rngs,
         )
         self.ln2 = nnx.LayerNorm(d_model, rngs=rngs)
@@ -96,13 +104,7 @@ class TransformerClassifier(nnx.Module):
     ):
         self.vocab_size = check_positive_int("vocab_size", vocab_size)
         self.num_classes = check_positive_int("num_classes", num_classes)
-        self.d_model = check_positive_int("d_model", d_model)
-        self.num_heads = check_positive_int("num_heads", num_heads)
-        if self.d_model % self.num_heads:
-            raise ValueError(
-                f"d_model must be divisible by num_heads, got d_model={d_model!r}, "
-                f"num_heads={num_heads!r}"
-            )
+        self.d_model, self.num_heads = check_heads(d_model, num_heads)
         self.num_layers = check_positive_int("num_layers", num_layers)
         self.mlp_dim = check_positive_int("mlp_dim", mlp_dim)
         self.max_len = check_positive_int("max_len", max_len)
@@ -131,20 +133,8 @@ class TransformerClassifier(nnx.Module):
 
     def features(self, tokens: jax.Array) -> jax.Array:
         """Masked-mean-pooled features ``(N, d_model)`` before the head."""
-        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise ValueError(
-                f"TransformerClassifier expects integer tokens of shape (N, L), got shape "
-                f"{tokens.shape} and dtype {tokens.dtype}"
-            )
-        length = tokens.shape[1]
-        if length > self.max_len:
-            raise ValueError(
-                f"TransformerClassifier was built with max_len={self.max_len}, got sequences "
-                f"of length {length} (tokens shape {tokens.shape})"
-            )
+        x = embed_tokens(self, tokens, "max_len", self.max_len)
         valid = tokens != PAD_ID  # (N, L)
-        x = self.embed(tokens) + self.pos_embed[...][:length]
-        x = self.embed_dropout(x)
         attn_mask = valid[:, None, None, :]  # keys only: (N, 1, 1, L) -> (N, heads, L, L)
         for block in self.blocks:
             x = block(x, attn_mask)
