@@ -228,7 +228,7 @@ class LatencyModel:
         def best(combos: dict[str, np.ndarray]) -> dict[str, int]:
             times = np.asarray(latency({g: jnp.asarray(v) for g, v in combos.items()}))
             total = sum(combos.values())
-            i = int(np.lexsort((total, times))[0])  # fastest, then narrowest
+            i = int(np.lexsort((np.asarray(total), times))[0])  # fastest, then narrowest
             return {g: int(combos[g][i]) for g in names}
 
         if math.prod(len(v) for v in candidates.values()) <= max_combinations:
@@ -310,7 +310,9 @@ class LatencyModel:
                 or "dense"
                 for c in combos
             ]
-            layers.append(LayerOptions(name, tuple(labels), [float(times[c]) for c in combos]))
+            layers.append(
+                LayerOptions(name, tuple(labels), np.array([float(times[c]) for c in combos]))
+            )
         prunable = float(sum(layer.times[0] for layer in layers))
         return TimingTable(base=prunable + self.overhead, prunable=prunable, layers=tuple(layers))
 

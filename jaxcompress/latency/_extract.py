@@ -290,7 +290,7 @@ def within_budget(
             top = a.max()
             return float(a[order[name][lo:hi]].sum() / (top if top > 0 else 1.0))
 
-        current = None if criterion == "gates" else float(criterion(masks(counts)))
+        current = None if isinstance(criterion, str) else float(criterion(masks(counts)))
         while cost > budget:
             best = None
             for name in counts:
@@ -305,6 +305,7 @@ def within_budget(
                 if criterion == "gates":
                     lost, trial_loss = mass(name, lower, c), None
                 else:
+                    assert current is not None and callable(criterion)
                     trial_loss = float(criterion(masks(trial)))
                     lost = trial_loss - current
                 key = (lost / saved, -saved)

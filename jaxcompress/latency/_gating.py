@@ -94,7 +94,7 @@ def _rank(rank: Any, layer: nnx.Linear) -> int:
         if rank < 1:
             raise ValueError(f"rank must be an int >= 1, got {rank!r}")
         return min(int(rank), full)
-    if not 0 < rank <= 1:
+    if not 0 < float(rank) <= 1:
         raise ValueError(f"a fractional rank must be in (0, 1], got {rank!r}")
     return max(1, round(float(rank) * full))
 
@@ -115,7 +115,7 @@ def _from_svd(layer: nnx.Linear, r: int) -> Factorized:
     dtype = layer.kernel[...].dtype
     new.u.kernel[...] = jnp.asarray(u[:, :r] * root, dtype)
     new.v.kernel[...] = jnp.asarray(root[:, None] * vt[:r], dtype)
-    if use_bias:
+    if layer.bias is not None and new.v.bias is not None:
         new.v.bias[...] = layer.bias[...]
     return new
 

@@ -50,13 +50,13 @@ def check_p(p: Any) -> float:
 
 
 def check_eps(eps: Any) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (eps > 0):
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not float(eps) > 0:
         raise ValueError(f"eps must be a float > 0, got {eps!r}")
     return float(eps)
 
 
 def check_tau(tau: Any) -> float:
-    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0 <= tau < 1:
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0 <= float(tau) < 1:
         raise ValueError(f"tau must be a float in [0, 1), got {tau!r}")
     return float(tau)
 
@@ -179,7 +179,7 @@ def l1_penalty(gates: Mapping[str, jax.Array]) -> jax.Array:
     """Network-slimming baseline (Liu et al., ICCV 2017, arXiv:1708.06519):
     :math:`\\sum_g \\sum_j |\\alpha_{g,j}|`. Not scale-invariant: it shrinks every gate."""
     check_gates(gates)
-    return sum(jnp.sum(jnp.abs(jnp.asarray(a))) for a in gates.values())
+    return jnp.sum(jnp.stack([jnp.sum(jnp.abs(jnp.asarray(a))) for a in gates.values()]))
 
 
 def active_counts(
@@ -561,7 +561,7 @@ def surrogate_penalty(
             flat_u[i] = u.replace(u_value + g) if _is_var(u) else u_value + g
         new_updates = jax.tree_util.tree_unflatten(treedef, flat_u)
         new_state = SurrogateState(
-            optax.safe_increment(state.count), ctrl, jnp.asarray(value, jnp.float32)
+            jnp.asarray(optax.safe_increment(state.count)), ctrl, jnp.asarray(value, jnp.float32)
         )
         return new_updates, new_state
 

@@ -211,7 +211,7 @@ def _update_attributes(model: nnx.Module, analysis: Analysis, masks: dict[str, n
         elif isinstance(module, nnx.GroupNorm):
             features = _norm_features(module)
             if features is not None:
-                module.num_features = features
+                module.num_features = features  # pyrefly: ignore[missing-attribute]
                 module.num_groups = features // module.group_size
         elif isinstance(module, (nnx.BatchNorm, nnx.LayerNorm, nnx.RMSNorm, nnx.InstanceNorm)):
             features = _norm_features(module)

@@ -238,8 +238,8 @@ class _Walker:
             val = ins[0]
             self.atoms.block(val.axes[eqn.params["axis"]], f"{name} accumulates along it")
             outs = [_Val(list(val.axes), dep, None)]
-        elif name in _CALLS and _sub_jaxpr(eqn) is not None:
-            sub, sub_consts = _sub_jaxpr(eqn)
+        elif name in _CALLS and (found := _sub_jaxpr(eqn)) is not None:
+            sub, sub_consts = found
             if len(sub.invars) != len(ins):
                 return self._unsupported(eqn, ins, dep)
             consts = [
@@ -281,10 +281,11 @@ class _Walker:
             for i, (a, b) in enumerate(zip(in_shape, shape, strict=True)):
                 if a != b:
                     continue
-                if axes[i] is None:
+                current = axes[i]
+                if current is None:
                     axes[i] = val.axes[i]
                 else:
-                    self.atoms.unify(axes[i], val.axes[i], why)
+                    self.atoms.unify(current, val.axes[i], why)
         return _Val(
             [s if s is not None else self.atoms.seq(d) for s, d in zip(axes, shape, strict=True)],
             dep,
