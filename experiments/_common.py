@@ -1,7 +1,7 @@
 """What the experiments share: config fields and checks, data, the SGD every experiment trains
 with, one-shot pruning with BatchNorm recalibration, seeds and their aggregation, the run
-header, the environment record, atomic result files and the checks of ``--out`` and
-``--mesh``.
+header, the environment record, atomic result files, the checks of ``--out`` and ``--mesh``,
+and resumable runs (:func:`open_run`: ``run.json``, stage markers, per-stage checkpoints).
 
 Each experiment's ``train.py`` holds only its own pipeline; its ``configs/base.py`` declares its
 fields with :func:`field` (default, type and help in one place), from which ``experiments.cli``
@@ -60,6 +60,12 @@ __all__ = [
     "parse_mesh",
     "prepare_run",
     "prune_and_measure",
+    "Run",
+    "check_resume",
+    "fit_options",
+    "is_primary",
+    "local_model",
+    "open_run",
     "run_header",
     "seed_list",
     "stage_bar",
@@ -270,6 +276,216 @@ def parse_mesh(text: str, num_devices: int | None = None) -> dict[str, int]:
 
 
 # --------------------------------------------------------------------------------------------
+# Resumable runs, meshes and processes
+# --------------------------------------------------------------------------------------------
+
+#: Config fields that do not change the results: a resume may change them.
+NOT_COMPARED = ("progress", "data_dir")
+_RUN_FILE, _RESULTS_FILE = "run.json", "results.json"
+_STAGES, _CHECKPOINTS = "stages", "checkpoints"
+
+
+def _config_record(config: Any) -> dict[str, Any]:
+    """The fields of ``config`` that a resume must match, in their JSON form."""
+    import json
+
+    fields = dataclasses.asdict(config)
+    return json.loads(json.dumps({k: v for k, v in fields.items() if k not in NOT_COMPARED}))
+
+
+def _differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    return [
+        f"{k}: saved {saved.get(k, '<absent>')!r}, now {now.get(k, '<absent>')!r}"
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k) != now.get(k) or (k in saved) != (k in now)
+    ]
+
+
+def _read_json(path: str) -> Any:
+    import json
+
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"out: cannot read {path!r} ({err}); rerun with --restart") from None
+
+
+def check_resume(config: Any, out: str | os.PathLike) -> bool:
+    """Refuse to resume into ``out`` when it holds a run of another config; read only.
+
+    Returns:
+      ``True`` when ``out`` holds the finished run of this config (its ``results.json``).
+
+    Raises:
+      ValueError: naming every differing field, with the saved and the new value.
+    """
+    path = os.path.abspath(os.fspath(out))
+    run_file = os.path.join(path, _RUN_FILE)
+    if not os.path.isfile(run_file):
+        return False
+    saved = _read_json(run_file)
+    diffs = _differences(saved.get("config", {}), _config_record(config))
+    if diffs:
+        raise ValueError(
+            f"out: {os.fspath(out)!r} holds a run with another config ({'; '.join(diffs)}); "
+            "rerun with the saved settings, use another --out, or pass --restart to start over"
+        )
+    return os.path.isfile(os.path.join(path, _RESULTS_FILE))
+
+
+def is_primary() -> bool:
+    """True on process 0 (every process of a single-process run): the one that writes files
+    and shows progress."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def _barrier(name: str) -> None:
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+class Run:
+    """An experiment's ``--out`` as a resumable run (made by :func:`open_run`).
+
+    Layout: ``run.json`` (the config), ``stages/<name>.json`` (the record of each finished
+    stage, written atomically), ``checkpoints/<name>/`` (the training state of each stage, by
+    :func:`jaxcompress.train.fit`), ``results.json`` (written last: the run is finished). With
+    ``out=None`` nothing is read or written and every stage runs.
+
+    Attributes:
+      out: the absolute output directory, or ``None``.
+      config: the compared fields of the config (JSON form), saved with every checkpoint.
+      mesh: the mesh string training runs on (``None``: one device).
+    """
+
+    def __init__(self, out: str | None, config: Any, mesh: str | None):
+        self.out, self.mesh = out, mesh
+        self.config = _config_record(config)
+
+    def results(self) -> dict[str, Any] | None:
+        """The finished run's results (``results.json``), or ``None``."""
+        if self.out is None or not os.path.isfile(os.path.join(self.out, _RESULTS_FILE)):
+            return None
+        return _read_json(os.path.join(self.out, _RESULTS_FILE))
+
+    def stage(self, name: str) -> Any:
+        """The record a finished stage ``name`` saved with :meth:`finish_stage`, or ``None``."""
+        if self.out is None:
+            return None
+        path = os.path.join(self.out, _STAGES, f"{name}.json")
+        return _read_json(path)["record"] if os.path.isfile(path) else None
+
+    def finish_stage(self, name: str, record: Any) -> Any:
+        """Mark stage ``name`` finished with its JSON-serialisable ``record`` (atomically, on
+        process 0); returns ``record`` as a resume will read it back (JSON round trip)."""
+        import json
+
+        record = json.loads(json.dumps(record))
+        if self.out is not None and is_primary():
+            write_json_atomic(os.path.join(self.out, _STAGES, f"{name}.json"), {"record": record})
+        return record
+
+    def checkpoint_dir(self, name: str) -> str | None:
+        """Where stage ``name`` checkpoints its training (``None`` without ``out``)."""
+        return None if self.out is None else os.path.join(self.out, _CHECKPOINTS, name)
+
+    def fit_kwargs(self, name: str, **config: Any) -> dict[str, Any]:
+        """``fit`` arguments of stage ``name``: mesh and sharding rule (:func:`fit_options`),
+        ``checkpoint_dir`` and the ``config`` a resume must match (this run's and ``config``'s
+        items, e.g. the stage's method)."""
+        kwargs = fit_options(self.mesh)
+        if self.out is not None:
+            kwargs["checkpoint_dir"] = self.checkpoint_dir(name)
+            kwargs["config"] = {**self.config, "stage": name, **config}
+        return kwargs
+
+    def write_results(self, results: Mapping[str, Any]) -> None:
+        """Write ``results.json`` (atomically, on process 0): the run is finished."""
+        if self.out is not None and is_primary():
+            write_json_atomic(os.path.join(self.out, _RESULTS_FILE), results)
+
+
+def open_run(
+    config: Any, out: str | os.PathLike | None, *, restart: bool = False, mesh: str | None = None
+) -> Run:
+    """Open ``out`` (checked first, :func:`check_out`) as a resumable run of ``config``.
+
+    A new ``out`` gets ``run.json``; an ``out`` holding this config's run resumes it (finished
+    stages are read back, the others resume from their latest complete checkpoint); one
+    holding another config is refused naming the fields (:func:`check_resume`). ``restart``
+    deletes the previous run's ``run.json``, ``results.json``, stage markers and checkpoints
+    first. Files are written by process 0; all processes wait for it.
+
+    ``mesh``: ``"data=4,fsdp=2"`` or ``None`` (one device; in a multi-process run
+    ``data=<all devices>``).
+    """
+    import shutil
+
+    import jax
+
+    if mesh is None and jax.process_count() > 1:
+        mesh = f"data={jax.device_count()}"
+    if out is None:
+        return Run(None, config, mesh)
+    path = check_out(out)
+    if is_primary():
+        if restart:
+            for name in (_RUN_FILE, _RESULTS_FILE):
+                if os.path.exists(os.path.join(path, name)):
+                    os.remove(os.path.join(path, name))
+            for name in (_STAGES, _CHECKPOINTS):
+                shutil.rmtree(os.path.join(path, name), ignore_errors=True)
+        check_resume(config, path)
+        if not os.path.isfile(os.path.join(path, _RUN_FILE)):
+            write_json_atomic(os.path.join(path, _RUN_FILE), {"config": _config_record(config)})
+    _barrier("open_run")
+    return Run(path, config, mesh)
+
+
+def fit_options(mesh: str | None) -> dict[str, Any]:
+    """``fit``'s ``mesh`` and ``param_sharding`` for ``--mesh``: FSDP when the mesh has an
+    ``fsdp`` axis, else replicated params (data parallel); ``{}`` without a mesh."""
+    if mesh is None:
+        return {}
+    fsdp = "fsdp" in parse_mesh(mesh, num_devices=math.inf)
+    return {"mesh": mesh, "param_sharding": "fsdp" if fsdp else "replicated"}
+
+
+def local_model(model: Any) -> Any:
+    """Put every array of ``model`` on this process's default device (in place; returns it).
+
+    After sharded training the model's arrays live on a mesh, across processes in a
+    multi-process run; the one-shot pruning, recalibration and evaluation that follow run the
+    same way on every process on a full local copy (``process_allgather`` when the arrays are
+    not fully addressable)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    def local(a: Any) -> Any:
+        if not isinstance(a, jax.Array) or len(a.sharding.device_set) == 1:
+            return a
+        if a.is_fully_addressable:
+            return jax.device_put(a, jax.local_devices()[0])
+        from jax.experimental import multihost_utils
+
+        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            data = multihost_utils.process_allgather(jax.random.key_data(a), tiled=True)
+            return jax.random.wrap_key_data(jnp.asarray(data), impl=jax.random.key_impl(a))
+        return jnp.asarray(multihost_utils.process_allgather(a, tiled=True))
+
+    nnx.update(model, jax.tree.map(local, nnx.state(model)))
+    return model
+
+
+# --------------------------------------------------------------------------------------------
 # Data, optimizer, one-shot pruning
 # --------------------------------------------------------------------------------------------
 
@@ -315,7 +531,7 @@ def prepare_run(config: Any, out: str | os.PathLike | None) -> tuple[Any, Any, A
     return out, train_ds, test_ds, sizes
 
 
-def fit_stage(model, tx, train_ds, config, *, desc: str, epochs: int | None = None, **kwargs):
+def fit_stage(model, tx, train_ds, config, /, *, desc: str, epochs: int | None = None, **kwargs):
     """:func:`jaxcompress.train.fit` for ``epochs`` (default ``config.epochs``) with one
     progress bar over the epochs (``desc``, when ``config.progress``) instead of ``fit``'s own,
     ``config.batch_size`` and ``config.eval_batch_size``; ``kwargs`` go to ``fit`` (a
@@ -327,9 +543,9 @@ def fit_stage(model, tx, train_ds, config, *, desc: str, epochs: int | None = No
     with stage_bar(epochs, desc, config.progress) as bar:
 
         def advance(epoch, record, trained):
-            bar.update(1)
             if callback is not None:
-                callback(epoch, record, trained)
+                callback(epoch, record, trained)  # may add entries to the checkpointed record
+            bar.update(epoch - bar.n)  # a resumed run starts past its restored epochs
 
         return jtrain.fit(
             model,
@@ -344,9 +560,19 @@ def fit_stage(model, tx, train_ds, config, *, desc: str, epochs: int | None = No
         )
 
 
-def train_sgd(model, train_ds, config, out: str | None, desc: str = "train (SGD)"):
+def train_sgd(
+    model,
+    train_ds,
+    config,
+    out: str | None,
+    desc: str = "train (SGD)",
+    *,
+    run: Run | None = None,
+    stage: str = "train",
+):
     """Train ``model`` densely with :func:`make_sgd` over ``config.epochs`` (:func:`fit_stage`,
-    seed ``config.seed``), logging to ``<out>/metrics.jsonl``; return the ``History``."""
+    seed ``config.seed``), logging to ``<out>/metrics.jsonl``; return the ``History``. With
+    ``run`` (:func:`open_run`) the training is the resumable stage ``stage`` on ``run.mesh``."""
     total_steps = config.epochs * (len(train_ds) // config.batch_size)
     return fit_stage(
         model,
@@ -356,6 +582,7 @@ def train_sgd(model, train_ds, config, out: str | None, desc: str = "train (SGD)
         desc=desc,
         seed=config.seed,
         metrics_path=None if out is None else os.path.join(out, "metrics.jsonl"),
+        **({} if run is None else run.fit_kwargs(stage)),
     )
 
 
@@ -508,6 +735,7 @@ def stage_bar(total: int, desc: str, enabled: bool):
     """The one progress bar of a stage (``tqdm``; a no-op when ``enabled`` is False)."""
     from tqdm import tqdm
 
+    enabled = enabled and is_primary()
     return tqdm(total=total, desc=desc, disable=not enabled, leave=True, dynamic_ncols=True)
 
 

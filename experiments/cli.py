@@ -6,7 +6,10 @@ flag: ``epochs`` is ``--epochs 3``, ``train_subset`` is ``--train-subset 6000`` 
 bool is ``--progress`` / ``--no-progress``. Flags override the chosen config (the full one, or
 ``--quick``'s); the result is validated by the config itself, so a bad value is reported in one
 line naming the field before any work. Every experiment also takes ``--out``, ``--quick``,
-``--mesh`` and ``--restart``.
+``--mesh``, ``--restart`` and ``--num-processes``: a run resumes into an existing ``--out``
+(one of another config is refused naming the fields), ``--mesh`` shards the training, and
+``--num-processes N`` launches N local ``jax.distributed`` processes
+(:mod:`experiments._launch`).
 
 The argparse types and helpers at the end (:func:`positive_int`, :func:`run_config`, ...) are
 used by ``experiments.surrogate``'s hand-written command line.
@@ -16,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib
+import math
 import os
 import sys
 import time
@@ -25,7 +30,8 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from experiments._common import MESH_AXES, check_out, parse_mesh
+from experiments import _launch as launch
+from experiments._common import MESH_AXES, check_out, check_resume, parse_mesh
 
 __all__ = [
     "add_config_flags",
@@ -42,13 +48,20 @@ __all__ = [
 ]
 
 MESH_HELP = (
-    "device mesh, e.g. data=8 or data=4,fsdp=2 (axes: {axes}); checked against the devices "
-    "that exist. The experiments do not pass a mesh to jaxcompress.train.fit yet: only a "
-    "one-device mesh (data=1) runs today"
+    "device mesh of the training, e.g. data=8 or data=4,fsdp=2 (axes: {axes}; fsdp shards the "
+    "params too); checked against the devices that exist. Default: one device (every device "
+    "of a multi-process run, data=N)"
 )
 RESTART_HELP = (
-    "start over in an existing --out instead of resuming. The experiments do not checkpoint "
-    "their training yet: every run starts over today, with or without this flag"
+    "start over: delete the run.json, stage markers, checkpoints and results.json of an "
+    "earlier run in --out. Without it a run resumes (finished stages are read back, training "
+    "continues from its latest checkpoint, a finished run is not rerun) and an --out holding "
+    "another config is refused"
+)
+PROCESSES_HELP = (
+    "spawn this many local processes joined by jax.distributed on 127.0.0.1 (CPU: gloo "
+    "collectives); each process holds its own devices, process 0 writes the results and logs. "
+    "On a pod, start one process per host yourself (docs/scaling.md)"
 )
 
 
@@ -217,8 +230,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(
     *, prog: str, description: str, config_cls: type, out: str, quick: str
 ) -> argparse.ArgumentParser:
-    """The parser of an experiment: ``--quick``, ``--out``, ``--mesh``, ``--restart`` and one
-    flag per config field (:func:`add_config_flags`). Errors are reported in one line."""
+    """The parser of an experiment: ``--quick``, ``--out``, ``--mesh``, ``--restart``,
+    ``--num-processes`` and one flag per config field (:func:`add_config_flags`). Errors are
+    reported in one line."""
     parser = _Parser(prog=prog, description=description)
     parser.add_argument("--quick", action="store_true", help=quick)
     parser.add_argument(
@@ -226,6 +240,9 @@ def build_parser(
     )
     parser.add_argument("--mesh", default=None, help=MESH_HELP.format(axes=", ".join(MESH_AXES)))
     parser.add_argument("--restart", action="store_true", help=RESTART_HELP)
+    parser.add_argument(
+        "--num-processes", type=positive_int, default=1, metavar="N", help=PROCESSES_HELP
+    )
     parser.set_defaults(_config_fields=add_config_flags(parser, config_cls))
     return parser
 
@@ -248,11 +265,14 @@ def main(
       argv: the arguments (``None``: ``sys.argv[1:]``).
       parser: from :func:`build_parser`.
       configs: the modules ``(default, quick)``, each with ``get_config()``.
-      train: the module with ``run(config, out) -> results`` and ``format_table(results)``,
-        imported only once every check has passed (it imports jax).
+      train: the module with ``run(config, out, *, mesh, restart) -> results`` and
+        ``format_table(results)``, imported only once every check has passed (it imports jax).
 
-    Every check runs before jax is imported or any data is loaded; a failed one exits with
-    status 2 and one line on stderr.
+    Every check runs before jax is imported or any data is loaded (the device count of
+    ``--mesh`` in a multi-process run: after ``jax.distributed`` started); a failed one exits
+    with status 2 and one line on stderr. ``--out`` holding a run of another config is refused
+    here (:func:`experiments._common.check_resume`); ``--num-processes N`` hands over to
+    :func:`experiments._launch.spawn`.
     """
     args = parser.parse_args(argv)
     default, quick = configs
@@ -265,23 +285,55 @@ def main(
         _fail(parser, str(err))
     if getattr(config, "data_dir", None) is not None and not os.path.isdir(config.data_dir):
         _fail(parser, f"data_dir: {config.data_dir!r} is not a directory")
+    distributed = args.num_processes > 1 or bool(os.environ.get(launch.NUM_PROCESSES))
     if args.mesh is not None:
-        try:
-            mesh = parse_mesh(args.mesh)
+        try:  # the devices are counted here only in one process (jax.distributed starts first)
+            parse_mesh(args.mesh, num_devices=math.inf if distributed else None)
         except ValueError as err:
             _fail(parser, str(err))
-        if any(size > 1 for size in mesh.values()):
-            _fail(
-                parser,
-                f"--mesh {args.mesh}: the experiments do not shard their training yet (they "
-                "run on one device); use data=1 or leave --mesh out",
-            )
     try:
         out = check_out(args.out)
+        finished = False if args.restart else check_resume(config, out)
     except ValueError as err:
         _fail(parser, str(err))
+    if args.num_processes > 1:
+        if os.environ.get(launch.PROCESS_ID):
+            _fail(parser, "--num-processes: this process was already started by a launcher")
+        return launch.spawn(args.num_processes, _child_argv(argv), module=parser.prog.split()[-1])
+    if distributed:
+        try:
+            launch.join()
+            if args.mesh is not None:
+                parse_mesh(args.mesh)
+        except (TimeoutError, RuntimeError, ValueError) as err:
+            _fail(parser, str(err))
+    if finished and os.environ.get(launch.PROCESS_ID, "0") == "0":
+        print(
+            f"{out} holds the finished run of this config: not rerun (--restart starts over)",
+            file=sys.stderr,
+        )
     module = importlib.import_module(train)
-    return _run_and_report(config, out, module.run, module.format_table)
+    return _run_and_report(
+        config,
+        out,
+        functools.partial(module.run, mesh=args.mesh, restart=args.restart),
+        module.format_table,
+    )
+
+
+def _child_argv(argv: list[str] | None) -> list[str]:
+    """``argv`` without ``--num-processes N`` (the children's command line)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    out: list[str] = []
+    skip = False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--num-processes":
+            skip = True
+        elif not a.startswith("--num-processes="):
+            out.append(a)
+    return out
 
 
 def command(
@@ -310,9 +362,10 @@ def command(
 def _run_and_report(config, out, run, format_table) -> int:
     start = time.perf_counter()
     results = run(config, out)
-    print(format_table(results))
-    print(f"wall time: {time.perf_counter() - start:.1f} s; results in {out}")
-    sys.stdout.flush()
+    if os.environ.get(launch.PROCESS_ID, "0") == "0":  # process 0 reports
+        print(format_table(results))
+        print(f"wall time: {time.perf_counter() - start:.1f} s; results in {out}")
+        sys.stdout.flush()
     return 0
 
 

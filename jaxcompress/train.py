@@ -182,7 +182,28 @@ def _strong(tree: Any) -> Any:
     )
 
 
-class ShardedStep:
+class _OnMesh:
+    """A mesh with the sharding rule of a step: the shardings of its arguments."""
+
+    def __init__(self, mesh: Mesh, param_sharding: Any, data_axes: Any, min_size: int):
+        self.mesh = mesh
+        self._param_sharding = param_sharding
+        self._data_axes = jc_sharding.data_axes_of(mesh, data_axes)
+        self._min_size = min_size
+
+    def _shardings(self, params: Any, rest: Any, opt_state: Any) -> jc_sharding.StepShardings:
+        return jc_sharding.step_shardings(
+            self.mesh,
+            params,
+            rest,
+            opt_state,
+            param_sharding=self._param_sharding,
+            data_axes=self._data_axes,
+            min_size=self._min_size,
+        )
+
+
+class ShardedStep(_OnMesh):
     """A training step jitted on a mesh with explicit in/out shardings.
 
     Made by :func:`make_train_step` with ``mesh=``. Call it like the plain step,
@@ -203,12 +224,9 @@ class ShardedStep:
         donate: bool,
         min_size: int,
     ):
+        super().__init__(mesh, param_sharding, data_axes, min_size)
         self._fn = fn
-        self.mesh = mesh
-        self._param_sharding = param_sharding
-        self._data_axes = jc_sharding.data_axes_of(mesh, data_axes)
         self._donate = donate
-        self._min_size = min_size
         self._jitted: dict[tuple, tuple[Any, jc_sharding.StepShardings]] = {}
 
     def shardings(self, params: Any, rest: Any, opt_state: Any) -> jc_sharding.StepShardings:
@@ -217,15 +235,7 @@ class ShardedStep:
         Raises:
           ValueError: a ``PartitionSpec`` that does not fit the mesh or a leaf.
         """
-        return jc_sharding.step_shardings(
-            self.mesh,
-            params,
-            rest,
-            opt_state,
-            param_sharding=self._param_sharding,
-            data_axes=self._data_axes,
-            min_size=self._min_size,
-        )
+        return self._shardings(params, rest, opt_state)
 
     def place(self, params: Any, rest: Any, opt_state: Any) -> tuple[Any, Any, Any]:
         """Copies of ``(params, rest, opt_state)`` on their shardings (never aliasing the input,
@@ -374,28 +384,18 @@ def _eval_sums(graphdef, params, rest, x, y, weight, loss_fn):
 _eval_sums_jit = jax.jit(_eval_sums, static_argnums=(0, 6))
 
 
-class _ShardedEval:
+class _ShardedEval(_OnMesh):
     """``step(params, rest, x, y, weight)`` on a mesh: params and ``rest`` go to their
     shardings and the batch to the data axes (no-ops when they are already there), then the
     shared jitted sums run; jit caches on the input shardings, so repeated evaluations of one
     model reuse one executable."""
 
     def __init__(self, graphdef, loss_fn, mesh, param_sharding, data_axes, min_size):
+        super().__init__(mesh, param_sharding, data_axes, min_size)
         self._graphdef, self._loss_fn = graphdef, loss_fn
-        self.mesh = mesh
-        self._rule, self._min_size = param_sharding, min_size
-        self._data_axes = jc_sharding.data_axes_of(mesh, data_axes)
 
     def shardings(self, params: Any, rest: Any) -> jc_sharding.StepShardings:
-        return jc_sharding.step_shardings(
-            self.mesh,
-            params,
-            rest,
-            None,
-            param_sharding=self._rule,
-            data_axes=self._data_axes,
-            min_size=self._min_size,
-        )
+        return self._shardings(params, rest, None)
 
     def __call__(self, params, rest, x, y, weight):
         sh = self.shardings(params, rest)

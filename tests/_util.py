@@ -1,4 +1,5 @@
-"""Shared test utilities: tree comparison, trace and compile counting, sharded param builders.
+"""Shared test utilities: tree comparison, trace and compile counting, sharded param builders,
+small real data, and subprocess helpers for resume and multi-process tests.
 
 Import as ``from _util import ...`` (pytest puts ``tests/`` on ``sys.path``; there is no
 package ``__init__``). Nothing here uses private JAX APIs: traces are counted with a Python
@@ -11,7 +12,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable, Iterator
+import glob
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -23,17 +31,29 @@ from jax.sharding import PartitionSpec as P
 from jaxcompress.masks import path_str
 
 __all__ = [
+    "ROOT",
     "CompileCounter",
     "CountingJit",
     "assert_trees_allclose",
     "assert_trees_equal",
+    "bits",
+    "cli_flags",
     "count_compiles",
+    "digits",
+    "free_port",
     "jit_counting",
+    "kill_when",
     "leaf_paths",
     "mesh_1d",
+    "records",
     "same_structure",
     "shard_rows",
+    "subprocess_env",
+    "without_timing",
 ]
+
+#: The repository root (``experiments`` is importable from there).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ----------------------------------------------------------------------------- trees
@@ -179,3 +199,118 @@ def shard_rows(tree: Any, mesh: Mesh | None = None) -> Any:
         return jax.device_put(x, NamedSharding(mesh, spec))
 
     return jax.tree.map(put, tree)
+
+
+# ----------------------------------------------------------------------------- data and runs
+
+
+def digits(n_train: int, n_eval: int = 0, *, image: bool = False) -> tuple[Any, Any]:
+    """scikit-learn's 8x8 digits in [0, 1]: ``((x, y), (x_eval, y_eval))``, the first
+    ``n_train`` images and the next ``n_eval``; flat ``(N, 64)`` or ``(N, 8, 8, 1)`` with
+    ``image``."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)
+    x = x[..., None] if image else x.reshape(-1, 64)
+    y = d.target.astype(np.int32)
+    end = n_train + n_eval
+    return (x[:n_train], y[:n_train]), (x[n_train:end], y[n_train:end])
+
+
+def bits(tree: Any) -> list[bytes]:
+    """The raw bytes of every leaf (PRNG keys by their key data): equal lists = bit-equal."""
+
+    def raw(a: Any) -> bytes:
+        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            a = jax.random.key_data(a)
+        return np.asarray(a).tobytes()
+
+    return [raw(a) for a in jax.tree.leaves(tree)]
+
+
+def records(history: Any) -> list[dict[str, Any]]:
+    """A ``fit`` history's per-epoch records without their wall-clock ``seconds``."""
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in history.epochs]
+
+
+_TIMING = ("seconds", "timing", "environment", "loadavg")
+
+
+def without_timing(obj: Any) -> Any:
+    """``obj`` (a results dict) without the wall-clock entries (keys containing ``seconds``,
+    ``timing``, ``environment``): what two runs of one config must share bit for bit."""
+    if isinstance(obj, dict):
+        return {
+            k: without_timing(v) for k, v in obj.items() if not any(t in str(k) for t in _TIMING)
+        }
+    if isinstance(obj, list):
+        return [without_timing(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------- subprocesses
+
+
+def cli_flags(fields: dict[str, Any]) -> list[str]:
+    """An experiment's command-line flags for config ``fields`` (``experiments.cli``'s
+    spelling: ``--train-subset 320``, ``--widths 4,8``, ``--nm-patterns 2:4``,
+    ``--no-progress``)."""
+
+    def show(value: Any) -> str:
+        if isinstance(value, tuple):
+            return ",".join(
+                ":".join(map(str, v)) if isinstance(v, tuple) else str(v) for v in value
+            )
+        return "none" if value is None else str(value)
+
+    argv: list[str] = []
+    for name, value in fields.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        else:
+            argv += [flag, show(value)]
+    return argv
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on (for a jax.distributed coordinator)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This environment with the repository on ``PYTHONPATH`` (and ``extra`` set)."""
+    path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def kill_when(
+    cmd: Sequence[str], pattern: str, *, env: dict[str, str] | None = None, timeout: float = 600
+) -> int:
+    """Run ``cmd`` and ``kill -9`` it as soon as a file matching the glob ``pattern`` exists
+    (e.g. a committed checkpoint step); returns its exit status (``-SIGKILL`` when killed, or
+    its own status if it ended first). The process is always reaped."""
+    proc = subprocess.Popen(
+        list(cmd), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if glob.glob(pattern):
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.05)
+        else:
+            if proc.poll() is None:
+                proc.kill()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if proc.returncode not in (0, -signal.SIGKILL):
+        sys.stderr.write(err.decode(errors="replace")[-3000:])
+    return proc.returncode

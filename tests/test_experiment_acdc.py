@@ -14,6 +14,8 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+from _util import ROOT, cli_flags, kill_when, subprocess_env, without_timing  # noqa: E402
+
 from experiments.acdc import main as cli  # noqa: E402
 from experiments.acdc.configs import default, quick  # noqa: E402
 from experiments.acdc.configs.base import Config  # noqa: E402
@@ -194,3 +196,100 @@ def test_memorisation_only_runs_just_the_random_label_runs(tmp_path):
     assert "memorisation" in format_table(results)
     with pytest.raises(ValueError, match="memorisation_epochs"):
         config.replace(memorisation_epochs=0).validate()
+
+
+# --------------------------------------------------------------------------------------------
+# Resume
+# --------------------------------------------------------------------------------------------
+
+# 4 epochs of 4 steps (W:C:D:L 1:1:1:1), no memorisation: five short trainings per run.
+RESUME = {
+    "dataset": "digits",
+    "epochs": 4,
+    "batch_size": 64,
+    "learning_rate": 0.05,
+    "widths": (4, 8),
+    "train_subset": 256,
+    "test_subset": 200,
+    "sparsities": (0.8,),
+    "memorisation": "no",
+    "progress": False,
+}
+
+
+def _resume_config(**changes) -> Config:
+    return quick.get_config().replace(**{**RESUME, **changes})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("acdc_uninterrupted")
+    return run(_resume_config(), out), out
+
+
+@pytest.mark.slow  # two short runs: about 90 s on 2 loaded cores
+def test_an_interrupted_run_resumes_with_its_curves_and_snapshots(
+    uninterrupted, tmp_path, monkeypatch
+):
+    from experiments import _common
+
+    reference, _ = uninterrupted
+    finish = _common.Run.finish_stage
+
+    def preempted(self, name, record):
+        if name == "gmp_0.8_seed0":  # trained, not marked done
+            raise KeyboardInterrupt
+        return finish(self, name, record)
+
+    monkeypatch.setattr(_common.Run, "finish_stage", preempted)
+    with pytest.raises(KeyboardInterrupt):
+        run(_resume_config(), tmp_path)
+    monkeypatch.setattr(_common.Run, "finish_stage", finish)
+    stages = sorted(os.listdir(tmp_path / "stages"))
+    assert stages == [
+        "acdc_0.8_dense_finetune_seed0.json",
+        "acdc_0.8_seed0.json",
+        "dense_seed0.json",
+    ]
+    # The per-epoch curves of finished stages and the epoch-3 snapshots come back from disk:
+    # the fine-tuning of the dense snapshot (not yet run) and every curve equal the reference.
+    resumed = run(_resume_config(), tmp_path)
+    assert without_timing(resumed) == without_timing(reference)
+    assert run(_resume_config(), tmp_path)["curves"] == resumed["curves"]  # finished: read back
+
+
+@pytest.mark.slow  # three short runs in fresh processes: about 90 s on 2 loaded cores
+def test_a_killed_run_resumes_to_bit_identical_results(uninterrupted, tmp_path):
+    import signal
+    import subprocess
+
+    reference, _ = uninterrupted
+    cmd = [sys.executable, "-m", "experiments.acdc", "--quick", *cli_flags(RESUME)]
+    cmd += ["--out", str(tmp_path)]
+    # killed in AC/DC's compressed phase (step 8 of 16), before its epoch-3 snapshot
+    step = str(tmp_path / "checkpoints" / "acdc_0.8_seed0" / "8" / "commit_success.txt")
+    assert kill_when(cmd, step, env=subprocess_env()) == -signal.SIGKILL
+    assert not (tmp_path / "results.json").exists()
+    proc = subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    resumed = json.loads((tmp_path / "results.json").read_text())
+    assert without_timing(resumed) == without_timing(json.loads(json.dumps(reference)))
+
+
+def test_mesh_runs_the_trainings_sharded_with_their_curves(monkeypatch):
+    from jaxcompress import train as jtrain
+
+    seen = []
+    fit = jtrain.fit
+
+    def spy(model, *args, **kwargs):
+        seen.append((kwargs.get("mesh"), kwargs.get("param_sharding")))
+        return fit(model, *args, **kwargs)
+
+    monkeypatch.setattr(jtrain, "fit", spy)
+    config = _resume_config(memorisation="only", memorisation_subset=128, batch_size=32)
+    results = run(config, None, mesh="data=2,fsdp=2")
+    assert seen == [("data=2,fsdp=2", "fsdp")] * 2  # dense and AC/DC on the noisy labels
+    mem = results["memorisation"]
+    assert len(mem["dense"]) == len(mem["acdc"]) == 5  # per-epoch probe accuracies
+    assert mem["acdc_sparsity"][2] == pytest.approx(0.95, abs=0.01)  # end of a C phase

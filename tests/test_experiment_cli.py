@@ -240,7 +240,7 @@ def test_experiment_configs_are_thin_and_their_ablations_valid(name):
         ("cram", ["--mesh", "model=2"], "mesh: unknown axis 'model'"),
         ("cram", ["--mesh", "data=0"], "mesh: size of 'data' must be a positive int"),
         ("cram", ["--mesh", "data=4096"], "needs 4096 devices"),
-        ("cram", ["--mesh", "data=2"], "the experiments do not shard their training yet"),
+        ("cram", ["--num-processes", "0"], "argument --num-processes: expected a positive"),
         ("cram", ["--out", "/etc/hostname/sub"], "out: cannot write to '/etc/hostname/sub'"),
         ("cram", ["--rho"], "expected one argument"),
     ],
@@ -254,3 +254,103 @@ def test_cli_rejects_bad_flags_in_one_line(experiment, argv, match, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert match in err and len(err.strip().splitlines()) == 1, err
+
+
+# --------------------------------------------------------------------------------------------
+# Resumable runs and the process launcher
+# --------------------------------------------------------------------------------------------
+
+
+def test_open_run_refuses_another_config_and_restart_starts_over(tmp_path):
+    from experiments.cram.configs import quick
+
+    config = quick.get_config()
+    assert _common.check_resume(config, tmp_path) is False  # nothing there yet
+    run = _common.open_run(config, tmp_path)
+    assert (tmp_path / "run.json").is_file()
+    assert run.stage("sgd_seed0") is None
+    record = run.finish_stage("sgd_seed0", {"history": [{"epoch": 1, "loss": 0.5}], "t": (1, 2)})
+    assert record == {"history": [{"epoch": 1, "loss": 0.5}], "t": [1, 2]}  # the JSON form
+    assert _common.open_run(config, tmp_path).stage("sgd_seed0") == record
+    kwargs = run.fit_kwargs("sgd_seed0")
+    assert kwargs["checkpoint_dir"] == str(tmp_path / "checkpoints" / "sgd_seed0")
+    assert kwargs["config"]["stage"] == "sgd_seed0" and kwargs["config"]["rho"] == 0.1
+    assert "progress" not in kwargs["config"]  # a resume may change it
+    _common.open_run(config.replace(progress=False), tmp_path)
+    # another config: refused naming every differing field, before anything is written
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(ValueError, match=r"epochs: saved 3, now 4; rho: saved 0.1, now 0.2"):
+        _common.open_run(config.replace(epochs=4, rho=0.2), tmp_path)
+    with pytest.raises(ValueError, match=r"--restart"):
+        _common.check_resume(config.replace(epochs=4), tmp_path)
+    assert sorted(os.listdir(tmp_path)) == before
+    # --restart deletes the earlier run's files (and only those)
+    (tmp_path / "notes.txt").write_text("mine")
+    restarted = _common.open_run(config.replace(epochs=4), tmp_path, restart=True)
+    assert restarted.stage("sgd_seed0") is None and (tmp_path / "notes.txt").is_file()
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt", "run.json"]
+    assert _common.open_run(config.replace(epochs=4), None).fit_kwargs("x") == {}
+    assert _common.fit_options("data=4,fsdp=2") == {
+        "mesh": "data=4,fsdp=2",
+        "param_sharding": "fsdp",
+    }
+
+
+def test_a_finished_run_is_read_back_not_rerun(tmp_path, capsys):
+    import json
+
+    from experiments.oneshot import main as oneshot_main
+    from experiments.oneshot.configs import quick
+    from experiments.oneshot.train import run
+
+    config = quick.get_config().replace(dataset="digits", progress=False)
+    _common.open_run(config, tmp_path).write_results({"finished": True})
+    assert run(config, tmp_path) == {"finished": True}  # no data loaded, nothing trained
+    assert json.loads((tmp_path / "results.json").read_text()) == {"finished": True}
+    with pytest.raises(SystemExit) as exc:  # the CLI refuses another config in one line
+        oneshot_main.main(
+            ["--quick", "--dataset", "digits", "--epochs", "9", "--out", str(tmp_path)]
+        )
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "epochs: saved 3, now 9" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_process_that_cannot_reach_its_coordinator_fails_in_one_line(tmp_path):
+    import subprocess
+
+    from _util import ROOT, free_port, subprocess_env
+
+    env = subprocess_env(
+        JAXCOMPRESS_COORDINATOR=f"127.0.0.1:{free_port()}",  # nobody listens there
+        JAXCOMPRESS_NUM_PROCESSES="2",
+        JAXCOMPRESS_PROCESS_ID="1",
+        JAXCOMPRESS_INIT_TIMEOUT="1",
+    )
+    cmd = [sys.executable, "-m", "experiments.oneshot", "--quick", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, timeout=120)
+    assert proc.returncode == 2
+    err = proc.stderr.decode()
+    assert "could not be reached within 1 s" in err and "Traceback" not in err, err
+
+
+def test_the_launcher_reaps_every_process_and_names_the_one_that_failed(tmp_path, capsys):
+    from experiments import _launch
+
+    # a module that fails at once in process 1 and would run for a minute in process 0
+    (tmp_path / "jc_launch_probe.py").write_text(
+        "import os, sys, time\n"
+        "if os.environ['JAXCOMPRESS_PROCESS_ID'] == '1':\n"
+        "    sys.exit('probe: process 1 fails')\n"
+        "time.sleep(60)\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    try:
+        code = _launch.spawn(2, [], module="jc_launch_probe")
+    finally:
+        sys.path.remove(str(tmp_path))
+        os.environ["PYTHONPATH"] = os.environ["PYTHONPATH"].split(os.pathsep, 1)[1]
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "process 1 of 2 failed with exit status 1" in err and "probe: process 1 fails" in err

@@ -13,6 +13,8 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+from _util import ROOT, cli_flags, kill_when, subprocess_env, without_timing  # noqa: E402
+
 from experiments.cram import main as cli  # noqa: E402
 from experiments.cram.configs import default, quick  # noqa: E402
 from experiments.cram.configs.base import Config  # noqa: E402
@@ -148,3 +150,167 @@ def test_cli_flags_override_the_chosen_config():
     assert args.num_seeds == 3 and args.nm_patterns == ((2, 4),) and args.widths == (8, 16)
     assert args.train_subset is None and args.progress is False
     assert not hasattr(cli.build_parser().parse_args([]), "epochs")  # the config decides
+
+
+# --------------------------------------------------------------------------------------------
+# Resume, meshes, processes
+# --------------------------------------------------------------------------------------------
+
+RESUME = {
+    "dataset": "digits",
+    "epochs": 2,
+    "batch_size": 32,
+    "learning_rate": 0.05,
+    "widths": (4, 8),
+    "train_subset": 320,  # 10 steps per epoch
+    "test_subset": 200,
+    "methods": ("sgd", "cram"),
+    "sparsities": (0.5,),
+    "nm_patterns": ((2, 4),),
+    "calib_batches": 2,
+    "calib_batch_size": 32,
+    "progress": False,
+}
+
+
+def _flags(**changes) -> list[str]:
+    """The command line of ``_resume_config(**changes)``."""
+    return ["--quick", *cli_flags({**RESUME, **changes})]
+
+
+def _resume_config(**changes) -> Config:
+    return quick.get_config().replace(**{**RESUME, **changes})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cram_uninterrupted")
+    return run(_resume_config(), out), out
+
+
+@pytest.mark.slow  # two short runs: about 90 s on 2 loaded cores
+def test_an_interrupted_run_resumes_and_a_finished_one_is_not_rerun(
+    uninterrupted, tmp_path, monkeypatch
+):
+    from experiments import _common
+    from experiments.cram import train as cram_train
+
+    reference, _ = uninterrupted
+    finish = _common.Run.finish_stage
+
+    def preempted(self, name, record):
+        if name == "cram_seed0":  # trained and swept, but not marked done
+            raise KeyboardInterrupt
+        return finish(self, name, record)
+
+    monkeypatch.setattr(_common.Run, "finish_stage", preempted)
+    with pytest.raises(KeyboardInterrupt):
+        run(_resume_config(), tmp_path)
+    monkeypatch.setattr(_common.Run, "finish_stage", finish)
+    assert (tmp_path / "stages" / "sgd_seed0.json").is_file()
+    assert not (tmp_path / "results.json").exists()
+
+    histories = []
+    fit_stage = cram_train.fit_stage
+
+    def spy(*args, **kwargs):
+        histories.append(fit_stage(*args, **kwargs))
+        return histories[-1]
+
+    monkeypatch.setattr(cram_train, "fit_stage", spy)
+    resumed = run(_resume_config(), tmp_path)
+    # sgd was read back; cram's training was restored at its last step (nothing retrained)
+    assert [h.resumed_from for h in histories] == [20]
+    assert without_timing(resumed) == without_timing(reference)
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert without_timing(on_disk) == without_timing(json.loads(json.dumps(reference)))
+
+    # A finished run is not rerun: its results come back without any training.
+    monkeypatch.setattr(cram_train, "fit_stage", None)
+    assert run(_resume_config(), tmp_path) == on_disk
+
+    # Another config is refused, naming the fields, before any work; --restart starts over.
+    with pytest.raises(ValueError, match=r"rho: saved 0.1, now 0.2; .*seed: saved 0, now 1"):
+        run(_resume_config(rho=0.2, seed=1), tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*_flags(rho=0.2), "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    monkeypatch.setattr(cram_train, "fit_stage", fit_stage)
+    other = run(_resume_config(methods=("sgd",), epochs=1), tmp_path, restart=True)
+    assert set(other["dense"]) == {"sgd"}
+    saved = json.loads((tmp_path / "run.json").read_text())["config"]
+    assert saved["epochs"] == 1 and saved["methods"] == ["sgd"]
+    assert sorted(os.listdir(tmp_path / "stages")) == ["sgd_seed0.json"]
+
+
+@pytest.mark.slow  # three short runs in fresh processes: about 60 s on 2 loaded cores
+def test_a_killed_run_resumes_to_bit_identical_results(uninterrupted, tmp_path):
+    import signal
+    import subprocess
+
+    reference, _ = uninterrupted
+    cmd = [sys.executable, "-m", "experiments.cram", *_flags(), "--out", str(tmp_path)]
+    # killed in the middle of CrAM's training (its step-10 checkpoint of 20 is committed)
+    step = str(tmp_path / "checkpoints" / "cram_seed0" / "10" / "commit_success.txt")
+    assert kill_when(cmd, step, env=subprocess_env()) == -signal.SIGKILL
+    assert not (tmp_path / "results.json").exists()
+    proc = subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    resumed = json.loads((tmp_path / "results.json").read_text())
+    assert without_timing(resumed) == without_timing(json.loads(json.dumps(reference)))
+    # the rerun of a finished run says so and trains nothing
+    proc = subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, timeout=600)
+    assert proc.returncode == 0 and b"not rerun" in proc.stderr
+
+
+def test_mesh_data_2_trains_sharded(monkeypatch):
+    from jaxcompress import train as jtrain
+
+    seen = []
+    fit = jtrain.fit
+
+    def spy(model, *args, **kwargs):
+        history = fit(model, *args, **kwargs)
+        seen.append((kwargs.get("mesh"), kwargs.get("param_sharding"), _devices(model)))
+        return history
+
+    monkeypatch.setattr(jtrain, "fit", spy)
+    results = run(_resume_config(methods=("sgd",), epochs=1), None, mesh="data=2")
+    assert seen == [("data=2", "replicated", 2)]  # the batch and the state on 2 devices
+    assert results["environment"]["mesh"] == "data=2"
+    assert 0.2 < results["dense"]["sgd"] <= 1.0
+    seen.clear()
+    run(_resume_config(methods=("sgd",), epochs=1), None, mesh="data=2,fsdp=2")
+    assert seen[0][:2] == ("data=2,fsdp=2", "fsdp")
+
+
+@pytest.mark.slow  # two processes of a short run: about 60 s on 2 loaded cores
+def test_two_processes_equal_one_process_on_two_devices(uninterrupted, tmp_path):
+    import subprocess
+
+    reference, _ = uninterrupted
+    config = _resume_config(methods=("sgd",))
+    one = run(config, None, mesh="data=2")  # one process, 2 of its 8 devices
+    # one device each: a data=2 mesh over 2 processes (gloo collectives on 127.0.0.1)
+    env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    cmd = [sys.executable, "-m", "experiments.cram", *_flags(methods=("sgd",))]
+    cmd += ["--num-processes", "2", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    assert proc.stdout.decode().count("wall time") == 1  # process 0 reports, once
+    two = json.loads((tmp_path / "results.json").read_text())
+    assert two["environment"]["mesh"] == "data=2"
+    for ref, tol in ((one, 1e-5), (reference, 1e-4)):  # 2 devices; one device
+        pairs = zip(
+            ref["per_seed"][0]["history"]["sgd"], two["per_seed"][0]["history"]["sgd"], strict=True
+        )
+        for a, b in pairs:
+            assert b["train_loss"] == pytest.approx(a["train_loss"], rel=tol)
+        assert two["dense"]["sgd"] == pytest.approx(ref["dense"]["sgd"], abs=0.011)
+
+
+def _devices(model) -> int:
+    import jax
+    from flax import nnx
+
+    return max(len(a.sharding.device_set) for a in jax.tree.leaves(nnx.state(model)))

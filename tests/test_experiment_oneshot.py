@@ -68,3 +68,20 @@ def test_configs_validate():
 def test_cli_nm_none_skips_nm():
     args = cli.build_parser().parse_args(["--nm", "none", "--sparsities", "0.5"])
     assert args.nm is None and args.sparsities == (0.5,)
+
+
+def test_mesh_trains_sharded(monkeypatch):
+    from jaxcompress import train as jtrain
+
+    seen = []
+    fit = jtrain.fit
+
+    def spy(model, *args, **kwargs):
+        seen.append((kwargs.get("mesh"), kwargs.get("param_sharding")))
+        return fit(model, *args, **kwargs)
+
+    monkeypatch.setattr(jtrain, "fit", spy)
+    results = run(_tiny().replace(epochs=1, train_subset=320, nm=None), None, mesh="data=4")
+    assert seen == [("data=4", "replicated")]
+    assert 0.2 < results["dense_accuracy"] <= 1.0
+    assert results["environment"]["mesh"] == "data=4"

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
+from _util import digits, free_port, subprocess_env
 
 from jaxcompress import data, sharding
 
@@ -56,12 +56,7 @@ if pid == 0:
 
 
 def _digits():
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = (d.images / 16.0).astype(np.float32).reshape(-1, 64)
-    y = d.target.astype(np.int32)
-    return (x[:N], y[:N]), (x[N : N + 100], y[N : N + 100])
+    return digits(N, 100)
 
 
 def run(checkpoint_dir=None, **kw):
@@ -94,24 +89,13 @@ def run(checkpoint_dir=None, **kw):
     return model, hist
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path):
     import jax
     from flax import nnx
 
-    port = _free_port()
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
-    }
+    port = free_port()
+    env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     script = _WORKER % {"root": ROOT}
     procs = [
         subprocess.Popen(
@@ -185,7 +169,7 @@ def test_process_rows_and_batches_rows_give_the_global_batch():
 
 
 def test_unreachable_coordinator_fails_within_the_timeout():
-    port = _free_port()  # nobody listens there
+    port = free_port()  # nobody listens there
     start = time.monotonic()
     with pytest.raises(TimeoutError, match=rf"127.0.0.1:{port} could not be reached within 1"):
         sharding.initialize(f"127.0.0.1:{port}", 2, 1, timeout_s=1.0)

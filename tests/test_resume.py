@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from _util import bits, digits, records, subprocess_env
 from flax import nnx
 
 from jaxcompress import optim, train
@@ -38,12 +39,7 @@ T.run(sys.argv[1], callback=callback)
 
 
 def _data():
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = (d.images / 16.0).astype(np.float32)[..., None]
-    y = d.target.astype(np.int32)
-    return (x[:N], y[:N]), (x[N : N + 64], y[N : N + 64])
+    return digits(N, 64, image=True)
 
 
 def run(checkpoint_dir=None, *, callback=None, config=CONFIG, batch_size=BATCH, width=8, **kw):
@@ -70,17 +66,7 @@ def run(checkpoint_dir=None, *, callback=None, config=CONFIG, batch_size=BATCH, 
     return model, hist
 
 
-def _bits(tree):
-    def raw(a):
-        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
-            a = jax.random.key_data(a)
-        return np.asarray(a).tobytes()
-
-    return [raw(a) for a in jax.tree.leaves(tree)]
-
-
-def _records(hist):
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in hist.epochs]
+_bits, _records = bits, records
 
 
 @pytest.fixture(scope="module")
@@ -92,16 +78,21 @@ class _Preempted(Exception):
     pass
 
 
-def test_stopped_and_resumed_run_equals_an_uninterrupted_one_bit_for_bit(uninterrupted, tmp_path):
-    model_a, hist_a = uninterrupted
+def _stop_after(epoch):
+    """A callback that preempts the run at the end of ``epoch`` (before it is checkpointed)."""
 
-    def stop(epoch, record, model):
-        if epoch == 1:
+    def stop(e, record, model):
+        if e == epoch:
             raise _Preempted
 
+    return stop
+
+
+def test_stopped_and_resumed_run_equals_an_uninterrupted_one_bit_for_bit(uninterrupted, tmp_path):
+    model_a, hist_a = uninterrupted
     with pytest.raises(_Preempted):
         # checkpoint at step 3; the callback runs before epoch 1's end (step 6) is saved
-        run(tmp_path, checkpoint_every=3, callback=stop)
+        run(tmp_path, checkpoint_every=3, callback=_stop_after(1))
     model_b, hist_b = run(tmp_path, checkpoint_every=3)
     assert hist_b.resumed_from == 3
     assert _records(hist_b) == _records(hist_a)
@@ -113,7 +104,7 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one_bit_for_bit(uninter
 def test_killed_and_resumed_run_equals_an_uninterrupted_one_bit_for_bit(uninterrupted, tmp_path):
     model_a, hist_a = uninterrupted
     directory = tmp_path / "ckpt"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    env = subprocess_env()
     script = _RUN.format(tests=os.path.join(ROOT, "tests"))
     proc = subprocess.run([sys.executable, "-c", script, str(directory), "2"], env=env, timeout=600)
     assert proc.returncode == -signal.SIGKILL
@@ -177,13 +168,8 @@ def test_a_different_run_is_refused_before_training(tmp_path):
 @pytest.mark.slow
 def test_a_run_saved_on_8_devices_resumes_on_one(uninterrupted, tmp_path):
     model_a, hist_a = uninterrupted
-
-    def stop(epoch, record, model):
-        if epoch == 1:
-            raise _Preempted
-
     with pytest.raises(_Preempted):
-        run(tmp_path, checkpoint_every=4, callback=stop, mesh="data=8")  # saved at step 4
+        run(tmp_path, checkpoint_every=4, callback=_stop_after(1), mesh="data=8")  # at step 4
     model_b, hist_b = run(tmp_path, checkpoint_every=4)  # one device
     assert hist_b.resumed_from == 4
     for leaf in jax.tree.leaves(nnx.state(model_b)):
@@ -197,3 +183,15 @@ def test_a_run_saved_on_8_devices_resumes_on_one(uninterrupted, tmp_path):
         strict=True,
     ):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-3)
+
+
+def test_entries_a_callback_adds_to_a_record_are_checkpointed(tmp_path):
+    def tag_then_stop(epoch, record, model):
+        record["tag"] = 10 * epoch  # e.g. a caller's per-epoch curve
+        _stop_after(2)(epoch, record, model)
+
+    with pytest.raises(_Preempted):
+        run(tmp_path, callback=tag_then_stop)  # checkpoints at steps 5 and 10 (mid-epoch 2)
+    _, hist = run(tmp_path)  # resumed at step 10 with no callback
+    assert hist.resumed_from == 10
+    assert [r.get("tag") for r in hist.epochs] == [10, None, None]

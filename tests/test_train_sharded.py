@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import _util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +14,6 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
-from sklearn.datasets import load_digits
 
 from jaxcompress import _sharding, optim, sharding, train
 from jaxcompress.checkpoint import Checkpointer
@@ -25,9 +25,7 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def digits():
-    d = load_digits()
-    x = (d.images / 16.0).astype(np.float32).reshape(-1, 64)
-    return x[: BATCH * STEPS], d.target.astype(np.int32)[: BATCH * STEPS]
+    return _util.digits(BATCH * STEPS)[0]
 
 
 def _mlp(seed=0):
@@ -325,28 +323,6 @@ def test_bad_meshes_and_shardings_fail_before_any_work(digits):
         fit(mesh="data=8", param_sharding="zero3")
 
 
-def test_explicit_partition_spec_tree(digits):
-    x, y = digits
-    mesh = sharding.make_mesh("data=2,fsdp=4")
-    model = _mlp()
-    params = nnx.state(model, nnx.Param)
-    specs = jax.tree.map(
-        lambda a: P(None, "fsdp") if a.ndim == 2 and a.shape[1] == 64 else None, params
-    )
-    train.fit(
-        model,
-        optax.adam(1e-3),
-        (x, y),
-        epochs=1,
-        batch_size=BATCH,
-        progress=False,
-        mesh=mesh,
-        param_sharding=specs,
-    )
-    assert model.layers[0].kernel[...].sharding.spec == P(None, "fsdp")
-    assert model.layers[1].kernel[...].sharding.is_fully_replicated
-
-
 class _Annotated(nnx.Module):
     def __init__(self, rngs):
         init = nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, "fsdp"))
@@ -357,21 +333,39 @@ class _Annotated(nnx.Module):
         return self.b(jax.nn.relu(self.a(x)))
 
 
-def test_flax_sharding_metadata_as_the_rule(digits):
-    x, y = digits
-    mesh = sharding.make_mesh("data=2,fsdp=4")
+def _explicit_specs(mesh):
+    model = _mlp()
+    params = nnx.state(model, nnx.Param)
+    specs = jax.tree.map(
+        lambda a: P(None, "fsdp") if a.ndim == 2 and a.shape[1] == 64 else None, params
+    )
+    return model, specs, (model.layers[0].kernel, model.layers[1].kernel)
+
+
+def _flax_metadata(mesh):
     with jax.set_mesh(mesh):  # Flax creates annotated variables on the mesh
         model = _Annotated(nnx.Rngs(0))
-    specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
+    return (
+        model,
+        nnx.get_partition_spec(nnx.state(model, nnx.Param)),
+        (model.a.kernel, model.b.kernel),
+    )
+
+
+@pytest.mark.parametrize("make", [_explicit_specs, _flax_metadata], ids=["specs", "flax"])
+def test_partition_spec_trees_as_the_rule(digits, make):
+    """An explicit ``PartitionSpec`` tree, or Flax NNX sharding metadata turned into one."""
+    mesh = sharding.make_mesh("data=2,fsdp=4")
+    model, specs, (sharded, replicated) = make(mesh)
     train.fit(
         model,
         optax.adam(1e-3),
-        (x, y),
+        digits,
         epochs=1,
         batch_size=BATCH,
         progress=False,
         mesh=mesh,
         param_sharding=specs,
     )
-    assert model.a.kernel[...].sharding.spec == P(None, "fsdp")
-    assert model.b.kernel[...].sharding.is_fully_replicated
+    assert sharded[...].sharding.spec == P(None, "fsdp")
+    assert replicated[...].sharding.is_fully_replicated

@@ -66,20 +66,24 @@ import optax
 from flax import nnx
 
 from experiments._common import (
+    Run,
     aggregate,
     build_model,
     environment,
     fit_stage,
+    is_primary,
+    local_model,
+    open_run,
     prepare_run,
     run_header,
     seed_list,
-    write_json_atomic,
 )
 from experiments.acdc.configs.base import Config
 from jaxcompress import data as jdata
 from jaxcompress import masks as jmasks
 from jaxcompress import optim, prune
 from jaxcompress import train as jtrain
+from jaxcompress.checkpoint import Checkpointer
 
 __all__ = [
     "Timeline",
@@ -208,21 +212,43 @@ def make_timeline(config: Config, steps_per_epoch: int) -> Timeline:
 class _Run:
     """What :func:`_train` returns: per-epoch curves (index = epochs completed, 0 = init)."""
 
-    model: nnx.Module
-    history: jtrain.History
     test_accuracy: list[float]
     sparsity: list[float]
     probe_accuracy: list[float]
     snapshot: Any
     seconds: float
-
-
-def _copy_state(model: nnx.Module) -> Any:
-    return jax.tree.map(lambda a: jnp.array(a, copy=True), nnx.state(model))
+    history: list[dict[str, Any]]
+    mask_change: float | None
 
 
 def _sparsity(model: nnx.Module) -> float:
     return float(jmasks.summary(nnx.state(model, nnx.Param)).sparsity)
+
+
+def _pure_state(model: nnx.Module) -> Any:
+    return jax.tree.map(lambda a: jnp.array(a, copy=True), nnx.to_pure_dict(nnx.state(model)))
+
+
+class _Snapshot:
+    """The model state at one epoch of a run: in memory, or saved next to the run's checkpoints
+    (``<stage>-snapshot``) so that a resumed run past that epoch still has it."""
+
+    def __init__(self, directory: str | None):
+        self._directory, self.state = directory, None
+
+    def save(self, epoch: int, model: nnx.Module) -> None:
+        self.state = _pure_state(model)
+        if self._directory is not None:
+            with Checkpointer(self._directory, max_to_keep=None) as ckpt:
+                if epoch not in ckpt.all_steps():  # a rerun of that epoch saves the same state
+                    ckpt.save(epoch, model_state=self.state)
+
+    def load(self, epoch: int, model: nnx.Module) -> Any:
+        if self.state is None and self._directory is not None:
+            target = {"model_state": jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(model)))}
+            with Checkpointer(self._directory, max_to_keep=None) as ckpt:
+                self.state = ckpt.restore(epoch, target=target)["model_state"]
+        return self.state
 
 
 def _train(
@@ -234,29 +260,36 @@ def _train(
     *,
     seed: int,
     epochs: int,
-    metrics_path: str | None,
+    run: Run,
+    stage: str,
     probe_ds: Any = None,
     snapshot_epoch: int | None = None,
     desc: str = "train",
 ) -> _Run:
-    """``fit`` with a callback that logs sparsity (and ``probe_ds`` accuracy) every epoch, and
-    one progress bar (``desc``) over the epochs."""
+    """``fit`` with a callback that logs sparsity (and ``probe_ds`` accuracy) every epoch into
+    the checkpointed record, and one progress bar (``desc``) over the epochs. The stage
+    ``stage`` resumes from its checkpoint; a finished one is read back from its marker."""
 
     def accuracy(m: nnx.Module, ds: Any) -> float:
         return jtrain.evaluate(m, ds, batch_size=config.eval_batch_size)["accuracy"]
 
-    test_acc = [accuracy(model, test_ds)]
-    sparsity = [_sparsity(model)]
-    probe = [] if probe_ds is None else [accuracy(model, probe_ds)]
-    snapshot: dict[str, Any] = {}
+    snapshot = _Snapshot(None if run.out is None else f"{run.checkpoint_dir(stage)}-snapshot")
+    done = run.stage(stage)
+    if done is not None:
+        state = None if snapshot_epoch is None else snapshot.load(snapshot_epoch, model)
+        return _Run(**done, snapshot=state)
+
+    initial = {"sparsity": _sparsity(model), "eval_accuracy": accuracy(model, test_ds)}
+    if probe_ds is not None:
+        initial["probe_accuracy"] = accuracy(model, probe_ds)
 
     def callback(epoch: int, record: dict[str, float], trained: nnx.Module) -> None:
-        test_acc.append(record["eval_accuracy"])
-        sparsity.append(_sparsity(trained))
+        local_model(trained)  # evaluated the same way on every process
+        record["sparsity"] = _sparsity(trained)
         if probe_ds is not None:
-            probe.append(accuracy(trained, probe_ds))
+            record["probe_accuracy"] = accuracy(trained, probe_ds)
         if epoch == snapshot_epoch:
-            snapshot["state"] = _copy_state(trained)
+            snapshot.save(epoch, trained)
 
     start = time.perf_counter()
     history = fit_stage(
@@ -268,30 +301,38 @@ def _train(
         epochs=epochs,
         eval_ds=test_ds,
         seed=seed,
-        metrics_path=metrics_path,
+        metrics_path=None if run.out is None else os.path.join(run.out, f"metrics_{stage}.jsonl"),
         callback=callback,
+        **run.fit_kwargs(stage),
     )
-    return _Run(
-        model=model,
-        history=history,
-        test_accuracy=test_acc,
-        sparsity=sparsity,
-        probe_accuracy=probe,
-        snapshot=snapshot.get("state"),
-        seconds=time.perf_counter() - start,
+    records = [initial, *history.epochs]
+    state = history.opt_state
+    mask_change = None
+    if hasattr(state, "mask_hamming"):
+        mask_change = int(state.mask_hamming) / jmasks.summary(state.masks).total_count
+    done = run.finish_stage(
+        stage,
+        {
+            "test_accuracy": [r["eval_accuracy"] for r in records],
+            "sparsity": [r["sparsity"] for r in records],
+            "probe_accuracy": [r["probe_accuracy"] for r in records if "probe_accuracy" in r],
+            "seconds": time.perf_counter() - start,
+            "history": history.epochs,
+            "mask_change": mask_change,
+        },
     )
+    state = None if snapshot_epoch is None else snapshot.load(snapshot_epoch, model)
+    return _Run(**done, snapshot=state)
 
 
 def _acdc_entry(run_: _Run, timeline: Timeline) -> dict[str, Any]:
-    state = run_.history.opt_state
-    total = jmasks.summary(state.masks).total_count
     f = timeline.final_start
     return {
         "sparse": run_.test_accuracy[-1],
         "dense_half": run_.test_accuracy[f],
         "final_sparsity": run_.sparsity[-1],
         "dense_half_sparsity": run_.sparsity[f],
-        "final_mask_change": int(state.mask_hamming) / total,
+        "final_mask_change": run_.mask_change,
     }
 
 
@@ -321,16 +362,11 @@ def _phase_extremes(curve: list[float], phases: tuple[tuple[int, int, str], ...]
     return out
 
 
-def _run_seed(
-    config: Config, seed: int, train_ds: Any, test_ds: Any, out: str | None
-) -> dict[str, Any]:
+def _run_seed(config: Config, seed: int, train_ds: Any, test_ds: Any, run: Run) -> dict[str, Any]:
     channels, classes = train_ds.x.shape[-1], train_ds.num_classes
     spe = jdata.num_batches(train_ds, config.batch_size)
     timeline = make_timeline(config, spe)
     sgd = make_sgd(config, spe)
-
-    def metrics(name: str) -> str | None:
-        return None if out is None else os.path.join(out, f"metrics_{name}_seed{seed}.jsonl")
 
     seconds: dict[str, float] = {}
     seconds_per_epoch: dict[str, float] = {}
@@ -345,7 +381,8 @@ def _run_seed(
             test_ds,
             seed=seed,
             epochs=epochs,
-            metrics_path=metrics(name),
+            run=run,
+            stage=f"{name}_seed{seed}",
             desc=f"seed {seed}: {name}",
             **kwargs,
         )
@@ -482,10 +519,21 @@ def _memorisation(
 _NOT_AVERAGED = ("seed", "phases", "steps_per_epoch", "num_relabelled", "train_size")
 
 
-def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
+def run(
+    config: Config,
+    out: str | os.PathLike | None = None,
+    *,
+    mesh: str | None = None,
+    restart: bool = False,
+) -> dict[str, Any]:
     """Run ``config`` (validated first); write ``results.json``,
-    training logs and the plots to ``out`` (checked first by
-    :func:`experiments._common.prepare_run`; ``None`` writes nothing).
+    training logs and the plots to ``out`` (checked first; ``None`` writes nothing).
+
+    An ``out`` holding an earlier run of ``config`` resumes it
+    (:func:`experiments._common.open_run`): every training run is a stage that resumes from
+    its latest checkpoint (its per-epoch curves are checkpointed with it) or, when finished, is
+    read back; a finished run returns its ``results.json`` unless ``restart``; an ``out`` holding
+    another config is refused. ``mesh`` (``"data=8"``, ``"data=4,fsdp=2"``) shards the training.
 
     Returns:
       The results dict (also ``results.json``). Accuracies are test accuracies at the final
@@ -518,8 +566,13 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
     """
     if not isinstance(config, Config):
         raise TypeError(f"config must be an experiments.acdc Config, got {type(config).__name__}")
+    config.validate()
+    resumed = open_run(config, out, restart=restart, mesh=mesh)
+    finished = resumed.results()
+    if finished is not None:
+        return finished
     t0 = time.perf_counter()
-    out, train_ds, test_ds, sizes = prepare_run(config, out)
+    out, train_ds, test_ds, sizes = prepare_run(config, resumed.out)
     spe = jdata.num_batches(train_ds, config.batch_size)
     timeline = make_timeline(config, spe)  # validates steps_per_epoch before any training
     if config.memorisation != "no":
@@ -530,7 +583,7 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
     t_data = time.perf_counter()
 
     seeds = seed_list(config)
-    records = [_run_seed(config, seed, train_ds, test_ds, out) for seed in seeds]
+    records = [_run_seed(config, seed, train_ds, test_ds, resumed) for seed in seeds]
     t_train = time.perf_counter()
 
     only = config.memorisation == "only"
@@ -580,14 +633,14 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
         "seconds_per_epoch": averaged["seconds_per_epoch"],
         "total_seconds": t_train - t0,
     }
-    results["environment"] = environment()
-    if out is not None:
+    results["environment"] = environment(mesh=resumed.mesh)
+    if out is not None and is_primary():
         if not only:
             write_accuracy_plot(results, os.path.join(out, "accuracy_curves.png"))
         if config.memorisation != "no":
             write_memorisation_plot(results, os.path.join(out, "memorisation.png"))
-        results["timing"]["total_seconds"] = time.perf_counter() - t0
-        write_json_atomic(os.path.join(out, "results.json"), results)
+    results["timing"]["total_seconds"] = time.perf_counter() - t0
+    resumed.write_results(results)  # last: the run is finished
     return results
 
 
@@ -647,24 +700,16 @@ def format_table(results: dict[str, Any]) -> str:
             f"memorisation ({mem['num_relabelled']} random labels, AC/DC {mem['sparsity']:g}): "
             f"final dense {mem['dense'][-1]:.4f}, AC/DC {mem['acdc'][-1]:.4f}"
         )
-        lines.append(
-            "  AC/DC change over compressed phases: "
-            + fmt(f"{c:+.4f}" for c in changes["compressed"])
-        )
-        lines.append(
-            "  AC/DC change over decompressed phases: "
-            + fmt(f"{c:+.4f}" for c in changes["decompressed"])
-        )
-        extremes = mem.get("acdc_phase_extremes")
-        if extremes:
-            lines.append(
-                "  AC/DC deepest drop inside compressed phases: "
-                + fmt(f"{c:+.4f}" for c in extremes["compressed"])
-            )
-            lines.append(
-                "  AC/DC highest rise inside decompressed phases: "
-                + fmt(f"{c:+.4f}" for c in extremes["decompressed"])
-            )
+        extremes = mem.get("acdc_phase_extremes") or {}
+        rows = [
+            ("change over compressed phases", changes["compressed"]),
+            ("change over decompressed phases", changes["decompressed"]),
+            ("deepest drop inside compressed phases", extremes.get("compressed")),
+            ("highest rise inside decompressed phases", extremes.get("decompressed")),
+        ]
+        for label, values in rows:
+            if values is not None:
+                lines.append(f"  AC/DC {label}: " + fmt(f"{c:+.4f}" for c in values))
     return "\n".join(lines)
 
 

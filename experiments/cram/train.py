@@ -50,17 +50,20 @@ import optax
 from flax import nnx
 
 from experiments._common import (
+    Run,
     aggregate,
     build_model,
     environment,
     fit_stage,
+    is_primary,
+    local_model,
     make_sgd,
+    open_run,
     prepare_run,
     prune_and_measure,
     run_header,
     seed_list,
     stage_bar,
-    write_json_atomic,
 )
 from experiments._common import nm_selector as nm_selector_for_group
 from experiments.cram.configs.base import METHODS, Config
@@ -164,7 +167,7 @@ def oneshot_sweep(
 
 
 def _train(
-    config: Config, method: str, seed: int, train_ds: Any, out: str | None
+    config: Config, method: str, seed: int, train_ds: Any, run: Run, stage: str
 ) -> tuple[nnx.Module, jtrain.History]:
     model = build_model(config, train_ds.x.shape[-1], train_ds.num_classes, seed)
     total_steps = config.epochs * (len(train_ds) // config.batch_size)
@@ -176,14 +179,36 @@ def _train(
         desc=f"train {METHOD_LABELS[method]} (seed {seed})",
         seed=seed,
         metrics_path=None
-        if out is None
-        else os.path.join(out, f"metrics_{method}_seed{seed}.jsonl"),
+        if run.out is None
+        else os.path.join(run.out, f"metrics_{method}_seed{seed}.jsonl"),
         pass_grad_fn=method != "sgd",
+        **run.fit_kwargs(stage),
     )
-    return model, history
+    return local_model(model), history
 
 
-def _run_seed(config: Config, seed: int, train_ds, test_ds, out: str | None) -> dict[str, Any]:
+def _method_stage(config: Config, method: str, seed: int, train_ds, test_ds, calib, run: Run):
+    """Train ``method`` (resuming its checkpoint) and sweep its one-shot prunings: the stage
+    ``<method>_seed<k>``, whose record a rerun reads back instead of redoing it."""
+    stage = f"{method}_seed{seed}"
+    done = run.stage(stage)
+    if done is not None:
+        return done
+    t0 = time.perf_counter()
+    model, history = _train(config, method, seed, train_ds, run, stage)
+    t1 = time.perf_counter()
+    desc = f"prune {METHOD_LABELS[method]} (seed {seed})"
+    sweep = oneshot_sweep(model, config, calib, test_ds, desc)
+    record = {
+        "train_seconds": t1 - t0,
+        "prune_seconds": time.perf_counter() - t1,
+        "history": history.epochs,
+        "sweep": sweep,
+    }
+    return run.finish_stage(stage, record)
+
+
+def _run_seed(config: Config, seed: int, train_ds, test_ds, run: Run) -> dict[str, Any]:
     calib = prune.calibration_batches(
         train_ds,
         num_batches=config.calib_batches,
@@ -203,14 +228,11 @@ def _run_seed(config: Config, seed: int, train_ds, test_ds, out: str | None) -> 
         "prune_seconds": {},
     }
     for method in config.methods:
-        t0 = time.perf_counter()
-        model, history = _train(config, method, seed, train_ds, out)
-        t1 = time.perf_counter()
-        desc = f"prune {METHOD_LABELS[method]} (seed {seed})"
-        sweep = oneshot_sweep(model, config, calib, test_ds, desc)
-        record["prune_seconds"][method] = time.perf_counter() - t1
-        record["train_seconds"][method] = t1 - t0
-        record["history"][method] = history.epochs
+        stage = _method_stage(config, method, seed, train_ds, test_ds, calib, run)
+        sweep = stage["sweep"]
+        record["prune_seconds"][method] = stage["prune_seconds"]
+        record["train_seconds"][method] = stage["train_seconds"]
+        record["history"][method] = stage["history"]
         record["dense"][method] = sweep["dense"]
         record["dense_loss"][method] = sweep["dense_loss"]
         for kind in ("oneshot", "nm"):
@@ -223,10 +245,21 @@ def _run_seed(config: Config, seed: int, train_ds, test_ds, out: str | None) -> 
     return record
 
 
-def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
+def run(
+    config: Config,
+    out: str | os.PathLike | None = None,
+    *,
+    mesh: str | None = None,
+    restart: bool = False,
+) -> dict[str, Any]:
     """Run ``config`` (validated first); write ``results.json``,
-    training curves and the plot to ``out`` (checked first by
-    :func:`experiments._common.prepare_run`; ``None`` writes nothing).
+    training curves and the plot to ``out`` (checked first; ``None`` writes nothing).
+
+    An ``out`` holding an earlier run of ``config`` resumes it (:func:`experiments._common.
+    open_run`): each method's training resumes from its latest checkpoint, a method already
+    trained and swept is read back, and a finished run returns its ``results.json`` unless
+    ``restart``; an ``out`` holding another config is refused. ``mesh`` (``"data=8"``,
+    ``"data=4,fsdp=2"``) shards the training.
 
     Returns:
       The results dict (also ``results.json``). Accuracies are BN-recalibrated test accuracies,
@@ -243,12 +276,17 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
     """
     if not isinstance(config, Config):
         raise TypeError(f"config must be an experiments.cram Config, got {type(config).__name__}")
+    config.validate()
+    resumed = open_run(config, out, restart=restart, mesh=mesh)
+    finished = resumed.results()
+    if finished is not None:
+        return finished
     t0 = time.perf_counter()
-    out, train_ds, test_ds, sizes = prepare_run(config, out)
+    out, train_ds, test_ds, sizes = prepare_run(config, resumed.out)
     t_data = time.perf_counter()
 
     seeds = seed_list(config)
-    per_seed = [_run_seed(config, seed, train_ds, test_ds, out) for seed in seeds]
+    per_seed = [_run_seed(config, seed, train_ds, test_ds, resumed) for seed in seeds]
     t_end = time.perf_counter()
 
     accuracy_keys = ("dense", "oneshot", "nm", "raw")
@@ -275,10 +313,10 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
         },
         "total_seconds": t_end - t0,
     }
-    results["environment"] = environment()
-    if out is not None:
-        write_json_atomic(os.path.join(out, "results.json"), results)
+    results["environment"] = environment(mesh=resumed.mesh)
+    if out is not None and is_primary():
         write_plot(results, os.path.join(out, "accuracy_vs_sparsity.png"))
+    resumed.write_results(results)  # last: the run is finished
     return results
 
 

@@ -40,7 +40,9 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -52,7 +54,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from experiments._common import check_out, environment, stage_bar, write_json_atomic
+from experiments._common import check_out, environment, parse_mesh, stage_bar, write_json_atomic
 from experiments.lm.configs.base import Config
 from jaxcompress import data as jdata
 from jaxcompress import masks as jmasks
@@ -507,13 +509,23 @@ def _targets(models: dict[str, Any], spdy_results: dict[str, Any] | None) -> dic
 # --------------------------------------------------------------------------------------------
 
 
-def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
+def run(
+    config: Config,
+    out: str | os.PathLike | None = None,
+    *,
+    mesh: str | None = None,
+    restart: bool = False,
+) -> dict[str, Any]:
     """Run the experiment; write ``results.json`` and ``loss_increase.png`` to ``out``.
 
     Args:
       config: a :class:`Config` (validated first).
       out: output directory (created and checked for writing before any data is loaded);
         ``None`` writes nothing and keeps no checkpoints.
+      mesh: only ``None`` or a one-device mesh (``"data=1"``): the LM trains with its own loop
+        on one device.
+      restart: delete the checkpoints and cached stages of earlier runs in ``out`` first
+        (without it a rerun resumes them; they are keyed by the settings they depend on).
 
     Returns:
       The results dict (also ``results.json``): ``models[trainer]`` with ``val_loss``,
@@ -530,7 +542,15 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
     for pruner in config.pruners:
         if pruner != "magnitude":
             _pruner(pruner)
+    if mesh is not None and math.prod(parse_mesh(mesh, num_devices=math.inf).values()) > 1:
+        raise ValueError(
+            f"mesh={mesh!r}: experiments.lm trains with its own loop on one device; leave "
+            "--mesh out or use data=1"
+        )
     out = None if out is None else check_out(out)
+    if out is not None and restart:
+        for name in ("checkpoints", "stages"):
+            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
     t0 = time.perf_counter()
     train = jdata.tinyshakespeare("train", data_dir=config.data_dir)
     val = jdata.tinyshakespeare("val", data_dir=config.data_dir)

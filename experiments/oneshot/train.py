@@ -28,16 +28,19 @@ import jax
 from flax import nnx
 
 from experiments._common import (
+    Run,
     environment,
+    is_primary,
     load_datasets,
+    local_model,
     make_sgd,
     nm_selector,
+    open_run,
     prepare_run,
     prune_and_measure,
     run_header,
     stage_bar,
     train_sgd,
-    write_json_atomic,
 )
 from experiments.oneshot.configs.base import Config
 from jaxcompress import prune
@@ -51,10 +54,21 @@ __all__ = ["format_table", "load_datasets", "make_optimizer", "run", "write_plot
 make_optimizer = make_sgd
 
 
-def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
+def run(
+    config: Config,
+    out: str | os.PathLike | None = None,
+    *,
+    mesh: str | None = None,
+    restart: bool = False,
+) -> dict[str, Any]:
     """Run ``config`` (validated first); write ``results.json``,
-    ``metrics.jsonl`` and the plot to ``out`` (checked first by
-    :func:`experiments._common.prepare_run`; ``None`` writes nothing).
+    ``metrics.jsonl`` and the plot to ``out`` (checked first; ``None`` writes nothing).
+
+    An ``out`` holding an earlier run of ``config`` resumes it
+    (:func:`experiments._common.open_run`): the training resumes from its latest checkpoint, a
+    finished training and sweep are read back, a finished run returns its ``results.json``
+    unless ``restart``; an ``out`` holding another config is refused. ``mesh`` (``"data=8"``,
+    ``"data=4,fsdp=2"``) shards the training.
 
     Returns:
       The results dict (also ``results.json``, written atomically): ``dense_accuracy``,
@@ -66,17 +80,51 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
         raise TypeError(
             f"config must be an experiments.oneshot Config, got {type(config).__name__}"
         )
+    config.validate()
+    resumed = open_run(config, out, restart=restart, mesh=mesh)
+    finished = resumed.results()
+    if finished is not None:
+        return finished
     t0 = time.perf_counter()
-    out, train_ds, test_ds, sizes = prepare_run(config, out)
+    out, train_ds, test_ds, sizes = prepare_run(config, resumed.out)
     t_data = time.perf_counter()
+    stage = resumed.stage("train_and_prune") or resumed.finish_stage(
+        "train_and_prune", _train_and_prune(config, train_ds, test_ds, out, resumed)
+    )
+    measured = stage["measured"]
+    results: dict[str, Any] = {
+        "dense_accuracy": stage["dense"]["accuracy"],
+        "dense_loss": stage["dense"]["loss"],
+        "oneshot": {k: v for k, v in measured.items() if not k.startswith("nm_")},
+        **{k: v for k, v in measured.items() if k.startswith("nm_")},
+        "history": stage["history"],
+        "config": dataclasses.asdict(config),
+        "header": run_header(config, sizes, [config.seed]),
+        "dataset_sizes": sizes,
+        "timing": {
+            "data_seconds": t_data - t0,
+            "train_seconds": stage["train_seconds"],
+            "prune_and_recalibrate_seconds": stage["prune_seconds"],
+            "total_seconds": time.perf_counter() - t0,
+        },
+        "environment": environment(mesh=resumed.mesh),
+    }
+    if out is not None and is_primary():
+        write_plot(results, os.path.join(out, "accuracy_vs_sparsity.png"))
+    resumed.write_results(results)  # last: the run is finished
+    return results
 
+
+def _train_and_prune(config: Config, train_ds, test_ds, out, run: Run) -> dict[str, Any]:
+    """Train (resuming the stage's checkpoint), evaluate dense, prune and recalibrate at every
+    criterion; the stage record."""
+    t0 = time.perf_counter()
     channels = train_ds.x.shape[-1]
     model = SmallCNN(channels, train_ds.num_classes, config.widths, rngs=nnx.Rngs(config.seed))
-    history = train_sgd(model, train_ds, config, out)
-    model.eval()
+    history = train_sgd(model, train_ds, config, out, run=run, stage="train_and_prune")
+    local_model(model).eval()
     dense = jtrain.evaluate(model, test_ds, batch_size=config.eval_batch_size)
     t_train = time.perf_counter()
-
     dense_state = jax.tree.map(lambda a: a.copy(), nnx.state(model))
     calib = prune.calibration_batches(
         train_ds,
@@ -96,29 +144,13 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
             )
             bar.update(1)
     nnx.update(model, dense_state)
-    t_prune = time.perf_counter()
-
-    results: dict[str, Any] = {
-        "dense_accuracy": dense["accuracy"],
-        "dense_loss": dense["loss"],
-        "oneshot": {k: v for k, v in measured.items() if not k.startswith("nm_")},
-        **{k: v for k, v in measured.items() if k.startswith("nm_")},
+    return {
         "history": history.epochs,
-        "config": dataclasses.asdict(config),
-        "header": run_header(config, sizes, [config.seed]),
-        "dataset_sizes": sizes,
-        "timing": {
-            "data_seconds": t_data - t0,
-            "train_seconds": t_train - t_data,
-            "prune_and_recalibrate_seconds": t_prune - t_train,
-            "total_seconds": t_prune - t0,
-        },
-        "environment": environment(),
+        "dense": dense,
+        "measured": measured,
+        "train_seconds": t_train - t0,
+        "prune_seconds": time.perf_counter() - t_train,
     }
-    if out is not None:
-        write_json_atomic(os.path.join(out, "results.json"), results)
-        write_plot(results, os.path.join(out, "accuracy_vs_sparsity.png"))
-    return results
 
 
 def format_table(results: dict[str, Any]) -> str:

@@ -71,11 +71,14 @@ import numpy as np
 from flax import nnx
 
 from experiments._common import (
+    Run,
     environment,
+    is_primary,
+    local_model,
+    open_run,
     prepare_run,
     run_header,
     train_sgd,
-    write_json_atomic,
 )
 from experiments.spdy import model as fmodel
 from experiments.spdy.configs.base import FAMILIES, Config
@@ -134,7 +137,7 @@ def _build_model(config: Config, channels: int, num_classes: int) -> SmallCNN:
     )
 
 
-def _train_or_restore(config: Config, train_ds, out) -> tuple[SmallCNN, list]:
+def _train_or_restore(config: Config, train_ds, out, run: Run) -> tuple[SmallCNN, list]:
     model = _build_model(config, train_ds.x.shape[-1], train_ds.num_classes)
     if config.checkpoint is not None:
         with Checkpointer(os.path.abspath(config.checkpoint)) as ckpt:
@@ -143,13 +146,14 @@ def _train_or_restore(config: Config, train_ds, out) -> tuple[SmallCNN, list]:
         nnx.update(model, state)
         model.eval()
         return model, []
-    history = train_sgd(model, train_ds, config, out, "train dense (SGD)")
-    model.eval()
+    # resumes from <out>/checkpoints/train; a finished training is restored, not rerun
+    history = train_sgd(model, train_ds, config, out, "train dense (SGD)", run=run)
+    local_model(model).eval()
     if out is not None:
+        # the dense model for config.checkpoint of later runs (the same state on a rerun)
         with Checkpointer(os.path.join(os.path.abspath(out), "checkpoint")) as ckpt:
-            if 0 in ckpt.all_steps():  # a run into the same --out starts over (no resume yet)
-                ckpt.delete(0)
-            ckpt.save(0, model_state=nnx.to_pure_dict(nnx.state(model)))
+            if 0 not in ckpt.all_steps():
+                ckpt.save(0, model_state=nnx.to_pure_dict(nnx.state(model)))
     return model, history.epochs
 
 
@@ -667,9 +671,21 @@ def _run_family(family, arch, params, stats, calib, test, lv, config, cache) -> 
     return out
 
 
-def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
+def run(
+    config: Config,
+    out: str | os.PathLike | None = None,
+    *,
+    mesh: str | None = None,
+    restart: bool = False,
+) -> dict[str, Any]:
     """Run the experiment; write ``results.json``, ``profiles.png``, ``metrics.jsonl`` and a
     checkpoint to ``out`` (``None`` writes nothing).
+
+    An ``out`` holding an earlier run of ``config`` resumes it
+    (:func:`experiments._common.open_run`): the training resumes from its latest checkpoint,
+    each finished option family is read back, a finished run returns its ``results.json``
+    unless ``restart``; an ``out`` holding another config is refused. ``mesh`` (``"data=8"``)
+    shards the training (the SPDY stages run on one device).
 
     Returns:
       The results dict: ``dense_accuracy``, ``dense_loss``, ``levels``,
@@ -682,14 +698,19 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
     """
     if not isinstance(config, Config):
         raise TypeError(f"config must be an experiments.spdy Config, got {type(config).__name__}")
+    config.validate()
+    resumed = open_run(config, out, restart=restart, mesh=mesh)
+    finished = resumed.results()
+    if finished is not None:
+        return finished
     t0 = time.perf_counter()
     load0 = os.getloadavg()
-    out, train_ds, test_ds, sizes = prepare_run(config, out)
+    out, train_ds, test_ds, sizes = prepare_run(config, resumed.out)
     if config.calib_samples > len(train_ds):
         raise ValueError(
             f"calib_samples={config.calib_samples} exceeds the training set ({len(train_ds)})"
         )
-    model, history = _train_or_restore(config, train_ds, out)
+    model, history = _train_or_restore(config, train_ds, out, resumed)
     t_train = time.perf_counter()
 
     arch = fmodel.Arch.of(model)
@@ -713,8 +734,8 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
     }
     cache: dict[str, Any] = {}
     for family in config.families:
-        results["families"][family] = _run_family(
-            family, arch, params, stats, calib, test, lv, config, cache
+        results["families"][family] = resumed.stage(family) or resumed.finish_stage(
+            family, _run_family(family, arch, params, stats, calib, test, lv, config, cache)
         )
     t_end = time.perf_counter()
     results["summary"] = summarize(results)
@@ -730,12 +751,12 @@ def run(config: Config, out: str | os.PathLike | None = None) -> dict[str, Any]:
         "total_seconds": t_end - t0,
     }
     results["environment"] = environment(
-        timing_clock=timing_clock(config), loadavg_start=list(load0)
+        timing_clock=timing_clock(config), loadavg_start=list(load0), mesh=resumed.mesh
     )
-    if out is not None:
-        write_json_atomic(os.path.join(out, "results.json"), results)
+    if out is not None and is_primary():
         write_plot(results, os.path.join(out, "profiles.png"))
         write_checks_plot(results, os.path.join(out, "checks.png"))
+    resumed.write_results(results)  # last: the run is finished
     return results
 
 
