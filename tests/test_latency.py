@@ -373,3 +373,34 @@ def test_measure_latency_model_times_every_contraction_of_the_traced_model():
     with pytest.raises(ValueError, match="grid"):
         L.measure_latency_model(model, x, grid=(0.0, 1.0))
     assert L.measure_latency(model, x, repeats=3, warmup=1) > 0
+
+
+def test_surrogate_step_compiles_once():
+    traces = []
+    params = {"a": S.Gate(jnp.linspace(0.1, 1.0, 16)), "b": S.Gate(jnp.linspace(1.0, 0.2, 32))}
+    ctrl = L.lambda_controller(0.5 * _TOY_MACS.dense, _TOY_MACS)
+    tx = optax.chain(L.surrogate_penalty(_TOY_MACS, ctrl), optax.sgd(0.1), L.project_nonnegative())
+
+    @jax.jit
+    def step(p, s):
+        traces.append(1)
+        u, s = tx.update(jax.tree.map(jnp.zeros_like, p), s, p)
+        return optax.apply_updates(p, u), s
+
+    state = tx.init(params)
+    for _ in range(3):
+        params, state = step(params, state)
+    assert len(traces) == 1
+    assert int(state[0].count) == 3
+
+
+def test_module_docstring_example_runs():
+    doc = L.__doc__
+    code = doc[doc.index("Typical use (runs as written)::") :].split("::", 1)[1]
+    lines = [line[4:] for line in code.splitlines() if line.startswith("    ") or not line.strip()]
+    scope: dict = {}
+    exec(compile("\n".join(lines), "<jaxcompress.latency docstring>", "exec"), scope)
+    small = scope["small"]
+    assert isinstance(small.model, jc.models.SmallCNN)
+    assert small.macs == S.macs(small.model, scope["x"][:1]).dense
+    assert all(c % 4 == 0 for c in small.kept.values())

@@ -684,3 +684,45 @@ def test_sharded_params_prune_zero_and_gate():
     gated = S.Gated(model, ["layers/0"], x)
     gated.gates["layers/0"][...] = jnp.asarray(keep["layers/0"], jnp.float32)
     np.testing.assert_allclose(np.asarray(gated(x)), np.asarray(zeroed(x)), atol=1e-5)
+
+
+def _contractions(jaxpr):
+    """``(primitive, operand shapes, feature_group_count)`` of every contraction, in order."""
+    out = []
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name in ("dot_general", "conv_general_dilated"):
+            shapes = tuple(tuple(v.aval.shape) for v in eqn.invars)
+            out.append((name, shapes, eqn.params.get("feature_group_count")))
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else (v,):
+                inner = getattr(sub, "jaxpr", sub)
+                if isinstance(inner, jax.extend.core.Jaxpr):
+                    out.extend(_contractions(inner))
+    return out
+
+
+@pytest.mark.parametrize("case", ["mixnet", "transformer"])
+def test_mac_count_ops_give_the_pruned_models_contraction_shapes(case):
+    model, x = _case(case)
+    macs = S.macs(model, x)
+    groups = S.groups(model, x)
+    keep = _random_keep(groups, np.random.default_rng(4))
+    kept = {n: int(m.sum()) for n, m in keep.items() if n in macs.sizes}
+    pruned = S.prune(model, keep, x)
+    view = nnx.view(pruned, deterministic=True, use_running_average=True, raise_if_not_found=False)
+    graphdef, state = nnx.split(view)
+    jaxpr = jax.make_jaxpr(lambda s, a: nnx.merge(graphdef, s)(a))(state, x).jaxpr
+    want = _contractions(jaxpr)
+    got = [
+        (
+            op.primitive.name,
+            op.operand_shapes(kept, macs.sizes),
+            op.op_params(kept, macs.sizes).get("feature_group_count"),
+        )
+        for op in macs.ops
+    ]
+    assert got == want
+    assert sum(S.MacCount(op.macs, macs.sizes)(kept) for op in macs.ops) == macs(kept)
+    for op in macs.ops:
+        assert set(op.groups) <= set(macs.sizes)
