@@ -23,7 +23,7 @@ import jaxcompress.latency as L  # noqa: E402
 from experiments._common import open_run  # noqa: E402
 from experiments.surrogate import main as cli  # noqa: E402
 from experiments.surrogate import report  # noqa: E402
-from experiments.surrogate._study import hold_above, rms_gates  # noqa: E402
+from experiments.surrogate._study import hold_above, restrict, rms_gates  # noqa: E402
 from experiments.surrogate.configs import default, quick  # noqa: E402
 from experiments.surrogate.configs.base import TASK_DEFAULTS, TASKS, Config  # noqa: E402
 from experiments.surrogate.tasks import head_groups, svd_ranks  # noqa: E402
@@ -247,6 +247,9 @@ def test_svd_ranks_fit_the_budget():
         kept = svd_ranks(cost, full, budget)
         assert cost(kept) <= budget or set(kept.values()) == {1}
     kept = svd_ranks(cost, full, 0.5 * cost.dense)
+    ranks_only = restrict(cost, full)  # the neuron groups at full size
+    assert set(ranks_only.sizes) == set(full) and ranks_only.dense == cost.dense
+    assert ranks_only(kept) == cost(kept)
     bigger = {n: min(full[n], k + 1) for n, k in kept.items()}
     assert cost(bigger) > 0.5 * cost.dense  # the largest fraction that fits
 

@@ -43,6 +43,7 @@ __all__ = [
     "finish",
     "hold_above",
     "measure_latencies",
+    "restrict",
     "rms_gates",
     "uniform",
 ]
@@ -201,6 +202,20 @@ def rms_gates(gated: S.Gated, names: Sequence[str]) -> nnx.Module:
     return _RmsGates(gated, names) if names else gated
 
 
+def restrict(cost: S.MacCount, names) -> S.MacCount:
+    """``cost`` as a polynomial in the groups ``names`` only, the others at full size (the
+    same values; the penalty and its controller then see exactly the gated groups)."""
+    names = set(names)
+    terms: dict[tuple[str, ...], int] = {}
+    for key, coef in cost.terms.items():
+        for name in key:
+            if name not in names:
+                coef *= cost.sizes[name]
+        kept = tuple(n for n in key if n in names)
+        terms[kept] = terms.get(kept, 0) + coef
+    return S.MacCount(terms, {n: s for n, s in cost.sizes.items() if n in names})
+
+
 def hold_above(penalty: optax.GradientTransformation, ratio: float):
     """``penalty`` (a :func:`jaxcompress.latency.surrogate_penalty` with ``feedback="active"``)
     applied only at the steps where the units kept at the previous step cost more than
@@ -243,7 +258,7 @@ def compress(
     kind: str,
     cost: S.MacCount,
     select: Callable[[str, S.Group], bool] | None = None,
-    normalize: Callable[[dict[str, S.Group]], Sequence[str]] | None = None,
+    normalize: Sequence[str] = (),
     penalty_epochs: int,
     finetune_epochs: int,
     lr_offset: int = 0,
@@ -255,16 +270,17 @@ def compress(
       cost: :func:`jaxcompress.structure.macs` of ``model`` (per example).
       kind: ``"ratio"`` (the l1/l2 surrogate) or ``"l1"``.
       select: which groups get gates (default: every prunable group a weight reads).
-      normalize: ``groups -> names`` of the gated groups whose gates act divided by their rms
-        (only for ``kind="ratio"`` with ``config.normalize``).
+      normalize: names of gated groups whose gates act divided by their rms (only for
+        ``kind="ratio"`` with ``config.normalize``).
       lr_offset: schedule step of the penalty phase's first step.
     """
     config, settings = study.config, study.settings
     budget = target * reference_flops
     gated = L.gated(model, *study.example, select=select, init=config.gate_init)
+    cost = restrict(cost, gated.gates)
     names: Sequence[str] = ()
-    if normalize is not None and kind == "ratio" and config.normalize:
-        names = [n for n in normalize(S.groups(model, *study.example)) if n in gated.gates]
+    if kind == "ratio" and config.normalize:
+        names = [n for n in normalize if n in gated.gates]
     trained = rms_gates(gated, names)
     lam0 = settings.lam0 if kind == "ratio" else config.l1_lam0
     controller = L.lambda_controller(

@@ -3,9 +3,10 @@
 * ``cnn``: :class:`jaxcompress.models.SmallCNN` (4 conv-BN-ReLU blocks, strides 2, 2, 2, 1, no
   pooling), a gate per channel: l1/l2 surrogate and l1 gates at the FLOPs targets against
   uniform width multipliers.
-* ``resnet20``: :func:`jaxcompress.models.resnet20`: the same study; its groups are the three
-  residual streams (every block of a stage adds into one, so their channels are removed
-  together) and the inner channel of each block.
+* ``resnet20``: :func:`jaxcompress.models.resnet20`: the surrogate against uniform widths (l1 is
+  the CNN study's baseline); its groups are the three residual streams (every block of a
+  stage adds into one, so their channels are removed together) and the inner channels of
+  each block.
 * ``sst2``: :class:`jaxcompress.models.TransformerClassifier` on GLUE SST-2: gates on the
   attention heads and FFN units; the residual width is read by LayerNorm and not prunable.
 * ``mlp``: a dense :class:`jaxcompress.models.MLP` is trained; its hidden layers are factorised
@@ -104,6 +105,7 @@ def _gated_study(
     cost = S.macs(build(), *study.example)
     if cost.dense != reference["flops"]:
         raise AssertionError(f"full model: {cost.dense} MACs, its baseline {reference['flops']}")
+    heads = head_groups(S.groups(build(), *study.example))
     results: dict[str, list[dict[str, Any]]] = {}
     if len(points) > 1:
         results["uniform"] = points
@@ -117,7 +119,7 @@ def _gated_study(
                 reference_flops=reference["flops"],
                 kind=kind,
                 cost=cost,
-                normalize=head_groups,
+                normalize=heads,
                 penalty_epochs=settings.epochs - settings.finetune_epochs,
                 finetune_epochs=settings.finetune_epochs,
             )
@@ -156,7 +158,7 @@ def resnet(study: Study) -> dict[str, Any]:
             in_channels=channels, num_classes=classes, width=width, rngs=nnx.Rngs(study.seed)
         )
 
-    return _gated_study(study, build)
+    return _gated_study(study, build, methods=(("surrogate", "ratio"),))
 
 
 def sst2(study: Study) -> dict[str, Any]:
@@ -233,7 +235,7 @@ def mlp(study: Study) -> dict[str, Any]:
             kind="ratio",
             cost=cost,
             select=lambda name, group: name in ranks_of,
-            normalize=lambda groups: ranks_of,
+            normalize=ranks_of,
             penalty_epochs=settings.epochs - settings.finetune_epochs,
             finetune_epochs=settings.finetune_epochs,
         )
