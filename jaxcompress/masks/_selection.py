@@ -126,7 +126,7 @@ def select(
     if not callable(base):
         raise TypeError(f"base: expected a selector (path, leaf) -> bool, got {base!r}")
 
-    def selector(path: Sequence[Any], leaf: Any) -> bool:
+    def selector(path: tuple, leaf: Any) -> bool:
         if not base(path, leaf):
             return False
         name = path_str(path)
@@ -150,7 +150,7 @@ def exclude_first_last(params: Any, where: Selector = prunable) -> Selector:
     chosen = [path_str(p) for p, leaf in selected_leaves(params, where)]
     dropped = {chosen[0], chosen[-1]} if chosen else set()
 
-    def selector(path: Sequence[Any], leaf: Any) -> bool:
+    def selector(path: tuple, leaf: Any) -> bool:
         return bool(where(path, leaf)) and path_str(path) not in dropped
 
     return selector

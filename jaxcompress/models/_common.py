@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -73,7 +74,13 @@ def check_heads(d_model: object, num_heads: object) -> tuple[int, int]:
     return d, h
 
 
-def embed_tokens(model: nnx.Module, tokens: jax.Array, limit_name: str, limit: int) -> jax.Array:
+class _TokenModel(Protocol):
+    embed: nnx.Embed
+    pos_embed: nnx.Param
+    embed_dropout: nnx.Dropout
+
+
+def embed_tokens(model: _TokenModel, tokens: jax.Array, limit_name: str, limit: int) -> jax.Array:
     """Token plus learned position embeddings, with embedding dropout, of a 2-D integer batch.
 
     ``model`` has ``embed`` (``nnx.Embed``), ``pos_embed`` (``nnx.Param`` ``(limit, d)``) and

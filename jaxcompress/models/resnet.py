@@ -63,7 +63,7 @@ class BasicBlock(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         h = jax.nn.relu(self.bn1(self.conv1(x)))
         h = self.bn2(self.conv2(h))
-        if self.shortcut_conv is not None:
+        if self.shortcut_conv is not None and self.shortcut_bn is not None:  # set together
             x = self.shortcut_bn(self.shortcut_conv(x))
         return jax.nn.relu(h + x)
 
