@@ -10,6 +10,7 @@ import sys
 
 import jax
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -215,25 +216,28 @@ def test_rms_gates_keep_the_function_and_commit_what_was_trained():
     np.testing.assert_allclose(gated(x), out, rtol=1e-5, atol=1e-5)
 
 
-def test_hold_above_passes_the_gradients_below_the_target():
+def test_hold_above_freezes_the_gates_at_the_target():
     model = MLP(6, (5,), 3, rngs=nnx.Rngs(0))
     x = np.ones((1, 6), np.float32)
     gated = L.gated(model, x, init=0.5)
     gated.gates["layers/0"][...] = np.array([1.0, 0.5, 0.2, 0.1, 0.05], np.float32)
     cost = jc.structure.macs(model, x)
-    tx = hold_above(L.surrogate_penalty(cost, 1.0, feedback="active"), 0.5)
+    penalty = L.surrogate_penalty(cost, 1.0, feedback="active")
+    tx = hold_above(optax.chain(penalty, optax.sgd(0.1)), 0.5)
     params = nnx.state(gated, nnx.Param)
-    grads = jax.tree.map(np.zeros_like, params)
+    grads = jax.tree.map(lambda a: np.ones_like(a) * 0.01, params)
     state = tx.init(params)
-    first, state = tx.update(grads, state, params)  # step 0: always penalised
-    assert float(state.value) == 1.0  # every unit kept: the dense cost
+    first, state = tx.update(grads, state, params)  # step 0: always updated
+    assert float(state[0].value) == 1.0  # every unit kept: the dense cost
     gate = np.asarray(first["gates"]["layers/0"][...])
     kernel = np.asarray(first["model"]["layers"][0]["kernel"][...])
-    assert np.abs(gate).max() > 0 and np.abs(kernel).max() == 0  # only the gates are penalised
-    second, _ = tx.update(grads, state, params)  # still above 0.5: penalised
-    np.testing.assert_allclose(second["gates"]["layers/0"][...], gate)
-    held, _ = tx.update(grads, state._replace(value=jax.numpy.asarray(0.4)), params)
-    assert np.abs(np.asarray(held["gates"]["layers/0"][...])).max() == 0
+    assert np.abs(gate).max() > 0 and np.abs(kernel).max() > 0
+    second, _ = tx.update(grads, state, params)  # still above 0.5: updated
+    assert np.abs(np.asarray(second["gates"]["layers/0"][...])).max() > 0
+    below = (state[0]._replace(value=jax.numpy.asarray(0.4)), *state[1:])
+    held, _ = tx.update(grads, below, params)
+    assert np.abs(np.asarray(held["gates"]["layers/0"][...])).max() == 0  # gates frozen
+    np.testing.assert_allclose(held["model"]["layers"][0]["kernel"][...], kernel)  # weights train
 
 
 def test_svd_ranks_fit_the_budget():

@@ -1,25 +1,23 @@
-"""Latency of extracted CNNs at their exact widths against the same widths rounded up to a
-multiple (``extract(multiple=...)``), next to their FLOPs.
+"""Latency of extracted models at their exact kept counts against the same counts rounded up to
+a multiple (``jaxcompress.latency.round_to_multiple``), next to their MACs.
 
-The surrogate experiment's CNN (``SmallCNN``, 3x3 convs with strides 2/2/2/1, BatchNorm,
-no pools, 28x28x1 inputs) is built at every width profile of a
-``python -m experiments.surrogate`` ``results.json`` (all seeds, surrogate and l1 points), at
-the uniform multipliers and at full width, and at each profile rounded up to ``--multiple``.
-Latency does not depend on weight values, so fresh weights are used. All models are timed in
-one interleaved :func:`jaxcompress.spdy.time_callables` call (``--repeats`` rounds, median,
-eval mode, batch ``--batch``; ``--clock wall``: multi-threaded executables on the wall clock,
-``--clock cpu``: single-threaded ones on the process CPU clock), so load drift hits every
-model alike.
+Reads a ``python -m experiments.surrogate`` ``results.json`` holding an image task (``cnn`` or
+``resnet20``), rebuilds that task's full model (fresh weights: latency does not depend on the
+values) and, for every compressed point of every seed, the model pruned to the point's kept
+counts (``jaxcompress.structure.prune``, the first units of every group) and to those counts
+rounded up to ``--multiple``, plus the uniform-width points. All are timed in one interleaved
+:func:`jaxcompress.spdy.time_callables` call (``--repeats`` rounds, median, inference mode,
+batch ``--batch``; ``--clock wall``: multi-threaded executables on the wall clock, ``--clock
+cpu``: single-threaded ones on the process CPU clock), so load drift hits every model alike.
 
-For each profile the JSON holds MACs, latency and the reductions relative to full width,
-``within_25``: ``|latency reduction - FLOPs reduction| <= 0.25`` (the issue's tolerance),
-and ``efficiency``: latency speedup / FLOPs speedup (1 = latency tracks FLOPs). The summary
-compares the exact and rounded profiles in the same run.
+For each profile the JSON holds MACs, latency, the reductions relative to full width,
+``within_25`` (``|latency reduction - FLOPs reduction| <= 0.25``) and ``efficiency`` (latency
+speedup / FLOPs speedup; 1 = latency tracks FLOPs); the summary compares exact and rounded.
 
 Usage::
 
     python experiments/benchmarks/channel_multiple.py --results runs/surrogate/results.json \\
-        --out experiments/benchmarks/results/channel_multiple_cpu/run1.json
+        --task cnn --out experiments/benchmarks/results/channel_multiple_cpu/run3.json
 """
 
 from __future__ import annotations
@@ -28,50 +26,47 @@ import argparse
 import json
 import os
 import statistics
+import sys
 
-import jax.numpy as jnp
+import numpy as np
 from _timing import report
 from flax import nnx
 
-import jaxcompress.latency as L
-from jaxcompress.latency.surrogate import round_up_count
-from jaxcompress.models import SmallCNN
+from jaxcompress import structure as S
 from jaxcompress.spdy import time_callables
 
-FULL = (32, 64, 64, 128)
-STRIDES = (2, 2, 2, 1)
-INPUT = (28, 28, 1)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from experiments.surrogate.tasks import image_model  # noqa: E402
+
+SHAPES = {"fashion_mnist": (28, 28, 1, 10), "mnist": (28, 28, 1, 10), "digits": (8, 8, 1, 10)}
 
 
-def _round_up(widths, multiple, full=FULL):
-    return tuple(round_up_count(w, multiple, f) for w, f in zip(widths, full, strict=True))
-
-
-def profiles_from_results(path: str) -> dict[str, tuple[int, ...]]:
-    """``{"seed<s>_<key>": widths}`` of every compressed CNN point of a results.json."""
-    with open(path) as f:
-        cnn = json.load(f)["cnn"]
-    records = cnn.get("per_seed") or [cnn]
-    out = {}
-    for s, rec in enumerate(records):
+def profiles(results: dict, task: str, multiple: int) -> dict[str, dict[str, int]]:
+    """``{name: kept counts}``: every compressed point (exact and rounded up to ``multiple``)
+    and uniform point of ``task`` in ``results``, over all seeds; ``"full"`` is ``{}``."""
+    res = results[task]
+    out: dict[str, dict[str, int]] = {"full": {}}
+    for s, record in enumerate(res.get("per_seed") or [res]):
         for method in ("surrogate", "l1"):
-            for p in rec[method]:
-                widths = tuple(p["widths"][f"blocks/{i}/gate/alpha"] for i in range(len(FULL)))
-                out[f"seed{s}_{p['key']}"] = widths
+            for p in record.get(method, []):
+                kept = {n: int(k) for n, k in p["kept"].items()}
+                rounded = {n: min(int(p["sizes"][n]), -(-k // multiple) * multiple)
+                           for n, k in kept.items()}  # fmt: skip
+                out[f"seed{s}_{p['key']}/exact"] = kept
+                out[f"seed{s}_{p['key']}/rounded"] = rounded
     return out
 
 
-def _forward(widths):
-    model = SmallCNN(1, 10, widths, strides=STRIDES, pool_after=(False,) * 4, rngs=nnx.Rngs(0))
-    macs = L.count_macs(model, INPUT)
+def _forward(model: nnx.Module):
     view = nnx.view(model, deterministic=True, use_running_average=True, raise_if_not_found=False)
     graphdef, state = nnx.split(view)
-    return (lambda s, x: nnx.merge(graphdef, s)(x)), state, macs
+    return (lambda st, x: nnx.merge(graphdef, st)(x)), state
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--results", required=True, help="a surrogate results.json with a cnn task")
+    parser.add_argument("--results", required=True, help="a surrogate results.json")
+    parser.add_argument("--task", choices=("cnn", "resnet20"), default="cnn")
     parser.add_argument("--multiple", type=int, default=8)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=25)
@@ -79,8 +74,8 @@ def main(argv=None) -> dict:
         "--clock",
         choices=("wall", "cpu"),
         default="wall",
-        help="wall: multi-threaded executables on the wall clock (what a user waits); cpu: "
-        "single-threaded executables on the process CPU clock (steadier on a shared machine)",
+        help="wall: multi-threaded executables on the wall clock; cpu: single-threaded ones on "
+        "the process CPU clock (steadier on a shared machine)",
     )
     parser.add_argument("--out", default=None, help="JSON output path")
     args = parser.parse_args(argv)
@@ -88,62 +83,71 @@ def main(argv=None) -> dict:
         parser.error(f"--multiple must be an int >= 2, got {args.multiple}")
     if not os.path.isfile(args.results):
         parser.error(f"--results {args.results!r} is not a file")
+    with open(args.results) as f:
+        results = json.load(f)
+    if args.task not in results:
+        parser.error(f"--results holds no {args.task!r} task (tasks: {results['config']['tasks']})")
 
-    exact = profiles_from_results(args.results)
-    named = {"full": FULL}
+    config = results["config"]
+    h, w, c, classes = SHAPES[results[args.task]["dataset"]]
+    full = image_model(args.task, config["width"], c, classes, seed=0)
+    example = np.zeros((1, h, w, c), np.float32)
+    sizes = S.macs(full, example).sizes
+    named = profiles(results, args.task, args.multiple)
     for m in (0.25, 0.5, 0.75):
-        named[f"uniform_{m:g}"] = tuple(round(m * w) for w in FULL)
-    for key, widths in exact.items():
-        named[f"{key}/exact"] = widths
-        named[f"{key}/rounded"] = _round_up(widths, args.multiple)
-    unique = sorted(set(named.values()), reverse=True)
-    built = {w: _forward(w) for w in unique}
-    x = jnp.zeros((args.batch, *INPUT), jnp.float32)
+        named[f"uniform_{m:g}"] = {n: max(1, round(m * size)) for n, size in sizes.items()}
+    unique = {}
+    for counts in named.values():
+        unique.setdefault(tuple(sorted(counts.items())), counts)
+    models = {}
+    for key, counts in unique.items():
+        keep = {n: np.arange(sizes[n]) < k for n, k in counts.items()}
+        models[key] = S.prune(full, keep, example) if keep else full
+    x = np.zeros((args.batch, h, w, c), np.float32)
+    calls = [(*_forward(models[k]),) for k in unique]
     single = {"xla_cpu_multi_thread_eigen": False} if args.clock == "cpu" else None
     timings = time_callables(
-        [(built[w][0], (built[w][1], x)) for w in unique],
+        [(fn, (state, x)) for fn, state in calls],
         repeats=args.repeats,
         warmup=2,
         clock=args.clock,
         compiler_options=single,
     )
-    seconds = {w: t.median for w, t in zip(unique, timings, strict=True)}
-    noise = {w: t.noise for w, t in zip(unique, timings, strict=True)}
-    full_s, full_macs = seconds[FULL], built[FULL][2]
-
+    seconds = {k: t.median for k, t in zip(unique, timings, strict=True)}
+    noise = {k: t.noise for k, t in zip(unique, timings, strict=True)}
+    macs = {k: int(S.macs(models[k], example).dense) for k in unique}
+    full_key = ()
     rows = {}
-    for name, widths in named.items():
-        macs, s = built[widths][2], seconds[widths]
-        flops_red, lat_red = 1 - macs / full_macs, 1 - s / full_s
+    for name, counts in named.items():
+        k = tuple(sorted(counts.items()))
+        flops_red = 1 - macs[k] / macs[full_key]
+        lat_red = 1 - seconds[k] / seconds[full_key]
         rows[name] = {
-            "widths": list(widths),
-            "macs": int(macs),
-            "latency_ms": 1e3 * s,
-            "noise": noise[widths],
+            "kept": counts,
+            "macs": macs[k],
+            "latency_ms": 1e3 * seconds[k],
+            "noise": noise[k],
             "flops_reduction": flops_red,
             "latency_reduction": lat_red,
             "within_25": abs(lat_red - flops_red) <= 0.25,
-            "efficiency": (full_s / s) / (full_macs / macs),
+            "efficiency": (seconds[full_key] / seconds[k]) / (macs[full_key] / macs[k]),
         }
     summary = {}
     for kind in ("exact", "rounded"):
         sel = [r for n, r in rows.items() if n.endswith(f"/{kind}")]
-        summary[kind] = {
-            "profiles": len(sel),
-            "within_25": sum(r["within_25"] for r in sel),
-            "median_efficiency": statistics.median(r["efficiency"] for r in sel),
-            "median_macs_ratio": statistics.median(r["macs"] / full_macs for r in sel),
-        }
-    summary["uniform_within_25"] = sum(
-        rows[f"uniform_{m:g}"]["within_25"] for m in (0.25, 0.5, 0.75)
-    )
+        if sel:
+            summary[kind] = {
+                "profiles": len(sel),
+                "within_25": sum(r["within_25"] for r in sel),
+                "median_efficiency": statistics.median(r["efficiency"] for r in sel),
+                "median_macs_ratio": statistics.median(r["macs"] / macs[full_key] for r in sel),
+            }
 
     def line(name, r):
         return (
-            f"{name:28s} {str(tuple(r['widths'])):20s} MACs {r['macs']:>9,d} "
-            f"{r['latency_ms']:7.3f} ms  FLOPs -{r['flops_reduction']:.1%} "
-            f"latency -{r['latency_reduction']:.1%}  eff {r['efficiency']:.2f}"
-            f"{'' if r['within_25'] else '  (outside 25%)'}"
+            f"{name:34s} MACs {r['macs']:>11,d} {r['latency_ms']:8.3f} ms  "
+            f"FLOPs -{r['flops_reduction']:.1%} latency -{r['latency_reduction']:.1%}  "
+            f"eff {r['efficiency']:.2f}{'' if r['within_25'] else '  (outside 25%)'}"
         )
 
     return report("channel_multiple", args, rows, summary, line)

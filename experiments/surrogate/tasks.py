@@ -33,7 +33,7 @@ from jaxcompress import data as jdata
 from jaxcompress import structure as S
 from jaxcompress.models import MLP, SmallCNN, TransformerClassifier, resnet20
 
-__all__ = ["LOADERS", "RUNS", "head_groups", "svd_ranks"]
+__all__ = ["LOADERS", "RUNS", "head_groups", "image_model", "svd_ranks"]
 
 CNN_WIDTHS = (32, 64, 64, 128)
 CNN_STRIDES = (2, 2, 2, 1)
@@ -132,33 +132,33 @@ def _image_shape(study: Study) -> tuple[int, int]:
     return int(study.train.x.shape[-1]), int(study.train.num_classes)
 
 
+def image_model(task: str, width: float, channels: int, classes: int, seed: int) -> nnx.Module:
+    """The full model of an image task (``cnn`` or ``resnet20``) at width multiplier ``width``,
+    freshly initialised from ``seed``."""
+    if task == "cnn":
+        widths = tuple(_scaled(w, width) for w in CNN_WIDTHS)
+        return SmallCNN(channels, classes, widths, strides=CNN_STRIDES,
+                        pool_after=(False,) * len(widths), rngs=nnx.Rngs(seed))  # fmt: skip
+    if task == "resnet20":
+        return resnet20(in_channels=channels, num_classes=classes,
+                        width=_scaled(RESNET_WIDTH, width), rngs=nnx.Rngs(seed))  # fmt: skip
+    raise ValueError(f"task must be 'cnn' or 'resnet20', got {task!r}")
+
+
 def cnn(study: Study) -> dict[str, Any]:
     channels, classes = _image_shape(study)
-    widths = tuple(_scaled(w, study.config.width) for w in CNN_WIDTHS)
-
-    def build() -> nnx.Module:
-        return SmallCNN(
-            channels,
-            classes,
-            widths,
-            strides=CNN_STRIDES,
-            pool_after=(False,) * len(widths),
-            rngs=nnx.Rngs(study.seed),
-        )
-
-    return _gated_study(study, build)
+    return _gated_study(
+        study, lambda: image_model("cnn", study.config.width, channels, classes, study.seed)
+    )
 
 
 def resnet(study: Study) -> dict[str, Any]:
     channels, classes = _image_shape(study)
-    width = _scaled(RESNET_WIDTH, study.config.width)
-
-    def build() -> nnx.Module:
-        return resnet20(
-            in_channels=channels, num_classes=classes, width=width, rngs=nnx.Rngs(study.seed)
-        )
-
-    return _gated_study(study, build, methods=(("surrogate", "ratio"),))
+    return _gated_study(
+        study,
+        lambda: image_model("resnet20", study.config.width, channels, classes, study.seed),
+        methods=(("surrogate", "ratio"),),
+    )
 
 
 def sst2(study: Study) -> dict[str, Any]:
