@@ -31,13 +31,22 @@ def _cnn_macs(k):  # 28x28 -> conv s2 14x14 -> pool 7x7 -> conv -> pool 4x4 -> c
     return 196 * 9 * c0 + 49 * 9 * c0 * c1 + 16 * 9 * c1 * c2 + 10 * c2
 
 
+def _resnet8_macs(k):  # 16x16 stage 0, 8x8 stage 1, 4x4 stage 2; 1x1 projection shortcuts
+    s0, s1, s2 = k["stem_conv"], k["stages/1/0/conv2"], k["stages/2/0/conv2"]
+    m0, m1, m2 = k["stages/0/0/conv1"], k["stages/1/0/conv1"], k["stages/2/0/conv1"]
+    total = 256 * 9 * 3 * s0 + 256 * 9 * (s0 * m0 + m0 * s0)
+    total += 64 * (9 * s0 * m1 + 9 * m1 * s1 + s0 * s1)
+    total += 16 * (9 * s1 * m2 + 9 * m2 * s2 + s1 * s2)
+    return total + 10 * s2
+
+
 def _convnext_macs(k):  # stem 2x2/2 to 8x8x8, per block dw 7x7 and two pointwise, head
     return (
         64 * 8 * 12 + sum(64 * 8 * 49 + 2 * 64 * 8 * k[f"blocks/{i}/pwconv1"] for i in (0, 1)) + 40
     )
 
 
-_HAND = {"mlp": _mlp_macs, "cnn": _cnn_macs, "convnext": _convnext_macs}
+_HAND = {"mlp": _mlp_macs, "cnn": _cnn_macs, "resnet8": _resnet8_macs, "convnext": _convnext_macs}
 
 
 def _random_gates(g, rng):

@@ -48,7 +48,8 @@ class Extracted:
     """Result of :func:`extract`.
 
     Attributes:
-      model: the physically smaller model (same classes as the gated model's ``model``).
+      model: the physically smaller model (same classes, and train/eval mode, as the gated
+        model's ``model``).
       keep: ``{group: boolean mask}`` of the kept units.
       kept: ``{group: kept unit count}``.
       macs: exact multiply-adds per example of ``model`` (``jaxcompress.structure.macs`` on
@@ -172,7 +173,9 @@ def uniform_width(
 ) -> nnx.Module:
     """``model`` with ``max(1, round(scale * size))`` units (the first ones) of every selected
     prunable group, by :func:`jaxcompress.structure.prune`: the uniform width-multiplier
-    baseline (MobileNet style) when applied to a freshly initialised model.
+    baseline (MobileNet style) when applied to a freshly initialised model. The kept weights
+    keep the wide model's initial scale (drawn for the wide layer's fan-in); re-initialise the
+    result if that matters (it does not under BatchNorm/LayerNorm).
 
     Args:
       model: any ``flax.nnx.Module``; not modified.
