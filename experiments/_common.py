@@ -535,7 +535,8 @@ def fit_stage(model, tx, train_ds, config, /, *, desc: str, epochs: int | None =
     """:func:`jaxcompress.train.fit` for ``epochs`` (default ``config.epochs``) with one
     progress bar over the epochs (``desc``, when ``config.progress``) instead of ``fit``'s own,
     ``config.batch_size`` and ``config.eval_batch_size``; ``kwargs`` go to ``fit`` (a
-    ``callback`` is called after the bar advances)."""
+    ``callback`` is called before the bar advances; what it adds to an epoch's record is
+    checkpointed with it). A resumed run's bar starts at its restored epochs."""
     from jaxcompress import train as jtrain
 
     epochs = config.epochs if epochs is None else epochs

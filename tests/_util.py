@@ -40,11 +40,13 @@ __all__ = [
     "cli_flags",
     "count_compiles",
     "digits",
+    "fit_calls",
     "free_port",
     "jit_counting",
     "kill_when",
     "leaf_paths",
     "mesh_1d",
+    "preempted_at",
     "records",
     "same_structure",
     "shard_rows",
@@ -314,3 +316,49 @@ def kill_when(
     if proc.returncode not in (0, -signal.SIGKILL):
         sys.stderr.write(err.decode(errors="replace")[-3000:])
     return proc.returncode
+
+
+# ----------------------------------------------------------------------------- experiments
+
+
+@contextlib.contextmanager
+def preempted_at(stage: str) -> Iterator[None]:
+    """Within the block an experiment stops (``KeyboardInterrupt``) when stage ``stage`` has
+    run but before it is marked finished (``experiments._common.Run.finish_stage``): a
+    preemption at the worst moment, after the work and before its record."""
+    from experiments import _common
+
+    finish = _common.Run.finish_stage
+
+    def preempted(self, name, record):
+        if name == stage:
+            raise KeyboardInterrupt
+        return finish(self, name, record)
+
+    _common.Run.finish_stage = preempted
+    try:
+        yield
+    finally:
+        _common.Run.finish_stage = finish
+
+
+def fit_calls(monkeypatch: Any) -> list[dict[str, Any]]:
+    """Record every ``jaxcompress.train.fit`` call: its ``mesh``, ``param_sharding`` and the
+    most devices any array of the trained model lives on."""
+    from flax import nnx
+
+    from jaxcompress import train
+
+    calls: list[dict[str, Any]] = []
+    fit = train.fit
+
+    def spy(model, *args, **kwargs):
+        history = fit(model, *args, **kwargs)
+        devices = max(len(a.sharding.device_set) for a in jax.tree.leaves(nnx.state(model)))
+        calls.append(
+            {"mesh": kwargs.get("mesh"), "rule": kwargs.get("param_sharding"), "devices": devices}
+        )
+        return history
+
+    monkeypatch.setattr(train, "fit", spy)
+    return calls

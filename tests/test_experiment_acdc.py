@@ -8,18 +8,20 @@ import os
 import sys
 
 import pytest
+from _util import (
+    ROOT,
+    cli_flags,
+    fit_calls,
+    kill_when,
+    preempted_at,
+    subprocess_env,
+    without_timing,
+)
 
-# ``experiments`` is a top-level folder of the repository, not part of the installed package.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from _util import ROOT, cli_flags, kill_when, subprocess_env, without_timing  # noqa: E402
-
-from experiments.acdc import main as cli  # noqa: E402
-from experiments.acdc.configs import default, quick  # noqa: E402
-from experiments.acdc.configs.base import Config  # noqa: E402
-from experiments.acdc.train import cosine_lr, format_table, make_timeline, run  # noqa: E402
+from experiments.acdc import main as cli
+from experiments.acdc.configs import default, quick
+from experiments.acdc.configs.base import Config
+from experiments.acdc.train import cosine_lr, format_table, make_timeline, run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -228,23 +230,10 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.slow  # two short runs: about 90 s on 2 loaded cores
-def test_an_interrupted_run_resumes_with_its_curves_and_snapshots(
-    uninterrupted, tmp_path, monkeypatch
-):
-    from experiments import _common
-
+def test_an_interrupted_run_resumes_with_its_curves_and_snapshots(uninterrupted, tmp_path):
     reference, _ = uninterrupted
-    finish = _common.Run.finish_stage
-
-    def preempted(self, name, record):
-        if name == "gmp_0.8_seed0":  # trained, not marked done
-            raise KeyboardInterrupt
-        return finish(self, name, record)
-
-    monkeypatch.setattr(_common.Run, "finish_stage", preempted)
-    with pytest.raises(KeyboardInterrupt):
-        run(_resume_config(), tmp_path)
-    monkeypatch.setattr(_common.Run, "finish_stage", finish)
+    with preempted_at("gmp_0.8_seed0"), pytest.raises(KeyboardInterrupt):
+        run(_resume_config(), tmp_path)  # GMP trained, not marked done
     stages = sorted(os.listdir(tmp_path / "stages"))
     assert stages == [
         "acdc_0.8_dense_finetune_seed0.json",
@@ -277,19 +266,11 @@ def test_a_killed_run_resumes_to_bit_identical_results(uninterrupted, tmp_path):
 
 
 def test_mesh_runs_the_trainings_sharded_with_their_curves(monkeypatch):
-    from jaxcompress import train as jtrain
-
-    seen = []
-    fit = jtrain.fit
-
-    def spy(model, *args, **kwargs):
-        seen.append((kwargs.get("mesh"), kwargs.get("param_sharding")))
-        return fit(model, *args, **kwargs)
-
-    monkeypatch.setattr(jtrain, "fit", spy)
+    calls = fit_calls(monkeypatch)
     config = _resume_config(memorisation="only", memorisation_subset=128, batch_size=32)
     results = run(config, None, mesh="data=2,fsdp=2")
-    assert seen == [("data=2,fsdp=2", "fsdp")] * 2  # dense and AC/DC on the noisy labels
+    # dense and AC/DC on the noisy labels (the per-epoch callback evaluates a local copy)
+    assert [(c["mesh"], c["rule"]) for c in calls] == [("data=2,fsdp=2", "fsdp")] * 2
     mem = results["memorisation"]
     assert len(mem["dense"]) == len(mem["acdc"]) == 5  # per-epoch probe accuracies
     assert mem["acdc_sparsity"][2] == pytest.approx(0.95, abs=0.01)  # end of a C phase

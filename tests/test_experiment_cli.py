@@ -11,13 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from experiments import _common, cli  # noqa: E402
-from experiments._common import ConfigBase, field  # noqa: E402
-from experiments.cli import comma_separated, non_negative_int, positive_int  # noqa: E402
+from experiments import _common, cli
+from experiments._common import ConfigBase, field
+from experiments.cli import comma_separated, non_negative_int, positive_int
 
 
 @dataclasses.dataclass(frozen=True)

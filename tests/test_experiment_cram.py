@@ -7,18 +7,20 @@ import os
 import sys
 
 import pytest
+from _util import (
+    ROOT,
+    cli_flags,
+    fit_calls,
+    kill_when,
+    preempted_at,
+    subprocess_env,
+    without_timing,
+)
 
-# ``experiments`` is a top-level folder of the repository, not part of the installed package.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from _util import ROOT, cli_flags, kill_when, subprocess_env, without_timing  # noqa: E402
-
-from experiments.cram import main as cli  # noqa: E402
-from experiments.cram.configs import default, quick  # noqa: E402
-from experiments.cram.configs.base import Config  # noqa: E402
-from experiments.cram.train import (  # noqa: E402
+from experiments.cram import main as cli
+from experiments.cram.configs import default, quick
+from experiments.cram.configs.base import Config
+from experiments.cram.train import (
     build_model,
     format_table,
     make_transform,
@@ -192,21 +194,11 @@ def uninterrupted(tmp_path_factory):
 def test_an_interrupted_run_resumes_and_a_finished_one_is_not_rerun(
     uninterrupted, tmp_path, monkeypatch
 ):
-    from experiments import _common
     from experiments.cram import train as cram_train
 
     reference, _ = uninterrupted
-    finish = _common.Run.finish_stage
-
-    def preempted(self, name, record):
-        if name == "cram_seed0":  # trained and swept, but not marked done
-            raise KeyboardInterrupt
-        return finish(self, name, record)
-
-    monkeypatch.setattr(_common.Run, "finish_stage", preempted)
-    with pytest.raises(KeyboardInterrupt):
-        run(_resume_config(), tmp_path)
-    monkeypatch.setattr(_common.Run, "finish_stage", finish)
+    with preempted_at("cram_seed0"), pytest.raises(KeyboardInterrupt):
+        run(_resume_config(), tmp_path)  # cram trained and swept, not marked done
     assert (tmp_path / "stages" / "sgd_seed0.json").is_file()
     assert not (tmp_path / "results.json").exists()
 
@@ -264,24 +256,14 @@ def test_a_killed_run_resumes_to_bit_identical_results(uninterrupted, tmp_path):
 
 
 def test_mesh_data_2_trains_sharded(monkeypatch):
-    from jaxcompress import train as jtrain
-
-    seen = []
-    fit = jtrain.fit
-
-    def spy(model, *args, **kwargs):
-        history = fit(model, *args, **kwargs)
-        seen.append((kwargs.get("mesh"), kwargs.get("param_sharding"), _devices(model)))
-        return history
-
-    monkeypatch.setattr(jtrain, "fit", spy)
+    calls = fit_calls(monkeypatch)
     results = run(_resume_config(methods=("sgd",), epochs=1), None, mesh="data=2")
-    assert seen == [("data=2", "replicated", 2)]  # the batch and the state on 2 devices
+    # the batch and the state on 2 devices
+    assert calls == [{"mesh": "data=2", "rule": "replicated", "devices": 2}]
     assert results["environment"]["mesh"] == "data=2"
     assert 0.2 < results["dense"]["sgd"] <= 1.0
-    seen.clear()
     run(_resume_config(methods=("sgd",), epochs=1), None, mesh="data=2,fsdp=2")
-    assert seen[0][:2] == ("data=2,fsdp=2", "fsdp")
+    assert calls[1]["rule"] == "fsdp" and calls[1]["devices"] == 4
 
 
 @pytest.mark.slow  # two processes of a short run: about 60 s on 2 loaded cores
@@ -307,10 +289,3 @@ def test_two_processes_equal_one_process_on_two_devices(uninterrupted, tmp_path)
         for a, b in pairs:
             assert b["train_loss"] == pytest.approx(a["train_loss"], rel=tol)
         assert two["dense"]["sgd"] == pytest.approx(ref["dense"]["sgd"], abs=0.011)
-
-
-def _devices(model) -> int:
-    import jax
-    from flax import nnx
-
-    return max(len(a.sharding.device_set) for a in jax.tree.leaves(nnx.state(model)))

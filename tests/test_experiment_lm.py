@@ -6,20 +6,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 
 import numpy as np
 import pytest
 
-# ``experiments`` is a top-level folder of the repository, not part of the installed package.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from experiments.lm.configs import default, quick  # noqa: E402
-from experiments.lm.configs.base import Config  # noqa: E402
-from experiments.lm.train import criteria, format_table, run  # noqa: E402
-from jaxcompress import prune  # noqa: E402
+from experiments.lm.configs import default, quick
+from experiments.lm.configs.base import Config
+from experiments.lm.train import criteria, format_table, run
+from jaxcompress import prune
 
 DATA = os.environ.get("JAXCOMPRESS_DATA_DIR", "/work/shared/data")
 pytestmark = pytest.mark.skipif(

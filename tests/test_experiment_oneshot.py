@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import pytest
+from _util import fit_calls
 
-# ``experiments`` is a top-level folder of the repository, not part of the installed package.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from experiments.oneshot import main as cli  # noqa: E402
-from experiments.oneshot.configs import default, quick  # noqa: E402
-from experiments.oneshot.configs.base import Config  # noqa: E402
-from experiments.oneshot.train import format_table, run  # noqa: E402
+from experiments.oneshot import main as cli
+from experiments.oneshot.configs import default, quick
+from experiments.oneshot.configs.base import Config
+from experiments.oneshot.train import format_table, run
 
 
 def _tiny() -> Config:
@@ -71,17 +65,8 @@ def test_cli_nm_none_skips_nm():
 
 
 def test_mesh_trains_sharded(monkeypatch):
-    from jaxcompress import train as jtrain
-
-    seen = []
-    fit = jtrain.fit
-
-    def spy(model, *args, **kwargs):
-        seen.append((kwargs.get("mesh"), kwargs.get("param_sharding")))
-        return fit(model, *args, **kwargs)
-
-    monkeypatch.setattr(jtrain, "fit", spy)
+    calls = fit_calls(monkeypatch)
     results = run(_tiny().replace(epochs=1, train_subset=320, nm=None), None, mesh="data=4")
-    assert seen == [("data=4", "replicated")]
+    assert calls == [{"mesh": "data=4", "rule": "replicated", "devices": 4}]
     assert 0.2 < results["dense_accuracy"] <= 1.0
     assert results["environment"]["mesh"] == "data=4"

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,16 +14,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from experiments._common import load_datasets  # noqa: E402
-from experiments.spdy import model as fmodel  # noqa: E402
-from experiments.spdy import train as train_mod  # noqa: E402
-from experiments.spdy.configs import default, quick  # noqa: E402
-from experiments.spdy.configs.base import Config  # noqa: E402
-from experiments.spdy.train import (  # noqa: E402
+from experiments._common import load_datasets
+from experiments.spdy import model as fmodel
+from experiments.spdy import train as train_mod
+from experiments.spdy.configs import default, quick
+from experiments.spdy.configs.base import Config
+from experiments.spdy.train import (
     FAMILIES,
     METHODS,
     _train_or_restore,
@@ -35,9 +29,9 @@ from experiments.spdy.train import (  # noqa: E402
     run,
     sparse_runtime_curve,
 )
-from jaxcompress import train as jtrain  # noqa: E402
-from jaxcompress.masks import keep_count  # noqa: E402
-from jaxcompress.models import SmallCNN  # noqa: E402
+from jaxcompress import train as jtrain
+from jaxcompress.masks import keep_count
+from jaxcompress.models import SmallCNN
 
 
 def _tiny() -> Config:

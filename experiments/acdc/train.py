@@ -568,9 +568,8 @@ def run(
         raise TypeError(f"config must be an experiments.acdc Config, got {type(config).__name__}")
     config.validate()
     resumed = open_run(config, out, restart=restart, mesh=mesh)
-    finished = resumed.results()
-    if finished is not None:
-        return finished
+    if (finished := resumed.results()) is not None:
+        return finished  # the run is done: not rerun
     t0 = time.perf_counter()
     out, train_ds, test_ds, sizes = prepare_run(config, resumed.out)
     spe = jdata.num_batches(train_ds, config.batch_size)

@@ -82,9 +82,8 @@ def run(
         )
     config.validate()
     resumed = open_run(config, out, restart=restart, mesh=mesh)
-    finished = resumed.results()
-    if finished is not None:
-        return finished
+    if (finished := resumed.results()) is not None:
+        return finished  # the run is done: not rerun
     t0 = time.perf_counter()
     out, train_ds, test_ds, sizes = prepare_run(config, resumed.out)
     t_data = time.perf_counter()

@@ -137,7 +137,9 @@ def _build_model(config: Config, channels: int, num_classes: int) -> SmallCNN:
     )
 
 
-def _train_or_restore(config: Config, train_ds, out, run: Run) -> tuple[SmallCNN, list]:
+def _train_or_restore(
+    config: Config, train_ds, out, run: Run | None = None
+) -> tuple[SmallCNN, list]:
     model = _build_model(config, train_ds.x.shape[-1], train_ds.num_classes)
     if config.checkpoint is not None:
         with Checkpointer(os.path.abspath(config.checkpoint)) as ckpt:
@@ -150,10 +152,11 @@ def _train_or_restore(config: Config, train_ds, out, run: Run) -> tuple[SmallCNN
     history = train_sgd(model, train_ds, config, out, "train dense (SGD)", run=run)
     local_model(model).eval()
     if out is not None:
-        # the dense model for config.checkpoint of later runs (the same state on a rerun)
+        # the dense model for config.checkpoint of later runs (replacing one of a --restart)
         with Checkpointer(os.path.join(os.path.abspath(out), "checkpoint")) as ckpt:
-            if 0 not in ckpt.all_steps():
-                ckpt.save(0, model_state=nnx.to_pure_dict(nnx.state(model)))
+            if 0 in ckpt.all_steps():
+                ckpt.delete(0)
+            ckpt.save(0, model_state=nnx.to_pure_dict(nnx.state(model)))
     return model, history.epochs
 
 
@@ -700,9 +703,8 @@ def run(
         raise TypeError(f"config must be an experiments.spdy Config, got {type(config).__name__}")
     config.validate()
     resumed = open_run(config, out, restart=restart, mesh=mesh)
-    finished = resumed.results()
-    if finished is not None:
-        return finished
+    if (finished := resumed.results()) is not None:
+        return finished  # the run is done: not rerun
     t0 = time.perf_counter()
     load0 = os.getloadavg()
     out, train_ds, test_ds, sizes = prepare_run(config, resumed.out)
