@@ -404,3 +404,21 @@ def test_module_docstring_example_runs():
     assert isinstance(small.model, jc.models.SmallCNN)
     assert small.macs == S.macs(small.model, scope["x"][:1]).dense
     assert all(c % 4 == 0 for c in small.kept.values())
+
+
+def test_latency_form_of_the_penalty_under_jit():
+    lat = _synthetic_latency()
+    params = {"a": S.Gate(jnp.linspace(0.2, 1.0, 8)), "b": S.Gate(jnp.linspace(1.0, 0.1, 8))}
+    ctrl = L.lambda_controller(0.5 * lat.dense, lat)
+    for feedback in ("surrogate", "active"):
+        tx = L.surrogate_penalty(lat, ctrl, feedback=feedback)
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        updates, state = jax.jit(tx.update)(zeros, tx.init(params), params)
+        gates = {n: v[...] for n, v in params.items()}
+        want = jax.grad(lambda g: L.latency_regularizer(g, lat))(gates)
+        np.testing.assert_allclose(updates["a"][...], 1e-2 * want["a"], rtol=1e-5)
+        if feedback == "active":  # every gate >= 1e-2 * max: the dense latency
+            np.testing.assert_allclose(state.value, 1.0, rtol=1e-6)
+        else:
+            counts = {n: _r(v) for n, v in gates.items()}
+            np.testing.assert_allclose(state.value, float(lat(counts)) / lat.dense, rtol=1e-5)
