@@ -1,4 +1,4 @@
-"""Tests for jaxcompress.kernels.nnx: NNX inference conversion and Orbax round trip."""
+"""Tests for jaxcompress.kernels.sparsify_for_inference: NNX conversion, Orbax round trip."""
 
 from __future__ import annotations
 
@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxcompress.kernels import PackedNM, nm_mask
-from jaxcompress.kernels.nnx import NMConv1x1, NMLinear, NMMeta, sparsify_for_inference
+from jaxcompress.kernels import (
+    NMConv1x1,
+    NMLinear,
+    NMMeta,
+    PackedNM,
+    nm_mask,
+    sparsify_for_inference,
+)
 
 
 class _Net(nnx.Module):

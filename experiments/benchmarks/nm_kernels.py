@@ -42,8 +42,7 @@ import jax
 import jax.numpy as jnp
 from _timing import write_json
 
-from jaxcompress.kernels import NMMatmulConfig, nm_mask, nm_matmul, pack_nm
-from jaxcompress.kernels._common import MetaLayout, is_gpu_backend
+from jaxcompress.kernels import MetaLayout, NMMatmulConfig, nm_mask, nm_matmul, pack_nm
 
 GPU_BATCHES = (1, 4, 16, 64, 256, 1024, 4096)
 GPU_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192))
@@ -208,7 +207,7 @@ def _plot(rows, path, title):
 
 def main(argv=None) -> dict:
     args = _parse_args(sys.argv[1:] if argv is None else argv)
-    on_gpu = is_gpu_backend()
+    on_gpu = jax.default_backend() in ("gpu", "cuda", "rocm")
     impl = "pallas" if on_gpu else "xla"
     n, m = args.n, args.m
     layout = MetaLayout(n, m)

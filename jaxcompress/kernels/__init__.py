@@ -1,22 +1,45 @@
-"""N:M (2:4) sparsity kernels: mask, pack/unpack and a matmul that reads packed weights.
+"""N:M (2:4) sparsity kernels: mask, pack/unpack, a matmul that reads packed weights, and the
+Flax NNX conversion of a trained N:M model to packed inference layers.
 
-One folder per op (``nm_mask``, ``nm_pack``, ``nm_matmul``), each with ``reference.py``
-(pure jnp: the specification and the CPU path), ``kernel.py`` (Pallas; Triton on GPU,
-interpret mode anywhere) and ``api.py`` (``implementation=`` dispatch). ``dispatch``
-chooses kernel vs dense from a measured table. The Flax NNX conversion lives in
-``jaxcompress.kernels.nnx`` and is not imported here (this package stays Flax-free).
+Implementation modules are private: one folder per op (``_nm_mask``, ``_nm_pack``,
+``_nm_matmul``), each with ``reference.py`` (pure jnp: the specification and the CPU path),
+``kernel.py`` (Pallas; Triton on GPU, interpret mode anywhere) and ``api.py``
+(``implementation=`` dispatch); ``_dispatch`` chooses kernel vs dense from a measured table
+(``nm_policy.json``). The NNX names (:class:`NMLinear`, :class:`NMConv1x1`, :class:`NMMeta`,
+:class:`SparsifyReport`, :func:`sparsify_for_inference`) load Flax on first use only, so
+``import jaxcompress.kernels`` stays Flax-free.
 """
 
+import importlib
+from typing import TYPE_CHECKING
+
 from jaxcompress.kernels._common import MetaLayout
-from jaxcompress.kernels.dispatch import load_policy, nm_linear, select_implementation
-from jaxcompress.kernels.nm_mask import nm_mask, nm_violations
-from jaxcompress.kernels.nm_matmul import NMMatmulConfig, nm_matmul
-from jaxcompress.kernels.nm_pack import PackedNM, pack_nm, unpack_nm
+from jaxcompress.kernels._dispatch import load_policy, nm_linear, select_implementation
+from jaxcompress.kernels._nm_mask.api import nm_mask, nm_violations
+from jaxcompress.kernels._nm_matmul.api import nm_matmul
+from jaxcompress.kernels._nm_matmul.config import NMMatmulConfig
+from jaxcompress.kernels._nm_pack.api import pack_nm, unpack_nm
+from jaxcompress.kernels._nm_pack.format import PackedNM
+
+if TYPE_CHECKING:  # pragma: no cover
+    from jaxcompress.kernels._nnx import (
+        NMConv1x1,
+        NMLinear,
+        NMMeta,
+        SparsifyReport,
+        sparsify_for_inference,
+    )
+
+_NNX_NAMES = ("NMConv1x1", "NMLinear", "NMMeta", "SparsifyReport", "sparsify_for_inference")
 
 __all__ = [
     "MetaLayout",
+    "NMConv1x1",
+    "NMLinear",
     "NMMatmulConfig",
+    "NMMeta",
     "PackedNM",
+    "SparsifyReport",
     "load_policy",
     "nm_linear",
     "nm_mask",
@@ -24,5 +47,18 @@ __all__ = [
     "nm_violations",
     "pack_nm",
     "select_implementation",
+    "sparsify_for_inference",
     "unpack_nm",
 ]
+
+
+def __getattr__(name: str):
+    if name in _NNX_NAMES:
+        value = getattr(importlib.import_module("jaxcompress.kernels._nnx"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'jaxcompress.kernels' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

@@ -12,7 +12,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas import triton as pltriton
+
+try:  # Pallas is public as jax.pallas in newer JAX; jax 0.10 has only jax.experimental.pallas.
+    from jax import pallas as pl  # pyrefly: ignore[missing-module-attribute]
+except ImportError:
+    from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton  # Triton's API stays here in both.
 
 from jaxcompress.masks._magnitude import magnitude_keys
 from jaxcompress.masks._nm import check_nm as masks_check_nm
@@ -30,6 +35,9 @@ __all__ = [
     "magnitude_keys",
     "magnitude_ranks",
     "next_power_of_2",
+    "phase_fields",
+    "pl",
+    "load_words",
     "resolve_implementation",
     "triton_compiler_params",
 ]
@@ -108,7 +116,9 @@ def triton_compiler_params(*, num_warps: int = 4, num_stages: int = 3):
 
     ``CompilerParams`` in jax >= 0.7; older releases called it ``TritonCompilerParams``.
     """
-    params = getattr(pltriton, "CompilerParams", None) or pltriton.TritonCompilerParams
+    params = getattr(pltriton, "CompilerParams", None)
+    if params is None:  # jax < 0.7; the installed jax's stubs lack the old name.
+        params = pltriton.TritonCompilerParams  # pyrefly: ignore[missing-attribute]
     return params(num_warps=num_warps, num_stages=num_stages)
 
 
@@ -185,3 +195,31 @@ class MetaLayout:
 
     def meta_rows(self, k: int) -> int:
         return -(-self.value_rows(k) // self.per_word)
+
+
+def load_words(meta_ref: Any, first: Any, rows: int, layout: MetaLayout) -> list[jax.Array]:
+    """Inside a Pallas kernel: the ``period_words`` index words of one period as int32 tiles
+    ``(rows, cols)``, word ``w`` read from rows ``first + w, first + w + period_words, ...``
+    of ``meta_ref``."""
+    return [
+        meta_ref[pl.ds(first + w, rows, stride=layout.period_words), :].astype(jnp.int32)
+        for w in range(layout.period_words)
+    ]
+
+
+def phase_fields(
+    words: list[jax.Array], values_ref: Any, first: Any, q: int, rows: int, layout: MetaLayout
+) -> tuple[list[jax.Array], list[jax.Array]]:
+    """Inside a Pallas kernel: the ``n`` in-group indices and values of phase ``q``.
+
+    Field ``f = q n + t`` (``t < n``) is bits ``(f mod per_word) * bits`` of word
+    ``f // per_word``; its value is read from rows ``first + f, first + f + period_rows, ...``
+    of ``values_ref``. Returns ``(indices, values)``, two lists of ``n`` tiles.
+    """
+    n, per, bits = layout.n, layout.per_word, layout.bits
+    indices, values = [], []
+    for t in range(n):
+        f = q * n + t
+        indices.append((words[f // per] >> ((f % per) * bits)) & layout.field_mask)
+        values.append(values_ref[pl.ds(first + f, rows, stride=layout.period_rows), :])
+    return indices, values

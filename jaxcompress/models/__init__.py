@@ -6,20 +6,15 @@ next-token logits ``(B, T, vocab)``; :func:`generate` samples from it); ``model.
 layouts: Dense ``(in, out)``, Conv ``(kh, kw, in, out)``.
 """
 
-from jaxcompress.models.cnn import ConvBlock, SmallCNN
-from jaxcompress.models.gpt import GPT, CausalSelfAttention, GPTBlock, generate
-from jaxcompress.models.mlp import MLP
-from jaxcompress.models.resnet import BasicBlock, ResNet, resnet8, resnet20
-from jaxcompress.models.transformer import EncoderBlock, TransformerClassifier
+from jaxcompress.models._cnn import SmallCNN
+from jaxcompress.models._gpt import GPT, generate
+from jaxcompress.models._mlp import MLP
+from jaxcompress.models._resnet import ResNet, resnet8, resnet20
+from jaxcompress.models._transformer import TransformerClassifier
 
 __all__ = [
     "MLP",
     "GPT",
-    "BasicBlock",
-    "CausalSelfAttention",
-    "ConvBlock",
-    "EncoderBlock",
-    "GPTBlock",
     "ResNet",
     "SmallCNN",
     "TransformerClassifier",

@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.kernels._common import MetaLayout, is_gpu_backend
-from jaxcompress.kernels.nm_matmul.api import check_operands, nm_matmul
-from jaxcompress.kernels.nm_matmul.config import MIN_GPU_DOT, NMMatmulConfig
-from jaxcompress.kernels.nm_pack.format import PackedNM
+from jaxcompress.kernels._nm_matmul.api import check_operands, nm_matmul
+from jaxcompress.kernels._nm_matmul.config import MIN_GPU_DOT, NMMatmulConfig
+from jaxcompress.kernels._nm_pack.format import PackedNM
 
 POLICY_ENV = "JAXCOMPRESS_NM_POLICY"
 """Environment variable naming a policy JSON file that replaces the shipped table."""

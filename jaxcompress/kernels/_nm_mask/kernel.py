@@ -14,12 +14,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-try:  # Pallas is public as jax.pallas in newer JAX; jax 0.10 has only jax.experimental.pallas.
-    from jax import pallas as pl  # pyrefly: ignore[missing-module-attribute]
-except ImportError:
-    from jax.experimental import pallas as pl
-
-from jaxcompress.kernels._common import magnitude_ranks, next_power_of_2, triton_compiler_params
+from jaxcompress.kernels._common import (
+    magnitude_ranks,
+    next_power_of_2,
+    pl,
+    triton_compiler_params,
+)
 
 _BLOCK_GROUPS = 32
 _BLOCK_COLS = 128

@@ -1,7 +1,7 @@
 """Flax NNX inference conversion: N:M-sparse ``nnx.Linear`` / 1x1 ``nnx.Conv`` -> packed.
 
-This is the only module of :mod:`jaxcompress.kernels` that imports Flax; it is not imported
-by ``jaxcompress.kernels`` itself (``from jaxcompress.kernels import nnx as nm_nnx``).
+This is the only module of :mod:`jaxcompress.kernels` that imports Flax; ``jaxcompress.kernels``
+re-exports its public names lazily, on first access.
 
 :func:`sparsify_for_inference` walks a trained model whose dense kernels satisfy the N:M
 pattern along their ``in`` axis (e.g. after ``jaxcompress.masks.nm`` + masked training) and
@@ -26,11 +26,11 @@ import numpy as np
 from flax import nnx
 
 from jaxcompress.kernels._common import check_nm
-from jaxcompress.kernels.dispatch import nm_linear
-from jaxcompress.kernels.nm_mask.api import nm_violations
-from jaxcompress.kernels.nm_matmul.api import nm_matmul
-from jaxcompress.kernels.nm_pack.api import pack_nm
-from jaxcompress.kernels.nm_pack.format import PackedNM
+from jaxcompress.kernels._dispatch import nm_linear
+from jaxcompress.kernels._nm_mask.api import nm_violations
+from jaxcompress.kernels._nm_matmul.api import nm_matmul
+from jaxcompress.kernels._nm_pack.api import pack_nm
+from jaxcompress.kernels._nm_pack.format import PackedNM
 
 __all__ = [
     "LayerReport",
@@ -214,7 +214,7 @@ def _conv_skip_reason(conv: nnx.Conv) -> str | None:
     if conv.feature_group_count != 1:
         return f"feature_group_count={conv.feature_group_count}"
     dil = conv.input_dilation
-    if (dil if isinstance(dil, int) else max(dil)) != 1:
+    if dil is not None and (dil if isinstance(dil, int) else max(dil)) != 1:
         return f"input_dilation={dil}"
     pad = conv.padding
     zero = pad in ("SAME", "VALID") or (isinstance(pad, int) and pad == 0)
@@ -239,7 +239,7 @@ def _strides(conv: nnx.Conv) -> tuple[int, ...]:
 
 
 def _set_child(root: nnx.Module, path: tuple, child: nnx.Module) -> None:
-    parent = root
+    parent: Any = root  # an nnx.Module, or an nnx.List / Sequential indexed by int
     for key in path[:-1]:
         parent = parent[key] if isinstance(key, int) else getattr(parent, key)
     key = path[-1]

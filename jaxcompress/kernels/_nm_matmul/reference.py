@@ -7,7 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxcompress.kernels.nm_pack.reference import unpack_reference
+from jaxcompress.kernels._nm_pack.reference import unpack_reference
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "n", "m"))

@@ -28,8 +28,8 @@ class NMMatmulConfig:
         added afterwards); raises parallelism for small batches (decode).
       num_warps, num_stages: Triton launch parameters (ignored in interpret mode).
 
-    ``NMMatmulConfig.default(...)`` gives per-shape defaults, fitted to an H100 sweep of
-    ``experiments/benchmarks/nm_kernels.py --sweep``; run that sweep on another GPU.
+    ``NMMatmulConfig.default(...)`` gives per-shape defaults; to tune for another GPU, run
+    ``experiments/benchmarks/nm_kernels.py --sweep``.
     """
 
     block_m: int = 16
@@ -90,10 +90,9 @@ class NMMatmulConfig:
 
         Small batches are bandwidth bound: ``block_n`` 64, ``block_k`` 16 rows per phase and
         ``split_k`` up to 16 so that ~512 programs are in flight, as long as the float32
-        partial sums stay under ~40% of the weight bytes. These choices come from the
-        coordinate search of ``experiments/benchmarks/nm_kernels.py --sweep`` on an H100
-        (bf16, batches 1 and 16, the four benchmark shapes), where they were the best or
-        within 10% of it.
+        partial sums stay under ~40% of the weight bytes (tuned with
+        ``experiments/benchmarks/nm_kernels.py --sweep``; its results are in
+        ``experiments/benchmarks/results``).
         Large batches are compute bound: square 128x128 output tiles, ``block_k`` 32 per
         phase. 4-byte (float32) operands take half the ``block_k`` so that the pipelined
         tiles fit the shared memory of an H100 (a 128x256 float32 ``x`` tile in 3 stages

@@ -15,16 +15,14 @@ import functools
 import jax
 import jax.numpy as jnp
 
-try:  # Pallas is public as jax.pallas in newer JAX; jax 0.10 has only jax.experimental.pallas.
-    from jax import pallas as pl  # pyrefly: ignore[missing-module-attribute]
-except ImportError:
-    from jax.experimental import pallas as pl
-
 from jaxcompress.kernels._common import (
     META_DTYPE,
     MetaLayout,
+    load_words,
     magnitude_ranks,
     next_power_of_2,
+    phase_fields,
+    pl,
     triton_compiler_params,
 )
 
@@ -65,17 +63,10 @@ def _pack_kernel(w_ref, values_ref, meta_ref, *, layout: MetaLayout, rows: int):
 
 
 def _unpack_kernel(values_ref, meta_ref, w_ref, *, layout: MetaLayout, rows: int):
-    n, m, per, bits = layout.n, layout.m, layout.per_word, layout.bits
-    words = [
-        meta_ref[pl.ds(w, rows, stride=layout.period_words), :].astype(jnp.int32)
-        for w in range(layout.period_words)
-    ]
+    m = layout.m
+    words = load_words(meta_ref, 0, rows, layout)
     for q in range(layout.period_groups):
-        idx, vals = [], []
-        for t in range(n):
-            f = q * n + t
-            idx.append((words[f // per] >> ((f % per) * bits)) & layout.field_mask)
-            vals.append(values_ref[pl.ds(f, rows, stride=layout.period_rows), :])
+        idx, vals = phase_fields(words, values_ref, 0, q, rows, layout)
         for c in range(m):
             dense = _select_chain([i == c for i in idx], vals, jnp.zeros_like(vals[0]))
             w_ref[pl.ds(q * m + c, rows, stride=layout.period_dense), :] = dense

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress.kernels._common import check_array, check_nm, resolve_implementation
-from jaxcompress.kernels.nm_mask.kernel import nm_mask_pallas
-from jaxcompress.kernels.nm_mask.reference import nm_mask_reference, nm_violations_reference
+from jaxcompress.kernels._nm_mask.kernel import nm_mask_pallas
+from jaxcompress.kernels._nm_mask.reference import nm_mask_reference, nm_violations_reference
 
 
 def _to_2d(w: jax.Array, axis: int, m: int, name: str = "w") -> tuple[jax.Array, int]:

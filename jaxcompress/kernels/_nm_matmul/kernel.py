@@ -1,6 +1,6 @@
 """Pallas N:M matmul: stream packed values + index words, expand in registers, dense dot.
 
-On an H100 no JAX path reaches the 2:4 sparse tensor cores, so the kernel wins on bytes:
+No JAX path reaches the 2:4 sparse tensor cores, so the kernel saves memory traffic instead:
 it reads ``K*N*n/m`` values and ``K*N*n/m*bits/8`` bytes of indices instead of ``K*N``
 values (9/16 of the dense bytes for bf16 2:4, a 1.78x ceiling for bandwidth-bound shapes).
 
@@ -24,15 +24,16 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas import triton as pltriton
 
-try:  # Pallas is public as jax.pallas in newer JAX; jax 0.10 has only jax.experimental.pallas.
-    from jax import pallas as pl  # pyrefly: ignore[missing-module-attribute]
-except ImportError:
-    from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton  # Triton's API stays here in both.
-
-from jaxcompress.kernels._common import MetaLayout, triton_compiler_params
-from jaxcompress.kernels.nm_matmul.config import NMMatmulConfig
+from jaxcompress.kernels._common import (
+    MetaLayout,
+    load_words,
+    phase_fields,
+    pl,
+    triton_compiler_params,
+)
+from jaxcompress.kernels._nm_matmul.config import NMMatmulConfig
 
 _PRECISION = jax.lax.Precision.HIGHEST
 """IEEE float32 dots for float32 inputs (Triton would use TF32, ~1e-3 relative error);
@@ -42,25 +43,18 @@ no effect on 16-bit inputs."""
 def _matmul_kernel(
     x_ref, v_ref, meta_ref, o_ref, *, layout: MetaLayout, block_k: int, steps: int, valid_rows
 ):
-    n, m, per, bits = layout.n, layout.m, layout.per_word, layout.bits
+    n, m = layout.n, layout.m
     rows = block_k // layout.period_dense
     value_step = block_k // m * n
-    word_step = value_step // per
+    word_step = value_step // layout.per_word
     block_m = x_ref.shape[0]
     block_n = v_ref.shape[-1]
 
     def step(s, acc):
         x0, v0, w0 = s * block_k, s * value_step, s * word_step
-        words = [
-            meta_ref[pl.ds(w0 + w, rows, stride=layout.period_words), :].astype(jnp.int32)
-            for w in range(layout.period_words)
-        ]
+        words = load_words(meta_ref, w0, rows, layout)
         for q in range(layout.period_groups):
-            idx, vals = [], []
-            for t in range(n):
-                f = q * n + t
-                idx.append((words[f // per] >> ((f % per) * bits)) & layout.field_mask)
-                vals.append(v_ref[pl.ds(v0 + f, rows, stride=layout.period_rows), :])
+            idx, vals = phase_fields(words, v_ref, v0, q, rows, layout)
             for c in range(m):
                 w_rows = jnp.zeros_like(vals[0])
                 for t in range(n):

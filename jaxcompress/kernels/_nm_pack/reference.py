@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress.kernels._common import META_DTYPE, MetaLayout
-from jaxcompress.kernels.nm_mask.reference import nm_mask_reference
+from jaxcompress.kernels._nm_mask.reference import nm_mask_reference
 
 
 def selected_indices(w: jax.Array, n: int, m: int) -> jax.Array:

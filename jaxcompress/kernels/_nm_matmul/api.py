@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.kernels._common import MetaLayout, check_array, resolve_implementation
-from jaxcompress.kernels.nm_matmul.config import MIN_GPU_DOT, NMMatmulConfig
-from jaxcompress.kernels.nm_matmul.kernel import nm_matmul_pallas
-from jaxcompress.kernels.nm_matmul.reference import nm_matmul_reference
-from jaxcompress.kernels.nm_pack.format import PackedNM, check_packed
-from jaxcompress.kernels.nm_pack.reference import unpack_reference, unpack_words
+from jaxcompress.kernels._nm_matmul.config import MIN_GPU_DOT, NMMatmulConfig
+from jaxcompress.kernels._nm_matmul.kernel import nm_matmul_pallas
+from jaxcompress.kernels._nm_matmul.reference import nm_matmul_reference
+from jaxcompress.kernels._nm_pack.format import PackedNM, check_packed
+from jaxcompress.kernels._nm_pack.reference import unpack_reference, unpack_words
 
 _FLOAT_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16))
 

@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress.kernels._common import check_array, check_nm, resolve_implementation
-from jaxcompress.kernels.nm_mask.reference import nm_violations_reference
-from jaxcompress.kernels.nm_pack.format import PackedNM, check_packed
-from jaxcompress.kernels.nm_pack.kernel import pack_pallas, unpack_pallas
-from jaxcompress.kernels.nm_pack.reference import pack_reference, unpack_reference
+from jaxcompress.kernels._nm_mask.reference import nm_violations_reference
+from jaxcompress.kernels._nm_pack.format import PackedNM, check_packed
+from jaxcompress.kernels._nm_pack.kernel import pack_pallas, unpack_pallas
+from jaxcompress.kernels._nm_pack.reference import pack_reference, unpack_reference
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 

@@ -1,0 +1,1 @@
+"""N:M magnitude mask: reference, Pallas kernel and dispatch."""

@@ -1,0 +1,1 @@
+"""N:M pack / unpack: the packed format, reference, Pallas kernels and dispatch."""
