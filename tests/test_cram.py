@@ -579,7 +579,7 @@ def test_bad_inner_and_update_calls():
         tx.update(grads, state, params)
     with pytest.raises(TypeError, match="grad_fn"):
         tx.update(grads, state, params, grad_fn=3)
-    with pytest.raises(TypeError, match="params"):
+    with pytest.raises(ValueError, match="needs the current params"):
         tx.update(grads, state, None, grad_fn=lambda p: grads)
     with pytest.raises(ValueError, match="structure"):
         jax.eval_shape(lambda: tx.update(grads, state, params, grad_fn=lambda p: p["dense"]))

@@ -1,8 +1,7 @@
 r"""AC/DC: Alternating Compressed/DeCompressed training as an optax wrapper.
 
 Peste, Iofinova, Vladu, Alistarh, "AC/DC: Alternating Compressed/DeCompressed Training of Deep
-Neural Networks", NeurIPS 2021, arXiv:2106.12379; reference code IST-DASLab/ACDC
-(algorithms.md section 2).
+Neural Networks", NeurIPS 2021, arXiv:2106.12379; reference code IST-DASLab/ACDC.
 
 Training alternates, on the timeline of an :class:`~jaxcompress.optim._schedule.AcdcSchedule`,
 between dense phases (warm-up, decompressed) and compressed phases with a fixed sparse support.
@@ -60,6 +59,7 @@ from jaxcompress.masks._nm import check_nm
 from jaxcompress.optim._masked import _cancel_pruned, _mask_leaf, _place_like
 from jaxcompress.optim._placement import replicate_on_params_mesh
 from jaxcompress.optim._schedule import AcdcSchedule
+from jaxcompress.optim._util import check_update_args, next_count
 
 __all__ = ["AcdcState", "acdc", "moment_leaves"]
 
@@ -372,15 +372,13 @@ def acdc(
 
     def update_fn(
         updates: optax.Updates,
-        state: AcdcState,
+        state: optax.OptState,
         params: optax.Params | None = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, AcdcState]:
-        if params is None:
-            raise ValueError(
-                "acdc(): update() needs the current params (to compute masks and keep pruned "
-                "weights at zero); call tx.update(grads, opt_state, params)."
-            )
+        state, params = check_update_args(
+            "acdc()", state, AcdcState, params, "to compute masks and keep pruned weights at zero"
+        )
         step = state.count
         keep = keep_where(state.masks, schedule.is_compressed(step))
         inner_state = state.inner_state
@@ -411,7 +409,7 @@ def acdc(
         keep_both = intersect(keep, keep_where(masks, schedule.is_compressed(following)))
         new_updates = cancel_pruned(keep_both, inner_updates, params)
         new_state = AcdcState(
-            count=optax.safe_increment(step),
+            count=next_count(step),
             masks=masks,
             inner_state=inner_state,
             mask_hamming=ham,

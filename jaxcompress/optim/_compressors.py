@@ -90,7 +90,7 @@ class Compressor:
             return tuple(1.0 - n / m for n, m in self.options)
         return tuple(float(s) for s in self.options)
 
-    def sparsity(self, index: jax.Array) -> jax.Array:
+    def sparsity(self, index: jax.Array | int) -> jax.Array:
         """Nominal sparsity of member ``index`` as a float32 scalar (``index`` may be traced)."""
         table = jnp.asarray(self.nominal_sparsities, dtype=jnp.float32)
         return table[jnp.asarray(index, dtype=jnp.int32)]

@@ -14,6 +14,7 @@ import optax
 from jaxcompress.masks import map_masked
 from jaxcompress.optim._compressors import Compressor, make_compressor
 from jaxcompress.optim._placement import replicate_on_params_mesh
+from jaxcompress.optim._util import check_update_args, next_count
 
 __all__ = ["CramState", "cram"]
 
@@ -272,7 +273,7 @@ def cram(
 
     def update_fn(
         updates: optax.Updates,
-        state: CramState,
+        state: optax.OptState,
         params: optax.Params | None = None,
         *,
         grad_fn: Callable[[optax.Params], optax.Updates] | None = None,
@@ -287,11 +288,9 @@ def cram(
             )
         if not callable(grad_fn):
             raise TypeError(f"cram(): grad_fn must be callable params -> grads, got {grad_fn!r}")
-        if params is None:
-            raise TypeError(
-                "cram(): update() requires params (the perturbation is applied to them); call "
-                "tx.update(grads, state, params, grad_fn=grad_fn)"
-            )
+        state, params = check_update_args(
+            "cram()", state, CramState, params, "the perturbation is applied to them"
+        )
         grads = updates
         if batch_axis_name is not None:
             grads = jax.lax.pmean(grads, axis_name=batch_axis_name)
@@ -324,7 +323,7 @@ def cram(
 
         inner_updates, inner_state = inner.update(combined, state.inner_state, params, **extra_args)
         return inner_updates, CramState(
-            count=optax.safe_increment(state.count),
+            count=next_count(state.count),
             key=jax.random.key_data(key),
             choice=choice,
             sparsity=comp.sparsity(choice),

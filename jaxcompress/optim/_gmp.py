@@ -26,7 +26,6 @@ schedule.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -47,6 +46,7 @@ from jaxcompress.optim._acdc import (
     place_masks,
 )
 from jaxcompress.optim._placement import replicate_on_params_mesh
+from jaxcompress.optim._util import check_int, check_update_args, next_count
 
 __all__ = ["GmpState", "gmp", "gmp_sparsity"]
 
@@ -72,16 +72,6 @@ class GmpState(NamedTuple):
     inner_state: optax.OptState
 
 
-def _check_step(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"{name}: expected an int >= {minimum}, got {type(value).__name__} {value!r}"
-        )
-    if value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _check_ramp(
     sparsity: Any, begin_step: Any, end_step: Any, every: Any, initial_sparsity: Any
 ) -> tuple[float, int, int, int, float]:
@@ -97,9 +87,9 @@ def _check_ramp(
             f"initial_sparsity: expected a value <= sparsity={final} (the ramp only prunes), "
             f"got {initial}"
         )
-    begin = _check_step("begin_step", begin_step, 0)
-    end = _check_step("end_step", end_step, 0)
-    step = _check_step("every", every, 1)
+    begin = check_int("begin_step", begin_step, minimum=0)
+    end = check_int("end_step", end_step, minimum=0)
+    step = check_int("every", every, minimum=1)
     if end <= begin:
         raise ValueError(f"end_step: expected an int > begin_step={begin}, got {end}")
     if (end - begin) % step:
@@ -241,15 +231,13 @@ def gmp(
 
     def update_fn(
         updates: optax.Updates,
-        state: GmpState,
+        state: optax.OptState,
         params: optax.Params | None = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, GmpState]:
-        if params is None:
-            raise ValueError(
-                "gmp(): update() needs the current params (to compute masks and keep pruned "
-                "weights at zero); call tx.update(grads, opt_state, params)."
-            )
+        state, params = check_update_args(
+            "gmp()", state, GmpState, params, "to compute masks and keep pruned weights at zero"
+        )
         step = state.count
         keep = state.masks
         inner_updates, inner_state = masked_inner_update(
@@ -264,8 +252,6 @@ def gmp(
 
         masks = lax.cond(is_pruning_step(following), prune, lambda _: keep, None)
         new_updates = cancel_pruned(masks, inner_updates, params)
-        return new_updates, GmpState(
-            count=optax.safe_increment(step), masks=masks, inner_state=inner_state
-        )
+        return new_updates, GmpState(count=next_count(step), masks=masks, inner_state=inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

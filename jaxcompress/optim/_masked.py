@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxcompress.masks import map_masked, path_str, validate_masks
+from jaxcompress.optim._util import check_update_args
 
 __all__ = ["FixedMaskState", "MaskedState", "fixed_mask", "masked", "masked_params"]
 
@@ -113,20 +114,13 @@ def fixed_mask(
 
     def update_fn(
         updates: optax.Updates,
-        state: FixedMaskState,
+        state: optax.OptState,
         params: optax.Params | None = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, FixedMaskState]:
-        if params is None:
-            raise ValueError(
-                "fixed_mask(): update() needs the current params to keep pruned weights at "
-                "zero; call tx.update(grads, opt_state, params)."
-            )
-        if not (hasattr(state, "masks") and hasattr(state, "inner_state")):
-            raise TypeError(
-                f"fixed_mask(): state must be the FixedMaskState from init, got "
-                f"{type(state).__name__}"
-            )
+        state, params = check_update_args(
+            "fixed_mask()", state, FixedMaskState, params, "to keep pruned weights at zero"
+        )
         # Static checks (run once per trace under jit): a mismatch would otherwise fail deep
         # inside jax.tree.map with a message that names no leaf.
         _check_like_masks(updates, state.masks, "updates")

@@ -11,7 +11,8 @@ of Deep Neural Networks", NeurIPS 2021, arXiv:2106.12379) trains in phases:
 With period ``P = C + D`` the number of cycles is ``n = (F - W) // P`` (at least 1), and the
 last decompressed phase runs until ``F``: it is longer than ``D`` by ``(F - W) mod P`` steps.
 This is how the reference ImageNet configs look (5-epoch phases, then a 10-epoch last
-decompressed phase before the final compressed phase at epoch 85; algorithms.md 2.2).
+decompressed phase before the final compressed phase at epoch 85; reference code
+IST-DASLab/ACDC).
 
 For a step ``t`` (a Python int or an int array, possibly traced) with ``r = t - W``,
 ``k = r // P`` and ``q = r mod P``::
@@ -34,28 +35,19 @@ in steps and checks that it reproduces the reference events exactly.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from jaxcompress.optim._util import check_int
+
 __all__ = ["AcdcSchedule", "acdc_schedule", "acdc_schedule_from_epochs"]
 
 #: Event kinds in :meth:`AcdcSchedule.events`.
 COMPRESS = "compress"
 DECOMPRESS = "decompress"
-
-
-def _check_int(name: str, value: Any, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"{name}: expected an int >= {minimum}, got {type(value).__name__} {value!r}"
-        )
-    if value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
-    return int(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,11 +76,11 @@ class AcdcSchedule:
     total_steps: int
 
     def __post_init__(self):
-        w = _check_int("warmup_steps", self.warmup_steps, minimum=0)
-        c = _check_int("compressed_steps", self.compressed_steps, minimum=1)
-        d = _check_int("decompressed_steps", self.decompressed_steps, minimum=1)
-        f = _check_int("final_compressed_start", self.final_compressed_start, minimum=0)
-        t = _check_int("total_steps", self.total_steps, minimum=1)
+        w = check_int("warmup_steps", self.warmup_steps, minimum=0)
+        c = check_int("compressed_steps", self.compressed_steps, minimum=1)
+        d = check_int("decompressed_steps", self.decompressed_steps, minimum=1)
+        f = check_int("final_compressed_start", self.final_compressed_start, minimum=0)
+        t = check_int("total_steps", self.total_steps, minimum=1)
         if f >= t:
             raise ValueError(
                 f"final_compressed_start: the final compressed phase must start before "
@@ -174,7 +166,7 @@ class AcdcSchedule:
 
     def phase_at(self, step: int) -> str:
         """``"dense"``, ``"compressed"`` or ``"decompressed"`` at a concrete step (host side)."""
-        step = _check_int("step", step, minimum=0)
+        step = check_int("step", step, minimum=0)
         if step < self.warmup_steps:
             return "dense"
         return "compressed" if bool(self.is_compressed(step)) else "decompressed"
@@ -204,8 +196,8 @@ def acdc_schedule(
       ValueError: ``final_compressed_steps`` <= 0 or > ``total_steps``, any other phase length
         <= 0, or no room for one full cycle between warm-up and the final phase.
     """
-    total = _check_int("total_steps", total_steps, minimum=1)
-    final = _check_int("final_compressed_steps", final_compressed_steps, minimum=1)
+    total = check_int("total_steps", total_steps, minimum=1)
+    final = check_int("final_compressed_steps", final_compressed_steps, minimum=1)
     if final > total:
         raise ValueError(
             f"final_compressed_steps: the final compressed phase must fit in total_steps={total}, "
@@ -233,9 +225,9 @@ def _as_triples(name: str, value: Any) -> list[tuple[int, int, int]]:
         where = f"{name}[{i}]" if nested else name
         if len(triple) != 3:
             raise ValueError(f"{where}: expected a [start, freq, end] triple, got {triple!r}")
-        start = _check_int(f"{where}[0] (start)", triple[0], minimum=0)
-        freq = _check_int(f"{where}[1] (freq)", triple[1], minimum=1)
-        end = _check_int(f"{where}[2] (end)", triple[2], minimum=0)
+        start = check_int(f"{where}[0] (start)", triple[0], minimum=0)
+        freq = check_int(f"{where}[1] (freq)", triple[1], minimum=1)
+        end = check_int(f"{where}[2] (end)", triple[2], minimum=0)
         if end <= start:
             raise ValueError(
                 f"{where}: end (exclusive) must be greater than start, got {triple!r}, which "
@@ -261,9 +253,9 @@ def acdc_schedule_from_epochs(
     the pruner wins. Several pruners/recyclers are given as a list of triples. Epoch ``e``
     starts at step ``e * steps_per_epoch``.
 
-    Examples (algorithms.md 2.2), 200 epochs: ``[10, 40, 171]`` and ``[30, 40, 151]`` give
-    dense 0-10, compressed 10-30, 50-70, 90-110, 130-150, decompressed 30-50, 70-90, 110-130,
-    150-170, final compressed 170-200. ImageNet, 100 epochs:
+    Examples (configs of the reference code IST-DASLab/ACDC), 200 epochs: ``[10, 40, 171]``
+    and ``[30, 40, 151]`` give dense 0-10, compressed 10-30, 50-70, 90-110, 130-150,
+    decompressed 30-50, 70-90, 110-130, 150-170, final compressed 170-200. ImageNet, 100 epochs:
     ``[[10, 10, 71], [85, 20, 100]]`` and ``[[15, 10, 66], [75, 20, 86]]`` give 5-epoch phases
     from 10 to 75, a decompressed phase 75-85 and a final compressed phase 85-100.
 
@@ -283,8 +275,8 @@ def acdc_schedule_from_epochs(
         with compress; or a timeline that is not a dense warm-up followed by equal-length
         cycles and a final compressed phase (the message lists the events).
     """
-    spe = _check_int("steps_per_epoch", steps_per_epoch, minimum=1)
-    total = _check_int("total_epochs", total_epochs, minimum=1)
+    spe = check_int("steps_per_epoch", steps_per_epoch, minimum=1)
+    total = check_int("total_epochs", total_epochs, minimum=1)
     prunes: set[int] = set()
     for start, freq, end in _as_triples("prune_triple", prune_triple):
         prunes.update(range(start, end, freq))
