@@ -9,21 +9,6 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-_SUBMODULES = (
-    "checkpoint",
-    "data",
-    "kernels",
-    "latency",
-    "masks",
-    "models",
-    "optim",
-    "prune",
-    "sharding",
-    "spdy",
-    "structure",
-    "train",
-)
-
 __all__ = [  # noqa: RUF022
     "__version__",
     "checkpoint",
@@ -39,6 +24,7 @@ __all__ = [  # noqa: RUF022
     "structure",
     "train",
 ]
+_SUBMODULES = frozenset(__all__[1:])
 
 if TYPE_CHECKING:  # pragma: no cover
     from jaxcompress import (  # noqa: F401

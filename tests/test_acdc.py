@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _optim_loops import INNERS, dense_out_params, make_step, run_steps
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -242,13 +243,7 @@ def test_schedule_from_epochs_prune_wins_ties():
 def _problem(seed=0):
     """Two dense layers (kernels pruned, bias free) on a least-squares problem."""
     rng = np.random.default_rng(seed)
-    params = {
-        "dense": {
-            "kernel": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32),
-            "bias": jnp.asarray(rng.normal(size=(8,)), jnp.float32),
-        },
-        "out": {"kernel": jnp.asarray(rng.normal(size=(8, 4)) * 0.5, jnp.float32)},
-    }
+    params = dense_out_params(rng)
     x = jnp.asarray(rng.normal(size=(32, 16)), jnp.float32)
     y = jnp.asarray(rng.normal(size=(32, 4)), jnp.float32)
 
@@ -269,37 +264,8 @@ SCHED = acdc_schedule(
 )
 
 
-def _make_step(tx, loss, traces=None):
-    @jax.jit
-    def step(params, state):
-        if traces is not None:
-            traces.append(1)
-        grads = jax.grad(loss)(params)
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, grads
-
-    return step
-
-
-def _run(tx, params, loss, num_steps, traces=None):
-    step = _make_step(tx, loss, traces)
-    state = tx.init(params)
-    history = [(params, state, None)]
-    for _ in range(num_steps):
-        params, state, grads = step(params, state)
-        history.append((params, state, grads))
-    return history
-
-
 def _kernels(tree):
     return [tree["dense"]["kernel"], tree["out"]["kernel"]]
-
-
-INNERS = {
-    "sgd": lambda: optax.sgd(0.05),
-    "momentum": lambda: optax.sgd(0.05, momentum=0.9),
-    "adamw": lambda: optax.adamw(0.01, weight_decay=0.1),
-}
 
 
 @pytest.mark.parametrize("name", sorted(INNERS))
@@ -307,7 +273,7 @@ def test_pruned_entries_exactly_zero_through_compressed_phases(name):
     params, loss = _problem()
     sparsity = 0.75
     tx = acdc(INNERS[name](), sparsity=sparsity, schedule=SCHED)
-    history = _run(tx, params, loss, SCHED.total_steps + 2)
+    history = run_steps(tx, params, loss, SCHED.total_steps + 2)
     n_kernel = 16 * 8 + 8 * 4
     kept_expected = int(np.ceil(n_kernel * (1 - sparsity)))
     for t in range(1, len(history)):
@@ -372,7 +338,7 @@ def test_parity_with_reference_loop_sgd_momentum():
     sched = acdc_schedule_from_epochs(prune, recycle, steps_per_epoch=spe, total_epochs=epochs)
     lr, mom, sparsity = 0.05, 0.9, 0.6
     tx = acdc(optax.sgd(lr, momentum=mom), sparsity=sparsity, schedule=sched)
-    ours = [p for p, _, _ in _run(tx, params, loss, spe * epochs)]  # entering each step
+    ours = [p for p, _, _ in run_steps(tx, params, loss, spe * epochs)]  # entering each step
     ref = _reference_acdc_sgd(
         params, loss, set(range(1, 8, 3)), set(range(2, 7, 3)), spe, epochs, lr, mom, sparsity
     )
@@ -385,7 +351,7 @@ def test_parity_with_reference_loop_sgd_momentum():
 def test_masks_change_only_at_compressed_phase_starts_and_hamming_is_logged():
     params, loss = _problem(seed=1)
     tx = acdc(optax.sgd(0.2, momentum=0.9), sparsity=0.5, schedule=SCHED)
-    history = _run(tx, params, loss, SCHED.total_steps)
+    history = run_steps(tx, params, loss, SCHED.total_steps)
     starts = [t for t in range(len(history)) if bool(SCHED.is_compressed_phase_start(t))]
     assert starts == [2, 8, 14]
     diffs = {}
@@ -412,13 +378,13 @@ def test_one_compilation_for_the_whole_schedule():
     params, loss = _problem()
     traces = []
     tx = acdc(optax.adamw(0.01), sparsity=0.5, schedule=SCHED)
-    history = _run(tx, params, loss, SCHED.total_steps + 3, traces=traces)
+    history = run_steps(tx, params, loss, SCHED.total_steps + 3, traces=traces)
     assert len(traces) == 1
     assert isinstance(history[-1][1], AcdcState)
 
 
 def _state_after(tx, params, loss, num_steps):
-    history = _run(tx, params, loss, num_steps)
+    history = run_steps(tx, params, loss, num_steps)
     return history[-2][1], history[-1][1], history[-1][2]  # state before, after, grads
 
 
@@ -426,7 +392,7 @@ def test_momentum_trace_reset_at_decompression_only():
     params, loss = _problem()
     mom = 0.9
     tx = acdc(optax.sgd(0.05, momentum=mom), sparsity=0.5, schedule=SCHED)
-    history = _run(tx, params, loss, 9)
+    history = run_steps(tx, params, loss, 9)
     for t in range(1, 9):
         before, after, grads = history[t - 1][1], history[t][1], history[t][2]
         trace = after.inner_state[0].trace
@@ -511,10 +477,10 @@ def test_callable_reset_selector():
 def test_layer_and_nm_scopes():
     params, loss = _problem()
     layer = acdc(optax.sgd(0.05), sparsity=0.75, schedule=SCHED, scope="layer")
-    state = _run(layer, params, loss, 3)[-1][1]  # masks for step 3 (compressed)
+    state = run_steps(layer, params, loss, 3)[-1][1]  # masks for step 3 (compressed)
     assert [int(m.sum()) for m in _kernels(state.masks)] == [32, 8]
     nm = acdc(optax.sgd(0.05), sparsity=None, schedule=SCHED, scope="nm", nm=(2, 4))
-    history = _run(nm, params, loss, 4)
+    history = run_steps(nm, params, loss, 4)
     for m, w in zip(_kernels(history[-1][1].masks), _kernels(history[-1][0]), strict=True):
         groups = np.asarray(m).reshape(-1, 4, m.shape[-1])  # groups of 4 along axis -2
         assert np.all(groups.sum(axis=1) == 2)
@@ -531,7 +497,7 @@ def test_warmup_zero_computes_the_first_mask_in_init():
         total_steps=6,
     )
     tx = acdc(optax.sgd(0.05), sparsity=0.5, schedule=sched)
-    history = _run(tx, params, loss, 1)
+    history = run_steps(tx, params, loss, 1)
     init_masks = history[0][1].masks
     for a, b in zip(_kernels(init_masks), _kernels(jc_masks.magnitude(params, 0.5)), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -554,7 +520,7 @@ def test_flax_nnx_state_params():
         return jnp.mean(nnx.merge(graphdef, p, rest)(x) ** 2)
 
     tx = acdc(optax.sgd(0.1, momentum=0.9), sparsity=0.5, schedule=SCHED)
-    p, state, _ = _run(tx, params, loss, 3)[-1]  # step 2 is compressed
+    p, state, _ = run_steps(tx, params, loss, 3)[-1]  # step 2 is compressed
     chosen = {
         jc_masks.path_str(path): m
         for path, m in jax.tree_util.tree_flatten_with_path(
@@ -579,11 +545,11 @@ def test_sharded_params_keep_their_shardings():
     shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
     params = jax.device_put(params, shardings)
     tx = acdc(optax.sgd(0.05, momentum=0.9), sparsity=0.5, schedule=SCHED)
-    history = _run(tx, params, loss, 4)  # through the first mask computation
+    history = run_steps(tx, params, loss, 4)  # through the first mask computation
     p, state, _ = history[-1]
     # AC/DC adds no resharding: the same output shardings as the inner optimizer alone (XLA
     # may choose to shard the replicated bias's output either way).
-    base_p, base_state, _ = _run(optax.sgd(0.05, momentum=0.9), params, loss, 4)[-1]
+    base_p, base_state, _ = run_steps(optax.sgd(0.05, momentum=0.9), params, loss, 4)[-1]
     for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(base_p), strict=True):
         assert a.sharding.is_equivalent_to(b.sharding, a.ndim)
     for a, b in zip(jax.tree.leaves(state.inner_state), jax.tree.leaves(base_state), strict=True):
@@ -597,7 +563,7 @@ def test_resume_from_checkpoint_mid_phase_matches_uninterrupted_run(tmp_path):
     checkpoint = pytest.importorskip("jaxcompress.checkpoint")
     params, loss = _problem()
     tx = acdc(optax.adamw(0.01), sparsity=0.5, schedule=SCHED)
-    step = _make_step(tx, loss)
+    step = make_step(tx, loss)
     full_params, full_state = params, tx.init(params)
     for _ in range(SCHED.total_steps):
         full_params, full_state, _ = step(full_params, full_state)

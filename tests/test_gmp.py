@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _optim_loops import INNERS, run_steps
 
 from jaxcompress.masks._magnitude import keep_count
 from jaxcompress.optim._gmp import GmpState, gmp, gmp_sparsity
@@ -54,31 +55,10 @@ def _problem(seed=0):
     return params, loss
 
 
-def _run(tx, params, loss, num_steps, traces=None):
-    @jax.jit
-    def step(params, state):
-        if traces is not None:
-            traces.append(1)
-        updates, state = tx.update(jax.grad(loss)(params), state, params)
-        return optax.apply_updates(params, updates), state
-
-    state = tx.init(params)
-    history = [(params, state)]
-    for _ in range(num_steps):
-        params, state = step(params, state)
-        history.append((params, state))
-    return history
-
-
 def _kernels(tree):
     return [tree["a"]["kernel"], tree["b"]["kernel"]]
 
 
-INNERS = {
-    "sgd": lambda: optax.sgd(0.05),
-    "momentum": lambda: optax.sgd(0.05, momentum=0.9),
-    "adamw": lambda: optax.adamw(0.01, weight_decay=0.1),
-}
 RAMP = dict(sparsity=0.8, begin_step=3, end_step=15, every=3, initial_sparsity=0.1)
 
 
@@ -87,12 +67,12 @@ def test_monotone_masks_exact_counts_and_zeros(name):
     params, loss = _problem()
     traces = []
     tx = gmp(INNERS[name](), **RAMP)
-    history = _run(tx, params, loss, 20, traces=traces)
+    history = run_steps(tx, params, loss, 20, traces=traces)
     assert len(traces) == 1  # one compilation through the whole ramp
     n = 12 * 10 + 10 * 6
     pruning_steps = {3, 6, 9, 12, 15}
     for t in range(1, len(history)):
-        p, state = history[t]
+        p, state, _ = history[t]
         prev = history[t - 1][1]
         assert isinstance(state, GmpState) and int(state.count) == t
         masks, old = [np.asarray(m) for m in _kernels(state.masks)], _kernels(prev.masks)
@@ -111,14 +91,14 @@ def test_monotone_masks_exact_counts_and_zeros(name):
 def test_layer_scope_counts_per_leaf():
     params, loss = _problem()
     tx = gmp(optax.sgd(0.05), **RAMP, scope="layer")
-    state = _run(tx, params, loss, 16)[-1][1]
+    state = run_steps(tx, params, loss, 16)[-1][1]
     assert [int(m.sum()) for m in _kernels(state.masks)] == [24, 12]
 
 
 def test_begin_at_zero_prunes_in_init():
     params, loss = _problem()
     tx = gmp(optax.sgd(0.05), sparsity=0.5, begin_step=0, end_step=4, every=2, initial_sparsity=0.3)
-    history = _run(tx, params, loss, 1)
+    history = run_steps(tx, params, loss, 1)
     masks = _kernels(history[0][1].masks)
     assert sum(int(m.sum()) for m in masks) == keep_count(180, 0.3)
     for w, m in zip(_kernels(history[1][0]), masks, strict=True):

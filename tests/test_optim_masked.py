@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _optim_loops import dense_out_params
 from _util import count_compiles, jit_counting
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -17,13 +18,7 @@ NUM_STEPS = 200
 def _problem(seed=0):
     """A small two-layer linear regression with a mask on both kernels and an unpruned bias."""
     rng = np.random.default_rng(seed)
-    params = {
-        "dense": {
-            "kernel": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32),
-            "bias": jnp.asarray(rng.normal(size=(8,)), jnp.float32),
-        },
-        "out": {"kernel": jnp.asarray(rng.normal(size=(8, 4)) * 0.5, jnp.float32)},
-    }
+    params = dense_out_params(rng)
     masks = {
         "dense": {"kernel": rng.random((16, 8)) < 0.5, "bias": None},
         "out": {"kernel": rng.random((8, 4)) < 0.6},

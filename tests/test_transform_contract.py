@@ -34,10 +34,12 @@ from _util import (
     same_structure,
     shard_rows,
 )
+from flax import nnx
 
 import jaxcompress.latency as L
 import jaxcompress.masks as jm
 from jaxcompress import optim
+from jaxcompress import structure as S
 from jaxcompress.masks import path_str
 
 # ----------------------------------------------------------------------------- problems
@@ -55,11 +57,13 @@ def _kernel_params() -> dict:
 
 
 def _gate_params() -> dict:
+    """Two ``structure.Gate`` leaves (groups ``x`` and ``y``, named by their last key) beside an
+    ordinary ``nnx.Param`` kernel, as in the params of a ``jc.latency.gated`` model."""
     rng = np.random.default_rng(1)
     return {
-        "x": jnp.asarray(rng.uniform(0.1, 1.0, size=(8,)), jnp.float32),
-        "y": jnp.asarray(rng.uniform(0.1, 1.0, size=(8,)), jnp.float32),
-        "dense": {"kernel": jnp.asarray(rng.normal(size=(8, 8)), jnp.float32)},
+        "x": S.Gate(jnp.asarray(rng.uniform(0.1, 1.0, size=(8,)), jnp.float32)),
+        "y": S.Gate(jnp.asarray(rng.uniform(0.1, 1.0, size=(8,)), jnp.float32)),
+        "dense": {"kernel": nnx.Param(jnp.asarray(rng.normal(size=(8, 8)), jnp.float32))},
     }
 
 
@@ -142,12 +146,9 @@ def _masks():
     return jm.magnitude(_kernel_params(), 0.5)
 
 
-def _graph():
-    return L.LayerGraph((L.CostTerm("l", 2.0, (("x",), ("y",))),), (("x", 8), ("y", 8)))
-
-
-def _gates(path, leaf):
-    return path in ("x", "y")
+def _macs():
+    """MACs ``2 x y`` of two groups of 8 units."""
+    return S.MacCount({("x", "y"): 2}, {"x": 8, "y": 8})
 
 
 CASES = {
@@ -194,21 +195,19 @@ CASES = {
         new_value=0.02,
     ),
     "surrogate_penalty": Case(
-        make=lambda: L.surrogate_penalty(_graph(), 0.5),
+        make=lambda: L.surrogate_penalty(_macs(), 0.5),
         injected=lambda: optax.inject_hyperparams(
             L.surrogate_penalty,
             static_args=("cost", "kind", "p", "eps", "feedback", "tau", "multiple", "scale"),
-        )(_graph(), 0.5),
+        )(_macs(), 0.5),
         set_hyper=_set_top("strength"),
         new_value=2.0,
         params=_gate_params,
         mirrors_params=False,
     ),
     "project_nonnegative": Case(
-        make=lambda: L.project_nonnegative(_gates, prune_below=0.3),
-        injected=lambda: optax.inject_hyperparams(L.project_nonnegative, static_args=("where",))(
-            _gates, prune_below=0.3
-        ),
+        make=lambda: L.project_nonnegative(prune_below=0.3),
+        injected=lambda: optax.inject_hyperparams(L.project_nonnegative)(prune_below=0.3),
         set_hyper=_set_top("prune_below"),
         new_value=0.9,
         params=_gate_params,
@@ -303,8 +302,8 @@ def test_inject_hyperparams(name):
 @pytest.mark.parametrize(
     "make",
     [
-        lambda v: L.surrogate_penalty(_graph(), v),
-        lambda v: L.project_nonnegative(_gates, prune_below=v),
+        lambda v: L.surrogate_penalty(_macs(), v),
+        lambda v: L.project_nonnegative(prune_below=v),
     ],
     ids=["surrogate_penalty", "project_nonnegative"],
 )

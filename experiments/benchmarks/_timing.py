@@ -26,6 +26,7 @@ __all__ = [
     "benchmark_model",
     "copy_tree",
     "machine_info",
+    "parse_step_args",
     "random_batch_setup",
     "report",
     "step_parser",
@@ -89,6 +90,20 @@ def step_parser(doc: str) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=5, help="steps per timed block")
     parser.add_argument("--warmup", type=int, default=2, help="untimed blocks per variant")
     return parser
+
+
+def parse_step_args(
+    parser: argparse.ArgumentParser, argv=None, positive=("batch", "steps")
+) -> argparse.Namespace:
+    """Parse ``argv`` with a :func:`step_parser`; exit with a usage error unless
+    ``--repeats >= 10`` and every flag in ``positive`` is ``>= 1``."""
+    args = parser.parse_args(argv)
+    if args.repeats < 10:
+        parser.error(f"--repeats must be >= 10, got {args.repeats}")
+    for name in positive:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
 
 
 def random_batch_setup(args):

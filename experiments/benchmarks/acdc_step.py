@@ -44,6 +44,7 @@ import optax
 from _timing import (
     Variant,
     copy_tree,
+    parse_step_args,
     random_batch_setup,
     step_parser,
     time_variants,
@@ -51,9 +52,7 @@ from _timing import (
 )
 
 from jaxcompress import masks, train
-from jaxcompress.optim._acdc import acdc
-from jaxcompress.optim._gmp import gmp
-from jaxcompress.optim._schedule import acdc_schedule
+from jaxcompress.optim import acdc, acdc_schedule, gmp
 
 TARGET_RATIO = 1.05
 # Long phases so that a variant stays in its phase for the whole benchmark.
@@ -75,12 +74,7 @@ def _parse(argv=None) -> argparse.Namespace:
         "--phase-steps", type=int, default=7800, help="phase length for the amortised cost"
     )
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.repeats < 10:
-        parser.error(f"--repeats must be >= 10, got {args.repeats}")
-    for name in ("batch", "steps", "phase_steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    args = parse_step_args(parser, argv, positive=("batch", "steps", "phase_steps"))
     if not 0.0 <= args.sparsity < 1.0:
         parser.error(f"--sparsity must be in [0, 1), got {args.sparsity}")
     return args

@@ -35,43 +35,30 @@ import os
 import platform
 import statistics
 
+import _timing
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _timing import (
-    Variant,
-    copy_tree,
-    random_batch_setup,
-    step_parser,
-    time_variants,
-    write_json,
-)
 
 from jaxcompress import masks, train
-from jaxcompress.optim._cram import cram
+from jaxcompress.optim import cram
 
 TARGET_RATIO = 2.15
 
 
 def _parse(argv=None) -> argparse.Namespace:
-    parser = step_parser(__doc__)
+    parser = _timing.step_parser(__doc__)
     parser.add_argument("--compressor", choices=("global", "layer", "nm"), default="global")
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.9])
     parser.add_argument("--rho", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.repeats < 10:
-        parser.error(f"--repeats must be >= 10, got {args.repeats}")
-    for name in ("batch", "steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    return args
+    return _timing.parse_step_args(parser, argv)
 
 
 def main(argv=None) -> dict:
     args = _parse(argv)
-    graphdef, params, rest, x, y = random_batch_setup(args)
+    graphdef, params, rest, x, y = _timing.random_batch_setup(args)
 
     inner = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
     kwargs = {} if args.compressor == "nm" else {"sparsities": tuple(args.sparsities)}
@@ -79,13 +66,17 @@ def main(argv=None) -> dict:
 
     def train_variant(name, opt, pass_grad_fn):
         step = train.make_train_step(graphdef, opt, pass_grad_fn=pass_grad_fn)
-        carry = (copy_tree(params), copy_tree(rest), opt.init(copy_tree(params)))
+        carry = (
+            _timing.copy_tree(params),
+            _timing.copy_tree(rest),
+            opt.init(_timing.copy_tree(params)),
+        )
 
         def fn(c):
             p, r, s, _ = step(*c, x, y)
             return (p, r, s)
 
-        return Variant(name, fn, carry)
+        return _timing.Variant(name, fn, carry)
 
     def mask_of(p, s):
         if args.compressor == "nm":
@@ -99,14 +90,16 @@ def main(argv=None) -> dict:
         # A data dependency on the mask chains the blocks like the steps (s is unchanged).
         return p, s + 0.0 * kept.astype(s.dtype)
 
-    mask_carry = (copy_tree(params), jnp.asarray(args.sparsities[0], jnp.float32))
+    mask_carry = (_timing.copy_tree(params), jnp.asarray(args.sparsities[0], jnp.float32))
 
     variants = [
         train_variant("inner", inner, False),
         train_variant("cram", tx, True),
-        Variant("mask", mask_variant, mask_carry),
+        _timing.Variant("mask", mask_variant, mask_carry),
     ]
-    compile_s = time_variants(variants, warmup=args.warmup, steps=args.steps, repeats=args.repeats)
+    compile_s = _timing.time_variants(
+        variants, warmup=args.warmup, steps=args.steps, repeats=args.repeats
+    )
 
     by_name = {v.name: v for v in variants}
     med = {v.name: statistics.median(v.times) for v in variants}
@@ -152,7 +145,7 @@ def main(argv=None) -> dict:
         "target_ratio": TARGET_RATIO,
         "meets_target": ratio <= TARGET_RATIO,
     }
-    write_json(args.out, result, indent=2)
+    _timing.write_json(args.out, result, indent=2)
     print(
         f"{args.model} batch {args.batch} on {result['device_kind']}: inner "
         f"{result['median_ms']['inner']:.2f} ms, CrAM+ {result['median_ms']['cram']:.2f} ms, "
