@@ -216,28 +216,26 @@ def test_rms_gates_keep_the_function_and_commit_what_was_trained():
     np.testing.assert_allclose(gated(x), out, rtol=1e-5, atol=1e-5)
 
 
-def test_hold_above_freezes_the_gates_at_the_target():
+def test_hold_above_freezes_the_gates_before_the_target():
     model = MLP(6, (5,), 3, rngs=nnx.Rngs(0))
     x = np.ones((1, 6), np.float32)
     gated = L.gated(model, x, init=0.5)
     gated.gates["layers/0"][...] = np.array([1.0, 0.5, 0.2, 0.1, 0.05], np.float32)
     cost = jc.structure.macs(model, x)
-    penalty = L.surrogate_penalty(cost, 1.0, feedback="active")
-    tx = hold_above(optax.chain(penalty, optax.sgd(0.1)), 0.5)
+    four = cost({"layers/0": 4}) / cost.dense  # the cost once the last gate is pruned
     params = nnx.state(gated, nnx.Param)
-    grads = jax.tree.map(lambda a: np.ones_like(a) * 0.01, params)
-    state = tx.init(params)
-    first, state = tx.update(grads, state, params)  # step 0: always updated
-    assert float(state[0].value) == 1.0  # every unit kept: the dense cost
-    gate = np.asarray(first["gates"]["layers/0"][...])
-    kernel = np.asarray(first["model"]["layers"][0]["kernel"][...])
-    assert np.abs(gate).max() > 0 and np.abs(kernel).max() > 0
-    second, _ = tx.update(grads, state, params)  # still above 0.5: updated
-    assert np.abs(np.asarray(second["gates"]["layers/0"][...])).max() > 0
-    below = (state[0]._replace(value=jax.numpy.asarray(0.4)), *state[1:])
-    held, _ = tx.update(grads, below, params)
-    assert np.abs(np.asarray(held["gates"]["layers/0"][...])).max() == 0  # gates frozen
-    np.testing.assert_allclose(held["model"]["layers"][0]["kernel"][...], kernel)  # weights train
+    grads = jax.tree.map(lambda a: np.full(a.shape, 0.01, np.float32), params)
+    grads["gates"]["layers/0"][...] = np.array([0, 0, 0, 0, 0.05], np.float32)  # prunes unit 4
+
+    def step(ratio):
+        tx = hold_above(optax.sgd(1.0), cost, ratio, tau=1e-2)
+        return tx.update(grads, tx.init(params), params)[0]
+
+    free = step(four - 0.01)  # the step stays above the target: applied
+    np.testing.assert_allclose(free["gates"]["layers/0"][...], -grads["gates"]["layers/0"][...])
+    held = step(four + 0.01)  # it would cross the target: the gates hold, the weights train
+    assert np.abs(np.asarray(held["gates"]["layers/0"][...])).max() == 0
+    np.testing.assert_allclose(held["model"]["layers"][0]["kernel"][...], -0.01)
 
 
 def test_svd_ranks_fit_the_budget():
