@@ -274,7 +274,7 @@ def test_transformer_groups_qkv_and_prunes_every_dense_layer(lm):
     model, tokens = lm
     from jaxcompress.prune._calibrate import prepare
 
-    cal = prepare(model, tokens)
+    cal = prepare(model, tokens, "test", {})
     names = [la.name for la in cal.layers]
     groups = [tuple(names[i].split("/")[-2] for i in g) for g in cal.groups]
     assert groups[:4] == [("q", "k", "v"), ("o",), ("fc1",), ("fc2",)]
@@ -364,6 +364,8 @@ def test_bad_input_is_rejected_before_any_work(lm):
         sg(MLP([8, 4], rngs=nnx.Rngs(0)), jnp.full((32, 8), jnp.nan), sparsity=0.5)
     with pytest.raises(ValueError, match="d_in=8 inputs, not divisible by m=16"):
         jc.prune.wanda(MLP([8, 4], rngs=nnx.Rngs(0)), jnp.ones((4, 8)), n=8, m=16)
+    with pytest.raises(TypeError, match=r"hessians: unexpected keyword argument\(s\) \['wher'\]"):
+        jc.prune.hessians(model, tokens, wher=None)
 
 
 def test_hessian_not_positive_definite_names_the_layer():

@@ -132,11 +132,37 @@ def _ragged(a, lengths):
     return [a[i, :n] for i, n in enumerate(lengths)]
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ragged_problems())
-def test_matches_oracle_float64(problem):
+def over_problems(max_examples):
+    """A hypothesis test ``test(padded, ragged)`` over :func:`ragged_problems`: ``padded`` is
+    ``(costs, times, lengths, budget, buckets)``, ``ragged`` is ``(costs, times)`` as lists of
+    rows."""
+
+    def wrap(test):
+        def run(problem):
+            costs, times, lengths, _, _ = problem
+            return test(problem, (_ragged(costs, lengths), _ragged(times, lengths)))
+
+        run.__name__ = test.__name__
+        strategy = given(ragged_problems())(run)
+        return settings(
+            max_examples=max_examples, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+        )(strategy)
+
+    return wrap
+
+
+def _unless_infeasible(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, or None when the budget is infeasible."""
+    try:
+        return fn(*args, **kwargs)
+    except spdy.InfeasibleBudgetError:
+        return None
+
+
+@over_problems(40)
+def test_matches_oracle_float64(problem, ragged):
     costs, times, lengths, budget_value, buckets = problem
-    rt, rc = _ragged(times, lengths), _ragged(costs, lengths)
+    rc, rt = ragged
     try:
         sol = spdy.solve(costs, times, budget_value, buckets=buckets, lengths=lengths)
     except spdy.InfeasibleBudgetError:
@@ -159,15 +185,13 @@ def _solve_with_kernel(prep, costs, kernel, dtype=np.float64):
         return _dp._solve_jit(c, *prep._args(np.dtype(dtype)), width=prep.width, kernel=kernel)
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ragged_problems())
-def test_gather_kernel_equals_loop_kernel_and_oracle(problem):
+@over_problems(30)
+def test_gather_kernel_equals_loop_kernel_and_oracle(problem, ragged):
     # "auto" runs the loop on CPU and the gather elsewhere: both must be the reference.
-    costs, times, lengths, budget_value, buckets = problem
-    rt, rc = _ragged(times, lengths), _ragged(costs, lengths)
-    try:
-        prep = _dp.prepare(rt, budget_value, buckets=buckets)
-    except spdy.InfeasibleBudgetError:
+    _, _, _, budget_value, buckets = problem
+    rc, rt = ragged
+    prep = _unless_infeasible(_dp.prepare, rt, budget_value, buckets=buckets)
+    if prep is None:
         return
     ref = oracle_solve(_as_lists(rc), rt, budget_value, buckets)
     for kernel in ("loop", "gather"):
@@ -194,14 +218,12 @@ def test_gather_kernel_batch_matches_oracle_on_rn50():
         _assert_matches_oracle(jax.tree.map(lambda x, i=i: x[i], out), ref)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ragged_problems())
-def test_float32_matches_float32_oracle_and_is_near_optimal(problem):
-    costs, times, lengths, budget_value, buckets = problem
-    rt, rc = _ragged(times, lengths), _ragged(costs, lengths)
-    try:
-        sol = spdy.solve(rc, rt, budget_value, buckets=buckets, dtype=np.float32)
-    except spdy.InfeasibleBudgetError:
+@over_problems(25)
+def test_float32_matches_float32_oracle_and_is_near_optimal(problem, ragged):
+    _, _, _, budget_value, buckets = problem
+    rc, rt = ragged
+    sol = _unless_infeasible(spdy.solve, rc, rt, budget_value, buckets=buckets, dtype=np.float32)
+    if sol is None:
         return
     assert sol.cost.dtype == np.float32
     _assert_matches_oracle(sol, oracle_solve(_as_lists(rc), rt, budget_value, buckets, np.float32))

@@ -12,17 +12,8 @@ import pytest
 from _util import count_compiles
 
 from jaxcompress import data as jdata
-from jaxcompress.spdy import TimingTable, budget, prior_errors, solve
-from jaxcompress.spdy._reconstruct import (
-    Database,
-    adaprune_layer,
-    build_database,
-    channel_mask,
-    global_adaprune,
-    layer_error,
-    unstructured_mask,
-)
-from jaxcompress.spdy._search import search
+from jaxcompress import spdy
+from jaxcompress.spdy import Database, TimingTable, budget, prior_errors, search, solve
 
 LEVELS = (0.0, 0.3, 0.5, 0.7, 0.9)
 
@@ -186,7 +177,7 @@ def small_db(digits_x):
         "fc": {"kernel": jnp.asarray(rng.normal(size=(64, 16)) / 8, jnp.float32)},
     }
     inputs = {"conv/kernel": digits_x, "fc/kernel": digits_x.reshape(len(digits_x), -1)}
-    db = build_database(
+    db = spdy.build_database(
         params,
         {"conv/kernel": _conv, "fc/kernel": _dense},
         inputs,
@@ -241,30 +232,30 @@ def test_database_roundtrips_through_npz(small_db, tmp_path):
 def test_adaprune_layer_keeps_mask_and_does_not_recompile(digits_x):
     x = digits_x.reshape(len(digits_x), -1)
     w = jnp.asarray(np.random.default_rng(1).normal(size=(64, 16)), jnp.float32)
-    m = jnp.asarray(unstructured_mask(w, 0.7))
-    out, hist = adaprune_layer(_dense, w, m, x, epochs=3, seed=0)
+    m = jnp.asarray(spdy.unstructured_mask(w, 0.7))
+    out, hist = spdy.adaprune_layer(_dense, w, m, x, epochs=3, seed=0)
     assert np.all(np.asarray(out)[~np.asarray(m)] == 0)
     assert hist.shape == (3,) and hist[-1] < hist[0]
-    assert layer_error(_dense, out, w, x) < layer_error(_dense, jnp.where(m, w, 0), w, x)
-    m2 = jnp.asarray(unstructured_mask(w, 0.5))
+    assert spdy.layer_error(_dense, out, w, x) < spdy.layer_error(_dense, jnp.where(m, w, 0), w, x)
+    m2 = jnp.asarray(spdy.unstructured_mask(w, 0.5))
     with count_compiles() as counter:  # a new mask, seed and lr: the same program
-        adaprune_layer(_dense, w, m2, x, epochs=3, seed=1, lr=2e-3)
+        spdy.adaprune_layer(_dense, w, m2, x, epochs=3, seed=1, lr=2e-3)
     assert counter.compiles == 0
     with pytest.raises(ValueError, match="mask must be a bool array"):
-        adaprune_layer(_dense, w, m[:3], x)
+        spdy.adaprune_layer(_dense, w, m[:3], x)
     with pytest.raises(ValueError, match="batch_size"):
-        adaprune_layer(_dense, w, m, x[:4], batch_size=32)
+        spdy.adaprune_layer(_dense, w, m, x[:4], batch_size=32)
 
 
 def test_channel_mask_keeps_whole_output_channels():
     w = np.random.default_rng(2).normal(size=(3, 3, 4, 10))
-    m = channel_mask(w, 0.5)
+    m = spdy.channel_mask(w, 0.5)
     per_channel = m.reshape(-1, 10)
     assert np.all(per_channel.all(axis=0) | ~per_channel.any(axis=0))
     assert per_channel.all(axis=0).sum() == 5
     norms = np.sqrt((w.reshape(-1, 10) ** 2).sum(0))
     assert norms[per_channel.all(axis=0)].min() >= norms[~per_channel.any(axis=0)].max()
-    m2 = channel_mask(w * 0 + np.arange(10), 0.8, m)
+    m2 = spdy.channel_mask(w * 0 + np.arange(10), 0.8, m)
     assert np.all(m2 <= m) and m2.reshape(-1, 10).all(axis=0).sum() == 2
 
 
@@ -281,9 +272,9 @@ def test_global_adaprune_reduces_joint_loss_and_keeps_masks(small_db, digits_x):
 
     fns = {"conv/kernel": _conv, "fc/kernel": _dense}
     stitched, masks = db.stitch(params, [2, 2])
-    tuned, hist = global_adaprune(stitched, masks, params, taps, fns, x, lr=1e-3, epochs=6)
+    tuned, hist = spdy.global_adaprune(stitched, masks, params, taps, fns, x, lr=1e-3, epochs=6)
     assert hist[-1] < hist[0]
     for name, part in (("conv/kernel", "conv"), ("fc/kernel", "fc")):
         assert np.all(np.asarray(tuned[part]["kernel"])[~db.masks[name][2]] == 0)
     with pytest.raises(ValueError, match="lr"):
-        global_adaprune(stitched, masks, params, taps, fns, x, lr=-1.0)
+        spdy.global_adaprune(stitched, masks, params, taps, fns, x, lr=-1.0)

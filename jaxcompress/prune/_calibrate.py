@@ -30,8 +30,8 @@ import dataclasses
 import functools
 import math
 import numbers
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypedDict, Unpack
 
 import jax
 import jax.numpy as jnp
@@ -409,6 +409,8 @@ class Calibration:
         for batch in self.batches:
             s = _statistic(spec, params, self.rest, batch)
             total = s if total is None else total + s
+        if total is None:
+            raise ValueError(f"{self.fn}: the calibration data holds no batch")
         return total, layers[0].rows
 
     def kernel(self, layer: Layer) -> jax.Array:
@@ -433,19 +435,33 @@ class Calibration:
         return self.current_params(), self._treedef.unflatten(self.masks)
 
 
-def prepare(
-    model: nnx.Module,
-    calib: Any,
-    *,
-    where: Callable | None = None,
-    forward: Forward | None = None,
-    batch_size: int | None = None,
-    mesh: Any = None,
-    fn: str = "prepare",
-) -> Calibration:
+class CalibrationOptions(TypedDict, total=False):
+    """Keyword options of every sequentially calibrated function (:func:`hessians`,
+    ``sparsegpt``, ``wanda``), documented in :func:`jaxcompress.prune.sparsegpt`; each
+    defaults to None."""
+
+    where: Callable | None
+    forward: Forward | None
+    batch_size: int | None
+    mesh: Any
+
+
+def prepare(model: nnx.Module, calib: Any, fn: str, options: Mapping[str, Any]) -> Calibration:
     """Validate everything and plan the calibration (one abstract trace, no computation)."""
+    unknown = sorted(set(options) - set(CalibrationOptions.__annotations__))
+    if unknown:
+        raise TypeError(
+            f"{fn}: unexpected keyword argument(s) {unknown}; the calibration options are "
+            f"{list(CalibrationOptions.__annotations__)}"
+        )
     return Calibration(
-        model, calib, where=where, forward=forward, batch_size=batch_size, mesh=mesh, fn=fn
+        model,
+        calib,
+        where=options.get("where"),
+        forward=options.get("forward"),
+        batch_size=options.get("batch_size"),
+        mesh=options.get("mesh"),
+        fn=fn,
     )
 
 
@@ -459,13 +475,7 @@ def local(x: jax.Array) -> jax.Array:
 
 
 def hessians(
-    model: nnx.Module,
-    calib: Any,
-    *,
-    where: Callable | None = None,
-    forward: Forward | None = None,
-    batch_size: int | None = None,
-    mesh: Any = None,
+    model: nnx.Module, calib: Any, **options: Unpack[CalibrationOptions]
 ) -> dict[str, jax.Array]:
     """The dense model's layer Hessians ``H = 2 X^T X / n`` (float32), one per Dense layer.
 
@@ -476,15 +486,7 @@ def hessians(
     Returns:
       ``{kernel name: H}`` in call order (names are :func:`jaxcompress.masks.path_str`).
     """
-    cal = prepare(
-        model,
-        calib,
-        where=where,
-        forward=forward,
-        batch_size=batch_size,
-        mesh=mesh,
-        fn="hessians",
-    )
+    cal = prepare(model, calib, "hessians", options)
     out = {}
     for group in cal.groups:
         xtx, rows = cal.statistic(group, "xtx")

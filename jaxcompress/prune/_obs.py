@@ -15,15 +15,14 @@ model with every earlier layer already pruned; layers that receive the same inpu
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Unpack
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxcompress.masks import keep_count
-from jaxcompress.prune._calibrate import Forward, local, prepare
+from jaxcompress.prune._calibrate import CalibrationOptions, local, prepare
 from jaxcompress.spdy._obs import (
     _int_keys,
     _nm_keep,
@@ -61,10 +60,7 @@ def sparsegpt(
     m: int | None = None,
     blocksize: int = 128,
     percdamp: float = 0.01,
-    where: Callable | None = None,
-    forward: Forward | None = None,
-    batch_size: int | None = None,
-    mesh: Any = None,
+    **options: Unpack[CalibrationOptions],
 ) -> tuple[nnx.State, Any]:
     """SparseGPT: prune every Dense layer of ``model`` with OBS reconstruction, sequentially.
 
@@ -108,9 +104,7 @@ def sparsegpt(
     fn = "sparsegpt"
     sparsity, nm = check_criterion(sparsity, n, m, fn)
     blocksize, percdamp = check_solver_args(blocksize, percdamp, nm, fn)
-    cal = prepare(
-        model, calib, where=where, forward=forward, batch_size=batch_size, mesh=mesh, fn=fn
-    )
+    cal = prepare(model, calib, fn, options)
     _check_layers(cal, nm, need_rows=True)
     for group in cal.groups:
         xtx, rows = cal.statistic(group, "xtx")
@@ -172,7 +166,7 @@ def wanda_layer(
         )
     if nm is not None and w.shape[0] % nm[1]:
         raise ValueError(f"wanda_layer: d_in={w.shape[0]} is not divisible by m={nm[1]}")
-    pruned = 0 if nm is not None else w.shape[0] - keep_count(w.shape[0], sparsity)
+    pruned = 0 if sparsity is None else w.shape[0] - keep_count(w.shape[0], sparsity)
     mask = _wanda_mask(w, norms, nm=nm, pruned=pruned)
     return jnp.where(mask, w, jnp.zeros((), w.dtype)), mask
 
@@ -184,10 +178,7 @@ def wanda(
     sparsity: float | None = None,
     n: int | None = None,
     m: int | None = None,
-    where: Callable | None = None,
-    forward: Forward | None = None,
-    batch_size: int | None = None,
-    mesh: Any = None,
+    **options: Unpack[CalibrationOptions],
 ) -> tuple[nnx.State, Any]:
     """Wanda: prune every Dense layer by ``|W| * ||X||`` per output unit, sequentially.
 
@@ -198,9 +189,7 @@ def wanda(
     """
     fn = "wanda"
     sparsity, nm = check_criterion(sparsity, n, m, fn)
-    cal = prepare(
-        model, calib, where=where, forward=forward, batch_size=batch_size, mesh=mesh, fn=fn
-    )
+    cal = prepare(model, calib, fn, options)
     _check_layers(cal, nm, need_rows=False)
     for group in cal.groups:
         sumsq, _ = cal.statistic(group, "sumsq")

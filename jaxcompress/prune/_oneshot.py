@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 from jaxcompress import masks as _masks
+from jaxcompress.spdy._obs import check_criterion
 
 __all__ = ["oneshot"]
 
 _SCOPES = ("global", "layer")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def oneshot(
@@ -58,35 +54,19 @@ def oneshot(
     Returns:
       ``(pruned_params, masks)``, masks a mask tree mirroring ``params`` (bool, True = kept).
     """
-    use_magnitude = sparsity is not None
-    use_nm = n is not None or m is not None
-    if use_magnitude == use_nm:
-        raise ValueError(
-            "oneshot: give exactly one criterion, either sparsity=... or n=... and m=...; got "
-            f"sparsity={sparsity!r}, n={n!r}, m={m!r}"
-        )
+    sparsity, nm = check_criterion(sparsity, n, m, "oneshot")
     if where is None:
         where = _masks.prunable
     elif not callable(where):
         raise TypeError(f"where must be a callable (path, leaf) -> bool or None, got {where!r}")
-    if use_magnitude:
-        if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
-            raise TypeError(f"sparsity must be a float in [0, 1), got {sparsity!r}")
-        if not 0.0 <= float(sparsity) < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    if nm is None:
         if scope not in _SCOPES:
             raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
-        masks = _masks.magnitude(params, float(sparsity), scope=scope, where=where)
+        masks = _masks.magnitude(params, sparsity, scope=scope, where=where)
     else:
-        if n is None or m is None:
-            raise ValueError(f"N:M pruning needs both n and m, got n={n!r}, m={m!r}")
-        if not _is_int(n) or not _is_int(m):
-            raise TypeError(f"n and m must be ints, got n={n!r}, m={m!r}")
-        if not 0 < n < m:
-            raise ValueError(f"N:M pruning needs 0 < n < m, got n={n!r}, m={m!r}")
         if scope != "global":
             raise ValueError(
                 f"scope applies to magnitude pruning only; N:M is per group, got scope={scope!r}"
             )
-        masks = _masks.nm(params, n=int(n), m=int(m), where=where)
+        masks = _masks.nm(params, n=nm[0], m=nm[1], where=where)
     return _masks.apply(params, masks), masks

@@ -142,7 +142,9 @@ class _Plan:
     offset: int  # sum_l m_l
 
 
-def bucketize(times: Sequence[Any] | np.ndarray, budget: float, buckets: int) -> np.ndarray:
+def bucketize(
+    times: Sequence[Any] | np.ndarray, budget: float, buckets: int
+) -> np.ndarray | list[np.ndarray]:
     """Reference bucketisation ``round(t / (budget / buckets))``, half to even, as int64.
 
     Args:
@@ -169,7 +171,7 @@ def _is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _as_layers(name: str, value: Any, lengths: Any) -> tuple[np.ndarray | None, list, np.ndarray]:
+def _as_layers(name: str, value: Any, lengths: Any) -> tuple[Any, list, np.ndarray]:
     """Normalise a padded 2-D array (+ lengths) or a sequence of 1-D arrays.
 
     Returns ``(padded_or_None, per_layer_list, lengths)``. The list holds the original objects
@@ -220,7 +222,7 @@ def _validate_scalar_args(budget: Any, buckets: Any) -> tuple[float, int]:
         raise ValueError(f"buckets must be a positive int; got {buckets!r}")
     try:
         budget_f = float(budget)
-    except (TypeError, jax.errors.ConcretizationTypeError) as e:
+    except TypeError as e:  # jax.errors.ConcretizationTypeError is a TypeError
         raise TypeError(f"budget must be a concrete Python/NumPy number; got {budget!r}") from e
     if not math.isfinite(budget_f) or budget_f <= 0:
         raise ValueError(f"budget must be a finite positive time; got {budget!r}")

@@ -91,8 +91,24 @@ def unit_scores(
       the next layer's input rows, which Li et al. leave out.
 
     A unit that spans several indices of an axis (a head of ``head_dim`` columns) sums them.
+
+    Args:
+      model: the NNX model the groups were traced from.
+      groups: ``{name: Group}``, e.g. ``jaxcompress.structure.groups(model, x)`` or part of it.
+      score: ``"l2"`` or ``"l1"``.
+
+    Raises:
+      TypeError, ValueError: a model that is not an NNX module, ``groups`` not a mapping of
+        :class:`jaxcompress.structure.Group`, an unknown ``score``.
     """
-    check_score(score)
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"model must be a flax.nnx.Module, got {type(model).__name__}")
+    if not isinstance(score, str) or score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if not isinstance(groups, Mapping) or not all(
+        isinstance(g, structure.Group) for g in groups.values()
+    ):
+        raise TypeError(f"groups must map names to jaxcompress.structure.Group, got {groups!r}")
     flat = {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     out: dict[str, np.ndarray] = {}
     for name, group in groups.items():
@@ -224,6 +240,9 @@ class GroupOptions:
       scores: ``{name: float64[size]}`` unit scores; option ``k`` keeps the ``k`` best.
       table: the exact MAC table (``t_g(k)`` in multiply-adds, ``base`` the dense model's).
       macs: the model's :class:`jaxcompress.structure.MacCount`.
+
+    The model's parameters are read when :meth:`apply` or :meth:`errors` first needs them;
+    build new options after changing the model.
     """
 
     model: nnx.Module
@@ -311,10 +330,7 @@ class GroupOptions:
         the model's time (only differences matter to the DP's budget). Each entry is exact for
         a profile that cuts one group; check a few whole profiles end to end.
         """
-        _measure._check_count("repeats", repeats, 1)
-        _measure._check_count("warmup", warmup, 0)
-        _measure._check_clock(clock)
-        options = _measure._check_options(compiler_options)
+        timer = _measure.Timer.of(repeats, warmup, clock, compiler_options)
         dense = _timed(self.model, inputs)
         calls: list[tuple[Any, tuple]] = [dense]
         plan: list[tuple[str, list[tuple[int, int]]]] = []
@@ -326,10 +342,7 @@ class GroupOptions:
                 calls += [dense, _timed(small, inputs)]
                 pairs.append((len(calls) - 2, len(calls) - 1))
             plan.append((name, pairs))
-        wall, cpu = _measure._samples(
-            calls, repeats=repeats, warmup=warmup, interleave=True, compiler_options=options
-        )
-        samples = wall if clock == "wall" else cpu
+        samples, _, _ = timer.run(calls)
         base = float(np.median(samples[[0, *(a for _, p in plan for a, _ in p)]]))
         dense_macs = float(self.table.base)
         layers = []
@@ -340,7 +353,7 @@ class GroupOptions:
                 d, n = _measure.paired(samples[i], samples[ref])
                 times.append(max(t0 + d, 0.0))
                 noise.append(n)
-            layers.append(LayerOptions(name, mac_layer.labels, times, noise))
+            layers.append(LayerOptions(name, mac_layer.labels, np.array(times), np.array(noise)))
         prunable = float(sum(layer.times[0] for layer in layers))
         return TimingTable(base=max(base, prunable), prunable=prunable, layers=tuple(layers))
 
@@ -465,7 +478,8 @@ def group_options(
         ks = tuple(dict.fromkeys(kept_count(f, size) for f in fracs))
         counts[n] = ks
         zero = int(mac({n: 0}))
-        layers.append(LayerOptions(n, tuple(str(k) for k in ks), [mac({n: k}) - zero for k in ks]))
+        times = np.array([mac({n: k}) - zero for k in ks], np.float64)
+        layers.append(LayerOptions(n, tuple(str(k) for k in ks), times))
     prunable = float(sum(layer.times[0] for layer in layers))
     table = TimingTable(base=float(dense), prunable=prunable, layers=tuple(layers))
     return GroupOptions(

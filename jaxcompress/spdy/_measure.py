@@ -46,6 +46,7 @@ Noise of every entry is the interquartile range over the median (IQR / median).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -153,19 +154,11 @@ def time_callables(
     Returns:
       One :class:`Timing` per call, in order; both clocks are always recorded.
     """
-    _check_count("repeats", repeats, 1)
-    _check_count("warmup", warmup, 0)
-    clock = _check_clock(clock)
-    wall, cpu = _samples(
-        calls,
-        repeats=repeats,
-        warmup=warmup,
-        interleave=interleave,
-        compiler_options=_check_options(compiler_options),
-    )
+    timer = Timer.of(repeats, warmup, clock, compiler_options, interleave=interleave)
+    samples, wall, cpu = timer.run(calls)
     out = []
-    for w, c in zip(wall, cpu, strict=True):
-        med, noise = _summary(w if clock == "wall" else c)
+    for s, w, c in zip(samples, wall, cpu, strict=True):
+        med, noise = _summary(s)
         out.append(Timing(med, noise, float(np.median(w)), float(np.median(c))))
     return out
 
@@ -217,6 +210,36 @@ def _samples(
         wall[i, r] = time.perf_counter() - t0
         cpu[i, r] = time.process_time() - c0
     return wall, cpu
+
+
+@dataclasses.dataclass(frozen=True)
+class Timer:
+    """Validated timing settings (:func:`time_callables`); :meth:`run` times calls with them."""
+
+    repeats: int
+    warmup: int
+    clock: str
+    compiler_options: dict | None
+    interleave: bool
+
+    @classmethod
+    def of(cls, repeats, warmup, clock, compiler_options, *, interleave=True) -> Timer:
+        _check_count("repeats", repeats, 1)
+        _check_count("warmup", warmup, 0)
+        return cls(
+            repeats, warmup, _check_clock(clock), _check_options(compiler_options), interleave
+        )
+
+    def run(self, calls) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(samples on the clock, wall, cpu)``, each ``float64[len(calls), repeats]``."""
+        wall, cpu = _samples(
+            calls,
+            repeats=self.repeats,
+            warmup=self.warmup,
+            interleave=self.interleave,
+            compiler_options=self.compiler_options,
+        )
+        return (wall if self.clock == "wall" else cpu), wall, cpu
 
 
 def time_callable(
@@ -341,10 +364,7 @@ def measure(
             )
         if model is None:
             raise ValueError("context needs model (the dense model whose time is base)")
-    _check_count("repeats", repeats, 1)
-    _check_count("warmup", warmup, 0)
-    _check_clock(clock)
-    _check_options(compiler_options)
+    timer = Timer.of(repeats, warmup, clock, compiler_options, interleave=interleave)
 
     def default_label(o):
         return f"{o:.4f}" if isinstance(o, (float, int, np.floating, np.integer)) else str(o)
@@ -365,6 +385,7 @@ def measure(
         return len(calls) - 1
 
     model_at = [] if model is None else [add(model, "model")]
+    dense_model = model if model is not None else (null_call, ())  # context implies model
     plan = []
     for name, builder in layers.items():
         if not callable(builder):
@@ -379,27 +400,20 @@ def measure(
             calls.append((null_call, calls[idx[0]][1]))
             null = len(calls) - 1
         ctx = []
-        for o in opts[1:] if context is not None else ():
-            built = context(name, o)
+        narrowed = [] if context is None else [context(name, o) for o in opts[1:]]
+        for built in narrowed:
             if id(built) in seen_context:  # the same narrowed model: one timing, one delta
                 ctx.append((None, seen_context[id(built)]))
                 continue
             # the dense model right before each context model: paired differences
-            calls.append(model)
+            calls.append(dense_model)
             model_at.append(len(calls) - 1)
             keep_alive.append(built)
             calls.append(_check_built(built, f"context for layer {name!r}"))
             seen_context[id(built)] = len(calls) - 1
             ctx.append((len(calls) - 2, len(calls) - 1))
         plan.append((name, tuple(label_fn(o) for o in opts), idx, null, ctx))
-    wall, cpu = _samples(
-        calls,
-        repeats=repeats,
-        warmup=warmup,
-        interleave=interleave,
-        compiler_options=_check_options(compiler_options),
-    )
-    samples = wall if clock == "wall" else cpu
+    samples, _, _ = timer.run(calls)
     model_time = float(np.median(samples[model_at])) if model_at else 0.0
 
     out = []
@@ -415,7 +429,7 @@ def measure(
             d, n = delta[i]
             times.append(max(times[0] + d, 0.0))
             noise.append(n)
-        out.append(LayerOptions(name, labels, times, noise))
+        out.append(LayerOptions(name, labels, np.asarray(times), np.asarray(noise)))
     prunable = float(sum(layer.times[0] for layer in out))
     if model is not None:
         base = max(model_time, prunable)

@@ -59,7 +59,7 @@ from jax import lax
 from jax.scipy.linalg import solve_triangular
 
 from jaxcompress.masks import keep_count, path_str
-from jaxcompress.spdy._reconstruct import Database
+from jaxcompress.spdy._reconstruct import Database, Entries
 
 __all__ = [
     "NotPositiveDefiniteError",
@@ -296,28 +296,38 @@ def _rows(ws, us, ks, es, *, step, nm):
     return lax.fori_loop(0, ws.shape[0] // step, body, (ws, ks, es))
 
 
-def _block(wb, ub, kb, *, sub, step, nm):
-    """One block: sub-blocks of ``sub`` rows, each followed by a lazy update of the block."""
-    size = wb.shape[0]
+def _lazy(w, u, keep, chunk, solve):
+    """The rows of ``w`` in chunks of ``chunk`` rows: ``solve(j, w_j, u_j, keep_j) -> (w_j, keep_j,
+    err_j)`` solves chunk ``j``, then its errors update every later row of ``w`` at once (the
+    lazy batch update of GPTQ/SparseGPT). Returns ``(w, keep, err)``."""
+    size = w.shape[0]
     cols = jnp.arange(size)
 
     def body(j, carry):
-        wb, kb, eb = carry
-        r0 = j * sub
-        ws = lax.dynamic_slice_in_dim(wb, r0, sub, 0)
-        ks = lax.dynamic_slice_in_dim(kb, r0, sub, 0)
-        es = jnp.zeros_like(ws)
-        us = lax.dynamic_slice(ub, (r0, r0), (sub, sub))
-        ws, ks, es = _rows(ws, us, ks, es, step=step, nm=nm)
-        wb = lax.dynamic_update_slice_in_dim(wb, ws, r0, 0)
-        kb = lax.dynamic_update_slice_in_dim(kb, ks, r0, 0)
-        eb = lax.dynamic_update_slice_in_dim(eb, es, r0, 0)
-        later = lax.dynamic_slice_in_dim(ub, r0, sub, 0)
-        later = jnp.where(cols[None, :] >= r0 + sub, later, jnp.zeros((), later.dtype))
-        wb = wb - jnp.matmul(later.T, es, precision=_HI)
-        return wb, kb, eb
+        w, keep, err = carry
+        r0 = j * chunk
+        wc = lax.dynamic_slice_in_dim(w, r0, chunk, 0)
+        kc = lax.dynamic_slice_in_dim(keep, r0, chunk, 0)
+        uc = lax.dynamic_slice(u, (r0, r0), (chunk, chunk))
+        wc, kc, ec = solve(j, wc, uc, kc)
+        w = lax.dynamic_update_slice_in_dim(w, wc, r0, 0)
+        keep = lax.dynamic_update_slice_in_dim(keep, kc, r0, 0)
+        err = lax.dynamic_update_slice_in_dim(err, ec, r0, 0)
+        later = lax.dynamic_slice_in_dim(u, r0, chunk, 0)
+        later = jnp.where(cols[None, :] >= r0 + chunk, later, jnp.zeros((), later.dtype))
+        w = w - jnp.matmul(later.T, ec, precision=_HI)
+        return w, keep, err
 
-    return lax.fori_loop(0, size // sub, body, (wb, kb, jnp.zeros_like(wb)))
+    return lax.fori_loop(0, size // chunk, body, (w, keep, jnp.zeros_like(w)))
+
+
+def _block(wb, ub, kb, *, sub, step, nm):
+    """One block: sub-blocks of ``sub`` rows, each followed by a lazy update of the block."""
+
+    def solve(_, ws, us, ks):
+        return _rows(ws, us, ks, jnp.zeros_like(ws), step=step, nm=nm)
+
+    return _lazy(wb, ub, kb, sub, solve)
 
 
 def _sub_sizes(blocksize: int, nm: tuple[int, int] | None) -> tuple[int, int]:
@@ -345,32 +355,17 @@ def _superblock(w, u, counts, forced, b0, *, rows, blocksize, nm):
 
     A ``fori_loop`` over blocks; each block's lazy update reaches the superblock's later rows.
     """
-    size, _ = w.shape
     sub, step = _sub_sizes(blocksize, nm)
-    cols = jnp.arange(size)
 
-    def body(j, carry):
-        w, keep, err = carry
-        i1 = j * blocksize
-        wb = lax.dynamic_slice_in_dim(w, i1, blocksize, 0)
-        ub = lax.dynamic_slice(u, (i1, i1), (blocksize, blocksize))
+    def solve(j, wb, ub, kb):
         if nm is None:
+            i1 = j * blocksize
             real = (b0 * blocksize + i1 + jnp.arange(blocksize)) < rows
             fb = lax.dynamic_slice_in_dim(forced, i1, blocksize, 0)
             kb = _block_mask(wb, ub, counts[b0 + j], fb, real)
-        else:
-            kb = jnp.ones(wb.shape, bool)
-        wb, kb, eb = _block(wb, ub, kb, sub=sub, step=step, nm=nm)
-        w = lax.dynamic_update_slice_in_dim(w, wb, i1, 0)
-        keep = lax.dynamic_update_slice_in_dim(keep, kb, i1, 0)
-        err = lax.dynamic_update_slice_in_dim(err, eb, i1, 0)
-        later = lax.dynamic_slice_in_dim(u, i1, blocksize, 0)
-        later = jnp.where(cols[None, :] >= i1 + blocksize, later, jnp.zeros((), later.dtype))
-        w = w - jnp.matmul(later.T, eb, precision=_HI)
-        return w, keep, err
+        return _block(wb, ub, kb, sub=sub, step=step, nm=nm)
 
-    init = (w, jnp.ones(w.shape, bool), jnp.zeros_like(w))
-    return lax.fori_loop(0, size // blocksize, body, init)
+    return _lazy(w, u, jnp.ones(w.shape, bool), blocksize, solve)
 
 
 @functools.partial(jax.jit, static_argnames=("rows", "blocksize", "nm"))
@@ -639,7 +634,7 @@ def obs_database(
                 )
         plans.append((name, opts, parsed, h))
 
-    labels, kernels, masks, errors, raw_errors = [], {}, {}, {}, {}
+    entries = Entries("obs_database", "magnitude", progress)
     for name, opts, parsed, h in plans:
         w = leaves[name]
         shape, dtype = w.shape, w.dtype
@@ -680,16 +675,8 @@ def obs_database(
             rs.append(float(_hessian_error(hc, w2, jnp.asarray(raw))))
             ks.append(np.asarray(k_w).reshape(shape))
             ms.append(np.asarray(k_m).reshape(shape))
-        labels.append(tuple(label_fn(o) for o in opts))
-        kernels[name], masks[name] = np.stack(ks), np.stack(ms)
-        errors[name], raw_errors[name] = np.asarray(es), np.asarray(rs)
-        if progress:
-            print(
-                f"[obs_database] {name}: {len(opts)} options, error {es[-1]:.4f} "
-                f"(magnitude {rs[-1]:.4f}) at {labels[-1][-1]}",
-                flush=True,
-            )
-    return Database(names, tuple(labels), kernels, masks, errors, raw_errors)
+        entries.add(name, tuple(label_fn(o) for o in opts), ks, ms, es, rs)
+    return entries.database(names)
 
 
 def _flattens(shape: tuple[int, ...], d_in: int) -> bool:

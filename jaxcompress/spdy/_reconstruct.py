@@ -119,7 +119,7 @@ def channel_mask(w: Any, option: Any, prev_mask: Any = None) -> np.ndarray:
     if prev_mask is None:
         alive = np.ones(c, bool)
     else:
-        alive = np.asarray(prev_mask, bool).reshape(-1, c).any(axis=0)
+        alive = np.asarray(np.asarray(prev_mask, bool).reshape(-1, c).any(axis=0))
     keep = min(keep_count(c, s), int(alive.sum()))
     chans = _top_keep(np.sqrt((flat.astype(np.float64) ** 2).sum(axis=0)), alive, keep)
     return np.broadcast_to(chans, w.shape).copy()
@@ -382,6 +382,40 @@ class Database:
             )
 
 
+@dataclasses.dataclass
+class Entries:
+    """A :class:`Database` as its layers are built (:func:`build_database`, ``obs_database``).
+
+    ``tag`` prefixes the progress line printed per layer when ``progress``; ``raw`` names the
+    plain magnitude-pruned kernel's error in it."""
+
+    tag: str
+    raw: str
+    progress: bool
+    labels: list[tuple[str, ...]] = dataclasses.field(default_factory=list)
+    kernels: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    masks: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    errors: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    raw_errors: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+    def add(self, name: str, labels: tuple[str, ...], ks, ms, es, rs) -> None:
+        """One layer's options: kernels, masks, errors and raw errors (lists, one per option)."""
+        self.labels.append(labels)
+        self.kernels[name], self.masks[name] = np.stack(ks), np.stack(ms)
+        self.errors[name], self.raw_errors[name] = np.asarray(es), np.asarray(rs)
+        if self.progress:
+            print(
+                f"[{self.tag}] {name}: {len(labels)} options, error {es[-1]:.4f} "
+                f"({self.raw} {rs[-1]:.4f}) at {labels[-1]}",
+                flush=True,
+            )
+
+    def database(self, names: tuple[str, ...]) -> Database:
+        return Database(
+            names, tuple(self.labels), self.kernels, self.masks, self.errors, self.raw_errors
+        )
+
+
 def _default_label(o: Any) -> str:
     return f"{o:.4f}" if isinstance(o, (float, int, np.floating, np.integer)) else str(o)
 
@@ -451,7 +485,7 @@ def build_database(
     label_fn = label_fn or _default_label
     names = tuple(layer_fns)
     leaves = _kernel_leaves(params, names)
-    labels, kernels, masks, errors, raw_errors = [], {}, {}, {}, {}
+    entries = Entries("database", "magnitude only", progress)
     for li, name in enumerate(names):
         opts = options[name] if isinstance(options, Mapping) else options
         if len(opts) == 0:
@@ -490,18 +524,8 @@ def build_database(
             prev_w, prev_m = np.asarray(w), m
             ks.append(prev_w)
             ms.append(m)
-        labels.append(tuple(label_fn(o) for o in opts))
-        kernels[name] = np.stack(ks)
-        masks[name] = np.stack(ms)
-        errors[name] = np.asarray(es)
-        raw_errors[name] = np.asarray(rs)
-        if progress:
-            print(
-                f"[database] {name}: {len(opts)} options, error {es[-1]:.4f} "
-                f"(magnitude only {rs[-1]:.4f}) at {labels[-1][-1]}",
-                flush=True,
-            )
-    return Database(names, tuple(labels), kernels, masks, errors, raw_errors)
+        entries.add(name, tuple(label_fn(o) for o in opts), ks, ms, es, rs)
+    return entries.database(names)
 
 
 # --------------------------------------------------------------------------------------
@@ -537,7 +561,7 @@ def _layer_outputs(static: _Static, params: Any, x: jax.Array) -> dict[str, jax.
 def global_loss(static: _Static, params: Any, dense_params: Any, x: jax.Array) -> jax.Array:
     ours = _layer_outputs(static, params, x)
     ref = jax.lax.stop_gradient(_layer_outputs(static, dense_params, x))
-    return sum(_normalised_sq_error(ours[n], ref[n]) for n, _ in static.layer_fns)
+    return jnp.sum(jnp.stack([_normalised_sq_error(ours[n], ref[n]) for n, _ in static.layer_fns]))
 
 
 @jax.jit(static_argnames=("static",))

@@ -148,6 +148,8 @@ def search(
         dp = table
         times = [np.zeros(int(n)) for n in dp.lengths]
     else:
+        if budget is None:
+            raise ValueError("budget is required unless table is a PreparedDP; got None")
         times = table.times() if isinstance(table, TimingTable) else [np.asarray(t) for t in table]
         dp = prepare(times, budget, buckets=buckets)
     errs = _as_errors(errors, times, table)
@@ -174,7 +176,7 @@ def search(
     rng = np.random.default_rng(seed)
     cache: dict[tuple[int, ...], float] = {}
     history: list[float] = []
-    best = {"score": math.inf, "choice": None, "coef": None}
+    best: dict[str, Any] = {"score": math.inf, "choice": None, "coef": None}
     counts = {"candidates": 0}
 
     def solve(coefs: np.ndarray) -> np.ndarray:

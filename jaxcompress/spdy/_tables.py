@@ -70,6 +70,16 @@ def _warn_short_last_layer(layers: list[LayerOptions], source: str, lineno: int)
             )
 
 
+def _read_utf8(path: str, what: str) -> str:
+    """The UTF-8 text of ``path``; a ``ValueError`` naming the file and the first bad byte."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not {what}: byte {e.start} is not UTF-8 ({e.reason})") from None
+
+
 def _readonly(a: Any, dtype=np.float64) -> np.ndarray:
     arr = np.array(a, dtype=dtype, copy=True)
     arr.setflags(write=False)
@@ -232,14 +242,7 @@ class TimingTable:
             truncated copy), or that :meth:`loads` rejects.
         """
         source = os.fspath(path)
-        with open(path, "rb") as f:
-            raw = f.read()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(
-                f"{source}: not a text timing table: byte {e.start} is not UTF-8 ({e.reason})"
-            ) from None
+        text = _read_utf8(source, "a text timing table")
         if "\x00" in text:
             line = text.count("\n", 0, text.index("\x00")) + 1
             raise ValueError(f"{source}:{line}: not a text timing table: it contains NUL bytes")
@@ -351,7 +354,7 @@ class TimingTable:
                 labels.sort(key=float)
             except ValueError:
                 pass  # non-numeric labels: keep file order
-            layers.append(LayerOptions(name, tuple(labels), [opts[x] for x in labels]))
+            layers.append(LayerOptions(name, tuple(labels), np.array([opts[x] for x in labels])))
         if not layers:
             raise fail(lines[-1][0] if lines else 1, "no layer with entries")
         _warn_short_last_layer(layers, source, lines[-1][0])
@@ -421,14 +424,7 @@ class TimingTable:
         source = "<string>"
         if not text.lstrip().startswith("{"):
             source = text
-            with open(text, "rb") as f:
-                raw = f.read()
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(
-                    f"{source}: not a JSON timing table: byte {e.start} is not UTF-8 ({e.reason})"
-                ) from None
+            text = _read_utf8(source, "a JSON timing table")
         try:
             doc = json.loads(text)
         except json.JSONDecodeError as e:
@@ -506,7 +502,7 @@ class TimingTable:
                 LayerOptions(
                     name,
                     tuple(label_fn(o) for o in opts),
-                    [float(time_fn(name, f, o)) for o in opts],
+                    np.array([float(time_fn(name, f, o)) for o in opts]),
                 )
             )
         prunable = float(sum(float(v) for v in flops.values()))
