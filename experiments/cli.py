@@ -258,6 +258,7 @@ def main(
     parser: argparse.ArgumentParser,
     configs: tuple[Any, Any],
     train: str,
+    one_device: bool = False,
 ) -> int:
     """Parse ``argv``, build the config, check it, ``--mesh`` and ``--out``, then run.
 
@@ -267,6 +268,8 @@ def main(
       configs: the modules ``(default, quick)``, each with ``get_config()``.
       train: the module with ``run(config, out, *, mesh, restart) -> results`` and
         ``format_table(results)``, imported only once every check has passed (it imports jax).
+      one_device: the experiment trains on one device (its own loop): ``--mesh`` with more
+        than one device and ``--num-processes`` are refused.
 
     Every check runs before jax is imported or any data is loaded (the device count of
     ``--mesh`` in a multi-process run: after ``jax.distributed`` started); a failed one exits
@@ -286,6 +289,11 @@ def main(
     if getattr(config, "data_dir", None) is not None and not os.path.isdir(config.data_dir):
         _fail(parser, f"data_dir: {config.data_dir!r} is not a directory")
     distributed = args.num_processes > 1 or bool(os.environ.get(launch.NUM_PROCESSES))
+    if one_device and (
+        distributed
+        or (args.mesh is not None and math.prod(_mesh_or_fail(parser, args.mesh).values()) > 1)
+    ):
+        _fail(parser, f"{parser.prog} trains on one device: leave --mesh and --num-processes out")
     if args.mesh is not None:
         try:  # the devices are counted here only in one process (jax.distributed starts first)
             parse_mesh(args.mesh, num_devices=math.inf if distributed else None)
@@ -319,6 +327,13 @@ def main(
         functools.partial(module.run, mesh=args.mesh, restart=args.restart),
         module.format_table,
     )
+
+
+def _mesh_or_fail(parser: argparse.ArgumentParser, text: str) -> dict[str, int]:
+    try:
+        return parse_mesh(text, num_devices=math.inf)
+    except ValueError as err:
+        _fail(parser, str(err))
 
 
 def _child_argv(argv: list[str] | None) -> list[str]:

@@ -267,7 +267,9 @@ def test_a_killed_run_resumes_to_bit_identical_results(uninterrupted, tmp_path):
 
 def test_mesh_runs_the_trainings_sharded_with_their_curves(monkeypatch):
     calls = fit_calls(monkeypatch)
-    config = _resume_config(memorisation="only", memorisation_subset=128, batch_size=32)
+    config = _resume_config(
+        memorisation="only", memorisation_subset=128, memorisation_epochs=4, batch_size=32
+    )
     results = run(config, None, mesh="data=2,fsdp=2")
     # dense and AC/DC on the noisy labels (the per-epoch callback evaluates a local copy)
     assert [(c["mesh"], c["rule"]) for c in calls] == [("data=2,fsdp=2", "fsdp")] * 2

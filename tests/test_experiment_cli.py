@@ -237,6 +237,8 @@ def test_experiment_configs_are_thin_and_their_ablations_valid(name):
         ("cram", ["--mesh", "data=0"], "mesh: size of 'data' must be a positive int"),
         ("cram", ["--mesh", "data=4096"], "needs 4096 devices"),
         ("cram", ["--num-processes", "0"], "argument --num-processes: expected a positive"),
+        ("lm", ["--mesh", "data=2"], "trains on one device: leave --mesh and --num-processes"),
+        ("lm", ["--num-processes", "2"], "trains on one device"),
         ("cram", ["--out", "/etc/hostname/sub"], "out: cannot write to '/etc/hostname/sub'"),
         ("cram", ["--rho"], "expected one argument"),
     ],

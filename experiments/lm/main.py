@@ -27,5 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     return cli.main(
-        argv, parser=build_parser(), configs=(default, quick), train="experiments.lm.train"
+        argv,
+        parser=build_parser(),
+        configs=(default, quick),
+        train="experiments.lm.train",
+        one_device=True,
     )
