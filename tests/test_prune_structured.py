@@ -159,6 +159,11 @@ def test_bad_input_is_refused_before_pruning(monkeypatch):
         jc.prune.structured(model, {"conv1": 2}, x, score={"conv1": np.ones(5)})
     with pytest.raises(TypeError, match="flax.nnx.Module"):
         jc.prune.structured({"w": np.ones(3)}, 0.5, x)
+    groups = _case("resblock")[2]
+    with pytest.raises(ValueError, match="score must be one of"):
+        jc.prune.unit_scores(model, groups, "l3")
+    with pytest.raises(TypeError, match="groups must map names to jaxcompress.structure.Group"):
+        jc.prune.unit_scores(model, {"conv1": 6})
     convnext, xc, _ = _case("convnext")
     with pytest.raises(ValueError, match="has no nnx.BatchNorm"):
         jc.prune.structured(convnext, 0.5, xc, calibration=[xc])
