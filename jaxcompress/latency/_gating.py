@@ -71,10 +71,14 @@ class Factorized(nnx.Module):
         rank: int,
         *,
         use_bias: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
         rngs: nnx.Rngs,
     ):
-        self.u = nnx.Linear(in_features, rank, use_bias=False, rngs=rngs)
-        self.v = nnx.Linear(rank, out_features, use_bias=use_bias, rngs=rngs)
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "precision": precision, "rngs": rngs}
+        self.u = nnx.Linear(in_features, rank, use_bias=False, **kw)
+        self.v = nnx.Linear(rank, out_features, use_bias=use_bias, **kw)
 
     @property
     def rank(self) -> int:
@@ -105,18 +109,23 @@ def _from_svd(layer: nnx.Linear, r: int) -> Factorized:
     u, s, vt = np.linalg.svd(w, full_matrices=False)
     root = np.sqrt(s[:r])
     use_bias = layer.bias is not None
-    new = Factorized(
-        int(layer.in_features),
-        int(layer.out_features),
-        r,
-        use_bias=use_bias,
-        rngs=nnx.Rngs(0),
+    new = nnx.eval_shape(  # the structure only: every value is set below
+        lambda: Factorized(
+            int(layer.in_features),
+            int(layer.out_features),
+            r,
+            use_bias=use_bias,
+            dtype=layer.dtype,
+            param_dtype=layer.param_dtype,
+            precision=layer.precision,
+            rngs=nnx.Rngs(0),
+        )
     )
     dtype = layer.kernel[...].dtype
-    new.u.kernel[...] = jnp.asarray(u[:, :r] * root, dtype)
-    new.v.kernel[...] = jnp.asarray(root[:, None] * vt[:r], dtype)
-    if layer.bias is not None and new.v.bias is not None:
-        new.v.bias[...] = layer.bias[...]
+    new.u.kernel.set_value(jnp.asarray(u[:, :r] * root, dtype))
+    new.v.kernel.set_value(jnp.asarray(root[:, None] * vt[:r], dtype))
+    if new.v.bias is not None and layer.bias is not None:
+        new.v.bias.set_value(layer.bias[...])
     return new
 
 
