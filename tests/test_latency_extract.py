@@ -265,3 +265,13 @@ def test_bad_input_is_refused_with_the_argument_named():
         L.uniform_width(model, 0.0, x)
     with pytest.raises(ValueError, match="scale"):
         L.uniform_width(model, 1.5, x)
+
+
+def test_uniform_width_on_a_model_defined_in_the_tests():
+    vit, x = _case("vit")
+    half = L.uniform_width(vit, 0.5, x)
+    assert [a.qkv.out_features for a in half.attn] == [3 * 2 * 4] * 2  # 2 of 4 heads of 4 dims
+    assert [f.out_features for f in half.fc1] == [16, 16]
+    assert _forward(half, x).shape == _forward(vit, x).shape
+    kept = {n: s // 2 for n, s in PRUNABLE["vit"].items()}
+    assert S.macs(half, x[:1]).dense == jaxpr_macs(half, x[:1]) == S.macs(vit, x[:1])(kept)
