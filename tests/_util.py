@@ -41,6 +41,7 @@ __all__ = [
     "count_compiles",
     "digits",
     "fit_calls",
+    "fit_cram",
     "free_port",
     "jit_counting",
     "kill_when",
@@ -249,6 +250,27 @@ def without_timing(obj: Any) -> Any:
     if isinstance(obj, list):
         return [without_timing(v) for v in obj]
     return obj
+
+
+def fit_cram(model: Any, train_ds: Any, *, lr: float, epochs: int, batch_size: int, **kw: Any):
+    """``jaxcompress.train.fit`` of ``model`` with CrAM+ (SGD with momentum 0.9 at ``lr``,
+    ``rho=0.05``, sparsities 0.5/0.7: masks and a PRNG key in the state), quietly; ``kw`` go
+    to ``fit`` (eval data, mesh, checkpointing, ...). Returns the ``History``."""
+    import optax
+
+    from jaxcompress import optim, train
+
+    tx = optim.cram(optax.sgd(lr, momentum=0.9), rho=0.05, sparsities=(0.5, 0.7))
+    return train.fit(
+        model,
+        tx,
+        train_ds,
+        epochs=epochs,
+        batch_size=batch_size,
+        pass_grad_fn=True,
+        progress=False,
+        **kw,
+    )
 
 
 # ----------------------------------------------------------------------------- subprocesses

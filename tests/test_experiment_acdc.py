@@ -265,6 +265,7 @@ def test_a_killed_run_resumes_to_bit_identical_results(uninterrupted, tmp_path):
     assert without_timing(resumed) == without_timing(json.loads(json.dumps(reference)))
 
 
+@pytest.mark.slow  # two sharded trainings with per-epoch evaluations: about 30 s loaded
 def test_mesh_runs_the_trainings_sharded_with_their_curves(monkeypatch):
     calls = fit_calls(monkeypatch)
     config = _resume_config(

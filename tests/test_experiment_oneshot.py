@@ -64,9 +64,11 @@ def test_cli_nm_none_skips_nm():
     assert args.nm is None and args.sparsities == (0.5,)
 
 
-def test_mesh_trains_sharded(monkeypatch):
+@pytest.mark.slow  # a short sharded run: about 17 s loaded
+def test_fsdp_mesh_trains_sharded(monkeypatch):
     calls = fit_calls(monkeypatch)
-    results = run(_tiny().replace(epochs=1, train_subset=320, nm=None), None, mesh="data=4")
-    assert calls == [{"mesh": "data=4", "rule": "replicated", "devices": 4}]
+    config = _tiny().replace(epochs=1, train_subset=320, nm=None)
+    results = run(config, None, mesh="data=2,fsdp=2")
+    assert calls == [{"mesh": "data=2,fsdp=2", "rule": "fsdp", "devices": 4}]
     assert 0.2 < results["dense_accuracy"] <= 1.0
-    assert results["environment"]["mesh"] == "data=4"
+    assert results["environment"]["mesh"] == "data=2,fsdp=2"

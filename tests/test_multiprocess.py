@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from _util import digits, free_port, subprocess_env
+from _util import digits, fit_cram, free_port, subprocess_env
 
 from jaxcompress import data, sharding
 
@@ -61,25 +61,20 @@ def _digits():
 
 def run(checkpoint_dir=None, **kw):
     """CrAM on an MLP, FSDP on a 4x2 mesh: the same call in one process or in two."""
-    import optax
     from flax import nnx
 
-    from jaxcompress import optim, train
     from jaxcompress.models import MLP
 
     train_ds, eval_ds = _digits()
     model = MLP(64, (64,), 10, rngs=nnx.Rngs(0))
-    tx = optim.cram(optax.sgd(0.1, momentum=0.9), rho=0.05, sparsities=(0.5, 0.7))
-    hist = train.fit(
+    hist = fit_cram(
         model,
-        tx,
         train_ds,
+        lr=0.1,
         epochs=EPOCHS,
         batch_size=BATCH,
         eval_ds=eval_ds,
         eval_batch_size=48,
-        pass_grad_fn=True,
-        progress=False,
         mesh=MESH,
         param_sharding=RULE,
         checkpoint_dir=checkpoint_dir,

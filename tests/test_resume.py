@@ -11,12 +11,10 @@ import sys
 
 import jax
 import numpy as np
-import optax
 import pytest
-from _util import bits, digits, records, subprocess_env
+from _util import bits, digits, fit_cram, records, subprocess_env
 from flax import nnx
 
-from jaxcompress import optim, train
 from jaxcompress.checkpoint import Checkpointer
 from jaxcompress.models import SmallCNN
 
@@ -47,17 +45,14 @@ def run(checkpoint_dir=None, *, callback=None, config=CONFIG, batch_size=BATCH, 
     kw.setdefault("checkpoint_every", None if checkpoint_dir is None else 5)
     train_ds, eval_ds = _data()
     model = SmallCNN(1, 10, (4, width), rngs=nnx.Rngs(0))
-    tx = optim.cram(optax.sgd(0.05, momentum=0.9), rho=0.05, sparsities=(0.5, 0.7))
-    hist = train.fit(
+    hist = fit_cram(
         model,
-        tx,
         train_ds,
+        lr=0.05,
         epochs=EPOCHS,
         batch_size=batch_size,
         eval_ds=eval_ds,
         eval_batch_size=50,
-        pass_grad_fn=True,
-        progress=False,
         checkpoint_dir=checkpoint_dir,
         config=config,
         callback=callback,
@@ -136,20 +131,10 @@ def test_a_different_run_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="checkpoint_dir is None"):
         run(None, checkpoint_every=3)
     # Write a checkpoint by a short run (one epoch), then try to resume it differently.
-    train_ds, _ = _data()
     model = SmallCNN(1, 10, (4, 8), rngs=nnx.Rngs(0))
-    tx = optim.cram(optax.sgd(0.05, momentum=0.9), rho=0.05, sparsities=(0.5, 0.7))
-    train.fit(
-        model,
-        tx,
-        train_ds,
-        epochs=1,
-        batch_size=BATCH,
-        pass_grad_fn=True,
-        progress=False,
-        checkpoint_dir=directory,
-        config=CONFIG,
-    )
+    train_ds, _ = _data()
+    fit_cram(model, train_ds, lr=0.05, epochs=1, batch_size=BATCH, checkpoint_dir=directory,
+             config=CONFIG)  # fmt: skip
     before = sorted(os.listdir(directory))
     with pytest.raises(ValueError, match=r"lr: saved 0.05, now 0.1.*rho: saved 0.05, now 0.2"):
         run(directory, config={**CONFIG, "lr": 0.1, "rho": 0.2})
