@@ -75,6 +75,11 @@ def spawn(num_processes: int, argv: list[str], *, module: str) -> int:
         for i in range(1, num_processes)
     ]
     procs: list[subprocess.Popen] = []
+
+    def terminated(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)  # so that the children are stopped and reaped below
+
+    previous = signal.signal(signal.SIGTERM, terminated)
     try:
         for i in range(num_processes):
             env = {
@@ -103,6 +108,7 @@ def spawn(num_processes: int, argv: list[str], *, module: str) -> int:
             time.sleep(0.2)
     finally:
         _stop(procs)
+        signal.signal(signal.SIGTERM, previous)
         for log in logs:
             log.close()
             os.unlink(log.name)
