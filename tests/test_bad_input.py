@@ -5,6 +5,7 @@ raises)."""
 
 import json
 import os
+import re
 import shutil
 import warnings
 
@@ -337,3 +338,44 @@ def test_dumps_refuses_what_loads_cannot_read_back():
         with pytest.raises(ValueError, match=match):
             table.dumps()
         assert spdy.TimingTable.from_json(table.to_json()) == table
+
+
+# ----------------------------------------------------------------------------- optim update calls
+
+
+def _transforms():
+    import optax
+
+    from jaxcompress import optim
+
+    params = {"d": {"kernel": jnp.arange(16.0).reshape(4, 4) - 7.5}}
+    schedule = optim.acdc_schedule(
+        warmup_steps=1,
+        compressed_steps=1,
+        decompressed_steps=1,
+        final_compressed_steps=1,
+        total_steps=4,
+    )
+    return params, {
+        "acdc()": optim.acdc(optax.sgd(0.1), sparsity=0.5, schedule=schedule),
+        "gmp()": optim.gmp(optax.sgd(0.1), sparsity=0.5, begin_step=0, end_step=2, every=1),
+        "fixed_mask()": optim.fixed_mask(optax.sgd(0.1), jm.magnitude(params, 0.5)),
+        "cram()": optim.cram(optax.sgd(0.1), rho=0.05, sparsities=(0.5,)),
+    }
+
+
+@pytest.mark.parametrize("name", ["acdc()", "gmp()", "fixed_mask()", "cram()"])
+def test_update_names_a_foreign_state_and_missing_params(name):
+    params, transforms = _transforms()
+    tx = transforms[name]
+    state = tx.init(params)
+    kw = {"grad_fn": lambda p: p} if name == "cram()" else {}
+    want = (
+        rf"{re.escape(name)}: state must be the {type(state).__name__} returned by init, got tuple"
+    )
+    with pytest.raises(TypeError, match=want):
+        tx.update(params, tuple(state), params, **kw)
+    with pytest.raises(
+        ValueError, match=rf"{re.escape(name)}: update\(\) needs the current params"
+    ):
+        tx.update(params, state, None, **kw)

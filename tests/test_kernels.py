@@ -113,13 +113,18 @@ def test_mask_agrees_with_library_masks_nm():
     np.testing.assert_array_equal(np.asarray(kernel), lib)
 
 
+def _tiles(max_groups: int):
+    """Hypothesis: an N:M ``pattern``, 1..``max_groups`` groups, 1..9 columns, a dtype."""
+    return given(
+        pattern=st.sampled_from(PATTERNS),
+        groups=st.integers(1, max_groups),
+        cols=st.integers(1, 9),
+        dtype=st.sampled_from(DTYPES),
+    )
+
+
 @SETTINGS
-@given(
-    pattern=st.sampled_from(PATTERNS),
-    groups=st.integers(1, 6),
-    cols=st.integers(1, 9),
-    dtype=st.sampled_from(DTYPES),
-)
+@_tiles(max_groups=6)
 def test_mask_kernel_matches_reference(pattern, groups, cols, dtype):
     n, m = pattern
     w = _weight(groups * 31 + cols, (groups * m, cols), dtype)
@@ -170,12 +175,7 @@ def test_pack_zero_fills_groups_and_unused_fields():
 
 
 @SETTINGS
-@given(
-    pattern=st.sampled_from(PATTERNS),
-    groups=st.integers(1, 7),
-    cols=st.integers(1, 9),
-    dtype=st.sampled_from(DTYPES),
-)
+@_tiles(max_groups=7)
 def test_pack_kernels_match_reference_and_round_trip(pattern, groups, cols, dtype):
     n, m = pattern
     w = _nm_weight(groups * 17 + cols, groups * m, cols, n, m, dtype)

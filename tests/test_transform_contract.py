@@ -222,6 +222,22 @@ def _update(case: Case, tx, grads, state, params):
     return tx.update(grads, state, params)
 
 
+def _train_step(case: Case, tx):
+    """A trace-counting jitted ``(params, state, grads) -> (params, state)`` step."""
+
+    @jit_counting
+    def step(params, state, grads):
+        updates, state = _update(case, tx, grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return step
+
+
+def _update_step(case: Case, tx, params):
+    """A trace-counting jitted ``(state, grads) -> (updates, state)`` at fixed ``params``."""
+    return jit_counting(lambda state, grads: _update(case, tx, grads, state, params))
+
+
 def _avals(tree: Any) -> Any:
     return jax.tree.map(
         lambda x: (tuple(x.shape), jnp.dtype(x.dtype), jax.typeof(x).weak_type), tree
@@ -256,10 +272,7 @@ def test_jitted_update_traces_and_compiles_once(name):
     case = CASES[name]
     tx, params = case.make(), case.params()
 
-    @jit_counting
-    def step(params, state, grads):
-        updates, state = _update(case, tx, grads, state, params)
-        return optax.apply_updates(params, updates), state
+    step = _train_step(case, tx)
 
     state = tx.init(params)
     params, state = step(params, state, _grads(params, 0))
@@ -323,9 +336,7 @@ def test_multisteps_accumulates_then_applies_the_mean(name):
     acc = optax.MultiSteps(tx, every_k_schedule=2)
     grads = _grads(params)
 
-    @jit_counting
-    def micro(state, grads):
-        return _update(case, acc, grads, state, params)
+    micro = _update_step(case, acc, params)
 
     state = acc.init(params)
     u1, state = micro(state, grads)
@@ -345,9 +356,7 @@ def test_apply_if_finite_skips_non_finite_gradients(name):
     grads = _grads(params)
     bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), grads)
 
-    @jit_counting
-    def step(state, grads):
-        return _update(case, safe, grads, state, params)
+    step = _update_step(case, safe, params)
 
     state0 = safe.init(params)
     u_bad, state1 = step(state0, bad)
@@ -391,10 +400,7 @@ def test_sharded_state_follows_the_params(name):
     state = tx.init(params)
     _check_shardings(state, params, case.mirrors_params)
 
-    @jit_counting
-    def step(params, state, grads):
-        updates, state = _update(case, tx, grads, state, params)
-        return optax.apply_updates(params, updates), state
+    step = _train_step(case, tx)
 
     params, state = step(params, state, shard_rows(_grads(params)))
     _check_shardings(state, params, case.mirrors_params)
@@ -420,10 +426,7 @@ def test_sharded_second_step_does_not_recompile(name):
     tx = case.make()
     params = shard_rows(case.params())
 
-    @jit_counting
-    def step(params, state, grads):
-        updates, state = _update(case, tx, grads, state, params)
-        return optax.apply_updates(params, updates), state
+    step = _train_step(case, tx)
 
     state = tx.init(params)
     params, state = step(params, state, shard_rows(_grads(params)))
