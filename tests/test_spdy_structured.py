@@ -25,6 +25,9 @@ def _case(name):
     elif name == "convnext":
         model = numpy_init(lambda: ConvNeXtNet(rngs=nnx.Rngs(0)))
         x = jax.random.normal(_KEY, (4, 8, 8, 3))
+    elif name == "resnet8":
+        model = numpy_init(lambda: jc.models.resnet8(rngs=nnx.Rngs(0)))
+        x = jax.random.normal(_KEY, (2, 16, 16, 3))
     else:
         model = numpy_init(
             lambda: jc.models.TransformerClassifier(
@@ -95,10 +98,12 @@ def test_default_groups_are_the_heaviest_independent_set():
     )  # heads and FFN units; each value head_dim group shares the heads' terms
 
 
-@pytest.mark.parametrize("case", ["convnext", "transformer"])
+@pytest.mark.parametrize("case", ["convnext", "transformer", "resnet8"])
 def test_random_profiles_prune_to_the_table_macs(case):
     model, x1, xc = _case(case)
     opts = _options(case)
+    if case == "resnet8":  # the inner group of every block: the stage streams share their terms
+        assert opts.names == ("stages/0/0/conv1", "stages/1/0/conv1", "stages/2/0/conv1")
     rng = np.random.default_rng(0)
     for _ in range(2):
         choice = np.array([rng.integers(len(opts.counts[n])) for n in opts.names])
