@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -176,3 +178,20 @@ def test_bad_input_is_refused_before_work():
         opts.keep([0])
     with pytest.raises(ValueError, match=r"choice for 'expand' must be in \[0, 4\), got 4"):
         opts.prune([0, 4])
+
+
+def test_spdy_import_is_flax_free_until_group_options_is_used():
+    """``jc.spdy`` sees pytrees and arrays; only the structured options need Flax."""
+    code = (
+        "import sys, jaxcompress.spdy as S\n"
+        "assert 'flax' not in sys.modules, 'import jaxcompress.spdy loaded flax'\n"
+        "assert S.group_options.__module__ == 'jaxcompress.spdy._groups'\n"
+        "assert 'flax' in sys.modules\n"
+        "try:\n"
+        "    S.not_a_name\n"
+        "except AttributeError as e:\n"
+        "    assert 'not_a_name' in str(e)\n"
+        "else:\n"
+        "    raise SystemExit('no AttributeError')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -26,6 +26,9 @@ Float64 is the default DP dtype (needed for bit-parity with the reference); it r
 local ``jax.enable_x64(True)`` and never flips the global flag.
 """
 
+import importlib
+from typing import TYPE_CHECKING
+
 from jaxcompress.spdy._dp import (
     InfeasibleBudgetError,
     PreparedDP,
@@ -35,7 +38,6 @@ from jaxcompress.spdy._dp import (
     solve,
     solve_batch,
 )
-from jaxcompress.spdy._groups import GroupOptions, group_options
 from jaxcompress.spdy._measure import (
     CLOCKS,
     Timing,
@@ -70,6 +72,13 @@ from jaxcompress.spdy._tables import (
     modelled_speedup,
     prior_errors,
 )
+
+if TYPE_CHECKING:  # pragma: no cover
+    from jaxcompress.spdy._groups import GroupOptions, group_options
+
+# Structured options need Flax (they trace NNX models); loaded on first use so that
+# ``import jaxcompress.spdy`` stays Flax-free.
+_FLAX_NAMES = ("GroupOptions", "group_options")
 
 __all__ = [
     "CLOCKS",
@@ -109,3 +118,15 @@ __all__ = [
     "time_callable",
     "time_callables",
 ]
+
+
+def __getattr__(name: str):
+    if name in _FLAX_NAMES:
+        value = getattr(importlib.import_module("jaxcompress.spdy._groups"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'jaxcompress.spdy' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)
