@@ -293,6 +293,16 @@ def test_controller_with_active_feedback_drives_the_real_cost_to_its_target():
     np.testing.assert_allclose(state.value, real, rtol=1e-6)
 
 
+def test_active_feedback_with_some_groups_ungated_counts_them_at_full_size():
+    # gates only on "a" and "b"; "c" has no Gate and counts at its full size (16)
+    params = {"a": S.Gate(jnp.linspace(0.0, 1.0, 16)), "b": S.Gate(jnp.ones(32))}
+    tx = L.surrogate_penalty(_TOY_MACS, 0.1, feedback="active", multiple=4)
+    _, state = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    kept_a = int((np.linspace(0.0, 1.0, 16) >= 1e-2).sum())  # 15 above tau, rounded up to 16
+    want = _TOY_MACS({"a": -(-kept_a // 4) * 4, "b": 32, "c": 16}) / _TOY_MACS.dense
+    np.testing.assert_allclose(state.value, want, rtol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # Latency model
 # ---------------------------------------------------------------------------------------------

@@ -540,8 +540,12 @@ def surrogate_penalty(
         check_gates(gates, sizes)
         (_, value), grad = jax.value_and_grad(objective, has_aux=True)(gates)
         if feedback == "active":
+            # Only the gated groups have active counts; the others count at full size.
             counts = active_counts(
-                jax.lax.stop_gradient(gates), tau=tau, multiple=multiples, sizes=sizes
+                jax.lax.stop_gradient(gates),
+                tau=tau,
+                multiple={n: multiples[n] for n in gates},
+                sizes=sizes,
             )
             value = evaluate(counts)
         if controller is not None:
