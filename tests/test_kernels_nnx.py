@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -145,3 +148,19 @@ def test_bad_arguments_are_rejected():
         sparsify_for_inference(_nm_net(), n=4, m=4)
     with pytest.raises(TypeError, match="packed must be a PackedNM"):
         NMLinear(jnp.zeros((4, 4)))
+
+
+def test_kernels_import_is_flax_free_until_an_nnx_name_is_used():
+    code = (
+        "import sys, jaxcompress.kernels as K\n"
+        "assert 'flax' not in sys.modules, 'import jaxcompress.kernels loaded flax'\n"
+        "assert K.sparsify_for_inference.__module__ == 'jaxcompress.kernels._nnx'\n"
+        "assert 'flax' in sys.modules\n"
+        "try:\n"
+        "    K.not_a_name\n"
+        "except AttributeError as e:\n"
+        "    assert 'not_a_name' in str(e)\n"
+        "else:\n"
+        "    raise SystemExit('no AttributeError')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
