@@ -349,13 +349,7 @@ def _transforms():
     from jaxcompress import optim
 
     params = {"d": {"kernel": jnp.arange(16.0).reshape(4, 4) - 7.5}}
-    schedule = optim.acdc_schedule(
-        warmup_steps=1,
-        compressed_steps=1,
-        decompressed_steps=1,
-        final_compressed_steps=1,
-        total_steps=4,
-    )
+    schedule = optim.AcdcSchedule(1, 1, 1, final_compressed_start=3, total_steps=4)
     return params, {
         "acdc()": optim.acdc(optax.sgd(0.1), sparsity=0.5, schedule=schedule),
         "gmp()": optim.gmp(optax.sgd(0.1), sparsity=0.5, begin_step=0, end_step=2, every=1),
