@@ -70,6 +70,7 @@ def test_configs_validate_and_stay_small():
         ({"lam0": 1e4}, "lam0"),
         ({"num_seeds": 0}, "num_seeds"),
         ({"normalize": 1}, "normalize"),
+        ({"l1": "yes"}, "l1"),
     ],
 )
 def test_config_rejects_bad_values(changes, match):
@@ -107,10 +108,11 @@ def test_cli_rejects_bad_flags_in_one_line(argv, match, capsys, tmp_path):
 def test_cli_parses_flags():
     args = cli.build_parser().parse_args(
         ["--quick", "--tasks", "cnn,mlp", "--seeds", "2", "--targets", "0.5,0.3", "--out", "x",
-         "--dataset", "mnist", "--no-normalize", "--lam0", "none"]
+         "--dataset", "mnist", "--no-normalize", "--lam0", "none", "--no-l1"]
     )  # fmt: skip
     assert args.tasks == ("cnn", "mlp") and args.num_seeds == 2 and args.targets == (0.5, 0.3)
     assert args.dataset == "mnist" and args.normalize is False and args.lam0 is None
+    assert args.l1 is False
     assert args.quick and args.out == "x"
     assert not hasattr(cli.build_parser().parse_args([]), "normalize")  # the config decides
 

@@ -51,6 +51,7 @@ __all__ = [
 
 #: Examples per timed forward pass, and interleaved timing rounds over a task's models.
 LATENCY_BATCH, LATENCY_ROUNDS = 64, 3
+EVAL_BATCH = 1000
 
 
 @dataclasses.dataclass
@@ -121,16 +122,14 @@ class Study:
             seed=self.seed,
             progress=False,
             metrics_path=metrics,
-            eval_batch_size=self.config.eval_batch_size,
+            eval_batch_size=EVAL_BATCH,
             **kwargs,
         )
         self.seconds[run] = self.seconds.get(run, 0.0) + time.perf_counter() - start
         return history
 
     def accuracy(self, model: nnx.Module) -> float:
-        return float(
-            jtrain.evaluate(model, self.test, batch_size=self.config.eval_batch_size)["accuracy"]
-        )
+        return float(jtrain.evaluate(model, self.test, batch_size=EVAL_BATCH)["accuracy"])
 
     def point(self, key: str, model: nnx.Module, **fields: Any) -> dict[str, Any]:
         """A result point: exact MACs per example (:func:`jaxcompress.structure.macs`) and test

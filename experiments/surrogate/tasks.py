@@ -1,14 +1,14 @@
 """The four studies, one entry per task: ``run_seed(study) -> record`` and ``load(config)``.
 
 * ``cnn``: :class:`jaxcompress.models.SmallCNN` (4 conv-BN-ReLU blocks, strides 2, 2, 2, 1, no
-  pooling), a gate per channel: l1/l2 surrogate and l1 gates at the FLOPs targets against
-  uniform width multipliers.
-* ``resnet20``: :func:`jaxcompress.models.resnet20`: the surrogate against uniform widths (l1 is
-  the CNN study's baseline); its groups are the three residual streams (every block of a
-  stage adds into one, so their channels are removed together) and the inner channels of
-  each block.
-* ``sst2``: :class:`jaxcompress.models.TransformerClassifier` on GLUE SST-2: gates on the
-  attention heads and FFN units; the residual width is read by LayerNorm and not prunable.
+  pooling), a gate per channel: l1/l2 surrogate and (``config.l1``) l1 gates at the FLOPs
+  targets against uniform width multipliers.
+* ``resnet20``: :func:`jaxcompress.models.resnet20`, the same study; its groups are the three
+  residual streams (every block of a stage adds into one, so their channels are removed
+  together) and the inner channels of each block.
+* ``sst2``: :class:`jaxcompress.models.TransformerClassifier` on GLUE SST-2, the same study
+  with gates on the attention heads and FFN units; the residual width is read by LayerNorm and
+  not prunable.
 * ``mlp``: a dense :class:`jaxcompress.models.MLP` is trained; its hidden layers are factorised
   by their full-rank SVD (:func:`jaxcompress.latency.factorize`, the same function), the rank
   groups gated and trained with the surrogate, against uniform truncated SVD (the top
@@ -93,13 +93,9 @@ def head_groups(groups: dict[str, S.Group]) -> list[str]:
     ]
 
 
-def _gated_study(
-    study: Study,
-    build: Callable[[], nnx.Module],
-    *,
-    methods: tuple[tuple[str, str], ...] = (("surrogate", "ratio"), ("l1", "l1")),
-) -> dict[str, Any]:
+def _gated_study(study: Study, build: Callable[[], nnx.Module]) -> dict[str, Any]:
     settings = study.settings
+    methods = [("surrogate", "ratio")] + ([("l1", "l1")] if study.config.l1 else [])
     points = uniform(study, build)
     reference = points[-1]
     cost = S.macs(build(), *study.example)
@@ -155,9 +151,7 @@ def cnn(study: Study) -> dict[str, Any]:
 def resnet(study: Study) -> dict[str, Any]:
     channels, classes = _image_shape(study)
     return _gated_study(
-        study,
-        lambda: image_model("resnet20", study.config.width, channels, classes, study.seed),
-        methods=(("surrogate", "ratio"),),
+        study, lambda: image_model("resnet20", study.config.width, channels, classes, study.seed)
     )
 
 
@@ -179,7 +173,7 @@ def sst2(study: Study) -> dict[str, Any]:
             rngs=nnx.Rngs(study.seed),
         )
 
-    return _gated_study(study, build, methods=(("surrogate", "ratio"),))
+    return _gated_study(study, build)
 
 
 # --------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def _runs_per_seed(config: Config, task: str) -> int:
     s = config.task(task)
     if task == "mlp":
         return 1 + 2 * len(s.targets)
-    methods = 2 if task == "cnn" else 1
+    methods = 2 if config.l1 else 1
     return len(s.multipliers) + methods * len(s.targets)
 
 

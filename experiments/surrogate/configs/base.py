@@ -127,11 +127,11 @@ class Config(ConfigBase):
     normalize: bool = field(
         True, "l1/l2 runs divide the gates that no norm layer follows by their rms"
     )
+    l1: bool = field(True, "also run the l1 baseline (network slimming) on cnn, resnet20, sst2")
     hold: bool = field(
         True, "penalise only while the kept units cost more than the target (no overshoot)"
     )
     latency_repeats: int = field(30, "timed forward passes per model and round (median)")
-    eval_batch_size: int = field(1000, "evaluation batch size")
     progress: bool = field(True, "progress bars")
 
     def task(self, name: str) -> TaskSettings:
@@ -154,11 +154,11 @@ class Config(ConfigBase):
             raise ValueError(f"dataset must be one of {DATASETS} or None, got {self.dataset!r}")
         if self.data_dir is not None and not isinstance(self.data_dir, str):
             raise TypeError(f"data_dir must be a str path or None, got {self.data_dir!r}")
-        check_bools(self, ("normalize", "hold", "progress"))
+        check_bools(self, ("l1", "normalize", "hold", "progress"))
         check_ints(self, ("seed",), minimum=0)
         check_ints(
             self,
-            ("num_seeds", "batch_size", "latency_repeats", "eval_batch_size"),
+            ("num_seeds", "batch_size", "latency_repeats"),
         )
         check_ints(self, ("epochs", "train_subset", "test_subset"), optional=True)
         check_ints(self, ("finetune_epochs",), minimum=0, optional=True)

@@ -17,5 +17,4 @@ def get_config() -> Config:
         targets=(0.5, 0.25),
         lam0=0.1,
         latency_repeats=10,
-        eval_batch_size=500,
     )
