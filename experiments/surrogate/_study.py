@@ -281,7 +281,6 @@ def compress(
     normalize: Sequence[str] = (),
     penalty_epochs: int,
     finetune_epochs: int,
-    lr_offset: int = 0,
 ) -> dict[str, Any]:
     """Penalised training of ``model`` towards ``target * reference_flops`` MACs, extraction
     within that budget, fine-tuning; the extracted model's point.
@@ -292,7 +291,6 @@ def compress(
       select: which groups get gates (default: every prunable group a weight reads).
       normalize: names of gated groups whose gates act divided by their rms (only for
         ``kind="ratio"`` with ``config.normalize``).
-      lr_offset: schedule step of the penalty phase's first step.
     """
     config, settings = study.config, study.settings
     budget = target * reference_flops
@@ -311,7 +309,7 @@ def compress(
     )
     tx = optax.chain(
         penalty,
-        optax.adam(study.schedule(lr_offset)),
+        optax.adam(study.schedule()),
         L.project_nonnegative(prune_below=config.tau),
     )
     if config.hold:
@@ -330,7 +328,7 @@ def compress(
     small = extracted.model
     before = study.accuracy(small)
     if finetune_epochs:
-        offset = lr_offset + penalty_epochs * study.steps_per_epoch
+        offset = penalty_epochs * study.steps_per_epoch
         study.fit(f"{key}_finetune", small, optax.adam(study.schedule(offset)), finetune_epochs)
     point = study.point(
         key,
