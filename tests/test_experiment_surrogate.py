@@ -178,6 +178,10 @@ def test_summary_of_a_gated_study():
     assert s["surrogate_minus_l1_at_equal_flops"] == [None]  # cheaper than every l1 model
     missed = report.summarize("resnet20", _record(surrogate_flops=500, landing=(-0.08, 0.0)))
     assert not missed["met_flops_advantage"] and not missed["controller"]["met"]
+    assert s["uniform_over_surrogate_flops_at_equal_accuracy"]["surrogate_0.5"] > 1.0
+    seeds = report.summarize("resnet20", _record(), [_record(), _record(landing=(-0.06, 0.0))])
+    assert seeds["controller"]["worst"] == -0.06 and not seeds["controller"]["met"]
+    assert "seed1/surrogate_0.5" in seeds["controller"]["errors"]  # every run, not the mean
     cnn = report.summarize("cnn", _record())  # 0.3 points: uniform x0.75 is out
     assert cnn["uniform_best"]["key"] == "uniform_1"
     record = _record()

@@ -137,7 +137,6 @@ def _uniform_summary(task: str, res: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "reference_accuracy": ref["accuracy"],
         "accuracy_threshold": threshold,
-        "controller": _landing(compressed),
         "latency": _latency(ref, compressed),
     }
     best = best_within(res["surrogate"], threshold)
@@ -149,6 +148,11 @@ def _uniform_summary(task: str, res: dict[str, Any]) -> dict[str, Any]:
         reduction = 0.0 if best is None else 1.0 - best["flops"] / ref["flops"]
         out.update(flops_reduction=reduction, met_flops_reduction=reduction >= SST2_REDUCTION)
         return out
+    out["uniform_over_surrogate_flops_at_equal_accuracy"] = {
+        p["key"]: None if (u := uniform_flops_at(p["accuracy"], uniform_pts)) is None
+        else u / p["flops"]
+        for p in res["surrogate"]
+    }  # fmt: skip
     at = None if best is None else uniform_flops_at(best["accuracy"], uniform_pts)
     advantage = None if best is None else (ref["flops"] if at is None else at) / best["flops"]
     discrete = (
@@ -171,7 +175,6 @@ def _uniform_summary(task: str, res: dict[str, Any]) -> dict[str, Any]:
 def _mlp_summary(res: dict[str, Any]) -> dict[str, Any]:
     return {
         "reference_accuracy": res["reference"]["accuracy"],
-        "controller": _landing(res["surrogate"]),
         "surrogate_minus_svd": [
             s["accuracy"] - v["accuracy"] for s, v in zip(res["surrogate"], res["svd"], strict=True)
         ],
@@ -179,9 +182,22 @@ def _mlp_summary(res: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def summarize(task: str, res: dict[str, Any]) -> dict[str, Any]:
-    """The targets measured on one task's (seed-averaged) record."""
-    return _mlp_summary(res) if task == "mlp" else _uniform_summary(task, res)
+def summarize(
+    task: str, res: dict[str, Any], per_seed: Sequence[dict[str, Any]] = ()
+) -> dict[str, Any]:
+    """The targets measured on one task's seed-averaged record ``res``; the controller's
+    landing over every compressed run of ``per_seed`` (of ``res`` when empty)."""
+    out = _mlp_summary(res) if task == "mlp" else _uniform_summary(task, res)
+    records = list(per_seed) or [res]
+    out["controller"] = _landing(
+        [
+            {**p, "key": f"seed{i}/{p['key']}" if per_seed else p["key"]}
+            for i, record in enumerate(records)
+            for m in ("surrogate", "l1")
+            for p in record.get(m, [])
+        ]
+    )
+    return out
 
 
 def _methods(res: dict[str, Any]) -> list[str]:

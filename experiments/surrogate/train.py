@@ -153,7 +153,7 @@ def run(
         per_seed = records[task]
         averaged = _aggregate([{k: v for k, v in r.items() if k != "seconds"} for r in per_seed])
         averaged["dataset"] = config.task(task).dataset
-        averaged["summary"] = report.summarize(task, averaged)
+        averaged["summary"] = report.summarize(task, averaged, per_seed)
         averaged["per_seed"] = per_seed
         averaged["seconds"] = _reduce([r["seconds"] for r in per_seed], np.mean)
         results[task] = averaged
