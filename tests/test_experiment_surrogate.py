@@ -316,7 +316,11 @@ def test_tiny_run_per_task(task, tmp_path):
     if task == "mlp":
         assert res["svd"][0]["flops"] <= res["surrogate"][0]["flops"]
     assert set(results) >= {"units", "config", "dataset_sizes", "timing", "environment"}
-    # a finished run is read back, not rerun; another config is refused
+    # a finished run is read back, not rerun; a finished stage too; another config is refused
     assert run(config, tmp_path) == json.loads(json.dumps(results))
+    os.remove(tmp_path / "results.json")
+    again = run(config, tmp_path)
+    assert again[task]["per_seed"] == json.loads(json.dumps(res["per_seed"]))
+    assert again[task]["seconds"] == json.loads(json.dumps(res["seconds"]))  # no training
     with pytest.raises(ValueError, match="another config"):
         run(config.replace(tau=0.02), tmp_path)
