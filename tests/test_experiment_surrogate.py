@@ -239,9 +239,13 @@ def test_hold_above_freezes_the_gates_before_the_target():
 
     free = step(four - 0.01)  # the step stays above the target: applied
     np.testing.assert_allclose(free["gates"]["layers/0"][...], -grads["gates"]["layers/0"][...])
-    held = step(four + 0.01)  # it would cross the target: the gates hold, the weights train
+    landing = step(four * 1.01)  # it lands within HOLD_MARGIN below the target: applied
+    np.testing.assert_allclose(landing["gates"]["layers/0"][...], free["gates"]["layers/0"][...])
+    held = step(four + 0.05)  # it would overshoot by more: the gates hold, the weights train
     assert np.abs(np.asarray(held["gates"]["layers/0"][...])).max() == 0
     np.testing.assert_allclose(held["model"]["layers"][0]["kernel"][...], -0.01)
+    done = step(1.0)  # at (or below) the target already: frozen
+    assert np.abs(np.asarray(done["gates"]["layers/0"][...])).max() == 0
 
 
 def test_svd_ranks_fit_the_budget():

@@ -13,7 +13,7 @@ The penalised run (:func:`compress`) is the method of Nasery, Shah, Suggala, Jai
 :math:`\lambda \leftarrow \lambda e^{k (F - F^*) / F^*}` steers :math:`F`, the exact MACs of
 the units extraction would keep now, to the target :math:`F^*`. The optax chain is
 ``surrogate_penalty -> adam -> project_nonnegative(prune_below=tau)``; with ``config.hold``
-the gates freeze before a step would take the kept units below the target
+the gates freeze at the target, before a step would overshoot it by more than 2%
 (:func:`hold_above`). Then extraction (threshold ``tau``, then
 :func:`jaxcompress.latency.within_budget` drops the units of least gate mass per MAC until the
 model fits :math:`F^*`), and fine-tuning on the rest of the learning-rate schedule.
@@ -38,6 +38,7 @@ from jaxcompress import structure as S
 from jaxcompress import train as jtrain
 
 __all__ = [
+    "HOLD_MARGIN",
     "LATENCY_BATCH",
     "Study",
     "compress",
@@ -216,13 +217,18 @@ def restrict(cost: S.MacCount, names) -> S.MacCount:
     return S.MacCount(terms, {n: s for n, s in cost.sizes.items() if n in names})
 
 
+#: A step may take the kept units at most this fraction below the target (``hold_above``).
+HOLD_MARGIN = 0.02
+
+
 def hold_above(
     tx: optax.GradientTransformation, cost: S.MacCount, ratio: float, tau: float
 ) -> optax.GradientTransformation:
-    """``tx`` with its gate updates dropped at every step after which the units extraction
-    would keep (gate >= ``tau`` * group max and > 0) would cost at most ``ratio`` of
-    ``cost.dense``: the gates freeze just above the target and the weights train on;
-    extraction's ``within_budget`` then trims the model to the target.
+    """``tx`` with its gate updates dropped once the units extraction would keep (gate >=
+    ``tau`` * group max and > 0) cost at most ``ratio`` of ``cost.dense``, and at every step
+    that would take them below ``(1 - HOLD_MARGIN) * ratio``: the gates freeze at the target
+    (or just above it, where one step would overshoot; extraction's ``within_budget`` trims
+    that) and the weights train on.
 
     With Adam the penalty's push on a gate hardly depends on lambda while it dominates the
     loss gradient, and Adam's momentum carries it on, so a multiplicative controller that has
@@ -237,17 +243,24 @@ def hold_above(
         key = path[-1]
         return str(next((getattr(key, a) for a in ("key", "name", "idx") if hasattr(key, a)), key))
 
+    def kept(gates: dict[str, Any]) -> dict[str, Any]:
+        return {
+            n: jnp.maximum(jnp.sum((g >= tau * jnp.max(g)) & (g > 0)), 1) for n, g in gates.items()
+        }
+
     def update(updates, state, params=None):
         new, new_state = tx.update(updates, state, params)
         flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable)
         leaves = treedef.flatten_up_to(new)
         index = {name(path): i for i, (path, leaf) in enumerate(flat) if isinstance(leaf, S.Gate)}
-        kept = {}
-        for n, i in index.items():
-            step = leaves[i][...] if _is_variable(leaves[i]) else leaves[i]
-            g = flat[i][1][...] + step
-            kept[n] = jnp.maximum(jnp.sum((g >= tau * jnp.max(g)) & (g > 0)), 1)
-        on = cost(kept) > ratio * cost.dense
+        now = {n: flat[i][1][...] for n, i in index.items()}
+        after = {
+            n: now[n] + (leaves[i][...] if _is_variable(leaves[i]) else leaves[i])
+            for n, i in index.items()
+        }
+        on = (cost(kept(now)) > ratio * cost.dense) & (
+            cost(kept(after)) >= (1.0 - HOLD_MARGIN) * ratio * cost.dense
+        )
         for i in index.values():
             leaves[i] = jax.tree.map(lambda u: jnp.where(on, u, jnp.zeros_like(u)), leaves[i])
         return treedef.unflatten(leaves), new_state
