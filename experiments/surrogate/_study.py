@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import optax
 from flax import nnx
+from jax.tree_util import tree_map
 
 import jaxcompress.latency as L
 from experiments.surrogate.configs.base import LAM_MAX, Config, TaskSettings
@@ -231,13 +232,14 @@ def hold_above(
     that) and the weights train on.
 
     With Adam the penalty's push on a gate hardly depends on lambda while it dominates the
-    loss gradient, and Adam's momentum carries it on, so a multiplicative controller that has
-    just reached its target keeps pruning: the quick CNN run landed 44% below its target 0.25.
-    Under the l1 penalty many gates cross the threshold in the same step (-14.5% with the gates
-    frozen only after the crossing); checking the step's result stops before it.
+    loss gradient, and Adam's momentum carries it on, so the controller alone cannot stop the
+    pruning at the target (experiments/surrogate/RESULTS.md, 2026-12-07).
     """
     import jax
     import jax.numpy as jnp
+
+    def _is_var(x: Any) -> bool:
+        return isinstance(x, nnx.Variable)
 
     def name(path) -> str:
         key = path[-1]
@@ -250,12 +252,12 @@ def hold_above(
 
     def update(updates, state, params=None):
         new, new_state = tx.update(updates, state, params)
-        flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable)
+        flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_var)
         leaves = treedef.flatten_up_to(new)
         index = {name(path): i for i, (path, leaf) in enumerate(flat) if isinstance(leaf, S.Gate)}
         now = {n: flat[i][1][...] for n, i in index.items()}
         after = {
-            n: now[n] + (leaves[i][...] if _is_variable(leaves[i]) else leaves[i])
+            n: now[n] + (leaves[i][...] if _is_var(leaves[i]) else leaves[i])
             for n, i in index.items()
         }
         on = (cost(kept(now)) > ratio * cost.dense) & (
@@ -266,10 +268,6 @@ def hold_above(
         return treedef.unflatten(leaves), new_state
 
     return optax.GradientTransformation(tx.init, update)
-
-
-def _is_variable(x: Any) -> bool:
-    return isinstance(x, nnx.Variable)
 
 
 def _kept(gates: dict[str, np.ndarray], tau: float) -> dict[str, int]:
@@ -337,6 +335,7 @@ def compress(
     if names:
         trained.commit()
     gates = _gate_values(gated)
+    diagnostics = L.gate_diagnostics(gates, tau=config.tau)
     extracted = L.extract(gated, *study.example, tau=config.tau, policy=[L.within_budget(budget)])
     small = extracted.model
     before = study.accuracy(small)
@@ -356,23 +355,12 @@ def compress(
         lambda_final=float(history.opt_state[0].controller.lam),
         active_flops_ratio_per_epoch=active,
         steered_flops_ratio=active[-1] if active else None,
-        gate_stats=_jsonable(L.gate_diagnostics(gates, tau=config.tau)),
+        gate_stats=tree_map(np.ndarray.tolist, tree_map(np.asarray, diagnostics)),
     )
     if point["flops"] != int(extracted.macs):
         raise AssertionError(f"structure.macs {point['flops']} != extract's {extracted.macs}")
     point["landing_error"] = point["flops"] / budget - 1.0
     return point
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.generic, np.ndarray)) or hasattr(value, "shape"):
-        arr = np.asarray(value)
-        return arr.item() if arr.ndim == 0 else arr.tolist()
-    return value
 
 
 def measure_latencies(study: Study, points: dict[str, dict[str, Any]]) -> None:
