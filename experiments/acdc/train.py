@@ -56,12 +56,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 import time
+import zipfile
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -83,7 +86,6 @@ from jaxcompress import data as jdata
 from jaxcompress import masks as jmasks
 from jaxcompress import optim, prune
 from jaxcompress import train as jtrain
-from jaxcompress.checkpoint import Checkpointer
 
 __all__ = [
     "Timeline",
@@ -230,24 +232,46 @@ def _pure_state(model: nnx.Module) -> Any:
 
 
 class _Snapshot:
-    """The model state at one epoch of a run: in memory, or saved next to the run's checkpoints
-    (``<stage>-snapshot``) so that a resumed run past that epoch still has it."""
+    """The model state at one epoch of a run: in memory, and with a run directory also in
+    ``<stage>-snapshot/epoch<k>.npz`` (written atomically by process 0, read by every
+    process without collectives), so that a resumed run past that epoch still has it."""
 
     def __init__(self, directory: str | None):
         self._directory, self.state = directory, None
 
+    def _path(self, epoch: int) -> str:
+        return os.path.join(cast(str, self._directory), f"epoch{epoch}.npz")
+
     def save(self, epoch: int, model: nnx.Module) -> None:
-        self.state = _pure_state(model)
-        if self._directory is not None:
-            with Checkpointer(self._directory, max_to_keep=None) as ckpt:
-                if epoch not in ckpt.all_steps():  # a rerun of that epoch saves the same state
-                    ckpt.save(epoch, model_state=self.state)
+        self.state = _pure_state(local_model(model))
+        if self._directory is None or not is_primary() or os.path.exists(self._path(epoch)):
+            return  # (a rerun of that epoch computes the same state)
+        os.makedirs(self._directory, exist_ok=True)
+        leaves = {str(i): np.asarray(a) for i, a in enumerate(jax.tree.leaves(self.state))}
+        with tempfile.NamedTemporaryFile(dir=self._directory, suffix=".npz", delete=False) as f:
+            np.savez(f, **leaves)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(f.name, self._path(epoch))
 
     def load(self, epoch: int, model: nnx.Module) -> Any:
         if self.state is None and self._directory is not None:
-            target = {"model_state": jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(model)))}
-            with Checkpointer(self._directory, max_to_keep=None) as ckpt:
-                self.state = ckpt.restore(epoch, target=target)["model_state"]
+            template = nnx.to_pure_dict(nnx.state(model))
+            shapes = [(a.shape, a.dtype) for a in jax.tree.leaves(template)]
+            path = self._path(epoch)
+            try:  # zip members carry a CRC-32: a corrupted file fails here
+                with np.load(path, allow_pickle=False) as saved:
+                    leaves = [saved[str(i)] for i in range(len(shapes))]
+            except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
+                raise ValueError(f"AC/DC snapshot {path!r} cannot be read: {err}") from err
+            for i, (leaf, (shape, dtype)) in enumerate(zip(leaves, shapes, strict=True)):
+                if leaf.shape != shape or leaf.dtype != dtype:
+                    raise ValueError(
+                        f"AC/DC snapshot {path!r}: leaf {i} has {leaf.shape} {leaf.dtype}, the "
+                        f"model {shape} {dtype}; rerun with --restart"
+                    )
+            treedef = jax.tree.structure(template)
+            self.state = jax.tree.unflatten(treedef, [jnp.asarray(a) for a in leaves])
         return self.state
 
 
@@ -285,11 +309,11 @@ def _train(
 
     def callback(epoch: int, record: dict[str, float], trained: nnx.Module) -> None:
         local_model(trained)  # evaluated the same way on every process
+        if epoch == snapshot_epoch:
+            snapshot.save(epoch, trained)
         record["sparsity"] = _sparsity(trained)
         if probe_ds is not None:
             record["probe_accuracy"] = accuracy(trained, probe_ds)
-        if epoch == snapshot_epoch:
-            snapshot.save(epoch, trained)
 
     start = time.perf_counter()
     history = fit_stage(
