@@ -150,13 +150,14 @@ def _train_or_restore(
         return model, []
     # resumes from <out>/checkpoints/train; a finished training is restored, not rerun
     history = train_sgd(model, train_ds, config, out, "train dense (SGD)", run=run)
-    local_model(model).eval()
     if out is not None:
-        # the dense model for config.checkpoint of later runs (replacing one of a --restart)
+        # the dense model for config.checkpoint of later runs (replacing one of a --restart),
+        # saved as trained (on a mesh: global arrays, saved by every process)
         with Checkpointer(os.path.join(os.path.abspath(out), "checkpoint")) as ckpt:
             if 0 in ckpt.all_steps():
                 ckpt.delete(0)
             ckpt.save(0, model_state=nnx.to_pure_dict(nnx.state(model)))
+    local_model(model).eval()
     return model, history.epochs
 
 
