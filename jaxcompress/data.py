@@ -477,6 +477,8 @@ def _image_arrays(
         for f in (image_file, label_file):
             _verify(name, Path(folder) / f)
     if backend == "idx":
+        if folder is None:  # the IDX reader has no download path
+            raise ValueError(f"{name}: the idx backend needs the folder holding {image_file}")
         images = _read_idx(name, Path(folder) / image_file, 3)
         labels = _read_idx(name, Path(folder) / label_file, 1)
     else:
@@ -568,9 +570,9 @@ def fashion_mnist(
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
-    bunch = load_digits()
-    x = (np.asarray(bunch.images, np.float32) / np.float32(16.0))[..., None]
-    y = np.asarray(bunch.target, np.int32)
+    pixels, target = load_digits(return_X_y=True)  # (1797, 64): the 8x8 images, row-major
+    x = (np.asarray(pixels, np.float32).reshape(-1, 8, 8) / np.float32(16.0))[..., None]
+    y = np.asarray(target, np.int32)
     _readonly(x, y)
     return x, y
 
@@ -962,7 +964,10 @@ def num_batches(
     drop_remainder: bool = True,
 ) -> int:
     """Batches per epoch: ``floor(N / B)`` when dropping the remainder, else ``ceil(N / B)``."""
-    n = _check_int("ds", ds, minimum=0) if isinstance(ds, numbers.Integral) else len(_arrays(ds)[1])
+    if isinstance(ds, (int, np.integer)):
+        n = _check_int("ds", ds, minimum=0)
+    else:
+        n = len(_arrays(ds)[1])
     batch_size = _check_int("batch_size", batch_size, minimum=1)
     return n // batch_size if drop_remainder else -(-n // batch_size)
 
