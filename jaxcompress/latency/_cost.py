@@ -185,8 +185,7 @@ class LatencyModel:
         :math:`\\tilde T_t(c) = \\min_{c' \\ge c} T_t(c')` (componentwise over the grid), so no
         term gets faster as a layer gets wider. A layer can always be zero-padded to a wider,
         faster width with the same function (:func:`~jaxcompress.latency.pad_to_fast`), so the
-        envelope is attainable. Measured CPU grids are not monotone (XLA:CPU ran a 56-channel
-        conv slower than a 64-channel one; ``experiments/surrogate/RESULTS.md``)."""
+        envelope is attainable (measured grids need not be monotone in width)."""
         terms = []
         for name, groups, axes, times in self.terms:
             env = np.asarray(times, np.float64)

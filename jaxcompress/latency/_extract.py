@@ -222,9 +222,8 @@ def _check_multiples(multiple: Any) -> None:
 
 def round_to_multiple(multiple: int | Mapping[str, int]) -> Policy:
     """Policy: round every count **up** to a multiple of ``multiple`` (capped at the group's
-    size), or per group with ``{group: int}`` (others unchanged). Kernels run channel counts
-    that are multiples of 8 much faster than odd ones on many backends (XLA:CPU included,
-    ``experiments/surrogate/RESULTS.md``). The added units are the largest removed gates.
+    size), or per group with ``{group: int}`` (others unchanged), for backends that run such
+    channel counts faster than odd ones. The added units are the largest removed gates.
 
     Raises:
       ValueError: ``multiple`` not an int >= 1 (now); a mapping naming unknown groups (when
