@@ -105,3 +105,32 @@ def numpy_init(ctor, seed: int = 0) -> nnx.Module:
     model = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, state))
     model.eval()
     return model
+
+
+CASES = ("resblock", "convnext", "resnet8", "transformer")
+
+
+def case_model(name: str) -> nnx.Module:
+    """One of :data:`CASES`, NumPy-initialised (cheap to build; cache it in the test module)."""
+    import jaxcompress as jc
+
+    if name == "resblock":
+        return numpy_init(lambda: ResBlockNet(rngs=nnx.Rngs(0)))
+    if name == "convnext":
+        return numpy_init(lambda: ConvNeXtNet(rngs=nnx.Rngs(0)))
+    if name == "resnet8":
+        return numpy_init(lambda: jc.models.resnet8(rngs=nnx.Rngs(0)))
+    return numpy_init(
+        lambda: jc.models.TransformerClassifier(
+            50, d_model=16, num_heads=4, mlp_dim=32, max_len=8, num_layers=2, rngs=nnx.Rngs(0)
+        )
+    )
+
+
+def case_input(name: str, key: jax.Array, batch: int) -> jax.Array:
+    """A random input batch of the model of :func:`case_model`."""
+    if name in ("resblock", "convnext"):
+        return jax.random.normal(key, (batch, 8, 8, 3))
+    if name == "resnet8":
+        return jax.random.normal(key, (batch, 16, 16, 3))
+    return jax.random.randint(key, (batch, 8), 0, 50)

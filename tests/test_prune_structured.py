@@ -10,7 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from structured_models import ConvNeXtNet, ResBlockNet, numpy_init, resblock_macs
+from structured_models import (
+    case_input,
+    case_model,
+    resblock_macs,
+)
 
 import jaxcompress as jc
 
@@ -20,22 +24,7 @@ _KEY = jax.random.key(3)
 @functools.cache
 def _case(name):
     """Each model and a 2-example input, built once (initialisation dominates test time)."""
-    if name == "resblock":
-        model = numpy_init(lambda: ResBlockNet(rngs=nnx.Rngs(0)))
-        x = jax.random.normal(_KEY, (2, 8, 8, 3))
-    elif name == "convnext":
-        model = numpy_init(lambda: ConvNeXtNet(rngs=nnx.Rngs(0)))
-        x = jax.random.normal(_KEY, (2, 8, 8, 3))
-    elif name == "resnet8":
-        model = numpy_init(lambda: jc.models.resnet8(rngs=nnx.Rngs(0)))
-        x = jax.random.normal(_KEY, (2, 16, 16, 3))
-    else:
-        model = numpy_init(
-            lambda: jc.models.TransformerClassifier(
-                50, d_model=16, num_heads=4, mlp_dim=32, max_len=8, num_layers=2, rngs=nnx.Rngs(0)
-            )
-        )
-        x = jax.random.randint(_KEY, (2, 8), 0, 50)
+    model, x = case_model(name), case_input(name, _KEY, 2)
     return model, x, jc.structure.groups(model, x)
 
 

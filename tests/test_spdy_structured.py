@@ -11,7 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from structured_models import ConvNeXtNet, ResBlockNet, numpy_init, resblock_macs
+from structured_models import (
+    case_input,
+    case_model,
+    resblock_macs,
+)
 
 import jaxcompress as jc
 
@@ -21,23 +25,8 @@ _KEY = jax.random.key(5)
 @functools.cache
 def _case(name):
     """(model, one-example input for MACs, calibration batch), built once."""
-    if name == "resblock":
-        model = numpy_init(lambda: ResBlockNet(rngs=nnx.Rngs(0)))
-        x = jax.random.normal(_KEY, (4, 8, 8, 3))
-    elif name == "convnext":
-        model = numpy_init(lambda: ConvNeXtNet(rngs=nnx.Rngs(0)))
-        x = jax.random.normal(_KEY, (4, 8, 8, 3))
-    elif name == "resnet8":
-        model = numpy_init(lambda: jc.models.resnet8(rngs=nnx.Rngs(0)))
-        x = jax.random.normal(_KEY, (2, 16, 16, 3))
-    else:
-        model = numpy_init(
-            lambda: jc.models.TransformerClassifier(
-                50, d_model=16, num_heads=4, mlp_dim=32, max_len=8, num_layers=2, rngs=nnx.Rngs(0)
-            )
-        )
-        x = jax.random.randint(_KEY, (4, 8), 0, 50)
-    return model, x[:1], x
+    x = case_input(name, _KEY, 2 if name == "resnet8" else 4)
+    return case_model(name), x[:1], x
 
 
 @functools.cache
