@@ -10,9 +10,9 @@ Implementation modules are private: one folder per op (``_nm_mask``, ``_nm_pack`
 ``import jaxcompress.kernels`` stays Flax-free.
 """
 
-import importlib
 from typing import TYPE_CHECKING
 
+from jaxcompress import _lazy
 from jaxcompress.kernels._common import MetaLayout
 from jaxcompress.kernels._dispatch import load_policy, nm_linear, select_implementation
 from jaxcompress.kernels._nm_mask.api import nm_mask, nm_violations
@@ -51,14 +51,4 @@ __all__ = [
     "unpack_nm",
 ]
 
-
-def __getattr__(name: str):
-    if name in _NNX_NAMES:
-        value = getattr(importlib.import_module("jaxcompress.kernels._nnx"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'jaxcompress.kernels' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(__all__)
+__getattr__, __dir__ = _lazy.attributes(__name__, "jaxcompress.kernels._nnx", _NNX_NAMES, __all__)

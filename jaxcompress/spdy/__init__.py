@@ -26,9 +26,9 @@ Float64 is the default DP dtype (needed for bit-parity with the reference); it r
 local ``jax.enable_x64(True)`` and never flips the global flag.
 """
 
-import importlib
 from typing import TYPE_CHECKING
 
+from jaxcompress import _lazy
 from jaxcompress.spdy._dp import (
     InfeasibleBudgetError,
     PreparedDP,
@@ -119,14 +119,4 @@ __all__ = [
     "time_callables",
 ]
 
-
-def __getattr__(name: str):
-    if name in _FLAX_NAMES:
-        value = getattr(importlib.import_module("jaxcompress.spdy._groups"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'jaxcompress.spdy' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(__all__)
+__getattr__, __dir__ = _lazy.attributes(__name__, "jaxcompress.spdy._groups", _FLAX_NAMES, __all__)
