@@ -19,10 +19,11 @@ calls :func:`jaxcompress.structure.prune`. No model class is special.
   becomes a group), :func:`project_nonnegative`.
 * Cost: :class:`jaxcompress.structure.MacCount` (``jc.structure.macs``), or a measured
   :class:`LatencyModel` (:func:`measure_latency_model`); :func:`measure_latency`.
-* Surrogate: :func:`ratio`, :func:`surrogate_counts`, :func:`flops_regularizer`,
-  :func:`latency_regularizer`, :func:`l1_penalty`, :func:`surrogate_penalty` (an optax
-  transform), :func:`linear_ramp`, :func:`lambda_controller` / :class:`LambdaController`,
-  :func:`gate_diagnostics`.
+* Bit-level gates: :func:`quantize` / :class:`Quantized` (a gate per residual quantization
+  level of every chosen kernel; its bit-weighted cost is :attr:`Quantized.macs`).
+* Surrogate: :func:`ratio`, :func:`surrogate_counts`, :func:`regularizer` (FLOPs or latency
+  form), :func:`l1_penalty`, :func:`surrogate_penalty` (an optax transform),
+  :func:`lambda_controller` / :class:`LambdaController`, :func:`gate_diagnostics`.
 * Extraction: :func:`extract` / :class:`Extracted` with policies :func:`round_to_multiple`,
   :func:`within_budget`, :func:`pad_to_fast`; baseline :func:`uniform_width`.
 
@@ -32,7 +33,8 @@ Reconstructed choices (the paper body was not available), each an option with th
   :math:`\\|\\alpha\\|_0` when the non-zero gates are equal);
 * (b) positivity: identity gates + :func:`project_nonnegative` (projected gradient; exact
   zeros), optionally zeroing gates below ``prune_below`` times their group's largest;
-* (c) lambda: a constant, a schedule (:func:`linear_ramp`) or a :func:`lambda_controller`
+* (c) lambda: a constant, a schedule (e.g. a ramp,
+  ``optax.linear_schedule(0.0, peak, ramp_steps, delay)``) or a :func:`lambda_controller`
   (multiplicative by default; ``feedback="surrogate"`` steers the surrogate cost,
   ``"active"`` the cost at the counts extraction would keep); ``scale="rms"`` multiplies each
   group's push by the rms of its gates (the ratio is scale-invariant, so its gradient shrinks
@@ -71,18 +73,17 @@ from jaxcompress.latency._extract import (
     within_budget,
 )
 from jaxcompress.latency._gating import Factorized, factorize, gated
+from jaxcompress.latency._quantize import Quantized, quantize
 from jaxcompress.latency._surrogate import (
     DEFAULT_P,
     DEFAULT_TAU,
     LambdaController,
-    flops_regularizer,
     gate_diagnostics,
     l1_penalty,
     lambda_controller,
-    latency_regularizer,
-    linear_ramp,
     project_nonnegative,
     ratio,
+    regularizer,
     surrogate_counts,
     surrogate_penalty,
 )
@@ -94,20 +95,20 @@ __all__ = [
     "Factorized",
     "LambdaController",
     "LatencyModel",
+    "Quantized",
     "extract",
     "factorize",
-    "flops_regularizer",
     "gate_diagnostics",
     "gated",
     "l1_penalty",
     "lambda_controller",
-    "latency_regularizer",
-    "linear_ramp",
     "measure_latency",
     "measure_latency_model",
     "pad_to_fast",
     "project_nonnegative",
+    "quantize",
     "ratio",
+    "regularizer",
     "round_to_multiple",
     "surrogate_counts",
     "surrogate_penalty",

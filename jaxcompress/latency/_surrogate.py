@@ -145,34 +145,28 @@ def _cost_sizes(cost: Any) -> dict[str, int]:
     )
 
 
-def flops_regularizer(
+def regularizer(
     gates: Mapping[str, jax.Array],
-    macs: MacCount,
+    cost: MacCount | LatencyModel,
     *,
     p: float = DEFAULT_P,
     eps: float = DEFAULT_EPS,
 ) -> jax.Array:
-    """:math:`R(\\alpha) = \\text{MACs}(r(\\alpha)) / \\text{MACs}_{\\text{dense}}` (1 at equal,
-    all-on gates); groups of ``macs`` without gates count at full size."""
-    if not isinstance(macs, MacCount):
-        raise TypeError(f"macs must be a jaxcompress.structure.MacCount, got {type(macs).__name__}")
-    check_gates(gates, macs.sizes)
-    return macs(surrogate_counts(gates, p, eps=eps)) / macs.dense
+    """:math:`R(\\alpha) = C(r(\\alpha)) / C_{\\text{dense}}`: the cost at the surrogate widths
+    over the dense cost (1 at equal, all-on gates).
 
+    ``cost`` is a :class:`jaxcompress.structure.MacCount` (FLOPs form; also the bit-weighted
+    count :attr:`Quantized.macs <jaxcompress.latency.Quantized.macs>`) or a measured
+    :class:`~jaxcompress.latency.LatencyModel` (latency form, interpolated at the surrogate
+    widths). Groups of ``cost`` without gates count at full size. Differentiable in ``gates``.
 
-def latency_regularizer(
-    gates: Mapping[str, jax.Array],
-    lat: LatencyModel,
-    *,
-    p: float = DEFAULT_P,
-    eps: float = DEFAULT_EPS,
-) -> jax.Array:
-    """Latency form: :math:`T(r(\\alpha)) / T_{\\text{dense}}` with a measured
-    :class:`~jaxcompress.latency.LatencyModel` (interpolated at the surrogate widths)."""
-    if not isinstance(lat, LatencyModel):
-        raise TypeError(f"lat must be a LatencyModel, got {type(lat).__name__}")
-    check_gates(gates, lat.sizes)
-    return lat(surrogate_counts(gates, p, eps=eps)) / lat.dense
+    Raises:
+      TypeError: ``cost`` is neither; ``gates`` not a mapping. ValueError: a gate names no
+        group of ``cost`` or has the wrong shape.
+    """
+    sizes = _cost_sizes(cost)
+    check_gates(gates, sizes)
+    return cost(surrogate_counts(gates, p, eps=eps)) / cost.dense
 
 
 def l1_penalty(gates: Mapping[str, jax.Array]) -> jax.Array:
@@ -255,17 +249,6 @@ def gate_diagnostics(
 # --------------------------------------------------------------------------------------------
 # Lambda schedules
 # --------------------------------------------------------------------------------------------
-
-
-def linear_ramp(peak: float, ramp_steps: int, *, delay: int = 0) -> optax.Schedule:
-    """``lambda(t) = peak * clip((t - delay) / ramp_steps, 0, 1)``: 0 for ``delay`` steps, a
-    linear ramp over ``ramp_steps``, then held."""
-    if isinstance(peak, bool) or not isinstance(peak, numbers.Real) or not peak >= 0:
-        raise ValueError(f"peak must be a float >= 0, got {peak!r}")
-    for name, v, low in (("ramp_steps", ramp_steps, 1), ("delay", delay, 0)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
-    return optax.linear_schedule(0.0, float(peak), int(ramp_steps), int(delay))
 
 
 class ControllerState(NamedTuple):
@@ -463,9 +446,10 @@ def surrogate_penalty(
       cost: a :class:`jaxcompress.structure.MacCount` of the ungated model (FLOPs form;
         per-example or not, only the ratio to dense is used) or a
         :class:`~jaxcompress.latency.LatencyModel` (latency form).
-      strength: lambda: a float >= 0, an optax schedule of the step count (e.g.
-        :func:`linear_ramp`), a :class:`LambdaController` (updated every step from the
-        feedback ratio), or a 0-d real array (so ``optax.inject_hyperparams`` can inject it).
+      strength: lambda: a float >= 0, an optax schedule of the step count (e.g. a ramp,
+        ``optax.linear_schedule(0.0, peak, ramp_steps, delay)``), a :class:`LambdaController`
+        (updated every step from the feedback ratio), or a 0-d real array (so
+        ``optax.inject_hyperparams`` can inject it).
       kind: ``"ratio"`` (the l1/l2 surrogate ``R``, default) or ``"l1"`` (network slimming:
         :math:`\\sum |\\alpha|`, not normalised; ``R`` is still reported as the feedback).
       p, eps: see :func:`ratio`.

@@ -68,6 +68,9 @@ class Op:
       feature_groups: for grouped convolutions, ``feature_group_count`` as a polynomial.
       macs: the op's multiply-adds as a polynomial (its share of :class:`MacCount`).
       groups: the prunable groups the op's shapes depend on.
+      variables: per operand, the path of the model variable it reads (the operand is that
+        variable through layout ops such as a transpose, reshape or dtype conversion), or
+        ``None`` for an activation or an operand computed from several variables.
     """
 
     primitive: Any
@@ -77,6 +80,7 @@ class Op:
     feature_groups: Poly | None
     macs: Poly
     groups: tuple[str, ...]
+    variables: tuple[Any, ...] = ()
 
     def operand_shapes(
         self, kept: Mapping[str, int], sizes: Mapping[str, int]
@@ -164,6 +168,7 @@ def mac_count(analysis: Analysis) -> MacCount:
                 groups_poly,
                 {k: c for k, c in poly.items() if c},
                 tuple(sorted(used)),
+                tuple(rec.variables),
             )
         )
     total = {k: c for k, c in total.items() if c}

@@ -62,6 +62,10 @@ class OpRecord:
     operands: list[list[Seq]]  # per operand: the atom sequence of each axis
     dtypes: list[Any]
     feature_groups: Seq | None  # conv feature_group_count atoms (None: not grouped)
+    # per operand: the path of the model variable it is computed from alone (through layout
+    # ops such as transpose, reshape, convert_element_type, or ops with constants), None for
+    # an operand that depends on a model input or on several variables
+    variables: list[Path | None] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -539,6 +543,7 @@ class _Walker:
                 [list(v.axes) for v in ins],
                 [v.aval.dtype for v in eqn.invars],
                 groups,
+                [None if v.dep else v.origin for v in ins],
             )
         )
 
