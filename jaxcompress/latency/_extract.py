@@ -12,6 +12,7 @@ import numpy as np
 from flax import nnx
 
 from jaxcompress.latency._cost import LatencyModel, per_example_macs
+from jaxcompress.latency._quantize import Quantized, bit_cost, bits_of, plain_macs
 from jaxcompress.latency._surrogate import (
     DEFAULT_TAU,
     check_multiple,
@@ -50,16 +51,21 @@ class Extracted:
     Attributes:
       model: the physically smaller model (same classes, and train/eval mode, as the gated
         model's ``model``).
-      keep: ``{group: boolean mask}`` of the kept units.
-      kept: ``{group: kept unit count}``.
+      keep: ``{group: boolean mask}`` of the kept units (for a bit group of a
+        :class:`~jaxcompress.latency.Quantized` model: of the kept levels, a prefix).
+      kept: ``{group: kept unit count}`` (bit groups: their bit-width), so that
+        ``cost(kept) == macs`` for the cost the gates were trained against.
       macs: exact multiply-adds per example of ``model`` (``jaxcompress.structure.macs`` on
-        one example).
+        one example); for a quantized model the bit-weighted count: each op's MACs times the
+        bit-width of the kernel it reads (``levels`` for an unquantized one).
+      bits: ``{bit group "<kernel path>:bits": kept bit-width}`` (empty unless quantized).
     """
 
     model: nnx.Module
     keep: dict[str, np.ndarray]
     kept: dict[str, int]
     macs: int
+    bits: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def _policies(policy: Any) -> tuple[Policy, ...]:
@@ -106,8 +112,43 @@ def _top_mask(a: np.ndarray, count: int) -> np.ndarray:
     return mask
 
 
+def _extract_quantized(
+    q: Quantized, inputs: tuple, tau: float, policies: tuple[Policy, ...]
+) -> Extracted:
+    gates = {n: np.asarray(g[...], np.float64) for n, g in q.gates.items()}
+    for name, a in gates.items():
+        if not np.all(np.isfinite(a)) or (a < 0).any():
+            raise ValueError(
+                f"gates[{name!r}] must be finite and >= 0 to extract, got min {a.min()!r} "
+                "(keep gates non-negative with jc.latency.project_nonnegative)"
+            )
+    if not isinstance(q.model, Gated) and policies:
+        raise ValueError(
+            "policy sizes channel groups, but the quantized model has no channel gates "
+            "(quantize(gated(model, x), x) has both)"
+        )
+    if not inputs:
+        raise ValueError("inputs must hold at least one example input of the model, got none")
+    bits = {n: bits_of(a, tau) for n, a in gates.items()}
+    copy = nnx.clone(q)
+    for name, b in bits.items():  # the dropped levels' gates are 0: same sum as the forward
+        copy.gates[name][...] = copy.gates[name][...].at[b:].set(0.0)
+    for var, value in copy._quantized():
+        var[...] = value
+    if isinstance(copy.model, Gated):
+        channels = extract(copy.model, *inputs, tau=tau, policy=policies)
+        model, keep, kept = channels.model, dict(channels.keep), dict(channels.kept)
+    else:
+        model, keep, kept = copy.model, {}, {}
+    by_path = {path: bits[name] for name, path in q.kernels.items()}
+    terms, sizes = bit_cost(plain_macs(model, inputs), q.levels, by_path)
+    keep.update({n: np.arange(q.levels) < b for n, b in bits.items()})
+    kept.update(bits)
+    return Extracted(model, keep, kept, int(MacCount(terms, sizes)()), bits)
+
+
 def extract(
-    gated: Gated,
+    gated: Gated | Quantized,
     *inputs: Any,
     tau: float = DEFAULT_TAU,
     policy: Policy | Sequence[Policy] = (),
@@ -126,25 +167,37 @@ def extract(
     the gated model's function whenever every removed gate is 0 (otherwise, up to the removed
     units' contributions: fine-tune).
 
+    For a :class:`~jaxcompress.latency.Quantized` model (:func:`quantize`), each quantized
+    kernel keeps ``b`` levels, ``b`` the index of its last level gate ``>= tau * max`` and
+    ``> 0`` (at least 1); the later levels are dropped and the kept gates are folded in: the
+    kernel becomes :math:`\\sum_{k \\le b} \\alpha_k s_k c_k(w)` (the ``b``-level quantizer when
+    those gates are 1), so the extracted model computes ``q(x)`` with the dropped levels'
+    gates set to 0. A gated inner model is then extracted as above (the policies act on its
+    channel groups, with the plain MAC count in their context); ``macs`` is bit-weighted.
+
     Args:
-      gated: a :class:`jaxcompress.structure.Gated` (e.g. from :func:`gated`); not modified.
+      gated: a :class:`jaxcompress.structure.Gated` (e.g. from :func:`gated`) or a
+        :class:`~jaxcompress.latency.Quantized`; not modified.
       *inputs: example inputs of the model (MACs are reported per example: the first example
         along the leading axis).
       tau: relative threshold in ``[0, 1)`` (default ``1e-2``).
       policy: a policy or a sequence of policies.
 
     Raises:
-      TypeError: ``gated`` is not a ``structure.Gated``; a bad ``policy``.
+      TypeError: ``gated`` is not a ``structure.Gated`` or ``Quantized``; a bad ``policy``.
       ValueError: ``tau`` outside ``[0, 1)``; a negative or non-finite gate (named); no
-        inputs; a policy returning bad counts; errors of ``structure.prune``.
+        inputs; a policy returning bad counts, or a policy for a quantized model without
+        channel gates; errors of ``structure.prune``.
     """
-    if not isinstance(gated, Gated):
+    if not isinstance(gated, (Gated, Quantized)):
         raise TypeError(
-            f"gated must be a jaxcompress.structure.Gated (see jc.latency.gated), got "
-            f"{type(gated).__name__}"
+            f"gated must be a jaxcompress.structure.Gated (see jc.latency.gated) or a "
+            f"jc.latency.Quantized, got {type(gated).__name__}"
         )
     tau = check_tau(tau)
     policies = _policies(policy)
+    if isinstance(gated, Quantized):
+        return _extract_quantized(gated, inputs, tau, policies)
     gates = {n: np.asarray(g[...], np.float64) for n, g in gated.gates.items()}
     for name, a in gates.items():
         if not np.all(np.isfinite(a)) or (a < 0).any():
