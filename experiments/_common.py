@@ -44,6 +44,7 @@ __all__ = [
     "check_bools",
     "check_calibration",
     "check_choices",
+    "check_config",
     "check_floats",
     "check_fractions",
     "check_ints",
@@ -67,6 +68,7 @@ __all__ = [
     "prepare_run",
     "prune_and_measure",
     "run_header",
+    "run_resumable",
     "seed_list",
     "stage_bar",
     "train_sgd",
@@ -447,6 +449,39 @@ def open_run(
             write_json_atomic(os.path.join(path, _RUN_FILE), {"config": _config_record(config)})
     _barrier("open_run")
     return Run(path, config, mesh)
+
+
+def check_config(config: Any, config_type: type) -> None:
+    """The first check of every experiment's ``run``: ``config`` is a ``config_type`` (else a
+    ``TypeError`` naming the experiment, e.g. ``experiments.cram``), then ``config.validate()``.
+    """
+    if not isinstance(config, config_type):
+        experiment = config_type.__module__.partition(".configs")[0]
+        raise TypeError(f"config must be an {experiment} Config, got {type(config).__name__}")
+    config.validate()
+
+
+def run_resumable(
+    body: Callable[[Any, Run], dict[str, Any]],
+    config: Any,
+    config_type: type,
+    out: str | os.PathLike | None,
+    *,
+    mesh: str | None = None,
+    restart: bool = False,
+) -> dict[str, Any]:
+    """An experiment's ``run(config, out, mesh=, restart=)`` around its ``body``.
+
+    Check ``config`` (:func:`check_config`), open ``out`` as a resumable run of it
+    (:func:`open_run`, which refuses an ``out`` holding another config), and return the
+    finished run's ``results.json`` as it is (nothing is rerun), else ``body(config, run)``: the
+    stages, which write ``results.json`` last (:meth:`Run.write_results`).
+    """
+    check_config(config, config_type)
+    resumed = open_run(config, out, restart=restart, mesh=mesh)
+    if (finished := resumed.results()) is not None:
+        return finished  # the run is done: not rerun
+    return body(config, resumed)
 
 
 def fit_options(mesh: str | None) -> dict[str, Any]:

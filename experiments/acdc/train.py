@@ -76,9 +76,9 @@ from experiments._common import (
     fit_stage,
     is_primary,
     local_model,
-    open_run,
     prepare_run,
     run_header,
+    run_resumable,
     seed_list,
 )
 from experiments.acdc.configs.base import Config
@@ -588,12 +588,12 @@ def run(
       * ``per_seed``, ``config``, ``header`` (what was run, one line), ``timing`` (seconds),
         ``dataset_sizes``, ``environment``.
     """
-    if not isinstance(config, Config):
-        raise TypeError(f"config must be an experiments.acdc Config, got {type(config).__name__}")
-    config.validate()
-    resumed = open_run(config, out, restart=restart, mesh=mesh)
-    if (finished := resumed.results()) is not None:
-        return finished  # the run is done: not rerun
+    return run_resumable(_run, config, Config, out, mesh=mesh, restart=restart)
+
+
+def _run(config: Config, resumed: Run) -> dict[str, Any]:
+    """The body of :func:`run` on an opened, unfinished run: every seed's training runs, then
+    the means over seeds, the plots and ``results.json``."""
     t0 = time.perf_counter()
     out, train_ds, test_ds, sizes = prepare_run(config, resumed.out)
     spe = jdata.num_batches(train_ds, config.batch_size)

@@ -58,10 +58,10 @@ from experiments._common import (
     is_primary,
     local_model,
     make_sgd,
-    open_run,
     prepare_run,
     prune_and_measure,
     run_header,
+    run_resumable,
     seed_list,
     stage_bar,
 )
@@ -274,12 +274,12 @@ def run(
       * ``config``, ``header`` (what was run, one line), ``timing`` (seconds),
         ``dataset_sizes``, ``environment``.
     """
-    if not isinstance(config, Config):
-        raise TypeError(f"config must be an experiments.cram Config, got {type(config).__name__}")
-    config.validate()
-    resumed = open_run(config, out, restart=restart, mesh=mesh)
-    if (finished := resumed.results()) is not None:
-        return finished  # the run is done: not rerun
+    return run_resumable(_run, config, Config, out, mesh=mesh, restart=restart)
+
+
+def _run(config: Config, resumed: Run) -> dict[str, Any]:
+    """The body of :func:`run` on an opened, unfinished run: every seed trains and prunes
+    every method, then the means over seeds, the plot and ``results.json``."""
     t0 = time.perf_counter()
     out, train_ds, test_ds, sizes = prepare_run(config, resumed.out)
     t_data = time.perf_counter()

@@ -54,7 +54,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-from experiments._common import check_out, environment, parse_mesh, stage_bar, write_json_atomic
+from experiments._common import (
+    check_config,
+    check_out,
+    environment,
+    parse_mesh,
+    stage_bar,
+    write_json_atomic,
+)
 from experiments.lm.configs.base import Config
 from jaxcompress import data as jdata
 from jaxcompress import masks as jmasks
@@ -536,9 +543,7 @@ def run(
       ``calib_loss``, ``modelled_speedup``, ``profile``); ``targets``; ``config``; ``header``;
       ``timing``; ``environment``; ``complete``.
     """
-    if not isinstance(config, Config):
-        raise TypeError(f"config must be an experiments.lm Config, got {type(config).__name__}")
-    config.validate()
+    check_config(config, Config)
     for pruner in config.pruners:
         if pruner != "magnitude":
             _pruner(pruner)

@@ -35,10 +35,10 @@ from experiments._common import (
     local_model,
     make_sgd,
     nm_selector,
-    open_run,
     prepare_run,
     prune_and_measure,
     run_header,
+    run_resumable,
     stage_bar,
     train_sgd,
 )
@@ -76,14 +76,12 @@ def run(
       ``nm_{n}_{m}`` likewise (when ``config.nm``), ``history``, ``config``, ``header`` (what was
       run, one line), ``dataset_sizes``, ``timing``, ``environment``.
     """
-    if not isinstance(config, Config):
-        raise TypeError(
-            f"config must be an experiments.oneshot Config, got {type(config).__name__}"
-        )
-    config.validate()
-    resumed = open_run(config, out, restart=restart, mesh=mesh)
-    if (finished := resumed.results()) is not None:
-        return finished  # the run is done: not rerun
+    return run_resumable(_run, config, Config, out, mesh=mesh, restart=restart)
+
+
+def _run(config: Config, resumed: Run) -> dict[str, Any]:
+    """The body of :func:`run` on an opened, unfinished run: train, prune and recalibrate (one
+    stage), then the plot and ``results.json``."""
     t0 = time.perf_counter()
     out, train_ds, test_ds, sizes = prepare_run(config, resumed.out)
     t_data = time.perf_counter()

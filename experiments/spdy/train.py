@@ -75,9 +75,9 @@ from experiments._common import (
     environment,
     is_primary,
     local_model,
-    open_run,
     prepare_run,
     run_header,
+    run_resumable,
     train_sgd,
 )
 from experiments.spdy import model as fmodel
@@ -700,12 +700,12 @@ def run(
       ``max_speedup``), ``summary`` (:func:`summarize`), ``history``, ``config``, ``timing``,
       ``environment``.
     """
-    if not isinstance(config, Config):
-        raise TypeError(f"config must be an experiments.spdy Config, got {type(config).__name__}")
-    config.validate()
-    resumed = open_run(config, out, restart=restart, mesh=mesh)
-    if (finished := resumed.results()) is not None:
-        return finished  # the run is done: not rerun
+    return run_resumable(_run, config, Config, out, mesh=mesh, restart=restart)
+
+
+def _run(config: Config, resumed: Run) -> dict[str, Any]:
+    """The body of :func:`run` on an opened, unfinished run: train (or restore) the model, then
+    every option family, the plot and ``results.json``."""
     t0 = time.perf_counter()
     load0 = os.getloadavg()
     out, train_ds, test_ds, sizes = prepare_run(config, resumed.out)

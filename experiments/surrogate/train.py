@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments._common import environment, open_run, parse_mesh, stage_bar
+from experiments._common import check_config, environment, open_run, parse_mesh, stage_bar
 from experiments.surrogate import report
 from experiments.surrogate._study import Study
 from experiments.surrogate.configs.base import Config
@@ -111,11 +111,7 @@ def run(
       ``active_flops_ratio_per_epoch``, ``gate_stats``; means over seeds with ``*_std``.
       Plus ``units``, ``config``, ``dataset_sizes``, ``timing`` and ``environment``.
     """
-    if not isinstance(config, Config):
-        raise TypeError(
-            f"config must be an experiments.surrogate Config, got {type(config).__name__}"
-        )
-    config.validate()
+    check_config(config, Config)
     if mesh is not None and any(size > 1 for size in parse_mesh(mesh).values()):
         raise ValueError(f"mesh: the surrogate studies train on one device, got {mesh!r}")
     state = open_run(config, None if out is None else os.fspath(out), restart=restart)
