@@ -47,6 +47,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxcompress._checks import check_fraction, check_int
+
 __all__ = [
     "DATASET_NAMES",
     "ArrayDataset",
@@ -200,9 +202,9 @@ class Vocabulary:
     ) -> Vocabulary:
         """Vocabulary of the :func:`tokenize` tokens of ``texts`` seen at least ``min_freq``
         times, keeping at most ``max_size`` ids in all (including pad and unk)."""
-        min_freq = _check_int("min_freq", min_freq, minimum=1)
+        min_freq = check_int("min_freq", min_freq, minimum=1)
         if max_size is not None:
-            max_size = _check_int("max_size", max_size, minimum=2)
+            max_size = check_int("max_size", max_size, minimum=2)
         counts = Counter(tok for text in texts for tok in tokenize(text))
         counts.pop(PAD_TOKEN, None)
         counts.pop(UNK_TOKEN, None)
@@ -219,7 +221,7 @@ class Vocabulary:
 
     def encode(self, text: str, max_len: int) -> np.ndarray:
         """``int32`` ids of ``tokenize(text)``, truncated or right-padded with 0 to ``max_len``."""
-        max_len = _check_int("max_len", max_len, minimum=1)
+        max_len = check_int("max_len", max_len, minimum=1)
         ids = [self._index.get(t, UNK_ID) for t in tokenize(text)[:max_len]]
         out = np.zeros((max_len,), np.int32)
         out[: len(ids)] = ids
@@ -227,7 +229,7 @@ class Vocabulary:
 
     def encode_batch(self, texts: Sequence[str], max_len: int) -> np.ndarray:
         """``(len(texts), max_len)`` ``int32`` ids, as :meth:`encode` row by row."""
-        max_len = _check_int("max_len", max_len, minimum=1)
+        max_len = check_int("max_len", max_len, minimum=1)
         out = np.zeros((len(texts), max_len), np.int32)
         index = self._index
         for row, text in enumerate(texts):
@@ -276,7 +278,7 @@ class ArrayDataset:
             )
         if self.y.dtype != np.int32:
             raise ValueError(f"y must have dtype int32, got {self.y.dtype}")
-        _check_int("num_classes", self.num_classes, minimum=1)
+        check_int("num_classes", self.num_classes, minimum=1)
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -289,14 +291,6 @@ class ArrayDataset:
 # --------------------------------------------------------------------------------------------
 # Argument checks and file location
 # --------------------------------------------------------------------------------------------
-
-
-def _check_int(name: str, value: object, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _check_choice(name: str, value: object, choices: Sequence[str]) -> str:
@@ -587,11 +581,8 @@ def digits(split: str = "train", seed: int = 0, test_fraction: float = 0.2) -> A
     Returns: ``x`` ``(N, 8, 8, 1)`` float32, ``y`` ``(N,)`` int32.
     """
     split = _check_choice("split", split, ("train", "test"))
-    seed = _check_int("seed", seed, minimum=0)
-    if isinstance(test_fraction, bool) or not isinstance(test_fraction, numbers.Real):
-        raise TypeError(f"test_fraction must be a float in (0, 1), got {test_fraction!r}")
-    if not 0.0 < float(test_fraction) < 1.0:
-        raise ValueError(f"test_fraction must be a float in (0, 1), got {test_fraction!r}")
+    seed = check_int("seed", seed, minimum=0)
+    check_fraction("test_fraction", test_fraction, interval="(0, 1)")
     x, y = _digits_arrays()
     rng = np.random.default_rng(seed)
     is_test = np.zeros(y.shape[0], bool)
@@ -705,10 +696,10 @@ def sst2(
     if not isinstance(split, str) or split not in _SST2_SPLIT_ALIASES:
         raise ValueError(f"split must be one of ['train', 'validation'], got {split!r}")
     split = _SST2_SPLIT_ALIASES[split]
-    max_len = _check_int("max_len", max_len, minimum=1)
-    min_freq = _check_int("min_freq", min_freq, minimum=1)
+    max_len = check_int("max_len", max_len, minimum=1)
+    min_freq = check_int("min_freq", min_freq, minimum=1)
     if max_vocab_size is not None:
-        max_vocab_size = _check_int("max_vocab_size", max_vocab_size, minimum=2)
+        max_vocab_size = check_int("max_vocab_size", max_vocab_size, minimum=2)
     if vocab is not None and not isinstance(vocab, Vocabulary):
         raise TypeError(f"vocab must be a jaxcompress.data.Vocabulary, got {type(vocab).__name__}")
     roots = _data_roots(data_dir)
@@ -903,8 +894,8 @@ def windows(
         )
     if not np.issubdtype(tokens.dtype, np.integer):
         raise ValueError(f"tokens must have an integer dtype, got {tokens.dtype}")
-    batch = _check_int("batch", batch, minimum=1)
-    context = _check_int("context", context, minimum=1)
+    batch = check_int("batch", batch, minimum=1)
+    context = check_int("context", context, minimum=1)
     if context >= tokens.size:
         raise ValueError(
             f"context must be less than the number of tokens ({tokens.size}), got {context}"
@@ -965,10 +956,10 @@ def num_batches(
 ) -> int:
     """Batches per epoch: ``floor(N / B)`` when dropping the remainder, else ``ceil(N / B)``."""
     if isinstance(ds, (int, np.integer)):
-        n = _check_int("ds", ds, minimum=0)
+        n = check_int("ds", ds, minimum=0)
     else:
         n = len(_arrays(ds)[1])
-    batch_size = _check_int("batch_size", batch_size, minimum=1)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
     return n // batch_size if drop_remainder else -(-n // batch_size)
 
 
@@ -1006,14 +997,14 @@ def batches(
             "drop_remainder=True there would be no batch; use a smaller batch_size or "
             "drop_remainder=False"
         )
-    seed = _check_int("seed", seed, minimum=0)
-    epoch = _check_int("epoch", epoch, minimum=0)
+    seed = check_int("seed", seed, minimum=0)
+    epoch = check_int("epoch", epoch, minimum=0)
     start, stop = 0, batch_size
     if rows is not None:
         if not (isinstance(rows, tuple) and len(rows) == 2):
             raise ValueError(f"rows must be a (start, stop) pair, got {rows!r}")
-        start = _check_int("rows[0]", rows[0], minimum=0)
-        stop = _check_int("rows[1]", rows[1], minimum=start + 1)
+        start = check_int("rows[0]", rows[0], minimum=0)
+        stop = check_int("rows[1]", rows[1], minimum=start + 1)
         if stop > batch_size:
             raise ValueError(f"rows={rows!r} must lie within [0, batch_size={batch_size}]")
     order = np.random.default_rng([seed, epoch]).permutation(len(y)) if shuffle else None
@@ -1034,10 +1025,10 @@ def subset(ds: ArrayDataset, n: int, seed: int = 0) -> ArrayDataset:
     """``n`` examples drawn without replacement (``default_rng(seed)``), in dataset order."""
     if not isinstance(ds, ArrayDataset):
         raise TypeError(f"ds must be an ArrayDataset, got {type(ds).__name__}")
-    n = _check_int("n", n, minimum=1)
+    n = check_int("n", n, minimum=1)
     if n > len(ds):
         raise ValueError(f"n must be <= len(ds) = {len(ds)}, got {n}")
-    seed = _check_int("seed", seed, minimum=0)
+    seed = check_int("seed", seed, minimum=0)
     idx = np.sort(np.random.default_rng(seed).choice(len(ds), size=n, replace=False))
     return ds.replace(x=ds.x[idx], y=ds.y[idx])
 
@@ -1057,13 +1048,10 @@ def random_labels(
     """
     if not isinstance(ds, ArrayDataset):
         raise TypeError(f"ds must be an ArrayDataset, got {type(ds).__name__}")
-    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real):
-        raise TypeError(f"fraction must be a float in [0, 1], got {fraction!r}")
-    if not 0.0 <= float(fraction) <= 1.0:
-        raise ValueError(f"fraction must be a float in [0, 1], got {fraction!r}")
+    check_fraction("fraction", fraction, interval="[0, 1]")
     if ds.num_classes < 2:
         raise ValueError(f"random_labels needs num_classes >= 2, got {ds.num_classes}")
-    seed = _check_int("seed", seed, minimum=0)
+    seed = check_int("seed", seed, minimum=0)
     rng = np.random.default_rng(seed)
     count = round(float(fraction) * len(ds))
     idx = np.sort(rng.choice(len(ds), size=count, replace=False)).astype(np.int64)

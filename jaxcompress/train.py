@@ -64,6 +64,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from jaxcompress import _sharding as jc_sharding
+from jaxcompress._checks import check_int
 from jaxcompress.checkpoint import Checkpointer
 
 __all__ = [
@@ -336,7 +337,7 @@ def make_train_step(
     mesh = _resolve_mesh(mesh, param_sharding, data_axes)
     if mesh is not None:
         jc_sharding.data_axes_of(mesh, data_axes)
-        _check_positive_int("fsdp_min_size", fsdp_min_size)
+        check_int("fsdp_min_size", fsdp_min_size)
 
     def objective(params, rest, x, y):
         logits, new_rest = _forward(graphdef, params, rest, x)
@@ -429,7 +430,7 @@ def make_eval_step(
         raise TypeError(f"loss_fn must be callable or None, got {loss_fn!r}")
     mesh = _resolve_mesh(mesh, param_sharding, data_axes)
     if mesh is not None:
-        _check_positive_int("fsdp_min_size", fsdp_min_size)
+        check_int("fsdp_min_size", fsdp_min_size)
         return _ShardedEval(graphdef, loss_fn, mesh, param_sharding, data_axes, fsdp_min_size)
 
     def step(params, rest, x, y, weight):
@@ -463,11 +464,6 @@ def _as_arrays(ds: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
     if x.shape[0] == 0:
         raise ValueError(f"{name} is empty")
     return x, y
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 class _Batcher:
@@ -510,7 +506,7 @@ def evaluate(
     Returns:
       ``{"accuracy": float, "loss": float}``.
     """
-    _check_positive_int("batch_size", batch_size)
+    check_int("batch_size", batch_size)
     x, y = _as_arrays(ds, "ds")
     mesh = _resolve_mesh(mesh, param_sharding, data_axes)
     graphdef, params, rest = split_model(eval_view(model))
@@ -678,9 +674,9 @@ def fit(
         differing fields or leaves), all before any training step.
     """
     _check_tx(tx)
-    _check_positive_int("epochs", epochs)
-    _check_positive_int("batch_size", batch_size)
-    _check_positive_int("eval_batch_size", eval_batch_size)
+    check_int("epochs", epochs)
+    check_int("batch_size", batch_size)
+    check_int("eval_batch_size", eval_batch_size)
     x, y = _as_arrays(train_ds, "train_ds")
     if batch_size > x.shape[0]:
         raise ValueError(
@@ -691,7 +687,7 @@ def fit(
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable or None, got {callback!r}")
     if checkpoint_every is not None:
-        _check_positive_int("checkpoint_every", checkpoint_every)
+        check_int("checkpoint_every", checkpoint_every)
         if checkpoint_dir is None:
             raise ValueError("checkpoint_every is set but checkpoint_dir is None")
     config = _check_config(config)

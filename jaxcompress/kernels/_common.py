@@ -19,8 +19,8 @@ except ImportError:
     from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton  # Triton's API stays here in both.
 
+from jaxcompress import _checks
 from jaxcompress.masks._magnitude import magnitude_keys
-from jaxcompress.masks._nm import check_nm as masks_check_nm
 from jaxcompress.masks._nm import magnitude_ranks
 
 __all__ = [
@@ -57,11 +57,11 @@ _GPU_BACKENDS = ("gpu", "cuda", "rocm")
 def check_nm(n: Any, m: Any) -> tuple[int, int]:
     """Validates an N:M pattern for the kernels: ``1 <= n < m <= MAX_M``; returns ints.
 
-    The rule ``1 <= n < m`` is :func:`jaxcompress.masks._nm.check_nm` (shared with
+    The rule ``1 <= n < m`` is :func:`jaxcompress._checks.check_nm` (shared with
     :func:`jaxcompress.masks.nm` and the CrAM/AC-DC compressors); the kernels add
     ``m <= MAX_M`` because an in-group index must fit a 4-bit metadata field.
     """
-    n, m = masks_check_nm(n, m)
+    n, m = _checks.check_nm(n, m)
     if m > MAX_M:
         raise ValueError(
             f"m must be a group size <= {MAX_M} for the N:M kernels (an index fits a "

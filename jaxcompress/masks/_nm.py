@@ -21,12 +21,12 @@ This module is the one implementation of that rule: :func:`jaxcompress.kernels.n
 from __future__ import annotations
 
 import functools
-import numbers
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from jaxcompress._checks import check_nm
 from jaxcompress.masks._magnitude import magnitude_keys
 from jaxcompress.masks._selection import (
     Selector,
@@ -38,29 +38,6 @@ from jaxcompress.masks._selection import (
 
 #: Largest ``m`` ranked by pairwise comparison (``m * m`` work per group); larger ``m`` sorts.
 _PAIRWISE_MAX_M = 32
-
-
-def check_nm(n: Any, m: Any, *, argname: str = "") -> tuple[int, int]:
-    """Validate an N:M pattern, ``1 <= n < m`` (ints); return ``(n, m)`` as Python ints.
-
-    ``argname`` prefixes the messages (e.g. ``"nm_patterns[1]"``).
-
-    Raises:
-      TypeError: ``n`` or ``m`` is not an int (bools are rejected).
-      ValueError: ``m < 2`` or ``n`` outside ``[1, m)``.
-    """
-    at = f"{argname}: " if argname else ""
-    for name, value in (("n", n), ("m", m)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(
-                f"{at}{name} must be an int, got {name}={value!r} ({type(value).__name__})"
-            )
-    n, m = int(n), int(m)
-    if m < 2:
-        raise ValueError(f"{at}m must be a group size >= 2, got m={m}")
-    if not 1 <= n < m:
-        raise ValueError(f"{at}n must satisfy 1 <= n < m (kept per group of m={m}), got n={n}")
-    return n, m
 
 
 def magnitude_ranks(members: list[jax.Array]) -> list[jax.Array]:

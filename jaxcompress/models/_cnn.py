@@ -8,12 +8,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxcompress._checks import check_int
 from jaxcompress.models._common import (
     BN_EPSILON,
     BN_MOMENTUM,
     check_image_batch,
     check_int_tuple,
-    check_positive_int,
     check_rngs,
     conv_kernel_init,
 )
@@ -87,8 +87,8 @@ class SmallCNN(nnx.Module):
         pool_after: Sequence[bool] | None = None,
         rngs: nnx.Rngs,
     ):
-        self.in_channels = check_positive_int("in_channels", in_channels)
-        self.num_classes = check_positive_int("num_classes", num_classes)
+        self.in_channels = check_int("in_channels", in_channels)
+        self.num_classes = check_int("num_classes", num_classes)
         self.widths = check_int_tuple("widths", widths)
         if pool_after is None:
             pool = tuple(i < len(self.widths) - 1 for i in range(len(self.widths)))

@@ -1,14 +1,16 @@
-"""Shared argument checks and initialisers for the Flax NNX models."""
+"""Model-specific argument checks and initialisers for the Flax NNX models (the generic
+checks are :mod:`jaxcompress._checks`)."""
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from jaxcompress._checks import check_int
 
 # He et al. (2015), "Delving Deep into Rectifiers", arXiv:1502.01852: N(0, 2 / fan_out) keeps the
 # variance of the back-propagated signal constant through ReLU convolutions.
@@ -19,32 +21,14 @@ BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
 
-def check_positive_int(name: str, value: object) -> int:
-    """Return ``value`` as ``int`` or raise ``TypeError``/``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a positive int, got {value!r} ({type(value).__name__})")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
 def check_int_tuple(name: str, value: object, *, allow_empty: bool = False) -> tuple[int, ...]:
     """Return ``value`` as a tuple of positive ints or raise naming ``name``."""
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise TypeError(f"{name} must be a sequence of positive ints, got {value!r}")
-    out = tuple(check_positive_int(f"{name}[{i}]", v) for i, v in enumerate(value))
+    out = tuple(check_int(f"{name}[{i}]", v) for i, v in enumerate(value))
     if not out and not allow_empty:
         raise ValueError(f"{name} must hold at least one positive int, got {value!r}")
     return out
-
-
-def check_rate(name: str, value: object) -> float:
-    """Return a dropout rate in ``[0, 1)`` or raise naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float in [0, 1), got {value!r}")
-    if not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
-    return float(value)
 
 
 def check_rngs(rngs: object) -> nnx.Rngs:
@@ -64,8 +48,8 @@ def check_image_batch(name: str, x: jax.Array, in_channels: int) -> None:
 
 def check_heads(d_model: object, num_heads: object) -> tuple[int, int]:
     """Return ``(d_model, num_heads)`` as positive ints with ``d_model % num_heads == 0``."""
-    d = check_positive_int("d_model", d_model)
-    h = check_positive_int("num_heads", num_heads)
+    d = check_int("d_model", d_model)
+    h = check_int("num_heads", num_heads)
     if d % h:
         raise ValueError(
             f"d_model must be divisible by num_heads, got d_model={d_model!r}, "

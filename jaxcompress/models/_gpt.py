@@ -10,11 +10,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxcompress._checks import check_fraction, check_int
 from jaxcompress.models._attention import dot_product_attention
 from jaxcompress.models._common import (
     check_heads,
-    check_positive_int,
-    check_rate,
     check_rngs,
     embed_tokens,
 )
@@ -173,14 +172,12 @@ class GPT(nnx.Module):
         use_bias: bool = True,
         rngs: nnx.Rngs,
     ):
-        self.vocab_size = check_positive_int("vocab_size", vocab_size)
-        self.context = check_positive_int("context", context)
+        self.vocab_size = check_int("vocab_size", vocab_size)
+        self.context = check_int("context", context)
         self.d_model, self.num_heads = check_heads(d_model, num_heads)
-        self.num_layers = check_positive_int("num_layers", num_layers)
-        self.mlp_dim = (
-            4 * self.d_model if mlp_dim is None else check_positive_int("mlp_dim", mlp_dim)
-        )
-        self.dropout_rate = check_rate("dropout", dropout)
+        self.num_layers = check_int("num_layers", num_layers)
+        self.mlp_dim = 4 * self.d_model if mlp_dim is None else check_int("mlp_dim", mlp_dim)
+        self.dropout_rate = check_fraction("dropout", dropout, interval="[0, 1)")
         for name, value in (("tie_embeddings", tie_embeddings), ("use_bias", use_bias)):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool, got {value!r}")
@@ -304,7 +301,7 @@ def generate(
         raise ValueError(
             f"prompt_ids must lie in [0, vocab_size={model.vocab_size}), got values in [{lo}, {hi}]"
         )
-    steps = check_positive_int("steps", steps)
+    steps = check_int("steps", steps)
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a float >= 0, got {temperature!r}")
     if not (math.isfinite(float(temperature)) and float(temperature) >= 0.0):

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxcompress.models._common import check_int_tuple, check_positive_int, check_rngs
+from jaxcompress._checks import check_int
+from jaxcompress.models._common import check_int_tuple, check_rngs
 
 
 class MLP(nnx.Module):
@@ -46,9 +47,9 @@ class MLP(nnx.Module):
         *,
         rngs: nnx.Rngs,
     ):
-        self.in_features = check_positive_int("in_features", in_features)
+        self.in_features = check_int("in_features", in_features)
         self.hidden = check_int_tuple("hidden", hidden, allow_empty=True)
-        self.num_classes = check_positive_int("num_classes", num_classes)
+        self.num_classes = check_int("num_classes", num_classes)
         check_rngs(rngs)
         sizes = (self.in_features, *self.hidden, self.num_classes)
         self.layers = nnx.List(

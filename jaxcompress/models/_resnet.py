@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxcompress._checks import check_int
 from jaxcompress.models._common import (
     BN_EPSILON,
     BN_MOMENTUM,
     check_image_batch,
-    check_positive_int,
     check_rngs,
     conv_kernel_init,
 )
@@ -107,9 +107,9 @@ class ResNet(nnx.Module):
                 f"depth must be 6n + 2 with n >= 1 (8, 14, 20, 32, ...), got {depth!r}"
             )
         self.depth = int(depth)
-        self.in_channels = check_positive_int("in_channels", in_channels)
-        self.num_classes = check_positive_int("num_classes", num_classes)
-        self.width = check_positive_int("width", width)
+        self.in_channels = check_int("in_channels", in_channels)
+        self.num_classes = check_int("num_classes", num_classes)
+        self.width = check_int("width", width)
         check_rngs(rngs)
         blocks_per_stage = (self.depth - 2) // 6
         self.stem_conv = _conv(self.in_channels, self.width, 3, 1, rngs)

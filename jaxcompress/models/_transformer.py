@@ -6,11 +6,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxcompress._checks import check_fraction, check_int
 from jaxcompress.models._attention import flax_attention_fn
 from jaxcompress.models._common import (
     check_heads,
-    check_positive_int,
-    check_rate,
     check_rngs,
     embed_tokens,
 )
@@ -102,13 +101,13 @@ class TransformerClassifier(nnx.Module):
         dropout: float = 0.1,
         rngs: nnx.Rngs,
     ):
-        self.vocab_size = check_positive_int("vocab_size", vocab_size)
-        self.num_classes = check_positive_int("num_classes", num_classes)
+        self.vocab_size = check_int("vocab_size", vocab_size)
+        self.num_classes = check_int("num_classes", num_classes)
         self.d_model, self.num_heads = check_heads(d_model, num_heads)
-        self.num_layers = check_positive_int("num_layers", num_layers)
-        self.mlp_dim = check_positive_int("mlp_dim", mlp_dim)
-        self.max_len = check_positive_int("max_len", max_len)
-        self.dropout_rate = check_rate("dropout", dropout)
+        self.num_layers = check_int("num_layers", num_layers)
+        self.mlp_dim = check_int("mlp_dim", mlp_dim)
+        self.max_len = check_int("max_len", max_len)
+        self.dropout_rate = check_fraction("dropout", dropout, interval="[0, 1)")
         check_rngs(rngs)
         self.embed = nnx.Embed(
             self.vocab_size,

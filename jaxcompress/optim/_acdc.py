@@ -54,8 +54,8 @@ import optax
 from jax import lax
 
 from jaxcompress import masks as jc_masks
+from jaxcompress._checks import check_nm
 from jaxcompress.masks._magnitude import check_sparsity
-from jaxcompress.masks._nm import check_nm
 from jaxcompress.optim._masked import _cancel_pruned, _mask_leaf, _place_like
 from jaxcompress.optim._placement import replicate_on_params_mesh
 from jaxcompress.optim._schedule import AcdcSchedule

@@ -38,8 +38,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress import masks as jcmasks
+from jaxcompress._checks import check_nm
 from jaxcompress.masks import Selector
-from jaxcompress.masks._nm import check_nm
 
 __all__ = [
     "COMPRESSOR_KINDS",

@@ -35,6 +35,7 @@ import optax
 from jax import lax
 
 from jaxcompress import masks as jc_masks
+from jaxcompress._checks import check_int
 from jaxcompress.masks._magnitude import check_sparsity
 from jaxcompress.optim._acdc import (
     cancel_pruned,
@@ -46,7 +47,7 @@ from jaxcompress.optim._acdc import (
     place_masks,
 )
 from jaxcompress.optim._placement import replicate_on_params_mesh
-from jaxcompress.optim._util import check_int, check_update_args, next_count
+from jaxcompress.optim._util import check_update_args, next_count
 
 __all__ = ["GmpState", "gmp", "gmp_sparsity"]
 

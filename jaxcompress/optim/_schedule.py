@@ -41,7 +41,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxcompress.optim._util import check_int
+from jaxcompress._checks import check_int
 
 __all__ = ["AcdcSchedule", "acdc_schedule", "acdc_schedule_from_epochs"]
 

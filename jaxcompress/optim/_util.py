@@ -2,23 +2,10 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, TypeVar, cast
 
 import jax
 import optax
-
-
-def check_int(name: str, value: Any, *, minimum: int) -> int:
-    """Return ``value`` as ``int`` or raise ``TypeError``/``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"{name}: expected an int >= {minimum}, got {type(value).__name__} {value!r}"
-        )
-    if value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
-    return int(value)
-
 
 _State = TypeVar("_State")
 

@@ -9,9 +9,9 @@ import numpy as np
 from flax import nnx
 
 from jaxcompress import structure
+from jaxcompress._checks import check_fraction
 from jaxcompress.prune._batchnorm import batchnorm_modules, recalibrate_batchnorm
 from jaxcompress.spdy._groups import (
-    check_fraction,
     check_score,
     check_scores,
     kept_count,
@@ -34,7 +34,7 @@ def _check_counts(keep: Mapping[str, Any]) -> dict[str, int | float]:
                 raise ValueError(f"keep[{name!r}] must keep at least one unit, got {v!r}")
             out[name] = int(v)
         else:
-            out[name] = check_fraction(f"keep[{name!r}]", v)
+            out[name] = check_fraction(f"keep[{name!r}]", v, what="a kept fraction")
     return out
 
 
@@ -82,7 +82,7 @@ def structured(
     if isinstance(keep, Mapping):
         wanted: dict[str, int | float] | float = _check_counts(keep)
     else:
-        wanted = check_fraction("keep", keep)
+        wanted = check_fraction("keep", keep, what="a kept fraction")
     check_score(score)
     if calibration is not None and not batchnorm_modules(model):
         raise ValueError(

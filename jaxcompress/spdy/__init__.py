@@ -29,6 +29,7 @@ local ``jax.enable_x64(True)`` and never flips the global flag.
 from typing import TYPE_CHECKING
 
 from jaxcompress import _lazy
+from jaxcompress._timing import CLOCKS, Timing, null_call, time_callable, time_callables
 from jaxcompress.spdy._dp import (
     InfeasibleBudgetError,
     PreparedDP,
@@ -38,14 +39,7 @@ from jaxcompress.spdy._dp import (
     solve,
     solve_batch,
 )
-from jaxcompress.spdy._measure import (
-    CLOCKS,
-    Timing,
-    measure,
-    null_call,
-    time_callable,
-    time_callables,
-)
+from jaxcompress.spdy._measure import measure
 from jaxcompress.spdy._obs import (
     NotPositiveDefiniteError,
     Stitcher,

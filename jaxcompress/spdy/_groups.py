@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -41,8 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxcompress import structure
-from jaxcompress.spdy import _measure
+from jaxcompress import _timing, structure
+from jaxcompress._checks import check_fraction
 from jaxcompress.spdy._tables import LayerOptions, TimingTable
 
 __all__ = ["GroupOptions", "group_options"]
@@ -133,14 +132,6 @@ def top_units(scores: np.ndarray, count: int) -> np.ndarray:
 def kept_count(fraction: float, size: int) -> int:
     """``ceil(fraction * size)`` (tolerating float round-off), at least 1."""
     return min(size, max(1, math.ceil(fraction * size - 1e-9)))
-
-
-def check_fraction(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a kept fraction in (0, 1], got {value!r}")
-    if not 0.0 < float(value) <= 1.0:
-        raise ValueError(f"{name} must be a kept fraction in (0, 1], got {value!r}")
-    return float(value)
 
 
 def check_score(score: Any) -> None:
@@ -330,7 +321,7 @@ class GroupOptions:
         the model's time (only differences matter to the DP's budget). Each entry is exact for
         a profile that cuts one group; check a few whole profiles end to end.
         """
-        timer = _measure.Timer.of(repeats, warmup, clock, compiler_options)
+        timer = _timing.Timer.of(repeats, warmup, clock, compiler_options)
         dense = _timed(self.model, inputs)
         calls: list[tuple[Any, tuple]] = [dense]
         plan: list[tuple[str, list[tuple[int, int]]]] = []
@@ -348,9 +339,9 @@ class GroupOptions:
         layers = []
         for (name, pairs), mac_layer in zip(plan, self.table.layers, strict=True):
             t0 = base * float(mac_layer.times[0]) / dense_macs
-            times, noise = [t0], [_measure._summary(samples[0])[1]]
+            times, noise = [t0], [_timing.summary(samples[0])[1]]
             for ref, i in pairs:
-                d, n = _measure.paired(samples[i], samples[ref])
+                d, n = _timing.paired(samples[i], samples[ref])
                 times.append(max(t0 + d, 0.0))
                 noise.append(n)
             layers.append(LayerOptions(name, mac_layer.labels, np.array(times), np.array(noise)))
@@ -400,7 +391,9 @@ def _masked_forward(opts: GroupOptions):
 def _check_levels(levels: Any) -> tuple[float, ...]:
     if isinstance(levels, (str, bytes)) or not isinstance(levels, Sequence) or not levels:
         raise TypeError(f"levels must be a non-empty sequence of kept fractions, got {levels!r}")
-    out = tuple(check_fraction(f"levels[{i}]", f) for i, f in enumerate(levels))
+    out = tuple(
+        check_fraction(f"levels[{i}]", f, what="a kept fraction") for i, f in enumerate(levels)
+    )
     if out[0] != 1.0:
         raise ValueError(f"levels[0] must be 1.0 (option 0 is the whole group), got {levels[0]!r}")
     return out

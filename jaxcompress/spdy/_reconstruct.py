@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxcompress._checks import check_int
 from jaxcompress.masks import apply as apply_masks
 from jaxcompress.masks import keep_count, path_str
 
@@ -185,12 +186,6 @@ def _fit_layer(layer_fn, w0, w_dense, mask, x, seed, lr, *, epochs, batch_size):
     return w, jnp.stack(losses).reshape(epochs, steps).mean(axis=1)
 
 
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value!r}")
-    return int(value)
-
-
 def _check_lr(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
         raise TypeError(f"{name} must be a positive float; got {value!r}")
@@ -240,8 +235,8 @@ def adaprune_layer(
         raise ValueError(
             f"mask must be a bool array of shape {w_dense.shape}; got {mask.dtype}{mask.shape}"
         )
-    epochs = _check_positive_int("epochs", epochs)
-    batch_size = _check_positive_int("batch_size", batch_size)
+    epochs = check_int("epochs", epochs)
+    batch_size = check_int("batch_size", batch_size)
     if x.ndim < 1 or x.shape[0] < batch_size:
         raise ValueError(
             f"x must hold at least batch_size={batch_size} samples; got shape {tuple(x.shape)}"
@@ -479,8 +474,8 @@ def build_database(
         )
     if not callable(mask_fn):
         raise TypeError(f"mask_fn must be callable; got {mask_fn!r}")
-    _check_positive_int("epochs", epochs)
-    _check_positive_int("batch_size", batch_size)
+    check_int("epochs", epochs)
+    check_int("batch_size", batch_size)
     _check_lr("lr", lr)
     label_fn = label_fn or _default_label
     names = tuple(layer_fns)
@@ -615,8 +610,8 @@ def global_adaprune(
         raise TypeError(f"taps_fn must be callable; got {taps_fn!r}")
     if not isinstance(layer_fns, Mapping) or not layer_fns:
         raise ValueError("layer_fns must be a non-empty mapping name -> (kernel, x) -> y")
-    epochs = _check_positive_int("epochs", epochs)
-    batch_size = _check_positive_int("batch_size", batch_size)
+    epochs = check_int("epochs", epochs)
+    batch_size = check_int("batch_size", batch_size)
     lr = _check_lr("lr", lr)
     x = jnp.asarray(x)
     if x.ndim < 1 or x.shape[0] < batch_size:

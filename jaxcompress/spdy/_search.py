@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from jaxcompress._checks import check_int
 from jaxcompress.spdy._dp import PreparedDP, prepare
 from jaxcompress.spdy._tables import TimingTable, prior_errors
 
@@ -62,12 +63,6 @@ class SearchResult(NamedTuple):
     evaluations: int
     candidates: int
     seconds: float
-
-
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}; got {value!r}")
-    return int(value)
 
 
 def _as_errors(errors: Any, times: list[np.ndarray], table: Any) -> list[np.ndarray]:
@@ -132,10 +127,10 @@ def search(
     """
     if not callable(score_fn):
         raise TypeError(f"score_fn must be callable; got {score_fn!r}")
-    seed = _check_int("seed", seed, 0)
-    randinits = _check_int("randinits", randinits, 1)
-    maxnoimp = _check_int("maxnoimp", maxnoimp, 0)
-    dp_batch = _check_int("dp_batch", dp_batch, 1)
+    seed = check_int("seed", seed, minimum=0)
+    randinits = check_int("randinits", randinits, minimum=1)
+    maxnoimp = check_int("maxnoimp", maxnoimp, minimum=0)
+    dp_batch = check_int("dp_batch", dp_batch, minimum=1)
     if (
         isinstance(layerperc, bool)
         or not isinstance(layerperc, (int, float, np.floating))
