@@ -21,6 +21,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxcompress._tree import is_none
+
 #: Axis names a mesh string may use: ``data`` splits the batch, ``fsdp`` splits the batch and
 #: the params (under ``param_sharding="fsdp"``).
 AXIS_NAMES = ("data", "fsdp")
@@ -30,10 +32,6 @@ AXIS_NAMES = ("data", "fsdp")
 FSDP_MIN_SIZE = 1024
 
 _AXIS_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*([0-9]+)\s*$")
-
-
-def _is_none(x: Any) -> bool:
-    return x is None
 
 
 def _is_spec(x: Any) -> bool:
@@ -242,7 +240,7 @@ def param_specs(
     """
     check_mesh(mesh)
     axes = data_axes_of(mesh, data_axes)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_none)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_none)
     if isinstance(rule, str):
         if rule not in ("replicated", "fsdp"):
             raise ValueError(
@@ -296,7 +294,7 @@ def state_specs(
     """
     by_path: dict[tuple[str, ...], tuple[tuple[int, ...], Any]] = {}
     for (path, leaf), (_, spec) in zip(
-        jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_none)[0],
+        jax.tree_util.tree_flatten_with_path(params, is_leaf=is_none)[0],
         jax.tree_util.tree_flatten_with_path(specs, is_leaf=_is_spec)[0],
         strict=True,
     ):
@@ -323,7 +321,7 @@ def state_specs(
             return _fsdp_spec(shape, fsdp, size, min_size)
         return P()
 
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_none)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(state, is_leaf=is_none)
     return jax.tree_util.tree_unflatten(treedef, [spec_of(p, leaf) for p, leaf in leaves])
 
 

@@ -55,6 +55,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jaxcompress._tree import is_none
+
 __all__ = ["ITEMS", "Checkpointer", "structure_fingerprint", "write_json_atomic"]
 
 #: The pytree items a checkpoint may hold, in the order they are fingerprinted.
@@ -64,10 +66,6 @@ _FORMAT = "jaxcompress.checkpoint/1"
 _STRUCTURE = "structure"
 _EXTRA = "extra"
 _WRAP = "tree"
-
-
-def _is_none(x: Any) -> bool:
-    return x is None
 
 
 def _is_key_dtype(dtype: Any) -> bool:
@@ -107,7 +105,7 @@ def structure_fingerprint(tree: Any, *, item: str = "tree") -> list[dict[str, An
       tree: any pytree (dicts, NamedTuple optimizer states, ``nnx.State``, ...).
       item: the name used for the tree in error messages.
     """
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_none)
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_none)
     return [_leaf_entry(path, leaf, item) for path, leaf in leaves]
 
 

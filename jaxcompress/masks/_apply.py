@@ -13,11 +13,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxcompress._tree import is_none
 from jaxcompress.masks._selection import path_str
-
-
-def _is_none(x: Any) -> bool:
-    return x is None
 
 
 def validate_masks(params: Any, masks: Any, argname: str = "masks") -> None:
@@ -27,7 +24,7 @@ def validate_masks(params: Any, masks: Any, argname: str = "masks") -> None:
     key paths; every non-None mask is a boolean array of the param's shape. Works on
     concrete arrays, tracers and :class:`jax.ShapeDtypeStruct` (only shapes/dtypes are read).
     """
-    mask_leaves, mask_def = jax.tree_util.tree_flatten_with_path(masks, is_leaf=_is_none)
+    mask_leaves, mask_def = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_none)
     param_leaves, param_def = jax.tree_util.tree_flatten_with_path(params)
     mask_paths = [path_str(p) for p, _ in mask_leaves]
     param_paths = [path_str(p) for p, _ in param_leaves]
@@ -68,7 +65,7 @@ def map_masked(fn: Callable[[Any, Any], Any], params: Any, masks: Any) -> Any:
         lambda mask, param: param if mask is None else fn(param, mask),
         masks,
         params,
-        is_leaf=_is_none,
+        is_leaf=is_none,
     )
 
 

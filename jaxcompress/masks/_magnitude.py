@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxcompress.masks._apply import _is_none
+from jaxcompress._tree import is_none
 from jaxcompress.masks._selection import (
     Selector,
     check_selected_floating,
@@ -297,7 +297,7 @@ _topk_masks_jit = jax.jit(topk_masks, static_argnames=("group_of_leaf", "referen
 
 def _per_leaf_sparsity(params: Any, sparsity: Any) -> list[Any]:
     """Flatten a per-leaf sparsity tree against params, checking structure and values."""
-    s_leaves = jax.tree_util.tree_flatten_with_path(sparsity, is_leaf=_is_none)[0]
+    s_leaves = jax.tree_util.tree_flatten_with_path(sparsity, is_leaf=is_none)[0]
     p_leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     s_paths = [path_str(p) for p, _ in s_leaves]
     p_paths = [path_str(p) for p, _ in p_leaves]

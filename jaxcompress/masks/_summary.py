@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxcompress.masks._apply import _is_none
+from jaxcompress._tree import is_none
 from jaxcompress.masks._selection import Selector, leaf_size, path_str, prunable
 
 
@@ -82,7 +82,7 @@ def summary(params_or_masks: Any, *, where: Selector = prunable) -> SparsitySumm
     zeros are ``False`` entries. Params trees: a row for every leaf ``where`` selects; zeros
     are entries equal to 0.
     """
-    leaves = jax.tree_util.tree_flatten_with_path(params_or_masks, is_leaf=_is_none)[0]
+    leaves = jax.tree_util.tree_flatten_with_path(params_or_masks, is_leaf=is_none)[0]
     leaves = [(p, x) for p, x in leaves if x is not None]
     is_mask_tree = any(getattr(x, "dtype", None) == jnp.bool_ for _, x in leaves)
     if is_mask_tree:

@@ -56,9 +56,20 @@ from jax import lax
 from jaxcompress import masks as jc_masks
 from jaxcompress._checks import check_nm
 from jaxcompress.masks._magnitude import check_sparsity
-from jaxcompress.optim._masked import _cancel_pruned, _mask_leaf, _place_like
 from jaxcompress.optim._placement import replicate_on_params_mesh
 from jaxcompress.optim._schedule import AcdcSchedule
+from jaxcompress.optim._support import (
+    cancel_pruned,
+    check_inner,
+    check_where,
+    full_masks,
+    hamming,
+    intersect,
+    keep_where,
+    mask_leaf,
+    masked_inner_update,
+    place_masks,
+)
 from jaxcompress.optim._util import check_update_args, next_count
 
 __all__ = ["AcdcState", "acdc", "moment_leaves"]
@@ -67,10 +78,6 @@ _SCOPES = ("global", "layer", "nm")
 _RESET_MODES = ("moments", "all", "none")
 
 ResetSelector = Callable[[tuple, Any], bool]
-
-
-def _is_none(x: Any) -> bool:
-    return x is None
 
 
 class AcdcState(NamedTuple):
@@ -156,76 +163,6 @@ def reset_leaves(state: Any, fresh: Any, reset: jax.Array, selector: ResetSelect
         else:
             out.append(old)
     return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def keep_where(masks: Any, active: jax.Array) -> Any:
-    """Per leaf ``mask | ~active``: the mask while ``active``, all-kept otherwise."""
-    return jax.tree.map(lambda m: None if m is None else m | ~active, masks, is_leaf=_is_none)
-
-
-def intersect(a: Any, b: Any) -> Any:
-    """Leafwise ``a & b`` of two mask trees with the same ``None`` pattern."""
-    return jax.tree.map(lambda x, y: None if x is None else x & y, a, b, is_leaf=_is_none)
-
-
-def hamming(a: Any, b: Any) -> jax.Array:
-    """Number of entries where two mask trees differ (int32)."""
-    counts = [
-        jnp.sum(x != y, dtype=jnp.int32)
-        for x, y in zip(
-            jax.tree.leaves(a, is_leaf=_is_none), jax.tree.leaves(b, is_leaf=_is_none), strict=True
-        )
-        if x is not None
-    ]
-    return sum(counts, jnp.int32(0))
-
-
-def full_masks(params: Any, template: Any) -> Any:
-    """All-kept masks on the leaves where ``template`` (a mask tree or its shapes) is not None."""
-    return jax.tree.map(
-        lambda t, p: None if t is None else _place_like(jnp.ones(p.shape, bool), p),
-        template,
-        params,
-        is_leaf=_is_none,
-    )
-
-
-def place_masks(masks: Any, params: Any) -> Any:
-    """Masks on the params' shardings (when the params are concrete arrays)."""
-    return jax.tree.map(_place_like, masks, params, is_leaf=_is_none)
-
-
-def check_inner(inner: Any, fn: str) -> optax.GradientTransformationExtraArgs:
-    if not isinstance(inner, optax.GradientTransformation):
-        raise TypeError(
-            f"{fn}(): argument 'inner' must be an optax.GradientTransformation, got "
-            f"{type(inner).__name__}: {inner!r}"
-        )
-    return optax.with_extra_args_support(inner)
-
-
-def check_where(where: Any) -> None:
-    if not callable(where):
-        raise TypeError(f"where: expected a selector (path, leaf) -> bool, got {where!r}")
-
-
-def masked_inner_update(
-    inner: optax.GradientTransformationExtraArgs,
-    updates: Any,
-    inner_state: Any,
-    params: Any,
-    keep: Any,
-    extra_args: dict,
-) -> tuple[Any, Any]:
-    """Runs ``inner`` on the support ``keep``: masked gradients and masked params."""
-    grads = jc_masks.map_masked(_mask_leaf, updates, keep)
-    support = jc_masks.map_masked(_mask_leaf, params, keep)
-    return inner.update(grads, inner_state, support, **extra_args)
-
-
-def cancel_pruned(keep: Any, inner_updates: Any, params: Any) -> Any:
-    """``where(keep, u, -params)`` on masked leaves: pruned params become exactly 0."""
-    return jax.tree.map(_cancel_pruned, keep, inner_updates, params, is_leaf=_is_none)
 
 
 def _mask_fn(
@@ -357,7 +294,7 @@ def acdc(
             masks = place_masks(compute_masks(params), params)
             ones = full_masks(params, template)
             ham = hamming(masks, ones)
-            inner_params = jc_masks.map_masked(_mask_leaf, params, masks)
+            inner_params = jc_masks.map_masked(mask_leaf, params, masks)
         else:
             masks = full_masks(params, template)
             ham = jnp.zeros((), jnp.int32)

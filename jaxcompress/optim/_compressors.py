@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 from jaxcompress import masks as jcmasks
 from jaxcompress._checks import check_nm
+from jaxcompress._tree import is_none
 from jaxcompress.masks import Selector
 
 __all__ = [
@@ -51,10 +52,6 @@ __all__ = [
 
 #: The kinds accepted by :func:`make_compressor`.
 COMPRESSOR_KINDS = ("global", "layer", "nm")
-
-
-def _is_none(x: Any) -> bool:
-    return x is None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +130,7 @@ class Compressor:
         placed on the params' shardings when the params are concrete, sharded arrays.
         """
         shapes = jax.eval_shape(lambda p: self.masks(p, 0), params)
-        return jax.tree.map(_full_like, shapes, params, is_leaf=_is_none)
+        return jax.tree.map(_full_like, shapes, params, is_leaf=is_none)
 
 
 def _full_like(mask: Any, param: Any) -> Any:

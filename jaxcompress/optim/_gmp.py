@@ -37,25 +37,22 @@ from jax import lax
 from jaxcompress import masks as jc_masks
 from jaxcompress._checks import check_int
 from jaxcompress.masks._magnitude import check_sparsity
-from jaxcompress.optim._acdc import (
+from jaxcompress.optim._placement import replicate_on_params_mesh
+from jaxcompress.optim._support import (
     cancel_pruned,
     check_inner,
     check_where,
     full_masks,
     intersect,
+    mask_leaf,
     masked_inner_update,
     place_masks,
 )
-from jaxcompress.optim._placement import replicate_on_params_mesh
 from jaxcompress.optim._util import check_update_args, next_count
 
 __all__ = ["GmpState", "gmp", "gmp_sparsity"]
 
 _SCOPES = ("global", "layer")
-
-
-def _is_none(x: Any) -> bool:
-    return x is None
 
 
 class GmpState(NamedTuple):
@@ -222,9 +219,7 @@ def gmp(
         inner_params = params
         if begin == 0 and initial > 0.0:
             masks = place_masks(compute_masks(params, initial), params)
-            inner_params = jc_masks.map_masked(
-                lambda w, m: jnp.where(m, w, jnp.zeros((), w.dtype)), params, masks
-            )
+            inner_params = jc_masks.map_masked(mask_leaf, params, masks)
         state = GmpState(
             count=jnp.zeros((), jnp.int32), masks=masks, inner_state=inner.init(inner_params)
         )

@@ -6,17 +6,20 @@ import warnings
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
+from jaxcompress._tree import is_none
 from jaxcompress.masks import map_masked, path_str, validate_masks
+from jaxcompress.optim._support import (
+    cancel_pruned,
+    check_inner,
+    mask_leaf,
+    masked_inner_update,
+    place_masks,
+)
 from jaxcompress.optim._util import check_update_args
 
 __all__ = ["FixedMaskState", "MaskedState", "fixed_mask", "masked", "masked_params"]
-
-
-def _is_none(x: Any) -> bool:
-    return x is None
 
 
 class FixedMaskState(NamedTuple):
@@ -31,15 +34,6 @@ class FixedMaskState(NamedTuple):
 
     masks: Any
     inner_state: optax.OptState
-
-
-def _cancel_pruned(mask: Any, update: Any, param: Any) -> Any:
-    """``where(mask, update, -param)``, so that ``param + update`` is exactly 0 off the mask."""
-    if mask is None:
-        return update
-    # jnp.where promotes to result_type(update, param): an update narrower than its param
-    # (e.g. bf16 updates for f32 params) is widened so that -param is represented exactly.
-    return jnp.where(mask, update, -param)
 
 
 #: Deprecated alias of :class:`FixedMaskState` (kept for one release).
@@ -99,17 +93,12 @@ def fixed_mask(
         updates or params do not have the structure and shapes of the masks (the message
         names the first differing leaf path), or ``params`` is missing.
     """
-    if not isinstance(inner, optax.GradientTransformation):
-        raise TypeError(
-            "fixed_mask(): argument 'inner' must be an optax.GradientTransformation, got "
-            f"{type(inner).__name__}: {inner!r}"
-        )
-    inner = optax.with_extra_args_support(inner)
+    inner = check_inner(inner, "fixed_mask")
 
     def init_fn(params: optax.Params) -> FixedMaskState:
         validate_masks(params, masks, "masks")
-        state_masks = jax.tree.map(_place_like, masks, params, is_leaf=_is_none)
-        inner_params = map_masked(_mask_leaf, params, state_masks)
+        state_masks = place_masks(masks, params)
+        inner_params = map_masked(mask_leaf, params, state_masks)
         return FixedMaskState(masks=state_masks, inner_state=inner.init(inner_params))
 
     def update_fn(
@@ -125,14 +114,10 @@ def fixed_mask(
         # inside jax.tree.map with a message that names no leaf.
         _check_like_masks(updates, state.masks, "updates")
         _check_like_masks(params, state.masks, "params")
-        grads = map_masked(_mask_leaf, updates, state.masks)
-        support_params = map_masked(_mask_leaf, params, state.masks)
-        inner_updates, inner_state = inner.update(
-            grads, state.inner_state, support_params, **extra_args
+        inner_updates, inner_state = masked_inner_update(
+            inner, updates, state.inner_state, params, state.masks, extra_args
         )
-        new_updates = jax.tree.map(
-            _cancel_pruned, state.masks, inner_updates, params, is_leaf=_is_none
-        )
+        new_updates = cancel_pruned(state.masks, inner_updates, params)
         return new_updates, FixedMaskState(masks=state.masks, inner_state=inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -155,7 +140,7 @@ def masked(
 def _check_like_masks(tree: Any, masks: Any, argname: str) -> None:
     """Raise ``ValueError`` unless ``tree`` has the leaf paths of ``masks`` and, where a mask
     is set, its shape; the message names the first differing path."""
-    mask_leaves = jax.tree_util.tree_flatten_with_path(masks, is_leaf=_is_none)[0]
+    mask_leaves = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_none)[0]
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     for i, ((mpath, mask), (path, leaf)) in enumerate(zip(mask_leaves, leaves, strict=False)):
         if path_str(mpath) != path_str(path):
@@ -189,25 +174,6 @@ def _check_like_masks(tree: Any, masks: Any, argname: str) -> None:
         )
 
 
-def _mask_leaf(x: jax.Array, mask: jax.Array) -> jax.Array:
-    return jnp.where(mask, x, jnp.zeros((), dtype=x.dtype))
-
-
-def _place_like(mask: Any, param: Any) -> Any:
-    """Returns ``mask`` as a bool array on ``param``'s sharding when that sharding is known."""
-    if mask is None:
-        return None
-    mask = jnp.asarray(mask, dtype=bool)
-    if (
-        isinstance(param, jax.Array)
-        and not isinstance(param, jax.core.Tracer)
-        and not isinstance(mask, jax.core.Tracer)
-        and not param.sharding.is_equivalent_to(mask.sharding, param.ndim)
-    ):
-        mask = jax.device_put(mask, param.sharding)
-    return mask
-
-
 def masked_params(params: optax.Params, state: Any) -> optax.Params:
     """Returns ``params`` with the entries pruned by the masks of ``state`` set to zero.
 
@@ -235,4 +201,4 @@ def masked_params(params: optax.Params, state: Any) -> optax.Params:
         )
     masks = found[0].masks
     validate_masks(params, masks, "state.masks")
-    return map_masked(_mask_leaf, params, masks)
+    return map_masked(mask_leaf, params, masks)

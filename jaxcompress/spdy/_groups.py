@@ -43,30 +43,18 @@ from flax import nnx
 from jaxcompress import _timing, structure
 from jaxcompress._checks import check_fraction
 from jaxcompress.spdy._tables import LayerOptions, TimingTable
+from jaxcompress.structure._trace import Path, eval_view, forward_fn, key_path
 
 __all__ = ["GroupOptions", "group_options"]
 
 SCORES = ("l1", "l2")
 
-Path = tuple[Any, ...]
-
-
-def _key_path(keys: tuple) -> Path:
-    out: list[Any] = []
-    for k in keys:
-        if isinstance(k, jax.tree_util.DictKey):
-            out.append(k.key)
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            out.append(k.idx)
-    return tuple(out)
-
 
 def _eval_split(model: nnx.Module) -> tuple[Any, list[Path], list[Any], Any]:
     """``(graphdef, paths, leaves, treedef)`` of ``model`` in inference mode."""
-    view = nnx.view(model, deterministic=True, use_running_average=True, raise_if_not_found=False)
-    graphdef, state = nnx.split(view)
+    graphdef, state = nnx.split(eval_view(model))
     with_path, treedef = jax.tree_util.tree_flatten_with_path(state)
-    return graphdef, [_key_path(kp) for kp, _ in with_path], [x for _, x in with_path], treedef
+    return graphdef, [key_path(kp) for kp, _ in with_path], [x for _, x in with_path], treedef
 
 
 def _params(group: structure.Group) -> list[structure.Slice]:
@@ -351,11 +339,7 @@ class GroupOptions:
 
 def _timed(model: nnx.Module, inputs: tuple) -> tuple[Any, tuple]:
     """``(fn, args)`` running ``model(*inputs)`` in inference mode from its state leaves."""
-    graphdef, _, leaves, treedef = _eval_split(model)
-
-    def fn(leaves, *inputs):
-        return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves))(*inputs)
-
+    fn, leaves, _, _ = forward_fn(model)
     return fn, (leaves, *inputs)
 
 
