@@ -1,5 +1,6 @@
 """Training loops shared by the sparse-optimizer tests (AC/DC, GMP): the inner optimizers every
-transform is run with, and a jitted loop that records each step.
+transform is run with, AC/DC schedules from phase lengths, and a jitted loop that records each
+step.
 
 Import as ``from _optim_loops import ...`` (pytest puts ``tests/`` on ``sys.path``).
 """
@@ -13,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from jaxcompress.optim import AcdcSchedule, acdc_schedule
 
 INNERS: dict[str, Callable[[], optax.GradientTransformation]] = {
     "sgd": lambda: optax.sgd(0.05),
@@ -31,6 +34,22 @@ def dense_out_params(rng: np.random.Generator) -> dict:
         },
         "out": {"kernel": jnp.asarray(rng.normal(size=(8, 4)) * 0.5, jnp.float32)},
     }
+
+
+def acdc_steps(
+    warmup: int, compressed: Any, decompressed: int, final: int, total: int
+) -> AcdcSchedule:
+    """``acdc_schedule`` with its five phase lengths in steps, in timeline order: dense
+    ``warmup``, cycles of ``compressed`` + ``decompressed``, the last ``final`` steps
+    compressed, ``total`` steps in all. ``compressed`` is passed on unchecked (a test of the
+    type check may give a float)."""
+    return acdc_schedule(
+        warmup_steps=warmup,
+        compressed_steps=compressed,
+        decompressed_steps=decompressed,
+        final_compressed_steps=final,
+        total_steps=total,
+    )
 
 
 def make_step(tx: optax.GradientTransformation, loss: Callable, traces: list | None = None):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _optim_loops import INNERS, dense_out_params, make_step, run_steps
+from _optim_loops import INNERS, acdc_steps, dense_out_params, make_step, run_steps
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -32,52 +32,51 @@ def _alternating(start, comp, decomp, cycles):
     return out
 
 
+def _timeline(comp, decomp, cycles, tail):
+    """Dense epochs 0-10, ``cycles`` pairs of ``comp`` compressed and ``decomp`` decompressed
+    epochs from epoch 10, then the phases ``tail``."""
+    return [(0, 10, "dense")] + _alternating(10, comp, decomp, cycles) + tail
+
+
+def _imagenet(total):
+    """The ImageNet timeline for ``total`` epochs: 5/5 cycles until 30 epochs before the end,
+    C 5, D 10, then the final 15 epochs compressed."""
+    t = total
+    tail = [(t - 30, t - 25, "compressed"), (t - 25, t - 15, "decompressed")]
+    return _timeline(5, 5, (t - 40) // 10, tail + [(t - 15, t, "compressed")])
+
+
 # (prune triples, recycle triples, total epochs, expected timeline in epochs), algorithms.md 2.2.
 REFERENCE_ROWS = {
     "imagenet_ep100": (
         [[10, 10, 71], [85, 20, 100]],
         [[15, 10, 66], [75, 20, 86]],
         100,
-        [(0, 10, "dense")]
-        + _alternating(10, 5, 5, 6)
-        + [(70, 75, "compressed"), (75, 85, "decompressed"), (85, 100, "compressed")],
+        _imagenet(100),
     ),
     "imagenet_ep150": (
         [[10, 10, 121], [135, 20, 150]],
         [[15, 10, 116], [125, 20, 134]],
         150,
-        [(0, 10, "dense")]
-        + _alternating(10, 5, 5, 11)
-        + [(120, 125, "compressed"), (125, 135, "decompressed"), (135, 150, "compressed")],
+        _imagenet(150),
     ),
     "cifar100_wrn_ep200": (
         [10, 40, 171],
         [30, 40, 161],
         200,
-        [
-            (0, 10, "dense"),
-            (10, 30, "compressed"),
-            (30, 50, "decompressed"),
-            (50, 70, "compressed"),
-            (70, 90, "decompressed"),
-            (90, 110, "compressed"),
-            (110, 130, "decompressed"),
-            (130, 150, "compressed"),
-            (150, 170, "decompressed"),
-            (170, 200, "compressed"),
-        ],
+        _timeline(20, 20, 4, [(170, 200, "compressed")]),
     ),
     "cifar100_dense13_ep225": (
         [10, 33, 180],
         [30, 33, 170],
         225,
-        [(0, 10, "dense")] + _alternating(10, 20, 13, 5) + [(175, 225, "compressed")],
+        _timeline(20, 13, 5, [(175, 225, "compressed")]),
     ),
     "cifar10_rn20_ep200": (
         [10, 40, 171],
         [30, 40, 151],
         200,
-        [(0, 10, "dense")] + _alternating(10, 20, 20, 4) + [(170, 200, "compressed")],
+        _timeline(20, 20, 4, [(170, 200, "compressed")]),
     ),
 }
 
@@ -130,13 +129,7 @@ def test_schedule_reproduces_reference_timelines(row, steps_per_epoch):
 
 
 def test_schedule_predicates_are_jittable_with_traced_step():
-    sched = acdc_schedule(
-        warmup_steps=3,
-        compressed_steps=4,
-        decompressed_steps=2,
-        final_compressed_steps=5,
-        total_steps=24,
-    )
+    sched = acdc_steps(3, 4, 2, 5, 24)
     traces = []
 
     @jax.jit
@@ -191,13 +184,7 @@ def test_schedule_rejects_bad_lengths(kwargs, match):
 
 def test_schedule_rejects_bad_types_and_direct_construction():
     with pytest.raises(TypeError, match="compressed_steps"):
-        acdc_schedule(
-            warmup_steps=1,
-            compressed_steps=2.0,
-            decompressed_steps=2,
-            final_compressed_steps=2,
-            total_steps=10,
-        )
+        acdc_steps(1, 2.0, 2, 2, 10)
     with pytest.raises(ValueError, match="final_compressed_start"):
         AcdcSchedule(
             warmup_steps=0,
@@ -255,13 +242,7 @@ def _problem(seed=0):
 
 
 # dense 0-2, C 2-5, D 5-8, C 8-11, D 11-14, final C 14-18
-SCHED = acdc_schedule(
-    warmup_steps=2,
-    compressed_steps=3,
-    decompressed_steps=3,
-    final_compressed_steps=4,
-    total_steps=18,
-)
+SCHED = acdc_steps(2, 3, 3, 4, 18)
 
 
 def _kernels(tree):
@@ -489,13 +470,7 @@ def test_layer_and_nm_scopes():
 
 def test_warmup_zero_computes_the_first_mask_in_init():
     params, loss = _problem()
-    sched = acdc_schedule(
-        warmup_steps=0,
-        compressed_steps=2,
-        decompressed_steps=2,
-        final_compressed_steps=2,
-        total_steps=6,
-    )
+    sched = acdc_steps(0, 2, 2, 2, 6)
     tx = acdc(optax.sgd(0.05), sparsity=0.5, schedule=sched)
     history = run_steps(tx, params, loss, 1)
     init_masks = history[0][1].masks

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _optim_loops import acdc_steps
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -43,13 +44,7 @@ OPTIMIZERS = {
         lambda: optim.acdc(
             optax.sgd(0.1, momentum=0.9),
             sparsity=0.6,
-            schedule=optim.acdc_schedule(
-                warmup_steps=1,
-                compressed_steps=2,
-                decompressed_steps=1,
-                final_compressed_steps=2,
-                total_steps=STEPS,
-            ),
+            schedule=acdc_steps(1, 2, 1, 2, STEPS),
         ),
         False,
     ),
@@ -60,6 +55,11 @@ OPTIMIZERS = {
         False,
     ),
 }
+
+
+def _fit(model, tx, ds, **kw):
+    """One quiet epoch of ``train.fit`` in batches of ``BATCH``; ``kw`` go to ``fit``."""
+    return train.fit(model, tx, ds, **{"epochs": 1, "batch_size": BATCH, "progress": False, **kw})
 
 
 def _run(ds, name, *, mesh=None, rule="replicated", perturb=False):
@@ -74,13 +74,10 @@ def _run(ds, name, *, mesh=None, rule="replicated", perturb=False):
         traces[0] += 1  # runs only while the step is traced
         return train.cross_entropy(logits, labels)
 
-    hist = train.fit(
+    hist = _fit(
         model,
         make_tx(),
         ds,
-        epochs=1,
-        batch_size=BATCH,
-        progress=False,
         mesh=mesh,
         param_sharding=rule,
         pass_grad_fn=pass_grad_fn,
@@ -258,16 +255,8 @@ def test_restore_onto_another_mesh_places_every_leaf(digits, tmp_path):
     x, y = digits
     tx_make, pass_grad_fn = OPTIMIZERS["cram"]
     model = _mlp()
-    train.fit(
-        model,
-        tx_make(),
-        (x, y),
-        epochs=1,
-        batch_size=BATCH,
-        progress=False,
-        pass_grad_fn=pass_grad_fn,
-        mesh="data=8",
-        checkpoint_dir=tmp_path,
+    _fit(
+        model, tx_make(), (x, y), pass_grad_fn=pass_grad_fn, mesh="data=8", checkpoint_dir=tmp_path
     )
     # A new process on another mesh builds its target with tx.init: counters land on device 0.
     mesh = sharding.make_mesh("data=2,fsdp=2")
@@ -298,9 +287,7 @@ def test_restore_onto_another_mesh_places_every_leaf(digits, tmp_path):
 
 def test_bad_meshes_and_shardings_fail_before_any_work(digits):
     x, y = digits
-    fit = lambda **kw: train.fit(  # noqa: E731
-        _mlp(), optax.sgd(0.1), (x, y), epochs=1, progress=False, **{"batch_size": BATCH, **kw}
-    )
+    fit = lambda **kw: _fit(_mlp(), optax.sgd(0.1), (x, y), **kw)  # noqa: E731
     with pytest.raises(ValueError, match=r"batch_size=60.*not divisible by the 8"):
         fit(mesh="data=8", batch_size=60)
     with pytest.raises(ValueError, match="unknown axis name 'model'"):
@@ -357,15 +344,6 @@ def test_partition_spec_trees_as_the_rule(digits, make):
     """An explicit ``PartitionSpec`` tree, or Flax NNX sharding metadata turned into one."""
     mesh = sharding.make_mesh("data=2,fsdp=4")
     model, specs, (sharded, replicated) = make(mesh)
-    train.fit(
-        model,
-        optax.adam(1e-3),
-        digits,
-        epochs=1,
-        batch_size=BATCH,
-        progress=False,
-        mesh=mesh,
-        param_sharding=specs,
-    )
+    _fit(model, optax.adam(1e-3), digits, mesh=mesh, param_sharding=specs)
     assert sharded[...].sharding.spec == P(None, "fsdp")
     assert replicated[...].sharding.is_fully_replicated

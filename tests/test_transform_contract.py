@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _optim_loops import acdc_steps
 from _util import (
     assert_trees_allclose,
     assert_trees_equal,
@@ -114,13 +115,7 @@ def _set_inner_lr(state, value):
     return state._replace(inner_state=inner._replace(hyperparams=hyper))
 
 
-ACDC_SCHEDULE = dict(
-    warmup_steps=1,
-    compressed_steps=2,
-    decompressed_steps=1,
-    final_compressed_steps=2,
-    total_steps=8,
-)
+ACDC_SCHEDULE = acdc_steps(1, 2, 1, 2, 8)  # an immutable AcdcSchedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,12 +172,10 @@ CASES = {
         grad_fn=True,
     ),
     "acdc": Case(
-        make=lambda: optim.acdc(
-            _sgd(), sparsity=0.5, schedule=optim.acdc_schedule(**ACDC_SCHEDULE)
-        ),
+        make=lambda: optim.acdc(_sgd(), sparsity=0.5, schedule=ACDC_SCHEDULE),
         injected=lambda: optax.inject_hyperparams(
             optim.acdc, static_args=("where", "reset_inner_state", "reference_ties")
-        )(_sgd(), sparsity=0.5, schedule=optim.acdc_schedule(**ACDC_SCHEDULE)),
+        )(_sgd(), sparsity=0.5, schedule=ACDC_SCHEDULE),
         set_hyper=_set_top("sparsity"),
         new_value=0.8,
     ),
