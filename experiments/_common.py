@@ -53,6 +53,7 @@ __all__ = [
     "check_source",
     "check_widths",
     "environment",
+    "experiment_run",
     "field",
     "fit_options",
     "fit_stage",
@@ -68,7 +69,6 @@ __all__ = [
     "prepare_run",
     "prune_and_measure",
     "run_header",
-    "run_resumable",
     "seed_list",
     "stage_bar",
     "train_sgd",
@@ -461,27 +461,42 @@ def check_config(config: Any, config_type: type) -> None:
     config.validate()
 
 
-def run_resumable(
-    body: Callable[[Any, Run], dict[str, Any]],
-    config: Any,
-    config_type: type,
-    out: str | os.PathLike | None,
-    *,
-    mesh: str | None = None,
-    restart: bool = False,
-) -> dict[str, Any]:
-    """An experiment's ``run(config, out, mesh=, restart=)`` around its ``body``.
+def experiment_run(
+    config_type: type, *, check_mesh: Callable[[str | None], None] | None = None
+) -> Callable[[Callable[[Any, Run], dict[str, Any]]], Callable[..., dict[str, Any]]]:
+    """Decorator: an experiment's resumable body ``body(config, run)`` becomes its public
+    ``run(config, out=None, *, mesh=None, restart=False)``, with ``body``'s docstring and name.
 
-    Check ``config`` (:func:`check_config`), open ``out`` as a resumable run of it
-    (:func:`open_run`, which refuses an ``out`` holding another config), and return the
+    ``run`` checks ``config`` (:func:`check_config`) and ``mesh`` (``check_mesh(mesh)``, the
+    experiment's own limits, if any) before any work, opens ``out`` as a resumable run of
+    ``config`` (:func:`open_run`: an ``out`` holding another config is refused, ``restart``
+    starts over, ``mesh`` is the run's mesh; ``out=None`` writes nothing), and returns the
     finished run's ``results.json`` as it is (nothing is rerun), else ``body(config, run)``: the
     stages, which write ``results.json`` last (:meth:`Run.write_results`).
     """
-    check_config(config, config_type)
-    resumed = open_run(config, out, restart=restart, mesh=mesh)
-    if (finished := resumed.results()) is not None:
-        return finished  # the run is done: not rerun
-    return body(config, resumed)
+
+    def decorate(body: Callable[[Any, Run], dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+        def run(
+            config: Any,
+            out: str | os.PathLike | None = None,
+            *,
+            mesh: str | None = None,
+            restart: bool = False,
+        ) -> dict[str, Any]:
+            check_config(config, config_type)
+            if check_mesh is not None:
+                check_mesh(mesh)
+            resumed = open_run(config, out, restart=restart, mesh=mesh)
+            if (finished := resumed.results()) is not None:
+                return finished  # the run is done: not rerun
+            return body(config, resumed)
+
+        for name in ("__module__", "__name__", "__qualname__", "__doc__"):
+            setattr(run, name, getattr(body, name))
+        run.__annotations__ = {**run.__annotations__, "config": config_type}
+        return run
+
+    return decorate
 
 
 def fit_options(mesh: str | None) -> dict[str, Any]:

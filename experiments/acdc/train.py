@@ -73,12 +73,12 @@ from experiments._common import (
     aggregate,
     build_model,
     environment,
+    experiment_run,
     fit_stage,
     is_primary,
     local_model,
     prepare_run,
     run_header,
-    run_resumable,
     seed_list,
 )
 from experiments.acdc.configs.base import Config
@@ -543,13 +543,8 @@ def _memorisation(
 _NOT_AVERAGED = ("seed", "phases", "steps_per_epoch", "num_relabelled", "train_size")
 
 
-def run(
-    config: Config,
-    out: str | os.PathLike | None = None,
-    *,
-    mesh: str | None = None,
-    restart: bool = False,
-) -> dict[str, Any]:
+@experiment_run(Config)
+def run(config: Config, resumed: Run) -> dict[str, Any]:
     """Run ``config`` (validated first); write ``results.json``,
     training logs and the plots to ``out`` (checked first; ``None`` writes nothing).
 
@@ -588,12 +583,6 @@ def run(
       * ``per_seed``, ``config``, ``header`` (what was run, one line), ``timing`` (seconds),
         ``dataset_sizes``, ``environment``.
     """
-    return run_resumable(_run, config, Config, out, mesh=mesh, restart=restart)
-
-
-def _run(config: Config, resumed: Run) -> dict[str, Any]:
-    """The body of :func:`run` on an opened, unfinished run: every seed's training runs, then
-    the means over seeds, the plots and ``results.json``."""
     t0 = time.perf_counter()
     out, train_ds, test_ds, sizes = prepare_run(config, resumed.out)
     spe = jdata.num_batches(train_ds, config.batch_size)

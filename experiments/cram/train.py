@@ -54,6 +54,7 @@ from experiments._common import (
     aggregate,
     build_model,
     environment,
+    experiment_run,
     fit_stage,
     is_primary,
     local_model,
@@ -61,7 +62,6 @@ from experiments._common import (
     prepare_run,
     prune_and_measure,
     run_header,
-    run_resumable,
     seed_list,
     stage_bar,
 )
@@ -245,13 +245,8 @@ def _run_seed(config: Config, seed: int, train_ds, test_ds, run: Run) -> dict[st
     return record
 
 
-def run(
-    config: Config,
-    out: str | os.PathLike | None = None,
-    *,
-    mesh: str | None = None,
-    restart: bool = False,
-) -> dict[str, Any]:
+@experiment_run(Config)
+def run(config: Config, resumed: Run) -> dict[str, Any]:
     """Run ``config`` (validated first); write ``results.json``,
     training curves and the plot to ``out`` (checked first; ``None`` writes nothing).
 
@@ -274,12 +269,6 @@ def run(
       * ``config``, ``header`` (what was run, one line), ``timing`` (seconds),
         ``dataset_sizes``, ``environment``.
     """
-    return run_resumable(_run, config, Config, out, mesh=mesh, restart=restart)
-
-
-def _run(config: Config, resumed: Run) -> dict[str, Any]:
-    """The body of :func:`run` on an opened, unfinished run: every seed trains and prunes
-    every method, then the means over seeds, the plot and ``results.json``."""
     t0 = time.perf_counter()
     out, train_ds, test_ds, sizes = prepare_run(config, resumed.out)
     t_data = time.perf_counter()

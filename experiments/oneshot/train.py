@@ -30,6 +30,7 @@ from flax import nnx
 from experiments._common import (
     Run,
     environment,
+    experiment_run,
     is_primary,
     load_datasets,
     local_model,
@@ -38,7 +39,6 @@ from experiments._common import (
     prepare_run,
     prune_and_measure,
     run_header,
-    run_resumable,
     stage_bar,
     train_sgd,
 )
@@ -54,13 +54,8 @@ __all__ = ["format_table", "load_datasets", "make_optimizer", "run", "write_plot
 make_optimizer = make_sgd
 
 
-def run(
-    config: Config,
-    out: str | os.PathLike | None = None,
-    *,
-    mesh: str | None = None,
-    restart: bool = False,
-) -> dict[str, Any]:
+@experiment_run(Config)
+def run(config: Config, resumed: Run) -> dict[str, Any]:
     """Run ``config`` (validated first); write ``results.json``,
     ``metrics.jsonl`` and the plot to ``out`` (checked first; ``None`` writes nothing).
 
@@ -76,12 +71,6 @@ def run(
       ``nm_{n}_{m}`` likewise (when ``config.nm``), ``history``, ``config``, ``header`` (what was
       run, one line), ``dataset_sizes``, ``timing``, ``environment``.
     """
-    return run_resumable(_run, config, Config, out, mesh=mesh, restart=restart)
-
-
-def _run(config: Config, resumed: Run) -> dict[str, Any]:
-    """The body of :func:`run` on an opened, unfinished run: train, prune and recalibrate (one
-    stage), then the plot and ``results.json``."""
     t0 = time.perf_counter()
     out, train_ds, test_ds, sizes = prepare_run(config, resumed.out)
     t_data = time.perf_counter()

@@ -73,11 +73,11 @@ from flax import nnx
 from experiments._common import (
     Run,
     environment,
+    experiment_run,
     is_primary,
     local_model,
     prepare_run,
     run_header,
-    run_resumable,
     train_sgd,
 )
 from experiments.spdy import model as fmodel
@@ -675,13 +675,8 @@ def _run_family(family, arch, params, stats, calib, test, lv, config, cache) -> 
     return out
 
 
-def run(
-    config: Config,
-    out: str | os.PathLike | None = None,
-    *,
-    mesh: str | None = None,
-    restart: bool = False,
-) -> dict[str, Any]:
+@experiment_run(Config)
+def run(config: Config, resumed: Run) -> dict[str, Any]:
     """Run the experiment; write ``results.json``, ``profiles.png``, ``metrics.jsonl`` and a
     checkpoint to ``out`` (``None`` writes nothing).
 
@@ -700,12 +695,6 @@ def run(
       ``max_speedup``), ``summary`` (:func:`summarize`), ``history``, ``config``, ``timing``,
       ``environment``.
     """
-    return run_resumable(_run, config, Config, out, mesh=mesh, restart=restart)
-
-
-def _run(config: Config, resumed: Run) -> dict[str, Any]:
-    """The body of :func:`run` on an opened, unfinished run: train (or restore) the model, then
-    every option family, the plot and ``results.json``."""
     t0 = time.perf_counter()
     load0 = os.getloadavg()
     out, train_ds, test_ds, sizes = prepare_run(config, resumed.out)

@@ -20,14 +20,13 @@ finished ones back.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from experiments._common import check_config, environment, open_run, parse_mesh, stage_bar
+from experiments._common import Run, environment, experiment_run, parse_mesh, stage_bar
 from experiments.surrogate import report
 from experiments.surrogate._study import Study
 from experiments.surrogate.configs.base import Config
@@ -86,13 +85,14 @@ def _aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
     return mean
 
 
-def run(
-    config: Config,
-    out: str | os.PathLike | None = None,
-    *,
-    mesh: str | None = None,
-    restart: bool = False,
-) -> dict[str, Any]:
+def _one_device(mesh: str | None) -> None:
+    """The studies train on one device: ``mesh`` ``None`` or of one device."""
+    if mesh is not None and any(size > 1 for size in parse_mesh(mesh).values()):
+        raise ValueError(f"mesh: the surrogate studies train on one device, got {mesh!r}")
+
+
+@experiment_run(Config, check_mesh=_one_device)
+def run(config: Config, state: Run) -> dict[str, Any]:
     """Run the experiment; write ``results.json``, training logs and the plots to ``out``.
 
     ``out`` is a resumable run (:func:`experiments._common.open_run`): each task and seed is a
@@ -111,13 +111,6 @@ def run(
       ``active_flops_ratio_per_epoch``, ``gate_stats``; means over seeds with ``*_std``.
       Plus ``units``, ``config``, ``dataset_sizes``, ``timing`` and ``environment``.
     """
-    check_config(config, Config)
-    if mesh is not None and any(size > 1 for size in parse_mesh(mesh).values()):
-        raise ValueError(f"mesh: the surrogate studies train on one device, got {mesh!r}")
-    state = open_run(config, None if out is None else os.fspath(out), restart=restart)
-    finished = state.results()
-    if finished is not None:
-        return finished
     t0 = time.perf_counter()
     data = {task: LOADERS[task](config) for task in config.tasks}
     for task, (train, _) in data.items():
