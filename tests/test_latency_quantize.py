@@ -295,6 +295,22 @@ def test_surrogate_and_controller_drive_the_bit_cost_to_the_target_in_one_compil
     assert ext.macs == macs(ext.kept) < macs.dense
 
 
+def test_active_feedback_counts_the_bit_widths_extraction_keeps():
+    model, x = _mlp()
+    q = L.quantize(L.gated(model, x), x, levels=6)
+    _set(q, "layers/0/kernel:bits", [1.0, 0.0, 0.5, 0.0, 0.0, 0.0])  # 2 active, 3 bits
+    _set(q, "layers/2/kernel:bits", [0.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # at least 1 bit
+    q.model.gates["layers/1"][...] = jnp.asarray(np.arange(16) % 2, jnp.float32)
+    params = nnx.state(q, nnx.Param)
+    tx = L.surrogate_penalty(q.macs, 0.1, feedback="active")
+    _, state = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    ext = L.extract(q, x)
+    assert ext.bits == {"layers/0/kernel:bits": 3, "layers/1/kernel:bits": 6,
+                        "layers/2/kernel:bits": 1}  # fmt: skip
+    np.testing.assert_allclose(state.value, ext.macs / q.macs.dense, rtol=1e-6)
+    assert ext.macs == _hand_bit_macs(32, 8, 3, 6, 1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import optax
 from flax import nnx
 
 from jaxcompress.latency._cost import LatencyModel
+from jaxcompress.latency._quantize import SUFFIX as BIT_SUFFIX
 from jaxcompress.optim._placement import replicate_on_params_mesh
 from jaxcompress.structure import Gate, MacCount
 
@@ -184,14 +185,20 @@ def active_counts(
     sizes: Mapping[str, int] | None = None,
 ) -> dict[str, jax.Array]:
     """Units extraction keeps: ``alpha_j >= tau * max(alpha)`` and ``alpha_j > 0``, at least 1,
-    rounded up to ``multiple`` (capped at the group size). Jit-friendly."""
+    rounded up to ``multiple`` (capped at the group size); for a bit group
+    (``"<kernel path>:bits"``) the 1-based index of the last such level (its kept bit-width).
+    Jit-friendly."""
     multiples = group_multiples(multiple, gates)
     out = {}
     for name, a in gates.items():
         a = jnp.asarray(a)
         keep = (a >= tau * jnp.max(a)) & (a > 0)
         size = a.shape[0] if sizes is None else sizes[name]
-        out[name] = round_up_count(jnp.maximum(jnp.sum(keep), 1), multiples[name], size)
+        if name.endswith(BIT_SUFFIX):
+            count = jnp.max(jnp.where(keep, jnp.arange(1, a.shape[0] + 1), 0))
+        else:
+            count = jnp.sum(keep)
+        out[name] = round_up_count(jnp.maximum(count, 1), multiples[name], size)
     return out
 
 
@@ -455,7 +462,8 @@ def surrogate_penalty(
       p, eps: see :func:`ratio`.
       feedback: the cost ratio a controller steers and ``state.value`` records:
         ``"surrogate"`` (``R`` at the surrogate widths) or ``"active"`` (the cost at the counts
-        extraction keeps with threshold ``tau``, rounded up to ``multiple``).
+        extraction keeps with threshold ``tau``, rounded up to ``multiple``; for the bit groups
+        of :func:`~jaxcompress.latency.quantize`, the bit-widths extraction keeps).
       tau: extraction threshold for ``feedback="active"``.
       multiple: int or ``{group: int}``: for ``feedback="active"``, round the kept counts up
         as :func:`~jaxcompress.latency.round_to_multiple` will at extraction.
