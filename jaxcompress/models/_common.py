@@ -64,6 +64,18 @@ class _TokenModel(Protocol):
     embed_dropout: nnx.Dropout
 
 
+def token_embeddings(
+    vocab_size: int, length: int, d_model: int, rate: float, rngs: nnx.Rngs
+) -> tuple[nnx.Embed, nnx.Param, nnx.Dropout]:
+    """``(embed, pos_embed, embed_dropout)`` for :func:`embed_tokens`: token embeddings
+    ``(vocab_size, d_model)`` and position embeddings ``(length, d_model)``, both drawn from
+    ``N(0, 0.02^2)`` in that order, and dropout at ``rate``."""
+    init = nnx.initializers.normal(0.02)
+    embed = nnx.Embed(vocab_size, d_model, embedding_init=init, rngs=rngs)
+    pos_embed = nnx.Param(init(rngs.params(), (length, d_model)))
+    return embed, pos_embed, nnx.Dropout(rate, rngs=rngs)
+
+
 def embed_tokens(model: _TokenModel, tokens: jax.Array, limit_name: str, limit: int) -> jax.Array:
     """Token plus learned position embeddings, with embedding dropout, of a 2-D integer batch.
 

@@ -16,6 +16,7 @@ from jaxcompress.models._common import (
     check_heads,
     check_rngs,
     embed_tokens,
+    token_embeddings,
 )
 
 __all__ = ["GPT", "GPTBlock", "CausalSelfAttention", "generate"]
@@ -184,11 +185,9 @@ class GPT(nnx.Module):
         self.tie_embeddings = tie_embeddings
         check_rngs(rngs)
         out_std = _INIT_STD / math.sqrt(2 * self.num_layers)
-        self.embed = nnx.Embed(
-            self.vocab_size, self.d_model, embedding_init=_normal(_INIT_STD), rngs=rngs
+        self.embed, self.pos_embed, self.embed_dropout = token_embeddings(
+            self.vocab_size, self.context, self.d_model, self.dropout_rate, rngs
         )
-        self.pos_embed = nnx.Param(_normal(_INIT_STD)(rngs.params(), (self.context, self.d_model)))
-        self.embed_dropout = nnx.Dropout(self.dropout_rate, rngs=rngs)
         self.blocks = nnx.List(
             [
                 GPTBlock(

@@ -12,6 +12,7 @@ from jaxcompress.models._common import (
     check_heads,
     check_rngs,
     embed_tokens,
+    token_embeddings,
 )
 
 PAD_ID = 0
@@ -109,16 +110,9 @@ class TransformerClassifier(nnx.Module):
         self.max_len = check_int("max_len", max_len)
         self.dropout_rate = check_fraction("dropout", dropout, interval="[0, 1)")
         check_rngs(rngs)
-        self.embed = nnx.Embed(
-            self.vocab_size,
-            self.d_model,
-            embedding_init=nnx.initializers.normal(0.02),
-            rngs=rngs,
+        self.embed, self.pos_embed, self.embed_dropout = token_embeddings(
+            self.vocab_size, self.max_len, self.d_model, self.dropout_rate, rngs
         )
-        self.pos_embed = nnx.Param(
-            nnx.initializers.normal(0.02)(rngs.params(), (self.max_len, self.d_model))
-        )
-        self.embed_dropout = nnx.Dropout(self.dropout_rate, rngs=rngs)
         self.blocks = nnx.List(
             [
                 EncoderBlock(

@@ -56,20 +56,9 @@ from jax import lax
 from jaxcompress import masks as jc_masks
 from jaxcompress._checks import check_nm
 from jaxcompress.masks._magnitude import check_sparsity
+from jaxcompress.optim import _support
 from jaxcompress.optim._placement import replicate_on_params_mesh
 from jaxcompress.optim._schedule import AcdcSchedule
-from jaxcompress.optim._support import (
-    cancel_pruned,
-    check_inner,
-    check_where,
-    full_masks,
-    hamming,
-    intersect,
-    keep_where,
-    mask_leaf,
-    masked_inner_update,
-    place_masks,
-)
 from jaxcompress.optim._util import check_update_args, next_count
 
 __all__ = ["AcdcState", "acdc", "moment_leaves"]
@@ -256,7 +245,7 @@ def acdc(
         mask function rejects the params (e.g. N:M on a leaf whose contracting axis is not a
         multiple of ``m``).
     """
-    inner = check_inner(inner, "acdc")
+    inner = _support.check_inner(inner, "acdc")
     if not isinstance(schedule, AcdcSchedule):
         raise TypeError(
             f"schedule: expected an AcdcSchedule (see acdc_schedule / acdc_schedule_from_epochs), "
@@ -282,7 +271,7 @@ def acdc(
         raise ValueError(
             f"sparsity: a per-leaf sparsity tree needs scope='layer', got scope={scope!r}"
         )
-    check_where(where)
+    _support.check_where(where)
     if not isinstance(reference_ties, bool):
         raise TypeError(f"reference_ties: expected a bool, got {reference_ties!r}")
     selector = reset_selector(reset_inner_state)
@@ -291,12 +280,12 @@ def acdc(
     def init_fn(params: optax.Params) -> AcdcState:
         template = jax.eval_shape(compute_masks, params)  # validates the params, no work
         if schedule.warmup_steps == 0:  # step 0 starts a compressed phase
-            masks = place_masks(compute_masks(params), params)
-            ones = full_masks(params, template)
-            ham = hamming(masks, ones)
-            inner_params = jc_masks.map_masked(mask_leaf, params, masks)
+            masks = _support.place_masks(compute_masks(params), params)
+            ones = _support.full_masks(params, template)
+            ham = _support.hamming(masks, ones)
+            inner_params = jc_masks.map_masked(_support.mask_leaf, params, masks)
         else:
-            masks = full_masks(params, template)
+            masks = _support.full_masks(params, template)
             ham = jnp.zeros((), jnp.int32)
             inner_params = params
         state = AcdcState(
@@ -317,7 +306,7 @@ def acdc(
             "acdc()", state, AcdcState, params, "to compute masks and keep pruned weights at zero"
         )
         step = state.count
-        keep = keep_where(state.masks, schedule.is_compressed(step))
+        keep = _support.keep_where(state.masks, schedule.is_compressed(step))
         inner_state = state.inner_state
         if selector is not None:
             inner_state = reset_leaves(
@@ -326,16 +315,17 @@ def acdc(
                 schedule.is_decompressed_phase_start(step),
                 selector,
             )
-        inner_updates, inner_state = masked_inner_update(
+        inner_updates, inner_state = _support.masked_inner_update(
             inner, updates, inner_state, params, keep, extra_args
         )
 
         following = step + 1
 
         def new_masks(_):
-            upcoming = optax.apply_updates(params, cancel_pruned(keep, inner_updates, params))
+            cancelled = _support.cancel_pruned(keep, inner_updates, params)
+            upcoming = optax.apply_updates(params, cancelled)
             fresh = compute_masks(upcoming)
-            return fresh, hamming(fresh, state.masks)
+            return fresh, _support.hamming(fresh, state.masks)
 
         def same_masks(_):
             return state.masks, state.mask_hamming
@@ -343,8 +333,9 @@ def acdc(
         masks, ham = lax.cond(
             schedule.is_compressed_phase_start(following), new_masks, same_masks, None
         )
-        keep_both = intersect(keep, keep_where(masks, schedule.is_compressed(following)))
-        new_updates = cancel_pruned(keep_both, inner_updates, params)
+        kept_next = _support.keep_where(masks, schedule.is_compressed(following))
+        keep_both = _support.intersect(keep, kept_next)
+        new_updates = _support.cancel_pruned(keep_both, inner_updates, params)
         new_state = AcdcState(
             count=next_count(step),
             masks=masks,

@@ -37,17 +37,8 @@ from jax import lax
 from jaxcompress import masks as jc_masks
 from jaxcompress._checks import check_int
 from jaxcompress.masks._magnitude import check_sparsity
+from jaxcompress.optim import _support
 from jaxcompress.optim._placement import replicate_on_params_mesh
-from jaxcompress.optim._support import (
-    cancel_pruned,
-    check_inner,
-    check_where,
-    full_masks,
-    intersect,
-    mask_leaf,
-    masked_inner_update,
-    place_masks,
-)
 from jaxcompress.optim._util import check_update_args, next_count
 
 __all__ = ["GmpState", "gmp", "gmp_sparsity"]
@@ -195,13 +186,13 @@ def gmp(
       ValueError: sparsities outside [0, 1) or ``initial_sparsity > sparsity``, ``end_step <=
         begin_step``, ``every`` not dividing ``end_step - begin_step``, unknown ``scope``.
     """
-    inner = check_inner(inner, "gmp")
+    inner = _support.check_inner(inner, "gmp")
     final, begin, end, dt, initial = _check_ramp(
         sparsity, begin_step, end_step, every, initial_sparsity
     )
     if scope not in _SCOPES:
         raise ValueError(f"scope: expected one of {_SCOPES}, got {scope!r}")
-    check_where(where)
+    _support.check_where(where)
     if not isinstance(reference_ties, bool):
         raise TypeError(f"reference_ties: expected a bool, got {reference_ties!r}")
 
@@ -215,11 +206,11 @@ def gmp(
 
     def init_fn(params: optax.Params) -> GmpState:
         template = jax.eval_shape(lambda p: compute_masks(p, final), params)
-        masks = full_masks(params, template)
+        masks = _support.full_masks(params, template)
         inner_params = params
         if begin == 0 and initial > 0.0:
-            masks = place_masks(compute_masks(params, initial), params)
-            inner_params = jc_masks.map_masked(mask_leaf, params, masks)
+            masks = _support.place_masks(compute_masks(params, initial), params)
+            inner_params = jc_masks.map_masked(_support.mask_leaf, params, masks)
         state = GmpState(
             count=jnp.zeros((), jnp.int32), masks=masks, inner_state=inner.init(inner_params)
         )
@@ -236,18 +227,19 @@ def gmp(
         )
         step = state.count
         keep = state.masks
-        inner_updates, inner_state = masked_inner_update(
+        inner_updates, inner_state = _support.masked_inner_update(
             inner, updates, state.inner_state, params, keep, extra_args
         )
         following = step + 1
 
         def prune(_):
-            upcoming = optax.apply_updates(params, cancel_pruned(keep, inner_updates, params))
+            cancelled = _support.cancel_pruned(keep, inner_updates, params)
+            upcoming = optax.apply_updates(params, cancelled)
             s = _sparsity_at(following, final, begin, end, dt, initial)
-            return intersect(compute_masks(_survivor_scores(upcoming, keep), s), keep)
+            return _support.intersect(compute_masks(_survivor_scores(upcoming, keep), s), keep)
 
         masks = lax.cond(is_pruning_step(following), prune, lambda _: keep, None)
-        new_updates = cancel_pruned(masks, inner_updates, params)
+        new_updates = _support.cancel_pruned(masks, inner_updates, params)
         return new_updates, GmpState(count=next_count(step), masks=masks, inner_state=inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
