@@ -295,6 +295,29 @@ def test_surrogate_and_controller_drive_the_bit_cost_to_the_target_in_one_compil
     assert ext.macs == macs(ext.kept) < macs.dense
 
 
+def test_projection_keeps_bit_gates_nonnegative_and_nested():
+    model, x = _mlp()
+    q = L.quantize(L.gated(model, x), x, levels=5)
+    _set(q, "layers/0/kernel:bits", [1.0, 0.2, 0.9, 0.5, 0.7])
+    params = nnx.state(q, nnx.Param)
+    updates = jax.tree.map(jnp.zeros_like, params)
+    updates["gates"]["layers/1/kernel:bits"][...] = jnp.asarray([0.0, -2.0, 0.0, 0.0, 0.0])
+    updates["model"]["gates"]["layers/0"][...] = -jnp.linspace(0.0, 2.0, 32)
+    tx = L.project_nonnegative()
+    new = optax.apply_updates(params, jax.jit(tx.update)(updates, tx.init(params), params)[0])
+    gates = new["gates"]
+    np.testing.assert_allclose(gates["layers/0/kernel:bits"][...], [1.0, 0.2, 0.2, 0.2, 0.2])
+    np.testing.assert_allclose(gates["layers/1/kernel:bits"][...], [1.0, 0.0, 0.0, 0.0, 0.0])
+    np.testing.assert_allclose(gates["layers/2/kernel:bits"][...], np.ones(5))
+    # channel gates: only clipped at 0, in any order
+    want = np.maximum(1.0 - np.linspace(0.0, 2.0, 32), 0.0)
+    np.testing.assert_allclose(new["model"]["gates"]["layers/0"][...], want, atol=1e-6)
+    # with prune_below, the cut levels are a suffix
+    tx = L.project_nonnegative(prune_below=0.3)
+    new = optax.apply_updates(params, tx.update(updates, tx.init(params), params)[0])
+    np.testing.assert_allclose(new["gates"]["layers/0/kernel:bits"][...], [1.0, 0, 0, 0, 0])
+
+
 def test_active_feedback_counts_the_bit_widths_extraction_keeps():
     model, x = _mlp()
     q = L.quantize(L.gated(model, x), x, levels=6)

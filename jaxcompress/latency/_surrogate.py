@@ -570,7 +570,12 @@ def project_nonnegative(prune_below: float = 0.0) -> optax.GradientTransformatio
 
     For each Gate leaf the update ``u`` becomes :math:`u' = \\max(u, -\\theta)`, so
     :math:`\\theta + u' = \\max(\\theta + u, 0)` exactly in floating point. Other leaves pass
-    through unchanged.
+    through unchanged. The bit groups of :func:`~jaxcompress.latency.quantize` (Gate leaves
+    named ``"<kernel path>:bits"``) are also kept non-increasing in the level: their new value
+    is the running minimum :math:`\\min_{j \\le k} \\max(\\theta_j + u_j, 0)`, so a level is on
+    only while every coarser one is (the nesting of Bayesian Bits, van Baalen et al. 2020), the
+    surrogate removes the finest levels first and the active gates are the bit-width
+    extraction keeps.
 
     With ``prune_below = tau > 0`` the step also zeroes every gate of a group that would end
     below ``tau`` times the group's largest gate (``u' = -theta``): the units extraction at the
@@ -619,14 +624,19 @@ def project_nonnegative(prune_below: float = 0.0) -> optax.GradientTransformatio
                 out = jnp.where(cut, -p, out)
             return out.astype(u.dtype)
 
-        def proj(u, p):
+        def nested(u, p):  # bit levels: non-negative and non-increasing in the level
+            after = jax.lax.cummin(jnp.maximum(p + u, 0.0), axis=0)
+            return step(after - p, p)
+
+        def proj(path, u, p):
             if not isinstance(p, Gate):
                 return u
+            fn = nested if path and key_name(path[-1]).endswith(BIT_SUFFIX) else step
             if _is_var(u):
-                return u.replace(step(u[...], p[...]))
-            return step(u, p[...])
+                return u.replace(fn(u[...], p[...]))
+            return fn(u, p[...])
 
-        new = jax.tree_util.tree_map(proj, updates, params, is_leaf=_is_var)
+        new = jax.tree_util.tree_map_with_path(proj, updates, params, is_leaf=_is_var)
         return new, state
 
     return optax.GradientTransformation(init_fn, update_fn)
