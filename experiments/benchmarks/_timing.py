@@ -1,5 +1,6 @@
 """Helpers shared by the benchmarks: timing of optimizer steps (``cram_step.py``,
-``acdc_step.py``), the machine record and atomic JSON output.
+``acdc_step.py``), timing of models' inference forwards (``channel_multiple.py``,
+``latency_model.py``), the machine record and atomic JSON output.
 
 The benchmarks are scripts (``python experiments/benchmarks/<name>.py``): Python puts this
 folder first on ``sys.path``, so they import this module, and ``spdy_oracle``, by name."""
@@ -17,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxcompress import train
+from jaxcompress import structure, train
 from jaxcompress.checkpoint import write_json_atomic
 from jaxcompress.models import SmallCNN, resnet8
+from jaxcompress.spdy import time_callables
 
 __all__ = [
     "Variant",
@@ -30,6 +32,7 @@ __all__ = [
     "random_batch_setup",
     "report",
     "step_parser",
+    "time_models",
     "time_variants",
     "write_json",
 ]
@@ -157,3 +160,34 @@ def time_variants(variants: list[Variant], *, warmup: int, steps: int, repeats: 
         for v in variants:
             v.block(steps)
     return compile_s
+
+
+def _forward(model: nnx.Module):
+    view = nnx.view(model, deterministic=True, use_running_average=True, raise_if_not_found=False)
+    graphdef, state = nnx.split(view)
+    return (lambda st, x: nnx.merge(graphdef, st)(x)), state
+
+
+def time_models(
+    models: dict, x, *, repeats: int, clock: str, compiler_options: dict | None = None
+) -> tuple[dict, dict, dict]:
+    """Time every model's inference forward (eval mode) on the batch ``x`` in one interleaved
+    :func:`jaxcompress.spdy.time_callables` call (2 warm-up calls, ``repeats`` rounds,
+    ``clock``, ``compiler_options``), so that load drift hits every model alike.
+
+    Returns:
+      ``(seconds, noise, macs)``, each keyed like ``models``: the median seconds of a call, the
+      noise of the timing and the dense multiply-adds of one example
+      (:func:`jaxcompress.structure.macs` on ``x[:1]``).
+    """
+    timings = time_callables(
+        [(fn, (state, x)) for fn, state in map(_forward, models.values())],
+        repeats=repeats,
+        warmup=2,
+        clock=clock,
+        compiler_options=compiler_options,
+    )
+    seconds = {k: t.median for k, t in zip(models, timings, strict=True)}
+    noise = {k: t.noise for k, t in zip(models, timings, strict=True)}
+    macs = {k: int(structure.macs(m, x[:1]).dense) for k, m in models.items()}
+    return seconds, noise, macs

@@ -29,11 +29,9 @@ import statistics
 import sys
 
 import numpy as np
-from _timing import report
-from flax import nnx
+from _timing import report, time_models
 
 from jaxcompress import structure as S
-from jaxcompress.spdy import time_callables
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from experiments.surrogate.tasks import image_model  # noqa: E402
@@ -55,12 +53,6 @@ def profiles(results: dict, task: str, multiple: int) -> dict[str, dict[str, int
                 out[f"seed{s}_{p['key']}/exact"] = kept
                 out[f"seed{s}_{p['key']}/rounded"] = rounded
     return out
-
-
-def _forward(model: nnx.Module):
-    view = nnx.view(model, deterministic=True, use_running_average=True, raise_if_not_found=False)
-    graphdef, state = nnx.split(view)
-    return (lambda st, x: nnx.merge(graphdef, st)(x)), state
 
 
 def main(argv=None) -> dict:
@@ -104,18 +96,10 @@ def main(argv=None) -> dict:
         keep = {n: np.arange(sizes[n]) < k for n, k in counts.items()}
         models[key] = S.prune(full, keep, example) if keep else full
     x = np.zeros((args.batch, h, w, c), np.float32)
-    calls = [(*_forward(models[k]),) for k in unique]
     single = {"xla_cpu_multi_thread_eigen": False} if args.clock == "cpu" else None
-    timings = time_callables(
-        [(fn, (state, x)) for fn, state in calls],
-        repeats=args.repeats,
-        warmup=2,
-        clock=args.clock,
-        compiler_options=single,
+    seconds, noise, macs = time_models(
+        models, x, repeats=args.repeats, clock=args.clock, compiler_options=single
     )
-    seconds = {k: t.median for k, t in zip(unique, timings, strict=True)}
-    noise = {k: t.noise for k, t in zip(unique, timings, strict=True)}
-    macs = {k: int(S.macs(models[k], example).dense) for k in unique}
     full_key = ()
     rows = {}
     for name, counts in named.items():

@@ -469,45 +469,32 @@ def _targets(models: dict[str, Any], spdy_results: dict[str, Any] | None) -> dic
         except KeyError:
             return None
 
+    def versus(key, value, name, other, factor, target, *, strict=False) -> None:
+        # ``value`` against ``factor * other`` (``other`` recorded as ``name``), when both exist
+        if value is not None and other is not None:
+            bound = factor * other
+            met = value < bound if strict else value <= bound
+            out[key] = {"value": value, name: other, "target": target, "met": met}
+
     if "adamw" in models:
         loss = models["adamw"]["val_loss"]
         out["dense_val_loss"] = {"value": loss, "target": "<= 1.90", "met": loss <= 1.90}
+    half_magnitude = "<= half of magnitude's increase"
     for label in ("50%", "2:4"):
         mag = inc("adamw", "magnitude", label)
         for pruner in ("wanda", "sparsegpt"):
             value = inc("adamw", pruner, label)
-            if mag is not None and value is not None:
-                out[f"{pruner}_vs_magnitude_{label}"] = {
-                    "value": value,
-                    "magnitude": mag,
-                    "target": "<= half of magnitude's increase",
-                    "met": value <= 0.5 * mag,
-                }
+            versus(f"{pruner}_vs_magnitude_{label}", value, "magnitude", mag, 0.5, half_magnitude)
     sg, wa = inc("adamw", "sparsegpt", "2:4"), inc("adamw", "wanda", "2:4")
-    if sg is not None and wa is not None:
-        out["sparsegpt_vs_wanda_2:4"] = {
-            "value": sg,
-            "wanda": wa,
-            "target": "<= Wanda's increase",
-            "met": sg <= wa,
-        }
+    versus("sparsegpt_vs_wanda_2:4", sg, "wanda", wa, 1.0, "<= Wanda's increase")
     cram, adamw = inc("cram", "magnitude", "50%"), inc("adamw", "magnitude", "50%")
-    if cram is not None and adamw is not None:
-        out["cram_vs_adamw_magnitude_50%"] = {
-            "value": cram,
-            "adamw": adamw,
-            "target": "<= half of AdamW's increase",
-            "met": cram <= 0.5 * adamw,
-        }
+    half_adamw = "<= half of AdamW's increase"
+    versus("cram_vs_adamw_magnitude_50%", cram, "adamw", adamw, 0.5, half_adamw)
     for key, entry in (spdy_results or {}).items():
         if isinstance(entry, dict) and "spdy" in entry:
             value, uni = entry["spdy"]["val_loss"], entry["uniform"]["val_loss"]
-            out[f"spdy_vs_uniform_{key}"] = {
-                "value": value,
-                "uniform": uni,
-                "target": "below uniform sparsity at the same modelled speedup",
-                "met": value < uni,
-            }
+            below = "below uniform sparsity at the same modelled speedup"
+            versus(f"spdy_vs_uniform_{key}", value, "uniform", uni, 1.0, below, strict=True)
     return out
 
 
