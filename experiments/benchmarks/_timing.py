@@ -25,7 +25,9 @@ from jaxcompress.spdy import time_callables
 
 __all__ = [
     "Variant",
+    "add_clock_flags",
     "benchmark_model",
+    "clock_options",
     "copy_tree",
     "machine_info",
     "parse_step_args",
@@ -160,6 +162,25 @@ def time_variants(variants: list[Variant], *, warmup: int, steps: int, repeats: 
         for v in variants:
             v.block(steps)
     return compile_s
+
+
+def add_clock_flags(parser: argparse.ArgumentParser, *, clock: str) -> None:
+    """The flags of :func:`time_models`: ``--repeats`` (rounds, default 25) and ``--clock``
+    (``wall`` or ``cpu``, default ``clock``)."""
+    parser.add_argument("--repeats", type=int, default=25)
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default=clock,
+        help="wall: multi-threaded executables on the wall clock; cpu: single-threaded ones on "
+        "the process CPU clock (steadier on a shared machine)",
+    )
+
+
+def clock_options(clock: str) -> dict | None:
+    """The XLA compiler options of ``--clock``: single-threaded executables for ``cpu`` (its
+    process CPU time is then the time of one core), none for ``wall``."""
+    return {"xla_cpu_multi_thread_eigen": False} if clock == "cpu" else None
 
 
 def _forward(model: nnx.Module):

@@ -29,7 +29,7 @@ import statistics
 import sys
 
 import numpy as np
-from _timing import report, time_models
+from _timing import add_clock_flags, clock_options, report, time_models
 
 from jaxcompress import structure as S
 
@@ -61,14 +61,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--task", choices=("cnn", "resnet20"), default="cnn")
     parser.add_argument("--multiple", type=int, default=8)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=25)
-    parser.add_argument(
-        "--clock",
-        choices=("wall", "cpu"),
-        default="wall",
-        help="wall: multi-threaded executables on the wall clock; cpu: single-threaded ones on "
-        "the process CPU clock (steadier on a shared machine)",
-    )
+    add_clock_flags(parser, clock="wall")
     parser.add_argument("--out", default=None, help="JSON output path")
     args = parser.parse_args(argv)
     if args.multiple < 2:
@@ -96,9 +89,12 @@ def main(argv=None) -> dict:
         keep = {n: np.arange(sizes[n]) < k for n, k in counts.items()}
         models[key] = S.prune(full, keep, example) if keep else full
     x = np.zeros((args.batch, h, w, c), np.float32)
-    single = {"xla_cpu_multi_thread_eigen": False} if args.clock == "cpu" else None
     seconds, noise, macs = time_models(
-        models, x, repeats=args.repeats, clock=args.clock, compiler_options=single
+        models,
+        x,
+        repeats=args.repeats,
+        clock=args.clock,
+        compiler_options=clock_options(args.clock),
     )
     full_key = ()
     rows = {}
