@@ -1,5 +1,6 @@
 """Shared test utilities: tree comparison, trace and compile counting, sharded param builders,
-small real data, and subprocess helpers for resume and multi-process tests.
+small real data, subprocess helpers for resume and multi-process tests, and the tiny configs
+and resume harness of the experiment tests.
 
 Import as ``from _util import ...`` (pytest puts ``tests/`` on ``sys.path``; there is no
 package ``__init__``). Nothing here uses private JAX APIs: traces are counted with a Python
@@ -13,6 +14,7 @@ import contextlib
 import dataclasses
 import functools
 import glob
+import json
 import os
 import signal
 import socket
@@ -25,6 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -32,6 +35,8 @@ from jaxcompress.masks import path_str
 
 __all__ = [
     "ROOT",
+    "TINY",
+    "assert_killed_run_resumes",
     "CompileCounter",
     "CountingJit",
     "assert_trees_allclose",
@@ -49,9 +54,11 @@ __all__ = [
     "mesh_1d",
     "preempted_at",
     "records",
+    "resume_harness",
     "same_structure",
     "shard_rows",
     "subprocess_env",
+    "tiny_config",
     "without_timing",
 ]
 
@@ -384,3 +391,67 @@ def fit_calls(monkeypatch: Any) -> list[dict[str, Any]]:
 
     monkeypatch.setattr(train, "fit", spy)
     return calls
+
+
+#: What every tiny experiment run shares: scikit-learn's digits, learning rate 0.05, batches of
+#: 32, no progress bar (fields of the image experiments' configs, spelled as ``replace`` and
+#: :func:`cli_flags` take them).
+TINY: dict[str, Any] = {
+    "dataset": "digits",
+    "learning_rate": 0.05,
+    "batch_size": 32,
+    "progress": False,
+}
+
+
+def tiny_config(quick: Any, **fields: Any) -> Any:
+    """The config of an experiment's ``configs.quick`` module with :data:`TINY` and then
+    ``fields`` replaced."""
+    return quick.get_config().replace(**{**TINY, **fields})
+
+
+def resume_harness(quick: Any, run: Callable[..., Any], fields: dict[str, Any]):
+    """``(config, flags, uninterrupted)`` for an experiment's resume tests:
+    ``config(**changes)`` is :func:`tiny_config` of ``fields`` and then ``changes``,
+    ``flags(**changes)`` its command line (``--quick`` and :func:`cli_flags`);
+    ``uninterrupted`` is a module-scoped fixture, ``(results, out)`` of ``run(config(), out)``
+    to the end in a fresh folder (assign it to the module-level name ``uninterrupted``)."""
+
+    def config(**changes: Any) -> Any:
+        return tiny_config(quick, **{**fields, **changes})
+
+    def flags(**changes: Any) -> list[str]:
+        return ["--quick", *cli_flags({**TINY, **fields, **changes})]
+
+    @pytest.fixture(scope="module")
+    def uninterrupted(tmp_path_factory):
+        out = tmp_path_factory.mktemp(run.__module__.split(".")[-2] + "_uninterrupted")
+        return run(config(), out), out
+
+    return config, flags, uninterrupted
+
+
+def assert_killed_run_resumes(
+    experiment: str,
+    argv: Sequence[str],
+    out: Any,
+    checkpoint: str,
+    reference: dict[str, Any],
+    *,
+    timeout: float = 900,
+) -> list[str]:
+    """Run ``python -m experiments.<experiment> *argv --out out``, ``kill -9`` it once its
+    ``checkpoint`` (``"<stage>/<step>"`` under ``out/checkpoints``) is committed, check that it
+    left no ``results.json``, rerun it to the end and check that its ``results.json`` equals
+    ``reference`` (the results of an uninterrupted run) but for timings. Returns the command."""
+    cmd = [sys.executable, "-m", f"experiments.{experiment}", *argv, "--out", str(out)]
+    step = os.path.join(out, "checkpoints", checkpoint, "commit_success.txt")
+    assert kill_when(cmd, step, env=subprocess_env()) == -signal.SIGKILL
+    results = os.path.join(out, "results.json")
+    assert not os.path.exists(results)
+    proc = subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    with open(results) as handle:
+        resumed = json.load(handle)
+    assert without_timing(resumed) == without_timing(json.loads(json.dumps(reference)))
+    return cmd

@@ -5,16 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 
 import pytest
 from _util import (
-    ROOT,
-    cli_flags,
+    assert_killed_run_resumes,
     fit_calls,
-    kill_when,
     preempted_at,
-    subprocess_env,
+    resume_harness,
+    tiny_config,
     without_timing,
 )
 
@@ -28,18 +26,16 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def _tiny() -> Config:
     # 1437 digits / 64 = 22 steps per epoch; 4 epochs: dense 0-1, C 1-2, D 2-3, final C 3-4.
-    return quick.get_config().replace(
-        dataset="digits",
+    return tiny_config(
+        quick,
         epochs=4,
         batch_size=64,
-        learning_rate=0.05,
         widths=(16, 32),
         train_subset=None,
         test_subset=None,
         sparsities=(0.8,),
         memorisation_subset=720,  # 11 steps per epoch
         memorisation_epochs=4,  # the same timeline as the main runs
-        progress=False,
     )
 
 
@@ -206,27 +202,15 @@ def test_memorisation_only_runs_just_the_random_label_runs(tmp_path):
 
 # 4 epochs of 4 steps (W:C:D:L 1:1:1:1), no memorisation: five short trainings per run.
 RESUME = {
-    "dataset": "digits",
     "epochs": 4,
     "batch_size": 64,
-    "learning_rate": 0.05,
     "widths": (4, 8),
     "train_subset": 256,
     "test_subset": 200,
     "sparsities": (0.8,),
     "memorisation": "no",
-    "progress": False,
 }
-
-
-def _resume_config(**changes) -> Config:
-    return quick.get_config().replace(**{**RESUME, **changes})
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("acdc_uninterrupted")
-    return run(_resume_config(), out), out
+_resume_config, _flags, uninterrupted = resume_harness(quick, run, RESUME)
 
 
 @pytest.mark.slow  # two short runs: about 90 s on 2 loaded cores
@@ -249,20 +233,9 @@ def test_an_interrupted_run_resumes_with_its_curves_and_snapshots(uninterrupted,
 
 @pytest.mark.slow  # three short runs in fresh processes: about 90 s on 2 loaded cores
 def test_a_killed_run_resumes_to_bit_identical_results(uninterrupted, tmp_path):
-    import signal
-    import subprocess
-
     reference, _ = uninterrupted
-    cmd = [sys.executable, "-m", "experiments.acdc", "--quick", *cli_flags(RESUME)]
-    cmd += ["--out", str(tmp_path)]
     # killed in AC/DC's compressed phase (step 8 of 16), before its epoch-3 snapshot
-    step = str(tmp_path / "checkpoints" / "acdc_0.8_seed0" / "8" / "commit_success.txt")
-    assert kill_when(cmd, step, env=subprocess_env()) == -signal.SIGKILL
-    assert not (tmp_path / "results.json").exists()
-    proc = subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
-    resumed = json.loads((tmp_path / "results.json").read_text())
-    assert without_timing(resumed) == without_timing(json.loads(json.dumps(reference)))
+    assert_killed_run_resumes("acdc", _flags(), tmp_path, "acdc_0.8_seed0/8", reference)
 
 
 @pytest.mark.slow  # two sharded trainings with per-epoch evaluations: about 30 s loaded

@@ -9,11 +9,12 @@ import sys
 import pytest
 from _util import (
     ROOT,
-    cli_flags,
+    assert_killed_run_resumes,
     fit_calls,
-    kill_when,
     preempted_at,
+    resume_harness,
     subprocess_env,
+    tiny_config,
     without_timing,
 )
 
@@ -32,19 +33,16 @@ METHODS = ("sgd", "cram", "cram_nm")
 
 
 def _tiny(**changes) -> Config:
-    return quick.get_config().replace(
+    return tiny_config(
+        quick,
         **{
-            "dataset": "digits",
             "epochs": 2,
-            "batch_size": 32,
-            "learning_rate": 0.05,
             "widths": (8, 16),
             "sparsities": (0.5, 0.9),
             "calib_batches": 4,
             "calib_batch_size": 64,
-            "progress": False,
             **changes,
-        }
+        },
     )
 
 
@@ -159,10 +157,7 @@ def test_cli_flags_override_the_chosen_config():
 # --------------------------------------------------------------------------------------------
 
 RESUME = {
-    "dataset": "digits",
     "epochs": 2,
-    "batch_size": 32,
-    "learning_rate": 0.05,
     "widths": (4, 8),
     "train_subset": 320,  # 10 steps per epoch
     "test_subset": 200,
@@ -171,23 +166,8 @@ RESUME = {
     "nm_patterns": ((2, 4),),
     "calib_batches": 2,
     "calib_batch_size": 32,
-    "progress": False,
 }
-
-
-def _flags(**changes) -> list[str]:
-    """The command line of ``_resume_config(**changes)``."""
-    return ["--quick", *cli_flags({**RESUME, **changes})]
-
-
-def _resume_config(**changes) -> Config:
-    return quick.get_config().replace(**{**RESUME, **changes})
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cram_uninterrupted")
-    return run(_resume_config(), out), out
+_resume_config, _flags, uninterrupted = resume_harness(quick, run, RESUME)
 
 
 @pytest.mark.slow  # two short runs: about 90 s on 2 loaded cores
@@ -237,19 +217,13 @@ def test_an_interrupted_run_resumes_and_a_finished_one_is_not_rerun(
 
 @pytest.mark.slow  # three short runs in fresh processes: about 60 s on 2 loaded cores
 def test_a_killed_run_resumes_to_bit_identical_results(uninterrupted, tmp_path):
-    import signal
     import subprocess
 
     reference, _ = uninterrupted
-    cmd = [sys.executable, "-m", "experiments.cram", *_flags(), "--out", str(tmp_path)]
     # killed in the middle of CrAM's training (its step-10 checkpoint of 20 is committed)
-    step = str(tmp_path / "checkpoints" / "cram_seed0" / "10" / "commit_success.txt")
-    assert kill_when(cmd, step, env=subprocess_env()) == -signal.SIGKILL
-    assert not (tmp_path / "results.json").exists()
-    proc = subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
-    resumed = json.loads((tmp_path / "results.json").read_text())
-    assert without_timing(resumed) == without_timing(json.loads(json.dumps(reference)))
+    cmd = assert_killed_run_resumes(
+        "cram", _flags(), tmp_path, "cram_seed0/10", reference, timeout=600
+    )
     # the rerun of a finished run says so and trains nothing
     proc = subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, timeout=600)
     assert proc.returncode == 0 and b"not rerun" in proc.stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from _util import fit_calls
+from _util import fit_calls, tiny_config
 
 from experiments.oneshot import main as cli
 from experiments.oneshot.configs import default, quick
@@ -14,16 +14,7 @@ from experiments.oneshot.train import format_table, run
 
 
 def _tiny() -> Config:
-    return quick.get_config().replace(
-        dataset="digits",
-        epochs=3,
-        batch_size=32,
-        learning_rate=0.05,
-        widths=(8, 16),
-        sparsities=(0.5, 0.8),
-        calib_batches=5,
-        progress=False,
-    )
+    return tiny_config(quick, epochs=3, widths=(8, 16), sparsities=(0.5, 0.8), calib_batches=5)
 
 
 def test_run_writes_schema_and_files(tmp_path):

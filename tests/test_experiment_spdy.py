@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _util import tiny_config
 from flax import nnx
 
 from experiments._common import load_datasets
@@ -35,11 +36,9 @@ from jaxcompress.models import SmallCNN
 
 
 def _tiny() -> Config:
-    return quick.get_config().replace(
-        dataset="digits",
+    return tiny_config(
+        quick,
         epochs=2,
-        batch_size=32,
-        learning_rate=0.05,
         widths=(8, 16, 16),
         strides=(1, 2, 1),
         pool_after=(False, False, False),
@@ -55,7 +54,6 @@ def _tiny() -> Config:
         timing_repeats=1,
         timing_batch=32,
         buckets=500,
-        progress=False,
     )
 
 
