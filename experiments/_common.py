@@ -3,9 +3,10 @@ with, one-shot pruning with BatchNorm recalibration, seeds and their aggregation
 header, the environment record, atomic result files, the checks of ``--out`` and ``--mesh``,
 and resumable runs (:func:`open_run`: ``run.json``, stage markers, per-stage checkpoints).
 
-Each experiment's ``train.py`` holds only its own pipeline; its ``configs/base.py`` declares its
-fields with :func:`field` (default, type and help in one place), from which ``experiments.cli``
-generates the command line.
+Each experiment's ``train.py`` holds only its own pipeline (:func:`experiment_run` makes its
+public ``run`` from it: the checks, the resume and a finished run's results are shared); its
+``configs/base.py`` declares its fields with :func:`field` (default, type and help in one
+place), from which ``experiments.cli`` generates the command line.
 
 This module imports only the standard library and NumPy at the top: jax, flax, optax and
 jaxcompress are imported by the functions that use them, so that a command line parses its
