@@ -277,22 +277,22 @@ def test_surrogate_and_controller_drive_the_bit_cost_to_the_target_in_one_compil
     model = jc.models.MLP(in_features=16, hidden=(24,), num_classes=4, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (64, 16))
     target = model(x)
-    q = L.quantize(model, x, levels=8)
-    rng = np.random.default_rng(0)
-    for n in q.gates:  # unequal start (at equal gates the ratio's gradient vanishes)
-        _set(q, n, rng.uniform(0.95, 1.0, 8))
+    # decreasing start: the ratio removes the finest levels first
+    q = L.quantize(model, x, levels=8, init=np.linspace(1.0, 0.9, 8))
     macs = q.macs
-    ctrl = L.lambda_controller(0.5 * macs.dense, macs, lam0=0.05, gain=0.1)
+    ctrl = L.lambda_controller(0.5 * macs.dense, macs, lam0=0.05, gain=0.02)
     tx = optax.chain(L.surrogate_penalty(macs, ctrl), optax.adam(3e-3), L.project_nonnegative())
-    opt_state, n_traces = _train(q, x, target, tx, 1000)
+    opt_state, n_traces = _train(q, x, target, tx, 2000)
     assert n_traces == 1
-    gates = {n: g[...] for n, g in q.gates.items()}
+    gates = {n: np.asarray(g[...]) for n, g in q.gates.items()}
     landed = float(L.regularizer(gates, macs))
     assert abs(landed - 0.5) < 0.05 * 0.5, landed
-    np.testing.assert_allclose(opt_state[0].value, landed, rtol=1e-3)
-    assert all(float(jnp.min(g)) >= 0 for g in gates.values())
+    np.testing.assert_allclose(opt_state[0].value, landed, rtol=1e-2)
+    for a in gates.values():  # non-negative and nested
+        assert a.min() >= 0 and np.all(np.diff(a) <= 0), a
     ext = L.extract(q, x)
-    assert ext.macs == macs(ext.kept) < macs.dense
+    assert ext.macs == macs(ext.kept)
+    assert abs(ext.macs / macs.dense - 0.5) < 0.15, ext.bits
 
 
 def test_projection_keeps_bit_gates_nonnegative_and_nested():
@@ -348,8 +348,12 @@ def test_bad_input_is_refused_with_the_argument_named():
         L.quantize(model, x, select="kernel")
     with pytest.raises(ValueError, match="no kernel of MLP selected"):
         L.quantize(model, x, select=lambda path, var: False)
-    with pytest.raises(ValueError, match="init must be a non-negative"):
-        L.quantize(model, x, init=-1.0)
+    for bad in (-1.0, [1.0, 0.5], [1.0, np.nan, 0.5, 0.2], "1"):
+        with pytest.raises(ValueError, match="init must be"):
+            L.quantize(model, x, levels=4, init=bad)
+    start = [1.0, 0.9, 0.8, 0.7]
+    q = L.quantize(model, x, levels=4, init=start)
+    assert all(np.allclose(g[...], start) for g in q.gates.values())
     with pytest.raises(TypeError, match="model must be a flax.nnx.Module"):
         L.quantize(lambda v: v, x)
     with pytest.raises(ValueError, match="at least one example input"):

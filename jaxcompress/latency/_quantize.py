@@ -53,6 +53,22 @@ def check_levels(levels: Any) -> int:
     return int(levels)
 
 
+def _check_init(init: Any, levels: int) -> np.ndarray:
+    if isinstance(init, numbers.Real) and not isinstance(init, bool):
+        values = np.full((levels,), float(init))
+    elif isinstance(init, (Sequence, np.ndarray, jax.Array)) and not isinstance(init, str):
+        values = np.asarray(init, np.float64)
+        if values.shape != (levels,):
+            raise ValueError(
+                f"init must be a float or {levels} values (one per level), got shape {values.shape}"
+            )
+    else:
+        raise ValueError(f"init must be a non-negative float or a sequence of them, got {init!r}")
+    if not np.all(np.isfinite(values)) or (values < 0).any():
+        raise ValueError(f"init must be finite and non-negative, got {init!r}")
+    return values
+
+
 def gate_name(path: Path) -> str:
     """``"<kernel path>:bits"``: the bit-gate name of the kernel at ``path`` (group names never
     hold ``:``)."""
@@ -113,13 +129,13 @@ class Quantized(nnx.Module):
         terms: Mapping[tuple[str, ...], int],
         sizes: Mapping[str, int],
         *,
-        init: float = 1.0,
+        init: np.ndarray,
     ):
         self.model = model
         self.levels = int(levels)
         self._kernels = tuple((gate_name(p), tuple(p)) for p in kernels)
         self.gates = nnx.Dict(
-            {name: Gate(jnp.full((self.levels,), float(init))) for name, _ in self._kernels}
+            {name: Gate(jnp.asarray(init, jnp.float32)) for name, _ in self._kernels}
         )
         self._terms = tuple(terms.items())
         self._sizes = tuple(sizes.items())
@@ -199,7 +215,7 @@ def quantize(
     *inputs: Any,
     levels: int = 8,
     select: Callable[[Path, nnx.Variable], bool] | None = None,
-    init: float = 1.0,
+    init: float | Sequence[float] | np.ndarray = 1.0,
 ) -> Quantized:
     """``model`` with a gate per residual quantization level on every chosen kernel.
 
@@ -224,7 +240,13 @@ def quantize(
       levels: residual levels ``K`` per kernel, an int in ``[1, 16]``.
       select: ``select(path, variable) -> bool`` over the offered kernels (``path`` a tuple of
         keys in the ungated model). Default: every floating-point ``nnx.Param`` offered.
-      init: initial gate value (>= 0).
+      init: initial gate value (>= 0), or ``levels`` values, one per level. The l1/l2 ratio
+        has no gradient at equal gates; a start decreasing in the level (e.g.
+        ``np.linspace(1.0, 0.9, levels)``) makes it remove the finest levels first.
+
+    Training: keep the gates non-negative with :func:`project_nonnegative`, which also keeps
+    each kernel's bit gates non-increasing in the level (a level is on only while every
+    coarser one is), so the active gates are the bit-width :func:`extract` keeps.
 
     Raises:
       TypeError: ``model`` is not an NNX module or is already ``Quantized``; ``select`` is not
@@ -239,8 +261,7 @@ def quantize(
     levels = check_levels(levels)
     if select is not None and not callable(select):
         raise TypeError(f"select must be callable (path, variable) -> bool or None, got {select!r}")
-    if isinstance(init, bool) or not isinstance(init, numbers.Real) or not float(init) >= 0:
-        raise ValueError(f"init must be a non-negative float, got {init!r}")
+    init_values = _check_init(init, levels)
     if not inputs:
         raise ValueError("inputs must hold at least one example input of the model, got none")
     inner = model.model if isinstance(model, Gated) else model
@@ -268,4 +289,4 @@ def quantize(
             f"dot_general or convolution reads are {offered}"
         )
     terms, sizes = bit_cost(base, levels, {p: gate_name(p) for p in chosen})
-    return Quantized(model, chosen, levels, terms, sizes, init=float(init))
+    return Quantized(model, chosen, levels, terms, sizes, init=init_values)
