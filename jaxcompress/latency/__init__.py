@@ -15,6 +15,25 @@ shapes come from :mod:`jaxcompress.structure` (the traced jaxpr), the gates scal
 that read each unit (:class:`jaxcompress.structure.Gated`), and extraction folds the gates and
 calls :func:`jaxcompress.structure.prune`. No model class is special.
 
+Bit-level gates (the residual-level gating of van Baalen et al., "Bayesian Bits: Unifying
+Quantization and Pruning", NeurIPS 2020, arXiv:2005.07093): :func:`quantize` gives every
+kernel ``w`` that a ``dot_general`` or convolution reads ``K`` gates, one per residual level.
+With :math:`s_k = \\max|w| / 2^{k-1}` and the ternary planes
+:math:`c_k = \\operatorname{round}(w/s_k) - 2\\operatorname{round}(w/s_{k-1}) \\in \\{-1,0,1\\}`
+(:math:`c_1 = \\operatorname{round}(w/s_1)`) the forward pass uses
+
+.. math::  W(\\alpha) = \\sum_{k=1}^{K} \\alpha_k s_k c_k(\\bar w) + \\alpha_1 (w - \\bar w),
+           \\qquad \\bar w = \\operatorname{stop\\_gradient}(w),
+
+so the first ``m`` gates at 1 (the rest 0) give the ``m``-level round-to-nearest quantizer
+:math:`s_m \\operatorname{round}(w/s_m)` and ``w`` gets a straight-through gradient.
+:func:`project_nonnegative` keeps each kernel's gates non-increasing in ``k`` (a level is on
+only while the coarser ones are), so the active gates are the bit-width. The cost
+(:attr:`Quantized.macs`) multiplies every op's MACs by the bit-width of the kernel it reads:
+:math:`\\text{BitMACs} = \\sum_{\\text{ops}} \\text{MACs}_o(\\text{widths}) \\cdot b_o`, with
+:math:`b_o = r(\\alpha_{\\text{kernel}(o)})` in the surrogate, and ``K`` for an op reading no
+quantized kernel. ``quantize(gated(model, x), x)`` trains channel and bit gates together.
+
 * Gating: :func:`gated`, :func:`factorize` / :class:`Factorized` (truncated SVD; the rank axis
   becomes a group), :func:`project_nonnegative`.
 * Cost: :class:`jaxcompress.structure.MacCount` (``jc.structure.macs``), or a measured
@@ -41,6 +60,9 @@ Reconstructed choices (the paper body was not available), each an option with th
   as gates grow);
 * (d) extraction threshold ``tau = 1e-2`` (``DEFAULT_TAU``) relative to the group's largest
   gate.
+* (e) bit gates: ``K = 8`` levels, nested by the projection (Bayesian Bits nests its gates
+  multiplicatively); a kernel keeps the levels up to its last gate ``>= tau`` times its
+  largest.
 
 Counting convention: multiply-adds of ``dot_general`` and convolutions **per example** (the
 first example of the inputs along their leading axis).

@@ -21,6 +21,8 @@ and the gated kernel is
 so all gates 1 give :math:`q_K(w)`, keeping the first ``m`` levels (the others 0) gives
 :math:`q_m(w)`, and the latent kernel ``w`` gets the straight-through gradient
 :math:`\\partial W / \\partial w = \\alpha_1` (the last term is exactly 0 in value).
+Training keeps the gates non-increasing in ``k`` (``project_nonnegative``), so the kept levels
+are a prefix and the number of active gates is the bit-width.
 """
 
 from __future__ import annotations
