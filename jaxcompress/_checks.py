@@ -12,10 +12,27 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-__all__ = ["FRACTION_INTERVALS", "check_fraction", "check_int", "check_nm", "int_expectation"]
+__all__ = [
+    "FRACTION_INTERVALS",
+    "NotAnIntError",
+    "check_fraction",
+    "check_int",
+    "check_nm",
+    "int_expectation",
+]
 
 FRACTION_INTERVALS = ("(0, 1]", "[0, 1)", "(0, 1)", "[0, 1]")
 """Intervals :func:`check_fraction` accepts, written as in its messages."""
+
+
+class NotAnIntError(TypeError, ValueError):
+    """A value that is not an integer where :func:`check_int` expects one.
+
+    A ``TypeError`` by the library's convention, and also a ``ValueError`` because
+    ``train.fit``/``evaluate``, SPDY's reconstruction, search and timing raised ``ValueError``
+    for it before they shared :func:`check_int` (as NumPy's ``AxisError`` is both an
+    ``IndexError`` and a ``ValueError``), so ``except ValueError`` keeps working there.
+    """
 
 
 def int_expectation(minimum: int) -> str:
@@ -30,13 +47,14 @@ def check_int(name: str, value: Any, *, minimum: int = 1) -> int:
     Integers are :class:`numbers.Integral` (Python and NumPy integers), not ``bool``.
 
     Raises:
-      TypeError: ``value`` is not an integer (message: ``"{name} must be a positive int, got
-        1.5 (float)"``, with :func:`int_expectation` of ``minimum``).
+      NotAnIntError: ``value`` is not an integer, a ``TypeError`` that is also a
+        ``ValueError`` (message: ``"{name} must be a positive int, got 1.5 (float)"``, with
+        :func:`int_expectation` of ``minimum``).
       ValueError: ``value < minimum`` (``"{name} must be a positive int, got 0"``).
     """
     what = int_expectation(minimum)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be {what}, got {value!r} ({type(value).__name__})")
+        raise NotAnIntError(f"{name} must be {what}, got {value!r} ({type(value).__name__})")
     if value < minimum:
         raise ValueError(f"{name} must be {what}, got {value!r}")
     return int(value)
