@@ -85,33 +85,12 @@ def test_search_finds_the_optimum_of_a_layer_weighted_score():
     opt, _ = _brute_force(table, b, score)
     dp_only = np.asarray(solve(prior_errors(table), table.times(), b).choice)
     assert score(dp_only) > opt * 1.05  # the prior alone is measurably worse
-    r = search(
-        "prior",
-        table,
-        b,
-        score,
-        seed=1,
-        randinits=200,
-        maxnoimp=10,
-        layerperc=0.4,
-        buckets=2000,
-        progress=False,
-    )
+    kw = dict(layerperc=0.4, buckets=2000, progress=False)
+    r = search("prior", table, b, score, seed=1, randinits=200, maxnoimp=10, **kw)
     assert r.score < score(dp_only)  # the search beats the DP on the prior alone
     assert r.score <= 1.5 * opt  # a heuristic: not always the optimum (not here for seed 1)
     # from a single random start, the local search itself improves the profile
-    r1 = search(
-        "prior",
-        table,
-        b,
-        score,
-        seed=0,
-        randinits=1,
-        maxnoimp=40,
-        layerperc=0.4,
-        buckets=2000,
-        progress=False,
-    )
+    r1 = search("prior", table, b, score, seed=0, randinits=1, maxnoimp=40, **kw)
     assert r1.history[-1] < r1.history[0]
 
 

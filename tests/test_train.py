@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -36,14 +37,12 @@ def test_fit_learns_on_digits(digits, tmp_path):
     before = train.evaluate(model, test_ds)
     seen = []
     path = tmp_path / "m" / "metrics.jsonl"
-    hist = train.fit(
-        model,
-        optax.sgd(0.05, momentum=0.9),
-        train_ds,
+    fit = functools.partial(
+        train.fit, model, optax.sgd(0.05, momentum=0.9), train_ds, batch_size=64, progress=False
+    )
+    hist = fit(
         epochs=4,
-        batch_size=64,
         eval_ds=test_ds,
-        progress=False,
         metrics_path=path,
         callback=lambda epoch, record, m: seen.append((epoch, record["eval_accuracy"])),
     )
@@ -58,15 +57,7 @@ def test_fit_learns_on_digits(digits, tmp_path):
     assert [r["epoch"] for r in lines] == [1, 2, 3, 4]
     assert seen == [(r["epoch"], r["eval_accuracy"]) for r in hist.epochs]
     # The optimizer state is returned and can resume training.
-    hist2 = train.fit(
-        model,
-        optax.sgd(0.05, momentum=0.9),
-        train_ds,
-        epochs=1,
-        batch_size=64,
-        progress=False,
-        opt_state=hist.opt_state,
-    )
+    hist2 = fit(epochs=1, opt_state=hist.opt_state)
     assert hist2.final["train_loss"] < losses[0]
 
 

@@ -322,20 +322,27 @@ def test_array_hyperparameters_are_checked_by_shape_and_dtype(make):
             make(bad)
 
 
-@parametrize
-def test_multisteps_accumulates_then_applies_the_mean(name):
+def _wrapped(name: str, wrap: Callable[[optax.GradientTransformation], Any]):
+    """Case ``name``'s transform wrapped by ``wrap``, on the case's params and gradients:
+    ``(params, grads, step, state, ref)``, ``step`` a trace-counting jitted
+    ``(state, grads) -> (updates, state)`` of the wrapped transform, ``state`` its ``init`` and
+    ``ref`` the plain transform's first update of ``grads``."""
     case = CASES[name]
     tx, params = case.make(), case.params()
-    acc = optax.MultiSteps(tx, every_k_schedule=2)
+    wrapped = wrap(tx)
     grads = _grads(params)
+    ref, _ = _update(case, tx, grads, tx.init(params), params)
+    return params, grads, _update_step(case, wrapped, params), wrapped.init(params), ref
 
-    micro = _update_step(case, acc, params)
 
-    state = acc.init(params)
+@parametrize
+def test_multisteps_accumulates_then_applies_the_mean(name):
+    params, grads, micro, state, ref = _wrapped(
+        name, lambda tx: optax.MultiSteps(tx, every_k_schedule=2)
+    )
     u1, state = micro(state, grads)
     u2, state = micro(state, grads)
     assert all(float(jnp.max(jnp.abs(u))) == 0.0 for u in jax.tree.leaves(u1))
-    ref, _ = _update(case, tx, grads, tx.init(params), params)
     assert_trees_allclose(u2, ref, rtol=1e-5, atol=1e-6)
     u3, state = micro(state, _grads(params, 1))
     assert micro.traces == 1
@@ -343,21 +350,15 @@ def test_multisteps_accumulates_then_applies_the_mean(name):
 
 @parametrize
 def test_apply_if_finite_skips_non_finite_gradients(name):
-    case = CASES[name]
-    tx, params = case.make(), case.params()
-    safe = optax.apply_if_finite(tx, max_consecutive_errors=3)
-    grads = _grads(params)
+    _, grads, step, state0, ref = _wrapped(
+        name, lambda tx: optax.apply_if_finite(tx, max_consecutive_errors=3)
+    )
     bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), grads)
-
-    step = _update_step(case, safe, params)
-
-    state0 = safe.init(params)
     u_bad, state1 = step(state0, bad)
     assert all(float(jnp.max(jnp.abs(u))) == 0.0 for u in jax.tree.leaves(u_bad))
     assert_trees_equal(state1.inner_state, state0.inner_state)
     assert int(state1.notfinite_count) == 1
     u_ok, state2 = step(state1, grads)
-    ref, _ = _update(case, tx, grads, tx.init(params), params)
     assert_trees_allclose(u_ok, ref, rtol=1e-6, atol=1e-7)
     assert int(state2.notfinite_count) == 0 and step.traces == 1
 
