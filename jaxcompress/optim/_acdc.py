@@ -59,7 +59,7 @@ from jaxcompress.masks._magnitude import check_sparsity
 from jaxcompress.optim import _support
 from jaxcompress.optim._placement import replicate_on_params_mesh
 from jaxcompress.optim._schedule import AcdcSchedule
-from jaxcompress.optim._util import check_update_args, next_count
+from jaxcompress.optim._util import next_count, transform_needing_params
 
 __all__ = ["AcdcState", "acdc", "moment_leaves"]
 
@@ -297,14 +297,8 @@ def acdc(
         return replicate_on_params_mesh(state, params)
 
     def update_fn(
-        updates: optax.Updates,
-        state: optax.OptState,
-        params: optax.Params | None = None,
-        **extra_args: Any,
+        updates: optax.Updates, state: AcdcState, params: optax.Params, extra_args: dict
     ) -> tuple[optax.Updates, AcdcState]:
-        state, params = check_update_args(
-            "acdc()", state, AcdcState, params, "to compute masks and keep pruned weights at zero"
-        )
         step = state.count
         keep = _support.keep_where(state.masks, schedule.is_compressed(step))
         inner_state = state.inner_state
@@ -344,4 +338,6 @@ def acdc(
         )
         return new_updates, new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return transform_needing_params(
+        init_fn, "acdc()", AcdcState, "to compute masks and keep pruned weights at zero", update_fn
+    )

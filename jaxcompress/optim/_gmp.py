@@ -39,7 +39,7 @@ from jaxcompress._checks import check_int
 from jaxcompress.masks._magnitude import check_sparsity
 from jaxcompress.optim import _support
 from jaxcompress.optim._placement import replicate_on_params_mesh
-from jaxcompress.optim._util import check_update_args, next_count
+from jaxcompress.optim._util import next_count, transform_needing_params
 
 __all__ = ["GmpState", "gmp", "gmp_sparsity"]
 
@@ -217,14 +217,8 @@ def gmp(
         return replicate_on_params_mesh(state, params)
 
     def update_fn(
-        updates: optax.Updates,
-        state: optax.OptState,
-        params: optax.Params | None = None,
-        **extra_args: Any,
+        updates: optax.Updates, state: GmpState, params: optax.Params, extra_args: dict
     ) -> tuple[optax.Updates, GmpState]:
-        state, params = check_update_args(
-            "gmp()", state, GmpState, params, "to compute masks and keep pruned weights at zero"
-        )
         step = state.count
         keep = state.masks
         inner_updates, inner_state = _support.masked_inner_update(
@@ -242,4 +236,6 @@ def gmp(
         new_updates = _support.cancel_pruned(masks, inner_updates, params)
         return new_updates, GmpState(count=next_count(step), masks=masks, inner_state=inner_state)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return transform_needing_params(
+        init_fn, "gmp()", GmpState, "to compute masks and keep pruned weights at zero", update_fn
+    )

@@ -17,7 +17,7 @@ from jaxcompress.optim._support import (
     masked_inner_update,
     place_masks,
 )
-from jaxcompress.optim._util import check_update_args
+from jaxcompress.optim._util import transform_needing_params
 
 __all__ = ["FixedMaskState", "MaskedState", "fixed_mask", "masked", "masked_params"]
 
@@ -102,14 +102,8 @@ def fixed_mask(
         return FixedMaskState(masks=state_masks, inner_state=inner.init(inner_params))
 
     def update_fn(
-        updates: optax.Updates,
-        state: optax.OptState,
-        params: optax.Params | None = None,
-        **extra_args: Any,
+        updates: optax.Updates, state: FixedMaskState, params: optax.Params, extra_args: dict
     ) -> tuple[optax.Updates, FixedMaskState]:
-        state, params = check_update_args(
-            "fixed_mask()", state, FixedMaskState, params, "to keep pruned weights at zero"
-        )
         # Static checks (run once per trace under jit): a mismatch would otherwise fail deep
         # inside jax.tree.map with a message that names no leaf.
         _check_like_masks(updates, state.masks, "updates")
@@ -120,7 +114,9 @@ def fixed_mask(
         new_updates = cancel_pruned(state.masks, inner_updates, params)
         return new_updates, FixedMaskState(masks=state.masks, inner_state=inner_state)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return transform_needing_params(
+        init_fn, "fixed_mask()", FixedMaskState, "to keep pruned weights at zero", update_fn
+    )
 
 
 def masked(

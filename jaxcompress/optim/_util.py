@@ -1,7 +1,9 @@
-"""Argument checks shared by the transforms and schedules of :mod:`jaxcompress.optim`."""
+"""What the transforms of :mod:`jaxcompress.optim` share around ``update``: the state and params
+checks, a transformation built from a step that needs the params, the saturating counter."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 import jax
@@ -29,6 +31,29 @@ def check_update_args(
             "tx.update(grads, opt_state, params)."
         )
     return state, params
+
+
+def transform_needing_params(
+    init_fn: optax.TransformInitFn,
+    fn: str,
+    state_type: type,
+    why: str,
+    step: Callable[[optax.Updates, Any, optax.Params, dict], tuple[optax.Updates, optax.OptState]],
+) -> optax.GradientTransformationExtraArgs:
+    """An optax transformation whose ``update(updates, state, params=None, **extra_args)``
+    checks ``state`` and ``params`` (:func:`check_update_args` with ``fn``, ``state_type``,
+    ``why``) and returns ``step(updates, state, params, extra_args)``."""
+
+    def update_fn(
+        updates: optax.Updates,
+        state: optax.OptState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, optax.OptState]:
+        checked, params = check_update_args(fn, state, state_type, params, why)
+        return step(updates, checked, params, extra_args)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def next_count(count: jax.Array) -> jax.Array:
