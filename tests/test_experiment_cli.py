@@ -197,12 +197,24 @@ def test_experiment_configs_are_thin_and_their_ablations_valid(name):
         _common.ablation_configs({"x": {"base": "quick", "variants": {"a": {"nope": 1}}}}, configs)
 
 
-# Each experiment rejects a bad flag in one line on stderr (status 2), before any work; the
-# flags are generated from the configs, so a few cases per experiment cover every kind.
+# Each experiment rejects a bad flag in one line on stderr (status 2), before any work (nothing
+# is written to --out); the flags are generated from the configs, so a few cases per experiment
+# cover every kind. These checks every image experiment shares are listed once.
+_SHARED_BAD_FLAGS = [
+    (["--dataset", "cifar10"], "argument --dataset: expected one of fashion_mnist, mnist, digits"),
+    (["--data-dir", "/nonexistent/dir"], "not a directory"),
+    (["--out", "/etc/hostname/sub"], "out: cannot write to '/etc/hostname/sub'"),
+]
+
+
 @pytest.mark.parametrize(
     "experiment, argv, match",
     [
-        ("acdc", ["--dataset", "cifar10"], "argument --dataset: expected one of"),
+        *[
+            (experiment, argv, match)
+            for experiment in ("acdc", "oneshot", "cram", "surrogate")
+            for argv, match in _SHARED_BAD_FLAGS
+        ],
         ("acdc", ["--epochs", "0"], "epochs must be a positive int"),
         ("acdc", ["--seeds", "0"], "num_seeds must be a positive int"),
         ("acdc", ["--widths", "16,x"], "argument --widths: expected comma-separated items"),
@@ -213,15 +225,10 @@ def test_experiment_configs_are_thin_and_their_ablations_valid(name):
             ["--memorisation", "maybe"],
             "argument --memorisation: expected one of yes, no, only",
         ),
-        ("acdc", ["--data-dir", "/nonexistent/dir"], "not a directory"),
-        ("oneshot", ["--dataset", "cifar10"], "argument --dataset: expected one of"),
         ("oneshot", ["--epochs", "0"], "epochs must be a positive int"),
         ("oneshot", ["--seed", "-1"], "seed must be a non-negative int"),
         ("oneshot", ["--nm", "4:2"], "nm must be None or a pair"),
         ("oneshot", ["--nm", "2"], "argument --nm: expected"),
-        ("oneshot", ["--data-dir", "/nonexistent/dir"], "not a directory"),
-        ("oneshot", ["--out", "/etc/hostname/sub"], "out: cannot write to '/etc/hostname/sub'"),
-        ("cram", ["--dataset", "cifar10"], "argument --dataset: expected one of fashion_mnist"),
         ("cram", ["--epochs", "0"], "epochs must be a positive int, got 0"),
         ("cram", ["--epochs", "1.5"], "argument --epochs: expected an integer, got '1.5'"),
         ("cram", ["--seeds", "0"], "num_seeds must be a positive int, got 0"),
@@ -232,26 +239,31 @@ def test_experiment_configs_are_thin_and_their_ablations_valid(name):
         ("cram", ["--nm-patterns", "2:4,4"], "argument --nm-patterns: expected"),
         ("cram", ["--nm-patterns", "4:2"], "nm_patterns must be"),
         ("cram", ["--train-subset", "0"], "train_subset must be a positive int or None"),
-        ("cram", ["--data-dir", "/nonexistent/dir"], "not a directory"),
         ("cram", ["--mesh", "model=2"], "mesh: unknown axis 'model'"),
         ("cram", ["--mesh", "data=0"], "mesh: size of 'data' must be a positive int"),
         ("cram", ["--mesh", "data=4096"], "needs 4096 devices"),
         ("cram", ["--num-processes", "0"], "argument --num-processes: expected a positive"),
         ("lm", ["--mesh", "data=2"], "trains on one device: leave --mesh and --num-processes"),
         ("lm", ["--num-processes", "2"], "trains on one device"),
-        ("cram", ["--out", "/etc/hostname/sub"], "out: cannot write to '/etc/hostname/sub'"),
         ("cram", ["--rho"], "expected one argument"),
+        ("surrogate", ["--tasks", "cnn,resnet"], "tasks"),
+        ("surrogate", ["--seeds", "0"], "num_seeds"),
+        ("surrogate", ["--epochs", "-1"], "epochs"),
+        ("surrogate", ["--targets", "0.5,1.5"], "targets"),
+        ("surrogate", ["--epochs", "2", "--finetune-epochs", "2"], "finetune_epochs"),
+        ("surrogate", ["--gain", "abc"], "expected a number"),
     ],
 )
-def test_cli_rejects_bad_flags_in_one_line(experiment, argv, match, capsys):
+def test_cli_rejects_bad_flags_in_one_line(experiment, argv, match, capsys, tmp_path):
     import importlib
 
     main = importlib.import_module(f"experiments.{experiment}.main").main
     with pytest.raises(SystemExit) as exc:
-        main(["--quick", *argv])
+        main(["--quick", "--out", str(tmp_path / "out"), *argv])  # argv's own --out wins
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert match in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out" / "run.json").exists()  # nothing written
 
 
 # --------------------------------------------------------------------------------------------
