@@ -4,18 +4,16 @@ one process with 8 devices; per-process data slices; a bounded wait for the coor
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
-from _util import digits, fit_cram, free_port, subprocess_env
+from _util import ROOT, digits, fit_cram, free_port, records, subprocess_env
 
 from jaxcompress import data, sharding
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESH, RULE, BATCH, EPOCHS, N = "data=4,fsdp=2", "fsdp", 64, 2, 256
 
 _WORKER = r"""
@@ -41,7 +39,7 @@ again = multihost_utils.process_allgather(nnx.state(model2, nnx.Param), tiled=Tr
 rows = sharding.process_rows(T.MESH, T.BATCH)
 flat = lambda tree: [np.asarray(a) for a in jax.tree.leaves(tree)]
 result = {
-    "records": [{k: v for k, v in r.items() if k != "seconds"} for r in hist.epochs],
+    "records": T.records(hist),
     "resumed_from": hist2.resumed_from,
     "rows": list(rows),
     "restored_equal": all(
@@ -122,8 +120,7 @@ def test_two_processes_equal_one_process(tmp_path):
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]  # written by process 0 only
 
     model, hist = run()  # one process, 8 devices
-    one = [{k: v for k, v in r.items() if k != "seconds"} for r in hist.epochs]
-    for a, b in zip(one, results[0]["records"], strict=True):
+    for a, b in zip(records(hist), results[0]["records"], strict=True):
         for key in ("train_loss", "eval_loss"):
             assert b[key] == pytest.approx(a[key], rel=1e-5)
     saved = np.load(tmp_path / "params.npz", allow_pickle=False)

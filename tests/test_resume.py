@@ -12,13 +12,12 @@ import sys
 import jax
 import numpy as np
 import pytest
-from _util import bits, digits, fit_cram, records, subprocess_env
+from _util import ROOT, bits, digits, fit_cram, records, subprocess_env
 from flax import nnx
 
 from jaxcompress.checkpoint import Checkpointer
 from jaxcompress.models import SmallCNN
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS, BATCH, N = 3, 32, 192  # 6 steps per epoch, 18 in all
 CONFIG = {"model": "SmallCNN(4, 8)", "lr": 0.05, "rho": 0.05}
 
