@@ -133,6 +133,16 @@ def test_all_gates_one_is_the_model_with_every_kernel_quantized(case):
     want = _with_kernels(model, q, lambda _, w: _oracle(w, levels))(x)
     np.testing.assert_allclose(q(x), want, rtol=1e-5, atol=1e-5)
     assert not np.allclose(model(x), want, atol=1e-3)  # quantization changes the function
+    # mixed bit-widths: extraction is exact and its bit-MACs are the polynomial's
+    rng = np.random.default_rng(0)
+    for n in q.gates:
+        a = np.sort(rng.uniform(0.1, 1.0, levels))[::-1]
+        a[rng.integers(1, levels + 1) :] = 0.0
+        _set(q, n, a)
+    ext = L.extract(q, x)
+    assert type(ext.model) is type(model)
+    np.testing.assert_allclose(ext.model(x), q(x), rtol=1e-5, atol=1e-5)
+    assert ext.macs == q.macs(ext.kept)
     # select chooses kernels by path
     first = next(iter(q.kernels.values()))
     only = L.quantize(model, x, levels=levels, select=lambda path, var: path == first)
@@ -165,6 +175,26 @@ def test_composes_with_channel_gates_and_both_families_get_gradients():
     grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2), argnums=nnx.DiffState(0, nnx.Param))(q)
     assert all(np.abs(grads["gates"][n][...]).sum() > 0 for n in q.gates)
     assert all(np.abs(grads["model"]["gates"][n][...]).sum() > 0 for n in g.gates)
+
+
+def test_channel_and_bit_gates_extract_exactly_on_a_batchnorm_cnn():
+    model, x = _models()["cnn"]
+    model.eval()
+    q = L.quantize(L.gated(model, x), x, levels=4)
+    rng = np.random.default_rng(1)
+    for n in q.gates:
+        a = np.sort(rng.uniform(0.2, 1.0, 4))[::-1]
+        a[rng.integers(1, 5) :] = 0.0
+        _set(q, n, a)
+    for gt in q.model.gates.values():
+        a = rng.uniform(0.2, 1.0, gt.shape[0])
+        a[rng.uniform(size=a.size) < 0.3] = 0.0
+        gt[...] = jnp.asarray(a, jnp.float32)
+    ext = L.extract(q, x)
+    assert type(ext.model) is type(model)
+    assert any(ext.kept[n] < gt.shape[0] for n, gt in q.model.gates.items())
+    np.testing.assert_allclose(ext.model(x), q(x), rtol=1e-4, atol=1e-4)
+    assert ext.macs == q.macs(ext.kept) < q.macs.dense
 
 
 # ---------------------------------------------------------------------------------------------
