@@ -8,8 +8,8 @@ grid, plus the overhead outside them). Then ``--patterns`` random keep patterns 
 keeps its first ``round(f n)`` units, ``f`` uniform in ``[--min-fraction, 1]``) and the uniform
 widths 0.25/0.5/0.75 are pruned for real (:func:`jaxcompress.structure.prune`) and the full
 and pruned models' jitted inference forward passes timed in one interleaved
-:func:`jaxcompress.spdy.time_callables` call (median of ``--repeats`` rounds), so load drift
-hits every model alike.
+:func:`jaxcompress.spdy.time_callables` call (``_timing.time_models``; median of ``--repeats``
+rounds), so load drift hits every model alike.
 
 Per pattern the JSON holds the MACs, the predicted and measured latency and their ratios to the
 full model; the summary holds the Spearman rank correlation with the measured latency of the
@@ -32,13 +32,12 @@ import statistics
 
 import jax
 import numpy as np
-from _timing import report
+from _timing import add_clock_flags, clock_options, report, time_models
 from flax import nnx
 
 from jaxcompress import latency as L
 from jaxcompress import structure as S
 from jaxcompress.models import MLP, SmallCNN, TransformerClassifier, resnet20
-from jaxcompress.spdy import time_callables
 
 
 def build(name: str, batch: int) -> tuple[nnx.Module, np.ndarray]:
@@ -75,12 +74,6 @@ def patterns(
     return out
 
 
-def _forward(model: nnx.Module):
-    view = nnx.view(model, deterministic=True, use_running_average=True, raise_if_not_found=False)
-    graphdef, state = nnx.split(view)
-    return (lambda st, x: nnx.merge(graphdef, st)(x)), state
-
-
 def _spearman(a, b) -> float:
     ra = np.argsort(np.argsort(np.asarray(a)))
     rb = np.argsort(np.argsort(np.asarray(b)))
@@ -114,14 +107,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--patterns", type=int, default=12, help="random keep patterns")
     parser.add_argument("--min-fraction", type=float, default=0.2)
     parser.add_argument("--grid", default="0.25,0.5,0.75,1.0", help="width fractions to time")
-    parser.add_argument("--repeats", type=int, default=25)
-    parser.add_argument(
-        "--clock",
-        choices=("wall", "cpu"),
-        default="cpu",
-        help="wall: multi-threaded executables on the wall clock; cpu: single-threaded ones on "
-        "the process CPU clock (steadier on a shared machine)",
-    )
+    add_clock_flags(parser, clock="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="JSON output path (the plot goes beside it)")
     args = parser.parse_args(argv)
@@ -135,27 +121,19 @@ def main(argv=None) -> dict:
         parser.error(f"--grid must be comma-separated fractions, got {args.grid!r}")
 
     model, x = build(args.model, args.batch)
-    options = {"xla_cpu_multi_thread_eigen": False} if args.clock == "cpu" else None
+    options = clock_options(args.clock)
     lat = L.measure_latency_model(
         model, x, grid=grid, repeats=args.repeats, clock=args.clock, compiler_options=options
     )
     sizes = dict(lat.sizes)
-    example = x[:1]
     named = patterns(sizes, args.patterns, args.min_fraction, args.seed)
     models = {}
     for name, kept in named.items():
         keep = {n: np.arange(sizes[n]) < k for n, k in kept.items()}
         models[name] = model if name == "full" else S.prune(model, keep, x)
-    timings = time_callables(
-        [(fn, (state, x)) for fn, state in map(_forward, models.values())],
-        repeats=args.repeats,
-        warmup=2,
-        clock=args.clock,
-        compiler_options=options,
+    seconds, noise, macs = time_models(
+        models, x, repeats=args.repeats, clock=args.clock, compiler_options=options
     )
-    seconds = {n: t.median for n, t in zip(models, timings, strict=True)}
-    noise = {n: t.noise for n, t in zip(models, timings, strict=True)}
-    macs = {n: int(S.macs(m, example).dense) for n, m in models.items()}
     predicted = {n: float(lat(kept)) for n, kept in named.items()}
     rows = {}
     for n, kept in named.items():
