@@ -306,3 +306,45 @@ def test_tiny_run_per_task(task, tmp_path):
     assert again[task]["seconds"] == json.loads(json.dumps(res["seconds"]))  # no training
     with pytest.raises(ValueError, match="another config"):
         run(config.replace(tau=0.02), tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Bit-level gates: python -m experiments.surrogate.bits
+# --------------------------------------------------------------------------------------------
+
+
+def test_bits_study_rejects_bad_flags(tmp_path, capsys):
+    from experiments.surrogate import bits
+
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    for argv, match in (
+        (["--target", "1.5"], "--target must be in"),
+        (["--levels", "1"], "--levels must be in"),
+        (["--out", str(afile)], "is not a folder"),
+    ):
+        with pytest.raises(SystemExit):
+            bits.main(argv)
+        assert match in capsys.readouterr().err
+    assert afile.read_text() == "x"
+
+
+@pytest.mark.slow  # about a minute of CPU: six tiny trainings on MNIST
+def test_bits_study_tiny_run(tmp_path):
+    from experiments.surrogate import bits
+
+    out = tmp_path / "bits"
+    argv = ["--levels", "3", "--epochs", "1", "--train-subset", "256", "--out", str(out)]
+    result = bits.main(argv)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["rows"].keys() == result["rows"].keys()
+    assert set(saved["rows"]) == {"float", "surrogate", "uniform_1", "uniform_2", "uniform_3"}
+    for b in (1, 2, 3):
+        row = saved["rows"][f"uniform_{b}"]
+        assert row["ratio"] == pytest.approx(b / 3)
+        assert set(row["bits"].values()) == {b} and len(row["bits"]) == 3  # three kernels
+    surrogate = saved["rows"]["surrogate"]
+    assert set(surrogate["bits"].values()) <= {1, 2, 3}
+    assert 0 < surrogate["ratio"] <= 1
+    for row in saved["rows"].values():
+        assert 0.0 <= row["accuracy"] <= 1.0
