@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxcompress._timing import time_callable
 from jaxcompress.structure import MacCount
 from jaxcompress.structure import macs as structure_macs
 
@@ -536,8 +537,6 @@ def measure_latency(
     Raises:
       TypeError: ``model`` is not an NNX module. ValueError: no inputs.
     """
-    from jaxcompress.spdy import time_callable
-
     if not isinstance(model, nnx.Module):
         raise TypeError(f"model must be a flax.nnx.Module, got {type(model).__name__}")
     if not inputs:
