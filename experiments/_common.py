@@ -23,6 +23,8 @@ import os
 import platform
 import tempfile
 import time
+import types
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -53,6 +55,7 @@ __all__ = [
     "check_resume",
     "check_source",
     "check_widths",
+    "config_from_file",
     "environment",
     "experiment_run",
     "field",
@@ -69,6 +72,7 @@ __all__ = [
     "parse_mesh",
     "prepare_run",
     "prune_and_measure",
+    "read_overrides",
     "run_header",
     "seed_list",
     "stage_bar",
@@ -851,6 +855,84 @@ def ablation_configs(ablations: Mapping[str, Any], configs: Mapping[str, Any]) -
         for label, changes in ablation["variants"].items():
             out[f"{name}/{label}"] = base.replace(**changes).validate()
     return out
+
+
+def _not_none(tp: Any) -> Any:
+    """``X`` for the type ``X | None``, else ``tp``."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        (tp,) = [a for a in args if a is not type(None)]
+    return tp
+
+
+def _from_toml(value: Any, tp: Any, where: str) -> Any:
+    """``value`` (as :mod:`tomllib` reads it) as a value of the field type ``tp``: a TOML array
+    becomes a tuple, an integer a float where ``tp`` is ``float``; ``X | None`` takes an ``X``
+    (TOML has no null). Raises a ``TypeError`` naming ``where`` on any other value."""
+    tp = _not_none(tp)
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is tuple and isinstance(value, list):
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_from_toml(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) == len(args):
+            return tuple(
+                _from_toml(v, a, f"{where}[{i}]")
+                for i, (v, a) in enumerate(zip(value, args, strict=True))
+            )
+    elif (tp is bool and isinstance(value, bool)) or (tp is str and isinstance(value, str)):
+        return value
+    elif tp is int and is_int(value):
+        return value
+    elif tp is float and is_real(value):
+        return float(value)
+    raise TypeError(f"{where} must be {_toml_type(tp)}, got {value!r}")
+
+
+def _toml_type(tp: Any) -> str:
+    """What a TOML value of the field type ``tp`` is, in words (for errors)."""
+    tp = _not_none(tp)
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"an array of {_toml_type(args[0])}s"
+        return f"an array of {len(args)} items ({', '.join(map(_toml_type, args))})"
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return words.get(tp, repr(tp))
+
+
+def read_overrides(config_type: type, path: str | os.PathLike) -> dict[str, Any]:
+    """The field overrides of the config dataclass ``config_type`` in the TOML file ``path``
+    (e.g. ``configs/quick.toml``): one ``field = value`` per line, each with a comment saying
+    why.
+
+    Values are converted to the field's type (arrays to tuples, integers to floats for a
+    ``float`` field); ranges and choices are left to the config's ``validate()``. Raises a
+    ``ValueError`` naming the file for a file that is not TOML, and a ``TypeError`` naming the
+    file and the key for a key that is not a field or a value of the wrong type.
+    """
+    import tomllib
+
+    name = os.fspath(path)
+    try:
+        with open(name, "rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{name}: not a TOML file of config overrides: {e}") from None
+    hints = typing.get_type_hints(config_type)
+    fields = [f.name for f in dataclasses.fields(config_type)]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise TypeError(
+            f"{name}: {config_type.__module__}.{config_type.__name__} has no field "
+            f"{', '.join(map(repr, unknown))}; its fields are {', '.join(sorted(fields))}"
+        )
+    return {key: _from_toml(value, hints[key], f"{name}: {key}") for key, value in data.items()}
+
+
+def config_from_file(config_type: type, path: str | os.PathLike) -> Any:
+    """``config_type`` with the overrides of the TOML file ``path`` (:func:`read_overrides`);
+    an experiment's ``configs/quick.py`` is this for its ``quick.toml``."""
+    return config_type(**read_overrides(config_type, path))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -173,7 +173,7 @@ def test_comma_separated_casts_strips_and_validates():
             ints(bad)
 
 
-@pytest.mark.parametrize("name", ["oneshot", "cram", "acdc", "spdy"])
+@pytest.mark.parametrize("name", ["oneshot", "cram", "acdc", "spdy", "lm", "surrogate"])
 def test_experiment_configs_are_thin_and_their_ablations_valid(name):
     import importlib
 
@@ -195,6 +195,42 @@ def test_experiment_configs_are_thin_and_their_ablations_valid(name):
     assert len(built) == sum(len(a["variants"]) for a in ablations.values())
     with pytest.raises(TypeError, match="has no field"):
         _common.ablation_configs({"x": {"base": "quick", "variants": {"a": {"nope": 1}}}}, configs)
+
+
+def test_override_files_are_read_as_the_fields_types(tmp_path):
+    path = tmp_path / "quick.toml"
+    path.write_text(
+        'name = "b"  # why\ncount = 7\nrate = 1\nsubset = 10\nwidths = [8, 16]\n'
+        "pattern = [4, 8]\npatterns = [[1, 2]]\nflag = false\n"
+    )
+    config = _common.config_from_file(_Config, path)
+    assert config == _Config(
+        name="b", count=7, rate=1.0, subset=10, widths=(8, 16), pattern=(4, 8),
+        patterns=((1, 2),), flag=False,
+    )  # fmt: skip
+    assert isinstance(config.rate, float)
+    assert _common.read_overrides(_Config, path)["widths"] == (8, 16)
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("nope = 1", r"quick.toml: .*_Config has no field 'nope'"),
+        ('count = "7"', r"quick.toml: count must be an integer, got '7'"),
+        ("count = true", r"quick.toml: count must be an integer, got True"),
+        ('widths = [8, "x"]', r"quick.toml: widths\[1\] must be an integer"),
+        ("pattern = [2, 4, 8]", r"quick.toml: pattern must be an array of 2 items"),
+        ("flag = 1", r"quick.toml: flag must be true or false"),
+    ],
+)
+def test_override_files_reject_unknown_fields_and_wrong_types(tmp_path, text, match):
+    path = tmp_path / "quick.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(TypeError, match=match):
+        _common.read_overrides(_Config, path)
+    path.write_text("count = [\n")
+    with pytest.raises(ValueError, match="quick.toml: not a TOML file"):
+        _common.read_overrides(_Config, path)
 
 
 # Each experiment rejects a bad flag in one line on stderr (status 2), before any work (nothing
