@@ -24,51 +24,6 @@ __all__ = ["DATASETS", "TASKS", "TASK_DEFAULTS", "Config", "TaskSettings"]
 TASKS = ("cnn", "resnet20", "sst2", "mlp")
 DATASETS = ("fashion_mnist", "mnist", "digits")
 
-#: Each task's defaults for the fields a config leaves ``None``. ``gain`` is per epoch: the
-#: controller multiplies lambda by at most ``exp(gain * relative FLOPs error)`` per epoch.
-TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "cnn": dict(
-        dataset="fashion_mnist",
-        epochs=8,
-        finetune_epochs=2,
-        learning_rate=3e-3,
-        targets=(0.5, 0.42, 0.35, 0.2),
-        multipliers=(0.25, 0.5, 0.75, 1.0),
-        lam0=0.01,
-        gain=2.0,
-    ),
-    "resnet20": dict(
-        dataset="fashion_mnist",
-        epochs=8,
-        finetune_epochs=2,
-        learning_rate=3e-3,
-        targets=(0.5, 0.35, 0.2),
-        multipliers=(0.25, 0.5, 0.75, 1.0),
-        lam0=0.01,
-        gain=2.0,
-    ),
-    "sst2": dict(
-        dataset="sst2",
-        epochs=2,
-        finetune_epochs=1,
-        learning_rate=1e-3,
-        targets=(0.5, 0.3, 0.2),
-        multipliers=(1.0,),
-        lam0=0.1,
-        gain=5.0,
-    ),
-    "mlp": dict(
-        dataset="mnist",
-        epochs=6,
-        finetune_epochs=2,
-        learning_rate=1e-3,
-        targets=(0.4, 0.25, 0.15),
-        multipliers=(1.0,),
-        lam0=0.1,
-        gain=2.0,
-    ),
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class TaskSettings:
@@ -82,6 +37,24 @@ class TaskSettings:
     multipliers: tuple[float, ...]
     lam0: float
     gain: float
+
+
+#: The width multipliers of the CNNs' uniform-width baselines.
+_QUARTERS = (0.25, 0.5, 0.75, 1.0)
+
+#: Each task's defaults for the fields a config leaves ``None``, one row per task in the order of
+#: :class:`TaskSettings`' fields. ``gain`` is per epoch: the controller multiplies lambda by at
+#: most ``exp(gain * relative FLOPs error)`` per epoch.
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    task: dict(zip([f.name for f in dataclasses.fields(TaskSettings)], row, strict=True))
+    for task, row in {
+        # task: (dataset, epochs, finetune_epochs, learning_rate, targets, multipliers, lam0, gain)
+        "cnn": ("fashion_mnist", 8, 2, 3e-3, (0.5, 0.42, 0.35, 0.2), _QUARTERS, 0.01, 2.0),
+        "resnet20": ("fashion_mnist", 8, 2, 3e-3, (0.5, 0.35, 0.2), _QUARTERS, 0.01, 2.0),
+        "sst2": ("sst2", 2, 1, 1e-3, (0.5, 0.3, 0.2), (1.0,), 0.1, 5.0),
+        "mlp": ("mnist", 6, 2, 1e-3, (0.4, 0.25, 0.15), (1.0,), 0.1, 2.0),
+    }.items()
+}
 
 
 @dataclasses.dataclass(frozen=True)
