@@ -352,11 +352,26 @@ def _child_argv(argv: list[str] | None) -> list[str]:
 
 
 def command(
-    name: str, config_cls: type, configs: tuple[Any, Any], *, description: str
+    name: str, *, description: str, quick: str | None = None, one_device: bool = False
 ) -> tuple[Callable[[], argparse.ArgumentParser], Callable[[list[str] | None], int]]:
-    """``(build_parser, main)`` of ``python -m experiments.<name>``: its parser
-    (:func:`build_parser`, output ``runs/<name>``) and its entry point (:func:`main` with the
-    ``(default, quick)`` ``configs`` and the module ``experiments.<name>.train``)."""
+    """``(build_parser, main)`` of ``python -m experiments.<name>``, by the layout every
+    experiment shares: its parser (:func:`build_parser` with ``experiments.<name>.configs.base``'s
+    ``Config``, output ``runs/<name>``) and its entry point (:func:`main` with the
+    ``configs.default`` and ``configs.quick`` modules and ``experiments.<name>.train``).
+
+    Args:
+      name: the experiment's package under ``experiments``.
+      description: the ``--help`` description.
+      quick: what ``--quick`` runs, after the path of ``configs/quick.py`` (none: a few minutes
+        on 2 CPU cores, the same story as the full run).
+      one_device: as :func:`main`'s.
+    """
+    package = f"experiments.{name}.configs"
+    config_cls = importlib.import_module(f"{package}.base").Config
+    configs = tuple(importlib.import_module(f"{package}.{kind}") for kind in ("default", "quick"))
+    quick_help = f"the quick config (experiments/{name}/configs/quick.py): " + (
+        quick or "a few minutes on 2 CPU cores, the same story as the full run"
+    )
 
     def build() -> argparse.ArgumentParser:
         return build_parser(
@@ -364,12 +379,17 @@ def command(
             description=description,
             config_cls=config_cls,
             out=f"runs/{name}",
-            quick=f"the quick config (experiments/{name}/configs/quick.py): a few minutes on 2 "
-            "CPU cores, the same story as the full run",
+            quick=quick_help,
         )
 
     def run_main(argv: list[str] | None = None) -> int:
-        return main(argv, parser=build(), configs=configs, train=f"experiments.{name}.train")
+        return main(
+            argv,
+            parser=build(),
+            configs=configs,
+            train=f"experiments.{name}.train",
+            one_device=one_device,
+        )
 
     return build, run_main
 

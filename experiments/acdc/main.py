@@ -2,8 +2,6 @@
 generated from :class:`experiments.acdc.configs.base.Config`."""
 
 from experiments import cli
-from experiments.acdc.configs import default, quick
-from experiments.acdc.configs.base import Config
 
 DESCRIPTION = (
     "Train a BatchNorm CNN densely, with AC/DC, with GMP and with one-shot pruning + "
@@ -12,4 +10,4 @@ DESCRIPTION = (
     "accuracy_curves.png and memorisation.png."
 )
 
-build_parser, main = cli.command("acdc", Config, (default, quick), description=DESCRIPTION)
+build_parser, main = cli.command("acdc", description=DESCRIPTION)

@@ -2,8 +2,6 @@
 generated from :class:`experiments.cram.configs.base.Config`."""
 
 from experiments import cli
-from experiments.cram.configs import default, quick
-from experiments.cram.configs.base import Config
 
 DESCRIPTION = (
     "Train a BatchNorm CNN with SGD, CrAM+Multi and CrAM+N:M, prune each one-shot (global "
@@ -11,4 +9,4 @@ DESCRIPTION = (
     "write results.json and a plot."
 )
 
-build_parser, main = cli.command("cram", Config, (default, quick), description=DESCRIPTION)
+build_parser, main = cli.command("cram", description=DESCRIPTION)

@@ -2,12 +2,10 @@
 flags are generated from :class:`experiments.oneshot.configs.base.Config`."""
 
 from experiments import cli
-from experiments.oneshot.configs import default, quick
-from experiments.oneshot.configs.base import Config
 
 DESCRIPTION = (
     "Train a BatchNorm CNN, prune it in one shot (global magnitude at several sparsities and "
     "2:4), with and without BatchNorm recalibration; write results.json and a plot."
 )
 
-build_parser, main = cli.command("oneshot", Config, (default, quick), description=DESCRIPTION)
+build_parser, main = cli.command("oneshot", description=DESCRIPTION)

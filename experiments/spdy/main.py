@@ -2,8 +2,6 @@
 generated from :class:`experiments.spdy.configs.base.Config`."""
 
 from experiments import cli
-from experiments.spdy.configs import default, quick
-from experiments.spdy.configs.base import Config
 
 DESCRIPTION = (
     "Train a 7-conv SmallCNN, build SPDY reconstruction databases (unstructured masks with a "
@@ -12,4 +10,4 @@ DESCRIPTION = (
     "1.5x/2x/3x; check measured vs predicted time."
 )
 
-build_parser, main = cli.command("spdy", Config, (default, quick), description=DESCRIPTION)
+build_parser, main = cli.command("spdy", description=DESCRIPTION)

@@ -2,8 +2,6 @@
 flags are generated from :class:`experiments.surrogate.configs.base.Config`."""
 
 from experiments import cli
-from experiments.surrogate.configs import default, quick
-from experiments.surrogate.configs.base import Config
 
 DESCRIPTION = (
     "FLOPs-vs-accuracy Pareto curves of the l1/l2 latency surrogate (Nasery et al., 2023) on "
@@ -13,4 +11,4 @@ DESCRIPTION = (
     "counted exactly and timed on this device. Writes results.json and pareto_<task>.png."
 )
 
-build_parser, main = cli.command("surrogate", Config, (default, quick), description=DESCRIPTION)
+build_parser, main = cli.command("surrogate", description=DESCRIPTION)
