@@ -46,6 +46,14 @@ def _set(q, name, values):
     q.gates[name][...] = jnp.asarray(values, jnp.float32)
 
 
+def _drop_channels(q, rng, p):
+    """Random channel gates in [0.2, 1) on ``q.model`` (a ``Gated``), each 0 with chance ``p``."""
+    for gt in q.model.gates.values():
+        a = rng.uniform(0.2, 1.0, gt.shape[0])
+        a[rng.uniform(size=a.size) < p] = 0.0
+        gt[...] = jnp.asarray(a, jnp.float32)
+
+
 def _mlp(hidden=(32, 16)):
     model = jc.models.MLP(hidden=hidden, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (4, 28, 28, 1))
@@ -186,10 +194,7 @@ def test_channel_and_bit_gates_extract_exactly_on_a_batchnorm_cnn():
         a = np.sort(rng.uniform(0.2, 1.0, 4))[::-1]
         a[rng.integers(1, 5) :] = 0.0
         _set(q, n, a)
-    for gt in q.model.gates.values():
-        a = rng.uniform(0.2, 1.0, gt.shape[0])
-        a[rng.uniform(size=a.size) < 0.3] = 0.0
-        gt[...] = jnp.asarray(a, jnp.float32)
+    _drop_channels(q, rng, 0.3)
     ext = L.extract(q, x)
     assert type(ext.model) is type(model)
     assert any(ext.kept[n] < gt.shape[0] for n, gt in q.model.gates.items())
@@ -241,10 +246,7 @@ def test_extraction_is_exact_with_mixed_bit_widths_and_channels():
         a[b:] = rng.uniform(0, 1e-3, 6 - b)  # below tau * max: dropped
         a[b - 1] = 0.6  # the last kept level
         _set(q, n, a)
-    for gt in q.model.gates.values():
-        a = rng.uniform(0.2, 1.0, gt.shape[0])
-        a[rng.uniform(size=a.size) < 0.4] = 0.0
-        gt[...] = jnp.asarray(a, jnp.float32)
+    _drop_channels(q, rng, 0.4)
     ext = L.extract(q, x)
     assert ext.bits == plans
     assert type(ext.model) is type(model)

@@ -112,16 +112,22 @@ def _top_mask(a: np.ndarray, count: int) -> np.ndarray:
     return mask
 
 
-def _extract_quantized(
-    q: Quantized, inputs: tuple, tau: float, policies: tuple[Policy, ...]
-) -> Extracted:
-    gates = {n: np.asarray(g[...], np.float64) for n, g in q.gates.items()}
+def _gate_arrays(gated: Gated | Quantized) -> dict[str, np.ndarray]:
+    """Every gate of ``gated`` as a float64 array, checked finite and non-negative."""
+    gates = {n: np.asarray(g[...], np.float64) for n, g in gated.gates.items()}
     for name, a in gates.items():
         if not np.all(np.isfinite(a)) or (a < 0).any():
             raise ValueError(
                 f"gates[{name!r}] must be finite and >= 0 to extract, got min {a.min()!r} "
                 "(keep gates non-negative with jc.latency.project_nonnegative)"
             )
+    return gates
+
+
+def _extract_quantized(
+    q: Quantized, inputs: tuple, tau: float, policies: tuple[Policy, ...]
+) -> Extracted:
+    gates = _gate_arrays(q)
     if not isinstance(q.model, Gated) and policies:
         raise ValueError(
             "policy sizes channel groups, but the quantized model has no channel gates "
@@ -198,13 +204,7 @@ def extract(
     policies = _policies(policy)
     if isinstance(gated, Quantized):
         return _extract_quantized(gated, inputs, tau, policies)
-    gates = {n: np.asarray(g[...], np.float64) for n, g in gated.gates.items()}
-    for name, a in gates.items():
-        if not np.all(np.isfinite(a)) or (a < 0).any():
-            raise ValueError(
-                f"gates[{name!r}] must be finite and >= 0 to extract, got min {a.min()!r} "
-                "(keep gates non-negative with jc.latency.project_nonnegative)"
-            )
+    gates = _gate_arrays(gated)
     macs = per_example_macs(gated.model, inputs)
     sizes = {n: int(a.shape[0]) for n, a in gates.items()}
     kept = {}

@@ -38,7 +38,7 @@ from flax import nnx
 
 from jaxcompress.latency._cost import first_example
 from jaxcompress.structure import Gate, Gated, MacCount
-from jaxcompress.structure._gates import _variable
+from jaxcompress.structure._gates import _swapped, _variable
 from jaxcompress.structure._groups import analyse
 from jaxcompress.structure._macs import mac_count
 from jaxcompress.structure._trace import Path
@@ -169,15 +169,8 @@ class Quantized(nnx.Module):
         return out
 
     def __call__(self, *inputs, **kwargs):
-        quantized = self._quantized()
-        originals = [var[...] for var, _ in quantized]
-        for var, value in quantized:
-            var[...] = value
-        try:
+        with _swapped(self._quantized()):
             return self.model(*inputs, **kwargs)
-        finally:
-            for (var, _), value in zip(quantized, originals, strict=True):
-                var[...] = value
 
 
 def _weighted(op_macs: Mapping[tuple[str, ...], int], bits: str | None, levels: int):

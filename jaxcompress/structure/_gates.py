@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -52,6 +53,20 @@ def _variable(model: nnx.Module, path: Path) -> nnx.Variable:
             node[key] if isinstance(key, int) or isinstance(node, nnx.Dict) else getattr(node, key)
         )
     return node
+
+
+@contextlib.contextmanager
+def _swapped(pairs: Sequence[tuple[nnx.Variable, jax.Array]]) -> Iterator[None]:
+    """Hold each ``(variable, value)`` pair's value in its variable for the ``with`` body,
+    then put the original values back, also when the body raises."""
+    originals = [var[...] for var, _ in pairs]
+    for var, value in pairs:
+        var[...] = value
+    try:
+        yield
+    finally:
+        for (var, _), value in zip(pairs, originals, strict=True):
+            var[...] = value
 
 
 def _factor(units: np.ndarray, gate: jax.Array, axis: int, ndim: int) -> jax.Array:
@@ -124,15 +139,8 @@ class Gated(nnx.Module):
         return list(by_var.values())
 
     def __call__(self, *inputs, **kwargs):
-        scaled = self._scaled()
-        originals = [var[...] for var, _ in scaled]
-        for var, value in scaled:
-            var[...] = value
-        try:
+        with _swapped(self._scaled()):
             return self.model(*inputs, **kwargs)
-        finally:
-            for (var, _), value in zip(scaled, originals, strict=True):
-                var[...] = value
 
 
 def fold(gated: Gated) -> nnx.Module:
