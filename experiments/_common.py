@@ -52,6 +52,7 @@ __all__ = [
     "check_fractions",
     "check_ints",
     "check_out",
+    "check_path",
     "check_resume",
     "check_source",
     "check_widths",
@@ -72,6 +73,7 @@ __all__ = [
     "parse_mesh",
     "prepare_run",
     "prune_and_measure",
+    "read_ablations",
     "read_overrides",
     "run_header",
     "seed_list",
@@ -135,8 +137,14 @@ def check_source(config: Any, datasets: tuple[str, ...] = DATASETS) -> None:
     """``config.dataset`` in ``datasets``; ``config.data_dir`` a str path or None."""
     if config.dataset not in datasets:
         raise ValueError(f"dataset must be one of {datasets}, got {config.dataset!r}")
-    if config.data_dir is not None and not isinstance(config.data_dir, str):
-        raise TypeError(f"data_dir must be a str path or None, got {config.data_dir!r}")
+    check_path(config, "data_dir")
+
+
+def check_path(config: Any, name: str) -> None:
+    """``config.<name>`` a str path or None (a ``TypeError`` naming the field otherwise)."""
+    value = getattr(config, name)
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{name} must be a str path or None, got {value!r}")
 
 
 def check_ints(config: Any, names: Sequence[str], *, minimum: int = 1, optional: bool = False):
@@ -844,7 +852,8 @@ def ablation_configs(ablations: Mapping[str, Any], configs: Mapping[str, Any]) -
 
     Args:
       ablations: ``{name: {"base": "default" | "quick", "common": {field: value},
-        "variants": {label: {field: value}}}}``, as in ``configs/ablations.py``.
+        "variants": {label: {field: value}}}}``, as :func:`read_ablations` reads
+        ``configs/ablations.toml``.
       configs: ``{"default": module, "quick": module}``, each with ``get_config()``.
 
     Every config is validated, so an ablation that no longer fits its config fails here.
@@ -900,6 +909,34 @@ def _toml_type(tp: Any) -> str:
     return words.get(tp, repr(tp))
 
 
+def _read_toml(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """The TOML file ``path`` as a dict (a ``ValueError`` naming the file if it is not TOML)."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{os.fspath(path)}: not a TOML file of {what}: {e}") from None
+
+
+def _overrides(config_type: type, data: Any, where: str) -> dict[str, Any]:
+    """The TOML table ``data`` as field overrides of ``config_type`` (see :func:`read_overrides`);
+    ``where`` is the prefix of a key in errors (``"<file>: "`` or ``"<file>: <table>."``)."""
+    table = where.rstrip(": .")  # the file, or the file and the table
+    if not isinstance(data, dict):
+        raise TypeError(f"{table} must be a table of config fields, got {data!r}")
+    hints = typing.get_type_hints(config_type)
+    fields = [f.name for f in dataclasses.fields(config_type)]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise TypeError(
+            f"{table}: {config_type.__module__}.{config_type.__name__} has no field "
+            f"{', '.join(map(repr, unknown))}; its fields are {', '.join(sorted(fields))}"
+        )
+    return {key: _from_toml(value, hints[key], f"{where}{key}") for key, value in data.items()}
+
+
 def read_overrides(config_type: type, path: str | os.PathLike) -> dict[str, Any]:
     """The field overrides of the config dataclass ``config_type`` in the TOML file ``path``
     (e.g. ``configs/quick.toml``): one ``field = value`` per line, each with a comment saying
@@ -910,23 +947,42 @@ def read_overrides(config_type: type, path: str | os.PathLike) -> dict[str, Any]
     ``ValueError`` naming the file for a file that is not TOML, and a ``TypeError`` naming the
     file and the key for a key that is not a field or a value of the wrong type.
     """
-    import tomllib
+    data = _read_toml(path, "config overrides")
+    return _overrides(config_type, data, f"{os.fspath(path)}: ")
 
+
+def read_ablations(config_type: type, path: str | os.PathLike) -> dict[str, Any]:
+    """The ablations of an experiment in the TOML file ``path`` (``configs/ablations.toml``), in
+    the form :func:`ablation_configs` takes.
+
+    One table per ablation, each with a comment saying what it found (its history is in the
+    experiment's ``RESULTS.md``): ``base`` (``"default"`` or ``"quick"``), ``common`` (field
+    overrides of every variant, optional) and ``variants`` (a table of field overrides per
+    variant label). The overrides are read as :func:`read_overrides` reads them; an error names
+    the file and the key (e.g. ``rho.variants.0.05.rho``).
+    """
     name = os.fspath(path)
-    try:
-        with open(name, "rb") as f:
-            data = tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{name}: not a TOML file of config overrides: {e}") from None
-    hints = typing.get_type_hints(config_type)
-    fields = [f.name for f in dataclasses.fields(config_type)]
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise TypeError(
-            f"{name}: {config_type.__module__}.{config_type.__name__} has no field "
-            f"{', '.join(map(repr, unknown))}; its fields are {', '.join(sorted(fields))}"
-        )
-    return {key: _from_toml(value, hints[key], f"{name}: {key}") for key, value in data.items()}
+    out = {}
+    for ablation, table in _read_toml(path, "ablations").items():
+        where = f"{name}: {ablation}"
+        if not isinstance(table, dict) or set(table) - {"base", "common", "variants"}:
+            raise TypeError(f"{where} must be a table of base, common and variants, got {table!r}")
+        if table.get("base") not in ("default", "quick"):
+            raise ValueError(
+                f"{where}.base must be 'default' or 'quick', got {table.get('base')!r}"
+            )
+        variants = table.get("variants")
+        if not isinstance(variants, dict) or not variants:
+            raise TypeError(f"{where}.variants must be a table of variants, got {variants!r}")
+        out[ablation] = {
+            "base": table["base"],
+            "common": _overrides(config_type, table.get("common", {}), f"{where}.common."),
+            "variants": {
+                label: _overrides(config_type, changes, f"{where}.variants.{label}.")
+                for label, changes in variants.items()
+            },
+        }
+    return out
 
 
 def config_from_file(config_type: type, path: str | os.PathLike) -> Any:

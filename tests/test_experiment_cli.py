@@ -187,10 +187,10 @@ def test_experiment_configs_are_thin_and_their_ablations_valid(name):
     assert all(f.metadata.get("help") for f in fields)  # one flag each, with its help
     for module in configs.values():
         assert isinstance(module.get_config().validate(), base.Config)
-    try:
-        ablations = importlib.import_module(f"experiments.{name}.configs.ablations").ABLATIONS
-    except ModuleNotFoundError:
+    path = os.path.join("experiments", name, "configs", "ablations.toml")
+    if not os.path.exists(path):
         return
+    ablations = _common.read_ablations(base.Config, path)
     built = _common.ablation_configs(ablations, configs)
     assert len(built) == sum(len(a["variants"]) for a in ablations.values())
     with pytest.raises(TypeError, match="has no field"):
@@ -231,6 +231,42 @@ def test_override_files_reject_unknown_fields_and_wrong_types(tmp_path, text, ma
     path.write_text("count = [\n")
     with pytest.raises(ValueError, match="quick.toml: not a TOML file"):
         _common.read_overrides(_Config, path)
+
+
+def test_ablation_files_are_read_and_checked(tmp_path):
+    path = tmp_path / "ablations.toml"
+    path.write_text(
+        '# why\n[x]\nbase = "quick"\ncommon = { widths = [8] }\n'
+        'variants = { "0.5" = { rate = 1 }, b = {} }\n'
+    )
+    assert _common.read_ablations(_Config, path) == {
+        "x": {
+            "base": "quick",
+            "common": {"widths": (8,)},
+            "variants": {"0.5": {"rate": 1.0}, "b": {}},
+        }
+    }
+
+
+_QUICK = '[x]\nbase = "quick"\n'
+
+
+@pytest.mark.parametrize(
+    "text, error, match",
+    [
+        (_QUICK + "variants = { a = { nope = 1 } }", TypeError, r"x.variants.a: .*no field 'nope'"),
+        (_QUICK + "variants = { a = { count = 0.5 } }", TypeError, r"x.variants.a.count must be"),
+        (_QUICK + "common = 3\nvariants = { a = {} }", TypeError, r"x.common must be a table"),
+        ('[x]\nbase = "full"\nvariants = { a = {} }', ValueError, r"x.base must be 'default'"),
+        (_QUICK, TypeError, r"x.variants must be a table of variants"),
+        (_QUICK + "variant = { a = {} }", TypeError, r"x must be a table of base, common"),
+    ],
+)
+def test_ablation_files_reject_bad_tables(tmp_path, text, error, match):
+    path = tmp_path / "ablations.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(error, match="ablations.toml: " + match):
+        _common.read_ablations(_Config, path)
 
 
 # Each experiment rejects a bad flag in one line on stderr (status 2), before any work (nothing

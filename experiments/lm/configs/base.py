@@ -10,6 +10,7 @@ from experiments._common import (
     check_choices,
     check_floats,
     check_ints,
+    check_path,
     field,
     is_int,
     is_real,
@@ -65,8 +66,7 @@ class Config(ConfigBase):
 
     def validate(self) -> Config:
         """Raise ``ValueError``/``TypeError`` naming the first bad field; return ``self``."""
-        if self.data_dir is not None and not isinstance(self.data_dir, str):
-            raise TypeError(f"data_dir must be a str path or None, got {self.data_dir!r}")
+        check_path(self, "data_dir")
         check_ints(self, ("seed", "sample_chars"), minimum=0)
         check_ints(
             self,

@@ -12,6 +12,7 @@ from experiments._common import (
     DataConfig,
     check_choices,
     check_ints,
+    check_path,
     check_widths,
     field,
     is_int,
@@ -121,8 +122,7 @@ class Config(DataConfig):
     def validate(self) -> Config:
         """Raise ``ValueError``/``TypeError`` naming the first bad field; return ``self``."""
         self.check_data()
-        if self.checkpoint is not None and not isinstance(self.checkpoint, str):
-            raise TypeError(f"checkpoint must be a str path or None, got {self.checkpoint!r}")
+        check_path(self, "checkpoint")
         if self.checkpoint is not None and not os.path.isdir(self.checkpoint):
             raise ValueError(f"checkpoint: {self.checkpoint!r} is not a directory")
         check_ints(self, ("maxnoimp", "search_gap_epochs"), minimum=0)

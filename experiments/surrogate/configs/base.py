@@ -15,6 +15,7 @@ from experiments._common import (
     check_bools,
     check_choices,
     check_ints,
+    check_path,
     field,
     is_real,
 )
@@ -125,8 +126,7 @@ class Config(ConfigBase):
         check_choices(self, "tasks", TASKS)
         if self.dataset is not None and self.dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {DATASETS} or None, got {self.dataset!r}")
-        if self.data_dir is not None and not isinstance(self.data_dir, str):
-            raise TypeError(f"data_dir must be a str path or None, got {self.data_dir!r}")
+        check_path(self, "data_dir")
         check_bools(self, ("l1", "normalize", "hold", "progress"))
         check_ints(self, ("seed",), minimum=0)
         check_ints(
