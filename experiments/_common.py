@@ -37,7 +37,7 @@ __all__ = [
     "DATASETS",
     "MESH_AXES",
     "MODELS",
-    "QUICK_RECALIBRATION",
+    "QUICK_RECALIBRATION_FILE",
     "RecalibrationConfig",
     "Run",
     "SGDConfig",
@@ -95,19 +95,9 @@ MESH_AXES = ("data", "fsdp")
 # --------------------------------------------------------------------------------------------
 
 
-#: The quick settings of the one-shot experiments (``oneshot``, ``cram``): a narrower SmallCNN
-#: trained for 3 epochs on 20,000 images (about 470 steps, enough for the dense model and its
-#: BatchNorm statistics to converge: within 3 points of the full run on MNIST), 20 calibration
-#: batches averaged exactly, a 2,000-image test subset.
-QUICK_RECALIBRATION = {
-    "epochs": 3,
-    "train_subset": 20_000,
-    "test_subset": 2_000,
-    "widths": (16, 32, 64),
-    "learning_rate": 0.1,
-    "calib_batches": 20,
-    "calib_mode": "cumulative",  # the exact mean of 20 batches; an EMA would need about 100
-}
+#: The quick settings the one-shot experiments (``oneshot``, ``cram``) share: a TOML file of
+#: overrides (:func:`config_from_file`), each value with its reason.
+QUICK_RECALIBRATION_FILE = os.path.join(os.path.dirname(__file__), "quick_recalibration.toml")
 
 
 def field(default: Any, help: str, **metadata: Any) -> Any:  # noqa: A002 - argparse's word
@@ -985,10 +975,15 @@ def read_ablations(config_type: type, path: str | os.PathLike) -> dict[str, Any]
     return out
 
 
-def config_from_file(config_type: type, path: str | os.PathLike) -> Any:
-    """``config_type`` with the overrides of the TOML file ``path`` (:func:`read_overrides`);
-    an experiment's ``configs/quick.py`` is this for its ``quick.toml``."""
-    return config_type(**read_overrides(config_type, path))
+def config_from_file(config_type: type, *paths: str | os.PathLike) -> Any:
+    """``config_type`` with the overrides of the TOML files ``paths`` (:func:`read_overrides`),
+    a later file's value replacing an earlier one's; an experiment's ``configs/quick.py`` is this
+    for its ``quick.toml`` (after :data:`QUICK_RECALIBRATION_FILE` for ``oneshot`` and ``cram``).
+    """
+    overrides: dict[str, Any] = {}
+    for path in paths:
+        overrides.update(read_overrides(config_type, path))
+    return config_type(**overrides)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -212,6 +212,13 @@ def test_override_files_are_read_as_the_fields_types(tmp_path):
     assert _common.read_overrides(_Config, path)["widths"] == (8, 16)
 
 
+def test_a_later_override_file_replaces_an_earlier_ones_values(tmp_path):
+    shared, own = tmp_path / "shared.toml", tmp_path / "quick.toml"
+    shared.write_text("count = 7\nrate = 0.25\n")
+    own.write_text("rate = 0.125\n")
+    assert _common.config_from_file(_Config, shared, own) == _Config(count=7, rate=0.125)
+
+
 @pytest.mark.parametrize(
     "text, match",
     [

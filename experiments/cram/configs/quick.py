@@ -1,11 +1,15 @@
-"""Quick run (a few minutes on 2 CPU cores): :data:`experiments._common.QUICK_RECALIBRATION`
-(3 epochs on 20,000 images, about 470 steps per method). Same pipeline and output schema as
-the full run."""
+"""Quick run (a few minutes on 2 CPU cores): the settings it shares with ``oneshot``,
+:data:`experiments._common.QUICK_RECALIBRATION_FILE` (3 epochs on 20,000 images, about 470
+steps per method), then ``quick.toml``. Same pipeline and output schema as the full run."""
 
-from experiments._common import QUICK_RECALIBRATION
+import os
+
+from experiments._common import QUICK_RECALIBRATION_FILE, config_from_file
 from experiments.cram.configs.base import Config
 
 
 def get_config() -> Config:
-    """The quick configuration."""
-    return Config(**QUICK_RECALIBRATION, eval_batch_size=500)
+    """The quick configuration: :class:`Config` with the overrides of
+    ``experiments/quick_recalibration.toml`` and then of ``quick.toml``."""
+    here = os.path.join(os.path.dirname(__file__), "quick.toml")
+    return config_from_file(Config, QUICK_RECALIBRATION_FILE, here)
