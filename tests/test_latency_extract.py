@@ -115,9 +115,12 @@ def test_within_budget_never_exceeds_the_budget():
             counts = pol(dict(start), ctx)
             assert _cnn_macs(counts) <= budget
             assert all(c % m == 0 or c == macs.sizes[n] for n, c in counts.items())
-            # one more unit in any lowered group would be at or above what it saved: greedy,
-            # so only check that no group was lowered needlessly past the budget by > 1 step
             assert all(1 <= c <= macs.sizes[n] for n, c in counts.items())
+            # maximal: raising any lowered group by one more step would break the budget
+            for n, c in counts.items():
+                if c < start[n]:
+                    up = min(start[n], (c // m) * m + m)
+                    assert _cnn_macs({**counts, n: up}) > budget, (frac, m, n, c)
     # least relative gate mass per MAC saved goes first: a group of zero gates is cut first
     zero_last = dict(gates, **{"blocks/2/conv": np.zeros(128)})
     ctx0 = types.SimpleNamespace(sizes=macs.sizes, gates=zero_last, macs=macs, tau=0.01)

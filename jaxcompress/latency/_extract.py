@@ -310,7 +310,10 @@ def within_budget(
     with the dropped units the smallest kept gates (``criterion="gates"``: gates relative to
     their group's largest, as the threshold is), or the increase of
     ``criterion(keep masks) -> float`` (e.g. a calibration loss, as SPDY measures errors).
-    Zero gates go first; ties go to the larger saving.
+    Zero gates go first; ties go to the larger saving. A last step can overshoot the budget by
+    up to its own saving, so groups are then raised back, one step at a time and never above
+    their given counts, the step that regains the most (relative gate mass, or loss decrease)
+    per MAC added first, as long as the MACs stay within the budget.
 
     Raises:
       ValueError: a bad budget, multiple or criterion (now); the budget is below the cheapest
@@ -373,7 +376,35 @@ def within_budget(
                 )
             _, name, lower, cost, current = best
             counts[name] = lower
-        return counts
+        # Refill: a large last step can land well below the budget. Raise groups back, one
+        # step at a time (never above the count the policy was given), the step that regains
+        # the most per MAC first, while the cost stays within the budget.
+        while True:
+            best = None
+            for name in counts:
+                m, c = multiples[name], counts[name]
+                upper = min(kept[name], (c // m) * m + m)
+                if upper <= c:
+                    continue
+                trial = {**counts, name: upper}
+                added = float(ctx.macs(trial)) - cost
+                if cost + added > budget:
+                    continue
+                if criterion == "gates":
+                    gained, trial_loss = mass(name, c, upper), None
+                else:
+                    assert current is not None and callable(criterion)
+                    trial_loss = float(criterion(masks(trial)))
+                    gained = current - trial_loss
+                if gained <= 0:
+                    continue  # MACs for nothing
+                key = (-gained / max(added, 1e-12), added)
+                if best is None or key < best[0]:
+                    best = (key, name, upper, cost + added, trial_loss)
+            if best is None:
+                return counts
+            _, name, upper, cost, current = best
+            counts[name] = upper
 
     return policy
 
