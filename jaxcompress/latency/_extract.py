@@ -349,62 +349,59 @@ def within_budget(
             return float(a[order[name][lo:hi]].sum() / (top if top > 0 else 1.0))
 
         current = None if isinstance(criterion, str) else float(criterion(masks(counts)))
-        while cost > budget:
+
+        def best_step(moves, ok):
+            """The move ``(group, new count)`` that ``ok(d_macs, d_loss)`` admits with the least
+            loss change per MAC moved, ties to the larger MAC change down; None if none."""
             best = None
-            for name in counts:
-                m, c, size = multiples[name], counts[name], ctx.sizes[name]
-                lower = -(-c // m) * m - m  # next multiple below c (c may be the size)
-                if lower < min(m, size) or lower < 1:
-                    continue
-                trial = {**counts, name: lower}
-                saved = cost - float(ctx.macs(trial))
-                if saved <= 0:
-                    continue
+            for name, to in moves:
+                trial = {**counts, name: to}
+                d_macs = float(ctx.macs(trial)) - cost
                 if criterion == "gates":
-                    lost, trial_loss = mass(name, lower, c), None
+                    c = counts[name]
+                    d_loss = mass(name, to, c) if to < c else -mass(name, c, to)
+                    trial_loss = None
                 else:
                     assert current is not None and callable(criterion)
                     trial_loss = float(criterion(masks(trial)))
-                    lost = trial_loss - current
-                key = (lost / saved, -saved)
+                    d_loss = trial_loss - current
+                if not ok(d_macs, d_loss):
+                    continue
+                key = (d_loss / max(abs(d_macs), 1e-12), d_macs)
                 if best is None or key < best[0]:
-                    best = (key, name, lower, cost - saved, trial_loss)
+                    best = (key, name, to, cost + d_macs, trial_loss)
+            return best
+
+        def lower(name: str) -> int:  # next multiple below the count (which may be the size)
+            m = multiples[name]
+            return -(-counts[name] // m) * m - m
+
+        while cost > budget:
+            moves = [
+                (n, lower(n)) for n in counts if lower(n) >= max(1, min(multiples[n], ctx.sizes[n]))
+            ]
+            best = best_step(moves, lambda d_macs, d_loss: d_macs < 0)
             if best is None:
                 raise ValueError(
                     f"budget_macs={budget_macs!r} is below the cheapest model with these "
                     f"multiples ({cost:.0f} MACs per example at counts {counts})"
                 )
-            _, name, lower, cost, current = best
-            counts[name] = lower
+            _, name, to, cost, current = best
+            counts[name] = to
         # Refill: a large last step can land well below the budget. Raise groups back, one
         # step at a time (never above the count the policy was given), the step that regains
-        # the most per MAC first, while the cost stays within the budget.
+        # the most per MAC first, while the cost stays within the budget; a step that regains
+        # nothing is not taken.
         while True:
-            best = None
-            for name in counts:
-                m, c = multiples[name], counts[name]
-                upper = min(kept[name], (c // m) * m + m)
-                if upper <= c:
-                    continue
-                trial = {**counts, name: upper}
-                added = float(ctx.macs(trial)) - cost
-                if cost + added > budget:
-                    continue
-                if criterion == "gates":
-                    gained, trial_loss = mass(name, c, upper), None
-                else:
-                    assert current is not None and callable(criterion)
-                    trial_loss = float(criterion(masks(trial)))
-                    gained = current - trial_loss
-                if gained <= 0:
-                    continue  # MACs for nothing
-                key = (-gained / max(added, 1e-12), added)
-                if best is None or key < best[0]:
-                    best = (key, name, upper, cost + added, trial_loss)
+            up = {n: min(kept[n], c - c % multiples[n] + multiples[n]) for n, c in counts.items()}
+            moves = [(n, to) for n, to in up.items() if to > counts[n]]
+            best = best_step(
+                moves, lambda d_macs, d_loss, cost=cost: cost + d_macs <= budget and d_loss < 0
+            )
             if best is None:
                 return counts
-            _, name, upper, cost, current = best
-            counts[name] = upper
+            _, name, to, cost, current = best
+            counts[name] = to
 
     return policy
 
