@@ -2,10 +2,11 @@
 Flax NNX conversion of a trained N:M model to packed inference layers.
 
 Implementation modules are private: one folder per op (``_nm_mask``, ``_nm_pack``,
-``_nm_matmul``), each with ``reference.py`` (pure jnp: the specification and the CPU path),
-``kernel.py`` (Pallas; Triton on GPU, interpret mode anywhere) and ``api.py``
-(``implementation=`` dispatch); ``_dispatch`` chooses kernel vs dense from a measured table
-(``nm_policy.json``). The NNX names (:class:`NMLinear`, :class:`NMConv1x1`, :class:`NMMeta`,
+``_nm_matmul``), each with ``reference.py`` (fused jnp: the specification and the path on
+every backend) and ``api.py``; ``_nm_matmul/kernel.py`` is the Pallas Mosaic GPU kernel for
+sm90 (H100/H200), also runnable in the Mosaic GPU interpreter anywhere
+(``implementation='interpret'``); ``_dispatch`` chooses kernel vs dense from a measured
+table (``nm_policy.json``). The NNX names (:class:`NMLinear`, :class:`NMConv1x1`, :class:`NMMeta`,
 :class:`SparsifyReport`, :func:`sparsify_for_inference`) load Flax on first use only, so
 ``import jaxcompress.kernels`` stays Flax-free.
 """

@@ -1,4 +1,4 @@
-"""Shared validation, metadata layout and backend selection for the N:M kernels.
+"""Shared validation, the packed-index layout and backend selection for the N:M kernels.
 
 Everything here is static (Python ints, strings, dtypes): it runs once per trace and never
 touches traced values.
@@ -12,46 +12,37 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-
-try:  # Pallas is public as jax.pallas in newer JAX; jax 0.10 has only jax.experimental.pallas.
-    from jax import pallas as pl  # pyrefly: ignore[missing-module-attribute]
-except ImportError:
-    from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton  # Triton's API stays here in both.
+import numpy as np
 
 from jaxcompress import _checks
-from jaxcompress.masks._magnitude import magnitude_keys
-from jaxcompress.masks._nm import magnitude_ranks
 
 __all__ = [
     "IMPLEMENTATIONS",
+    "KERNEL_STRIDE",
     "MAX_M",
-    "META_DTYPE",
     "MetaLayout",
     "check_array",
     "check_nm",
     "is_gpu_backend",
-    "largest_pow2_divisor",
-    "magnitude_keys",
-    "magnitude_ranks",
-    "next_power_of_2",
-    "phase_fields",
-    "pl",
-    "load_words",
+    "is_hopper",
     "resolve_implementation",
-    "triton_compiler_params",
 ]
 
-IMPLEMENTATIONS = ("xla", "pallas", "interpret")
-"""Valid values of every ``implementation=`` argument (``None`` picks by platform)."""
+IMPLEMENTATIONS = ("xla", "mosaic", "interpret")
+"""Valid values of ``nm_matmul(implementation=...)`` (``None`` picks by platform)."""
 
 MAX_M = 16
-"""Largest group size the kernels support (indices fit a 4-bit field)."""
+"""Largest group size the kernels support (an in-group index fits a 4-bit field)."""
 
-META_DTYPE = jnp.uint8
-"""Storage type of the packed index words."""
+MAX_STRIDE = 16
+"""Largest interleave stride of the index words (see :class:`MetaLayout`)."""
+
+KERNEL_STRIDE = 16
+"""The stride the Mosaic GPU kernel reads: one index word per value in a 16-wide sub-tile,
+i.e. 32-byte rows of 16-bit values (one ``wgmma`` K step)."""
 
 _GPU_BACKENDS = ("gpu", "cuda", "rocm")
+_WORD_DTYPES = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 
 
 def check_nm(n: Any, m: Any) -> tuple[int, int]:
@@ -89,137 +80,102 @@ def is_gpu_backend() -> bool:
     return jax.default_backend() in _GPU_BACKENDS
 
 
+def is_hopper(device: jax.Device | None = None) -> bool:
+    """Whether ``device`` (default: the first device) is an sm90 NVIDIA GPU (H100/H200),
+    the target of the Mosaic GPU kernel (``wgmma``)."""
+    device = jax.devices()[0] if device is None else device
+    if device.platform not in ("gpu", "cuda"):
+        return False
+    return str(getattr(device, "compute_capability", "")).startswith("9.")
+
+
 def resolve_implementation(implementation: str | None) -> str:
     """Maps ``implementation=`` to one of :data:`IMPLEMENTATIONS`.
 
-    ``None`` picks ``'pallas'`` on a GPU backend and ``'xla'`` elsewhere. ``'pallas'`` on a
-    platform without the Pallas Triton backend is an error (use ``'interpret'`` to run the
-    same kernel through the Pallas interpreter, or ``'xla'`` for the reference).
+    ``None`` picks ``'mosaic'`` on an sm90 GPU and ``'xla'`` elsewhere. ``'mosaic'`` on any
+    other device is an error raised before any launch (use ``'interpret'`` to run the same
+    kernel through the Mosaic GPU interpreter on any machine, or ``'xla'``).
     """
     if implementation is None:
-        return "pallas" if is_gpu_backend() else "xla"
+        return "mosaic" if is_hopper() else "xla"
     if not isinstance(implementation, str) or implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}"
         )
-    if implementation == "pallas" and not is_gpu_backend():
+    if implementation == "mosaic" and not is_hopper():
+        device = jax.devices()[0]
         raise ValueError(
-            "implementation='pallas' needs a GPU (Pallas Triton backend), but the default JAX "
-            f"backend is {jax.default_backend()!r}; use implementation='xla' (reference) or "
-            "'interpret' (the Pallas kernel in interpret mode)"
+            "implementation='mosaic' needs an sm90 NVIDIA GPU (H100/H200: the kernel issues "
+            f"wgmma), but the first device is {device.device_kind!r} on platform "
+            f"{device.platform!r}; use implementation='xla' or 'interpret' (the same kernel "
+            "in the Mosaic GPU interpreter)"
         )
     return implementation
 
 
-def triton_compiler_params(*, num_warps: int = 4, num_stages: int = 3):
-    """Pallas Triton compiler params (selects the Triton backend, not Mosaic GPU).
-
-    ``CompilerParams`` in jax >= 0.7; older releases called it ``TritonCompilerParams``.
-    """
-    params = getattr(pltriton, "CompilerParams", None)
-    if params is None:  # jax < 0.7; the installed jax's stubs lack the old name.
-        params = pltriton.TritonCompilerParams  # pyrefly: ignore[missing-attribute]
-    return params(num_warps=num_warps, num_stages=num_stages)
-
-
-def next_power_of_2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
-
-
-def largest_pow2_divisor(x: int, cap: int) -> int:
-    """Largest power of two ``p <= cap`` with ``x % p == 0`` (``x >= 1``)."""
-    p = 1
-    while p * 2 <= cap and x % (p * 2) == 0:
-        p *= 2
-    return p
-
-
 @dataclasses.dataclass(frozen=True)
 class MetaLayout:
-    """Bit layout of the packed index words for an N:M pattern.
+    """Bit layout of the packed in-group indices ("position planes", layout v2).
 
-    The kept entries of a ``(K, N)`` weight are stored row-major as ``values`` of shape
-    ``(K*n/m, N)``: row ``r = g*n + t`` holds, for every column, the ``t``-th kept entry (in
-    increasing index order) of group ``g`` (rows ``g*m .. g*m+m-1`` of the weight). Their
-    in-group indices ``idx[r, j]`` in ``[0, m)`` are packed into ``uint8`` words: each index
-    takes ``bits`` bits (the smallest power of two ``>= ceil(log2 m)``: 1 bit for m=2, 2 bits
-    for m=3..4, 4 bits for m=5..16, so m=8 uses 4-bit fields and one bit of each field stays
-    zero), ``per_word = 8 // bits`` indices share a byte, and
+    An N:M weight ``W`` ``(K, N)`` has ``G = K/m`` groups per output unit ``j`` (rows
+    ``g*m .. g*m+m-1``). Slot ``t < n`` of group ``g`` is its ``t``-th kept entry in
+    increasing index order; its index ``idx[t, j, g]`` in ``[0, m)`` takes ``bits`` bits
+    (the smallest power of two ``>= log2 m``: 1 bit for m=2, 2 for m=3..4, 4 for m=5..16).
 
-    ``meta[w, j] = sum_f idx[w*per_word + f, j] << (f*bits)``  for ``f < per_word``,
+    Index words have the bit width of the values (``uint16`` for bf16/f16, ``uint32`` for
+    f32), so that a tile of words and a tile of values of the same shape share one register
+    layout in a kernel, and hold ``per_word = 8*itemsize/bits`` fields. Word ``p`` of period
+    ``b`` (word column ``b*stride + p``) of plane ``t`` holds, at bits ``f*bits``, the index
+    of slot ``t`` of group
 
-    i.e. little-endian fields along the contracting axis, column by column. ``meta`` has
-    ``ceil(K*n/m / per_word)`` rows; unused fields of the last row are zero. For 2:4 that is
-    4 bits per group of 4 weights (two 2-bit indices), the format of the 2:4 sparse tensor
-    cores.
+    .. math:: g = b \\cdot \\mathrm{per\\_word} \\cdot \\mathrm{stride} + f \\cdot
+       \\mathrm{stride} + p,\\qquad f < \\mathrm{per\\_word},\\ p < \\mathrm{stride}
 
-    The kernels walk the rows in *periods* of ``period_rows = lcm(n, per_word)`` value rows,
-    which span ``period_words`` meta rows, ``period_groups`` groups and ``period_dense``
-    weight rows, so every period starts at a word boundary.
+    i.e. field ``f`` of a ``stride``-wide tile of words is the index of the ``f``-th
+    ``stride``-wide tile of values: the expansion is elementwise on equally shaped tiles.
+    ``stride`` is the largest power of two ``<= MAX_STRIDE`` with ``G`` divisible by
+    ``per_word*stride``, or 1 (then the last word may be partly used; unused fields are 0).
+    Bytes: ``n*bits/8`` per group of ``m`` weights (2:4: 4 bits per 4 weights, the density
+    of the 2:4 sparse tensor cores' metadata).
     """
 
     n: int
     m: int
+    itemsize: int = 2
 
     @property
     def bits(self) -> int:
         need = max(1, math.ceil(math.log2(self.m)))
-        return next_power_of_2(need)
+        return 1 << (need - 1).bit_length()
+
+    @property
+    def word_dtype(self):
+        return _WORD_DTYPES[self.itemsize]
 
     @property
     def per_word(self) -> int:
-        return 8 // self.bits
+        return 8 * self.itemsize // self.bits
 
     @property
     def field_mask(self) -> int:
         return (1 << self.bits) - 1
 
-    @property
-    def period_rows(self) -> int:
-        return math.lcm(self.n, self.per_word)
+    def stride(self, groups: int) -> int:
+        """Interleave stride of a weight with ``groups`` groups per output unit."""
+        s = MAX_STRIDE
+        while s > 1 and groups % (self.per_word * s):
+            s //= 2
+        return s
 
-    @property
-    def period_words(self) -> int:
-        return self.period_rows // self.per_word
-
-    @property
-    def period_groups(self) -> int:
-        return self.period_rows // self.n
-
-    @property
-    def period_dense(self) -> int:
-        return self.period_groups * self.m
-
-    def value_rows(self, k: int) -> int:
-        return k // self.m * self.n
-
-    def meta_rows(self, k: int) -> int:
-        return -(-self.value_rows(k) // self.per_word)
+    def words(self, groups: int, stride: int) -> int:
+        """Index words per output unit and slot."""
+        period = self.per_word * stride
+        return -(-groups // period) * stride
 
 
-def load_words(meta_ref: Any, first: Any, rows: int, layout: MetaLayout) -> list[jax.Array]:
-    """Inside a Pallas kernel: the ``period_words`` index words of one period as int32 tiles
-    ``(rows, cols)``, word ``w`` read from rows ``first + w, first + w + period_words, ...``
-    of ``meta_ref``."""
-    return [
-        meta_ref[pl.ds(first + w, rows, stride=layout.period_words), :].astype(jnp.int32)
-        for w in range(layout.period_words)
-    ]
-
-
-def phase_fields(
-    words: list[jax.Array], values_ref: Any, first: Any, q: int, rows: int, layout: MetaLayout
-) -> tuple[list[jax.Array], list[jax.Array]]:
-    """Inside a Pallas kernel: the ``n`` in-group indices and values of phase ``q``.
-
-    Field ``f = q n + t`` (``t < n``) is bits ``(f mod per_word) * bits`` of word
-    ``f // per_word``; its value is read from rows ``first + f, first + f + period_rows, ...``
-    of ``values_ref``. Returns ``(indices, values)``, two lists of ``n`` tiles.
-    """
-    n, per, bits = layout.n, layout.per_word, layout.bits
-    indices, values = [], []
-    for t in range(n):
-        f = q * n + t
-        indices.append((words[f // per] >> ((f % per) * bits)) & layout.field_mask)
-        values.append(values_ref[pl.ds(first + f, rows, stride=layout.period_rows), :])
-    return indices, values
+def word_dtype_for(dtype) -> Any:
+    """The index-word dtype of values of ``dtype`` (unsigned, same bit width)."""
+    itemsize = np.dtype(dtype).itemsize
+    if itemsize not in _WORD_DTYPES:
+        raise TypeError(f"no N:M index word for values of dtype {np.dtype(dtype)}")
+    return _WORD_DTYPES[itemsize]

@@ -1,13 +1,13 @@
-"""Choosing between the Pallas N:M kernel and dense ``jnp.dot`` from a measured table.
+"""Choosing between the Mosaic GPU N:M kernel and dense ``jnp.dot`` from a measured table.
 
 The sparse kernel only wins where reading fewer bytes matters (small batches, large
 weights) and the break-even batch depends on the GPU, shape and dtype. The decision
 therefore comes from a JSON table keyed by ``jax.Device.device_kind``, written by
 ``experiments/benchmarks/nm_kernels.py`` from its own measurements. The shipped table
-(``nm_policy.json`` next to this file) holds the CPU rule (always dense: there is no Pallas
-backend on CPU) and one entry per GPU kind that has been measured; an entry's
-``max_batch`` is the largest batch at which the kernel beat dense (0: never). A device
-without an entry uses the dense path.
+(``nm_policy.json`` next to this file) holds the CPU rule (always dense: the kernel needs an
+sm90 GPU) and one entry per GPU kind that has been measured; an entry's ``max_batch`` is
+the largest batch at which the kernel was not slower than dense by more than the
+benchmark's tolerance (0: never). A device without an entry uses the dense path.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress.kernels._common import MetaLayout, is_gpu_backend
+from jaxcompress.kernels._common import MetaLayout, is_hopper
 from jaxcompress.kernels._nm_matmul.api import check_operands, nm_matmul
-from jaxcompress.kernels._nm_matmul.config import MIN_GPU_DOT, NMMatmulConfig
+from jaxcompress.kernels._nm_matmul.config import NMMatmulConfig
 from jaxcompress.kernels._nm_pack.format import PackedNM
 
 POLICY_ENV = "JAXCOMPRESS_NM_POLICY"
@@ -100,10 +100,16 @@ def load_policy(policy: str | os.PathLike | Mapping | None = None) -> dict:
     return _load_shipped()
 
 
-def _pallas_tiling_exists(batch: int, shape: tuple[int, int], n: int, m: int) -> bool:
+def _kernel_runs(batch: int, shape: tuple[int, int], dtype, n: int, m: int) -> bool:
+    """Whether the Mosaic kernel takes this problem with its default tiles."""
+    k, cols = shape
+    if k % m:
+        return False
+    layout = MetaLayout(n, m, jnp.dtype(dtype).itemsize)
     try:
-        NMMatmulConfig.default(batch, shape[0], shape[1], MetaLayout(n, m), min_dot=MIN_GPU_DOT)
-    except ValueError:
+        config = NMMatmulConfig.default(batch, k, cols, layout)
+        config.check(batch, k, cols, layout, layout.stride(k // m))
+    except (ValueError, KeyError):
         return False
     return True
 
@@ -118,10 +124,10 @@ def select_implementation(
     m: int = 4,
     policy: str | os.PathLike | Mapping | None = None,
 ) -> str:
-    """``'pallas'`` or ``'dense'`` for ``x (batch, K) @ W (K, N)`` on ``device``.
+    """``'mosaic'`` or ``'dense'`` for ``x (batch, K) @ W (K, N)`` on ``device``.
 
-    ``'dense'`` on any non-GPU device, on a GPU kind without a table entry, for shapes the
-    kernel cannot tile, and for batches above the measured break-even ``max_batch`` of the
+    ``'dense'`` on any device but an sm90 GPU, on a GPU kind without a table entry, for
+    problems the kernel cannot run, and for batches above the measured ``max_batch`` of the
     nearest entry (same dtype and ``n:m``, nearest ``K*N`` on a log scale). Pure Python on
     static values: call it at trace time.
     """
@@ -132,9 +138,9 @@ def select_implementation(
         raise ValueError(f"shape must be (K, N), got shape={shape!r}")
     table = load_policy(policy)
     rule = table["devices"].get(device.device_kind) or table["devices"].get(device.platform)
-    if device.platform not in ("gpu", "cuda", "rocm") or rule is None or rule["mode"] == "dense":
+    if not is_hopper(device) or rule is None or rule["mode"] == "dense":
         return "dense"
-    if not _pallas_tiling_exists(int(batch), tuple(shape), n, m):
+    if not _kernel_runs(int(batch), tuple(shape), dtype, n, m):
         return "dense"
     name = jnp.dtype(dtype).name
     entries = [e for e in rule.get("entries", ()) if e["dtype"] == name and e["nm"] == f"{n}:{m}"]
@@ -142,7 +148,7 @@ def select_implementation(
         return "dense"
     size = math.log(max(1, shape[0] * shape[1]))
     best = min(entries, key=lambda e: abs(math.log(max(1, e["k"] * e["n"])) - size))
-    return "pallas" if batch <= best["max_batch"] else "dense"
+    return "mosaic" if batch <= best["max_batch"] else "dense"
 
 
 def nm_linear(
@@ -154,19 +160,20 @@ def nm_linear(
 ) -> jax.Array:
     """``x @ W + bias`` choosing the faster path per call site from the policy table.
 
-    ``'pallas'`` runs :func:`nm_matmul` with the kernel; ``'dense'`` runs the reference
-    (unpack to the dense weight + ``jnp.dot``, float32 accumulation). The choice is made
-    from static shapes at trace time, so a jitted caller compiles one path. On CPU it is
-    always dense. Differentiable in ``x``, ``packed.values`` and ``bias``.
+    ``'mosaic'`` runs :func:`nm_matmul` with the kernel; ``'dense'`` runs the reference
+    (unpack to the dense weight + ``jnp.dot``, float32 accumulation, fused by XLA). The
+    choice is made from static shapes at trace time, so a jitted caller compiles one path.
+    Off an sm90 GPU it is always dense. Differentiable in ``x``, ``packed.values`` and
+    ``bias``.
     """
     x, packed = check_operands(x, packed)
     batch = int(np.prod(x.shape[:-1])) if x.ndim > 1 else 1
     choice = "dense"
-    if is_gpu_backend():
+    if is_hopper():
         choice = select_implementation(
             batch, packed.shape, x.dtype, n=packed.n, m=packed.m, policy=policy
         )
-    y = nm_matmul(x, packed, implementation="pallas" if choice == "pallas" else "xla")
+    y = nm_matmul(x, packed, implementation="mosaic" if choice == "mosaic" else "xla")
     if bias is not None:
         if tuple(bias.shape) != (packed.shape[1],):
             raise ValueError(f"bias must have shape ({packed.shape[1]},), got {tuple(bias.shape)}")

@@ -8,7 +8,7 @@ pattern along their ``in`` axis (e.g. after ``jaxcompress.masks.nm`` + masked tr
 replaces each ``nnx.Linear`` by an :class:`NMLinear` and each 1x1 ``nnx.Conv`` by an
 :class:`NMConv1x1`, which hold the weight as :class:`~jaxcompress.kernels.PackedNM`
 (``values`` as ``nnx.Param``, index words as :class:`NMMeta`) and compute with
-:func:`~jaxcompress.kernels.nm_linear` (Pallas kernel where it is measured faster, dense
+:func:`~jaxcompress.kernels.nm_linear` (Mosaic GPU kernel where it is measured faster, dense
 otherwise) or with a fixed ``implementation``. The converted state is plain arrays, so
 ``orbax.checkpoint.StandardCheckpointer`` saves and restores ``nnx.state(model)`` directly.
 """
@@ -62,7 +62,7 @@ class NMLinear(nnx.Module):
       bias: ``(out_features,)`` or ``None``.
       dtype: computation dtype or ``None``.
       implementation: ``None`` = :func:`~jaxcompress.kernels.nm_linear` (measured policy:
-        kernel or dense per shape); or ``'xla'``/``'pallas'``/``'interpret'`` for
+        kernel or dense per shape); or ``'xla'``/``'mosaic'``/``'interpret'`` for
         :func:`~jaxcompress.kernels.nm_matmul`.
     """
 
@@ -77,7 +77,7 @@ class NMLinear(nnx.Module):
         if not isinstance(packed, PackedNM):
             raise TypeError(f"packed must be a PackedNM, got {type(packed).__name__}")
         self.in_features, self.out_features = packed.shape
-        self.n, self.m = packed.n, packed.m
+        self.n, self.m, self.stride = packed.n, packed.m, packed.stride
         self.values = nnx.Param(packed.values)
         self.meta = NMMeta(packed.meta)
         self.bias = None if bias is None else nnx.Param(bias)
@@ -92,6 +92,7 @@ class NMLinear(nnx.Module):
             shape=(self.in_features, self.out_features),
             n=self.n,
             m=self.m,
+            stride=self.stride,
         )
 
     def _apply(self, x: jax.Array) -> jax.Array:
@@ -101,7 +102,8 @@ class NMLinear(nnx.Module):
         if dtype is None:
             dtype = jnp.result_type(x, packed.values, *(() if bias is None else (bias,)))
         x = x.astype(dtype)
-        packed = dataclasses.replace(packed, values=packed.values.astype(dtype))
+        if packed.values.dtype != dtype:
+            packed = packed.astype(dtype)
         if self.implementation is None:
             return nm_linear(x, packed, None if bias is None else bias.astype(dtype))
         y = nm_matmul(x, packed, implementation=self.implementation)
@@ -325,7 +327,9 @@ def sparsify_for_inference(
                 LayerReport(name, kind, tuple(kernel.shape), f"skipped: {reason}", dense_bytes, 0)
             )
             continue
-        packed = pack_nm(w2d, n, m, implementation="xla")
+        if layer.dtype is not None and jnp.dtype(layer.dtype) != w2d.dtype:
+            w2d = w2d.astype(layer.dtype)  # what the layer computes with: same outputs
+        packed = pack_nm(w2d, n, m)
         bias = None if layer.bias is None else layer.bias[...]
         if isinstance(layer, nnx.Conv):
             new_layer = NMConv1x1(

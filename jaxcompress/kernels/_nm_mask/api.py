@@ -1,12 +1,11 @@
-"""Public N:M mask entry point with ``implementation=`` dispatch."""
+"""Public N:M mask entry points (fused XLA on every backend)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from jaxcompress.kernels._common import check_array, check_nm, resolve_implementation
-from jaxcompress.kernels._nm_mask.kernel import nm_mask_pallas
+from jaxcompress.kernels._common import check_array, check_nm
 from jaxcompress.kernels._nm_mask.reference import nm_mask_reference, nm_violations_reference
 
 
@@ -33,7 +32,6 @@ def nm_mask(
     m: int = 4,
     *,
     axis: int = -2,
-    implementation: str | None = None,
 ) -> jax.Array:
     """Magnitude N:M mask: in every group of ``m`` consecutive entries along ``axis``, keep
     the ``n`` largest ``|w|``.
@@ -42,7 +40,8 @@ def nm_mask(
     ``(in, out)`` and for a Conv kernel ``(kh, kw, in, out)``, the axis the 2:4 sparse tensor
     cores and :func:`pack_nm` group along. Ties go to the lowest index and NaN ranks above
     ``inf`` (magnitudes compare as float32 bit patterns), so every group keeps exactly ``n``
-    entries; this is the rule of :func:`jaxcompress.masks.nm`.
+    entries; this is the rule of :func:`jaxcompress.masks.nm`. One fused XLA computation
+    (elementwise ranks of the ``m`` members, no sort) on every backend.
 
     .. math:: M_{\\dots, gm+c, \\dots} = [\\operatorname{rank}_g(c) < n],\\quad
        \\operatorname{rank}_g(c) = \\#\\{c' : |w_{c'}| > |w_c|\\} +
@@ -55,22 +54,16 @@ def nm_mask(
       n: entries kept per group, ``1 <= n < m``.
       m: group size, ``2 <= m <= 16``.
       axis: grouping axis (default ``-2``, the ``in`` axis of Flax kernels).
-      implementation: ``'xla'`` (pure jnp), ``'pallas'`` (GPU), ``'interpret'`` (the Pallas
-        kernel in interpret mode) or ``None`` (``'pallas'`` on GPU, else ``'xla'``).
 
     Returns:
       Boolean array of ``w.shape``, ``True`` = kept.
     """
     n, m = check_nm(n, m)
     w = check_array("w", w, min_ndim=1)
-    impl = resolve_implementation(implementation)
     w2d, ax = _to_2d(w, axis, m)
     if w2d.size == 0:
         return jnp.zeros(w.shape, jnp.bool_)
-    if impl == "xla":
-        mask2d = nm_mask_reference(w2d, n, m)
-    else:
-        mask2d = nm_mask_pallas(w2d, n, m, interpret=impl == "interpret")
+    mask2d = nm_mask_reference(w2d, n, m)
     moved_shape = (w.shape[ax],) + tuple(d for i, d in enumerate(w.shape) if i != ax)
     return jnp.moveaxis(mask2d.reshape(moved_shape), 0, ax)
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jaxcompress.masks._nm import nm_mask_array
 
 
+@functools.partial(jax.jit, static_argnames=("n", "m"))
 def nm_mask_reference(w: jax.Array, n: int, m: int) -> jax.Array:
     """N:M magnitude mask of a ``(K, C)`` array, groups of ``m`` consecutive rows.
 

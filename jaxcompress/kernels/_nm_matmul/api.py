@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.kernels._common import MetaLayout, check_array, resolve_implementation
-from jaxcompress.kernels._nm_matmul.config import MIN_GPU_DOT, NMMatmulConfig
-from jaxcompress.kernels._nm_matmul.kernel import nm_matmul_pallas
+from jaxcompress.kernels._nm_matmul.config import NMMatmulConfig
+from jaxcompress.kernels._nm_matmul.kernel import nm_matmul_mosaic
 from jaxcompress.kernels._nm_matmul.reference import nm_matmul_reference
 from jaxcompress.kernels._nm_pack.format import PackedNM, check_packed
-from jaxcompress.kernels._nm_pack.reference import unpack_reference, unpack_words
+from jaxcompress.kernels._nm_pack.reference import unpack_fields, unpack_reference
 
 _FLOAT_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16))
 
@@ -29,13 +29,7 @@ def check_config(config: object) -> NMMatmulConfig | None:
 
 
 def resolve_config(
-    config: NMMatmulConfig | None,
-    batch: int,
-    shape: tuple[int, int],
-    n: int,
-    m: int,
-    impl: str,
-    itemsize: int = 2,
+    config: NMMatmulConfig | None, batch: int, packed: PackedNM, impl: str
 ) -> NMMatmulConfig | None:
     """The checked tile config for ``impl``; ``None`` for ``'xla'``, which has no tiles.
 
@@ -44,58 +38,60 @@ def resolve_config(
     config = check_config(config)
     if impl == "xla":
         return None
-    layout = MetaLayout(n, m)
-    min_dot = MIN_GPU_DOT if impl == "pallas" else 1
+    k, cols = packed.shape
+    layout = packed.layout
     if config is None:
-        config = NMMatmulConfig.default(
-            batch, shape[0], shape[1], layout, min_dot=min_dot, itemsize=itemsize
-        )
-    config.check(shape[0], shape[1], layout, min_dot=min_dot)
+        config = NMMatmulConfig.default(batch, k, cols, layout)
+    config.check(batch, k, cols, layout, packed.stride)
     return config
 
 
-def _forward(x, values, meta, shape, n, m, impl, config):
+def _forward(x, values, meta, shape, n, m, stride, impl, config):
     if impl == "xla":
-        return nm_matmul_reference(x, values, meta, shape, n, m)
-    return nm_matmul_pallas(
+        return nm_matmul_reference(x, values, meta, shape, n, m, stride)
+    return nm_matmul_mosaic(
         x, values, meta, shape=shape, n=n, m=m, config=config, interpret=impl == "interpret"
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
-def _nm_matmul_2d(x, values, meta, shape, n, m, impl, config):
-    return _forward(x, values, meta, shape, n, m, impl, config)
+_STATIC = (3, 4, 5, 6, 7, 8)
 
 
-def _nm_matmul_fwd(x, values, meta, shape, n, m, impl, config):
-    return _forward(x, values, meta, shape, n, m, impl, config), (x, values, meta)
+@functools.partial(jax.custom_vjp, nondiff_argnums=_STATIC)
+def _nm_matmul_2d(x, values, meta, shape, n, m, stride, impl, config):
+    return _forward(x, values, meta, shape, n, m, stride, impl, config)
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "n", "m"))
-def _backward(x, values, meta, dy, shape, n, m):
+def _nm_matmul_fwd(x, values, meta, shape, n, m, stride, impl, config):
+    return _forward(x, values, meta, shape, n, m, stride, impl, config), (x, values, meta)
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "n", "m", "stride"))
+def _backward(x, values, meta, dy, shape, n, m, stride):
     k, cols = shape
-    w = unpack_reference(values, meta, shape, n, m)
+    w = unpack_reference(values, meta, shape, n, m, stride)
     dx = jnp.dot(dy, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
-    dw = jnp.dot(x.T, dy, preferred_element_type=jnp.float32)
-    idx = unpack_words(meta, k // m * n, MetaLayout(n, m)).reshape(k // m, n, cols)
-    dvalues = jnp.take_along_axis(dw.reshape(k // m, m, cols), idx, axis=1)
-    return dx, dvalues.reshape(values.shape).astype(values.dtype)
+    dw = jnp.dot(x.T, dy, preferred_element_type=jnp.float32)  # (K, N)
+    idx = unpack_fields(meta, k // m, MetaLayout(n, m, values.dtype.itemsize), stride)
+    dw_groups = dw.reshape(k // m, m, cols).transpose(2, 0, 1)  # (N, G, m)
+    dvalues = jnp.take_along_axis(dw_groups[None], idx[..., None], axis=-1)[..., 0]
+    return dx, dvalues.astype(values.dtype)
 
 
-def _nm_matmul_bwd(shape, n, m, impl, config, residuals, dy):
+def _nm_matmul_bwd(shape, n, m, stride, impl, config, residuals, dy):
     """Cotangents of ``y = x @ W(values)``.
 
-    ``dx = dy @ W^T`` and ``dvalues[g*n+t, j] = (x^T dy)[g*m + idx[g,t,j], j]``: the dense
+    ``dx = dy @ W^T`` and ``dvalues[t, j, g] = (x^T dy)[g*m + idx[t, j, g], j]``: the dense
     weight gradient restricted to the kept positions. ``meta`` is integer data (float0).
     """
     x, values, meta = residuals
-    dx, dvalues = _backward(x, values, meta, dy, shape, n, m)
+    dx, dvalues = _backward(x, values, meta, dy, shape, n, m, stride)
     dmeta = np.zeros(meta.shape, dtype=jax.dtypes.float0)
     return dx, dvalues, dmeta
 
 
 _nm_matmul_2d.defvjp(_nm_matmul_fwd, _nm_matmul_bwd)
-_nm_matmul_2d_jit = jax.jit(_nm_matmul_2d, static_argnums=(3, 4, 5, 6, 7))
+_nm_matmul_2d_jit = jax.jit(_nm_matmul_2d, static_argnums=_STATIC)
 
 
 def check_operands(x, packed) -> tuple[jax.Array, PackedNM]:
@@ -137,12 +133,13 @@ def nm_matmul(
     Args:
       x: ``(..., K)`` float32/bfloat16/float16, same dtype as ``packed``; any leading dims.
       packed: the weight, ``K x N``.
-      implementation: ``'xla'`` (reference: unpack + ``jnp.dot``), ``'pallas'`` (GPU
-        Triton kernel), ``'interpret'`` (that kernel in Pallas interpret mode) or ``None``
-        (``'pallas'`` on GPU, else ``'xla'``).
-      config: an :class:`NMMatmulConfig` with the tiles of the Pallas paths, or ``None``
+      implementation: ``'xla'`` (reference: unpack + ``jnp.dot``, fused by XLA),
+        ``'mosaic'`` (the Mosaic GPU kernel, sm90 only), ``'interpret'`` (that kernel in the
+        Mosaic GPU interpreter, any machine) or ``None`` (``'mosaic'`` on an H100/H200,
+        else ``'xla'``). To choose by measured speed use :func:`nm_linear`.
+      config: an :class:`NMMatmulConfig` with the tiles of the kernel, or ``None``
         (:meth:`NMMatmulConfig.default` for this shape). Any other type is a ``TypeError``
-        on every path. ``'pallas'``/``'interpret'`` check that the tiles fit the weight;
+        on every path. ``'mosaic'``/``'interpret'`` check that the tiles fit the problem;
         ``'xla'`` has no tiles and does not use them, so portable code may pass one config
         for every platform.
 
@@ -151,8 +148,10 @@ def nm_matmul(
 
     Raises:
       TypeError: ``config`` not an ``NMMatmulConfig`` or ``None``; operand types/dtypes.
-      ValueError: on the Pallas paths, a config whose tiles do not fit the weight;
-        mismatched shapes; an unknown ``implementation``.
+      ValueError: on the kernel paths, a problem the kernel cannot run (16-bit operands
+        only, ``K`` a multiple of 512 for 2:4, at most 256 rows) or a config whose tiles
+        do not fit it; mismatched shapes; an unknown ``implementation``; ``'mosaic'`` on
+        a device that is not an sm90 GPU. All raised before any launch.
     """
     config = check_config(config)
     x, packed = check_operands(x, packed)
@@ -162,7 +161,7 @@ def nm_matmul(
     batch = int(np.prod(lead)) if lead else 1
     if batch == 0 or cols == 0 or k == 0:
         return jnp.zeros((*lead, cols), x.dtype)
-    config = resolve_config(config, batch, packed.shape, packed.n, packed.m, impl, x.dtype.itemsize)
+    config = resolve_config(config, batch, packed, impl)
     y = _nm_matmul_2d_jit(
         x.reshape(batch, k),
         packed.values,
@@ -170,6 +169,7 @@ def nm_matmul(
         packed.shape,
         packed.n,
         packed.m,
+        packed.stride,
         impl,
         config,
     )

@@ -1,63 +1,118 @@
-"""Tile configuration of the N:M matmul kernel."""
+"""Tile configuration of the Mosaic GPU N:M matmul kernel."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from jaxcompress.kernels._common import MetaLayout, largest_pow2_divisor, next_power_of_2
+from jaxcompress.kernels._common import KERNEL_STRIDE, MetaLayout
 
-MIN_GPU_DOT = 16
-"""Smallest dot dimension Triton's ``tl.dot`` accepts on tensor cores."""
+SMEM_BYTES = 227 * 1024
+"""Shared memory one block may use on an H100/H200 (sm90)."""
+
+MAX_BATCH = 256
+"""Largest padded batch: the batch is the ``N`` side of ``wgmma`` (at most 256)."""
+
+EXPANSIONS = ("registers", "smem")
 
 
 def _is_pow2(x: int) -> bool:
     return x >= 1 and x & (x - 1) == 0
 
 
+def padded_batch(batch: int) -> int:
+    """The batch rounded up to a power of two ``>= 16`` (the ``wgmma`` N side; 16 bf16 are
+    the 32-byte rows of the smallest swizzle)."""
+    return max(16, 1 << max(0, int(batch) - 1).bit_length())
+
+
+def period(layout: MetaLayout) -> int:
+    """Dense rows of ``K`` covered by one period of index words at the kernel's stride."""
+    return layout.m * layout.per_word * KERNEL_STRIDE
+
+
 @dataclasses.dataclass(frozen=True)
 class NMMatmulConfig:
-    """Tiles and launch parameters of the Pallas N:M matmul ``y = x @ W``.
+    """Tiles and pipeline of the Mosaic GPU N:M matmul ``y = x @ W`` (sm90).
+
+    The kernel computes ``y^T = W^T x^T`` ("swap AB"): the expanded weight is the ``wgmma``
+    A operand (``block_n`` output units, a multiple of 64) and the batch, padded to
+    :func:`padded_batch`, is its N side. Block ``(i, s)`` of the grid owns output units
+    ``i*block_n ...`` and the ``s``-th of ``split_k`` slices of ``K``, which it streams in
+    steps of ``block_k`` dense rows through a ``max_concurrent_steps``-deep TMA pipeline.
 
     Attributes:
-      block_m: rows of ``x`` per program (power of two; ``x`` is zero-padded to a multiple).
-      block_n: columns of ``W`` per program (power of two dividing ``N``).
-      block_k: rows of ``W`` consumed per inner-loop step; a multiple of the layout period
-        ``period_dense`` (8 for 2:4) whose quotient is a power of two (at least 16 on GPU,
-        the Triton dot minimum); ``K`` must be divisible by ``block_k * split_k``.
-      split_k: programs sharing one output tile along ``K`` (partial sums in float32 are
-        added afterwards); raises parallelism for small batches (decode).
-      num_warps, num_stages: Triton launch parameters (ignored in interpret mode).
+      block_n: output units per block (64 or 128: one ``wgmma`` M).
+      block_k: dense rows of ``K`` per pipeline step, a multiple of the layout period
+        (:func:`period`: ``m * per_word * 16``, 512 for 16-bit 2:4).
+      split_k: blocks sharing an output tile along ``K`` (float32 partial sums added
+        afterwards): raises the number of blocks in flight at decode batch sizes.
+      max_concurrent_steps: pipeline depth (TMA stages in flight).
+      expand: where the dense tile is built: ``'registers'`` (fed to ``wgmma`` as the A
+        operand from registers, as jax's mixed-type Hopper matmul does) or ``'smem'``
+        (written to a shared-memory tile that ``wgmma`` reads).
 
-    ``NMMatmulConfig.default(...)`` gives per-shape defaults; to tune for another GPU, run
-    ``experiments/benchmarks/nm_kernels.py --sweep``.
+    :meth:`default` gives per-shape defaults; ``experiments/benchmarks/nm_kernels.py
+    --sweep`` measures the alternatives on a GPU.
     """
 
-    block_m: int = 16
     block_n: int = 64
-    block_k: int = 256
+    block_k: int = 512
     split_k: int = 1
-    num_warps: int = 4
-    num_stages: int = 3
+    max_concurrent_steps: int = 4
+    expand: str = "registers"
 
     def __post_init__(self):
-        for name in ("block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages"):
+        for name in ("block_n", "block_k", "split_k", "max_concurrent_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"NMMatmulConfig.{name} must be a positive int, got {value!r}")
-        for name in ("block_m", "block_n", "split_k", "num_warps"):
-            if not _is_pow2(getattr(self, name)):
-                raise ValueError(
-                    f"NMMatmulConfig.{name} must be a power of two, got {getattr(self, name)}"
-                )
+        if self.block_n not in (64, 128):
+            raise ValueError(f"NMMatmulConfig.block_n must be 64 or 128, got {self.block_n}")
+        if not _is_pow2(self.split_k):
+            raise ValueError(f"NMMatmulConfig.split_k must be a power of two, got {self.split_k}")
+        if self.expand not in EXPANSIONS:
+            raise ValueError(f"NMMatmulConfig.expand must be one of {EXPANSIONS}, got {self.expand!r}")
 
-    def check(self, k: int, n_cols: int, layout: MetaLayout, *, min_dot: int) -> None:
-        """Raises ``ValueError`` unless the tiles fit a ``(K, N)`` weight in ``layout``."""
-        pd = layout.period_dense
-        rows = self.block_k // pd
-        if self.block_k % pd or not _is_pow2(rows) or rows < min_dot:
+    def stage_bytes(self, batch: int, layout: MetaLayout) -> int:
+        """Shared-memory bytes of one pipeline stage (values, index words, activations)."""
+        groups = self.block_k // layout.m
+        item = layout.itemsize
+        values = layout.n * self.block_n * groups * item
+        words = layout.n * self.block_n * groups // layout.per_word * item
+        return values + words + self.block_k * padded_batch(batch) * item
+
+    def smem_bytes(self, batch: int, layout: MetaLayout) -> int:
+        """Shared-memory bytes of the whole kernel (pipeline, expansion and output tiles)."""
+        expand = layout.m * self.block_n * KERNEL_STRIDE * layout.itemsize
+        out = self.block_n * padded_batch(batch) * 4
+        return (
+            self.max_concurrent_steps * self.stage_bytes(batch, layout)
+            + (expand if self.expand == "smem" else 0)
+            + out
+        )
+
+    def check(self, batch: int, k: int, n_cols: int, layout: MetaLayout, stride: int) -> None:
+        """Raises ``ValueError`` unless the kernel can run this problem with these tiles."""
+        if layout.itemsize != 2:
             raise ValueError(
-                f"NMMatmulConfig.block_k={self.block_k} must be {pd} (the {layout.n}:"
-                f"{layout.m} layout period) times a power of two >= {min_dot}"
+                f"the Mosaic GPU N:M kernel takes bfloat16 or float16 operands, got "
+                f"{8 * layout.itemsize}-bit values; use implementation='xla'"
+            )
+        if stride != KERNEL_STRIDE:
+            raise ValueError(
+                f"the Mosaic GPU N:M kernel reads index words of stride {KERNEL_STRIDE}, this "
+                f"weight has stride {stride} (K={k} is not a multiple of "
+                f"{period(layout)}); use implementation='xla'"
+            )
+        if batch > MAX_BATCH:
+            raise ValueError(
+                f"the Mosaic GPU N:M kernel takes at most {MAX_BATCH} rows of x, got {batch}; "
+                "use implementation='xla' (dense is compute bound there anyway)"
+            )
+        if self.block_k % period(layout):
+            raise ValueError(
+                f"NMMatmulConfig.block_k={self.block_k} must be a multiple of the layout period "
+                f"{period(layout)} ({layout.n}:{layout.m}, {8 * layout.itemsize}-bit)"
             )
         if k % (self.block_k * self.split_k):
             raise ValueError(
@@ -69,72 +124,44 @@ class NMMatmulConfig:
                 f"N={n_cols} must be divisible by NMMatmulConfig.block_n={self.block_n}; pick "
                 "another NMMatmulConfig or implementation='xla'"
             )
-        if self.block_n < min_dot or self.block_m < min_dot:
+        need = self.smem_bytes(batch, layout)
+        if need > SMEM_BYTES:
             raise ValueError(
-                f"NMMatmulConfig.block_m={self.block_m} and block_n={self.block_n} must be >= "
-                f"{min_dot} for the Triton dot"
+                f"NMMatmulConfig {self} needs {need} bytes of shared memory at batch {batch}, "
+                f"more than the {SMEM_BYTES} of an sm90 block; lower max_concurrent_steps or "
+                "block_k"
             )
 
     @classmethod
     def default(
-        cls,
-        batch: int,
-        k: int,
-        n_cols: int,
-        layout: MetaLayout,
-        *,
-        min_dot: int = MIN_GPU_DOT,
-        itemsize: int = 2,
+        cls, batch: int, k: int, n_cols: int, layout: MetaLayout, *, num_sms: int = 132
     ) -> NMMatmulConfig:
         """Per-shape defaults for ``x (batch, K) @ W (K, N)``.
 
-        Small batches are bandwidth bound: ``block_n`` 64, ``block_k`` 16 rows per phase and
-        ``split_k`` up to 16 so that ~512 programs are in flight, as long as the float32
-        partial sums stay under ~40% of the weight bytes (tuned with
-        ``experiments/benchmarks/nm_kernels.py --sweep``; its results are in
-        ``experiments/benchmarks/results``).
-        Large batches are compute bound: square 128x128 output tiles, ``block_k`` 32 per
-        phase. 4-byte (float32) operands take half the ``block_k`` so that the pipelined
-        tiles fit the shared memory of an H100 (a 128x256 float32 ``x`` tile in 3 stages
-        does not). Raises ``ValueError`` if no tile fits (e.g. ``N`` not a multiple of 16 on
-        GPU).
+        ``block_n`` 64 and one period per step; ``split_k`` doubles while the grid has
+        fewer than two blocks per SM, ``K`` still divides, and the float32 partial sums
+        (``4*split_k*N*padded_batch`` bytes) stay under a tenth of the packed weight; the
+        pipeline is as deep as shared memory allows (at most 4). Unmeasured on hardware:
+        see ``experiments/benchmarks/results``.
         """
-        pd = layout.period_dense
-        if batch <= 64:
-            block_m = max(min_dot, min(64, next_power_of_2(batch)))
-            want_n, rows_cap, warps = 64, 16, 4
-        else:
-            block_m = 128 if min_dot > 1 else min(128, next_power_of_2(batch))
-            want_n, rows_cap, warps = 128, 32, 8
-        block_n = largest_pow2_divisor(n_cols, want_n)
-        if min_dot == 1:
-            block_m = min(block_m, next_power_of_2(batch))
-        if itemsize > 2:
-            rows_cap = max(min_dot, rows_cap // 2)
-        if k % pd:
-            raise ValueError(f"K={k} must be divisible by the layout period {pd}")
-        rows = largest_pow2_divisor(k // pd, rows_cap)
-        if block_n < min_dot or rows < min_dot:
+        block_n, block_k = 64, period(layout)
+        if k % block_k:
             raise ValueError(
-                f"no Pallas N:M matmul tiling for K={k}, N={n_cols} ({layout.n}:{layout.m}): "
-                f"needs K divisible by {pd * min_dot} and N by {min_dot}; use "
-                "implementation='xla' (or nm_linear, which falls back automatically)"
+                f"no Mosaic GPU N:M tiling for K={k}: K must be a multiple of {block_k}; use "
+                "implementation='xla' (nm_linear falls back automatically)"
             )
-        block_k = rows * pd
+        bp = padded_batch(batch)
+        packed_bytes = k * n_cols * layout.n / layout.m * layout.itemsize * 1.125
         split_k = 1
-        if batch <= 64:
-            programs = -(-batch // block_m) * (n_cols // block_n)
-            steps = k // block_k
-            # float32 partials move 8*batch*N*split_k bytes; keep them under ~40% of the
-            # 16-bit packed values (2*K*N*n/m bytes): split_k <= K*n / (10*m*batch)
-            cap = min(16, k * layout.n // (10 * layout.m * max(batch, 1)))
-            while split_k * 2 <= cap and programs * split_k < 512 and steps % (split_k * 2) == 0:
-                split_k *= 2
-        return cls(
-            block_m=block_m,
-            block_n=block_n,
-            block_k=block_k,
-            split_k=split_k,
-            num_warps=warps,
-            num_stages=3,
-        )
+        while (
+            (n_cols // block_n) * split_k < 2 * num_sms
+            and k % (block_k * split_k * 2) == 0
+            and 4 * split_k * 2 * n_cols * bp <= 0.1 * packed_bytes
+        ):
+            split_k *= 2
+        steps = k // (block_k * split_k)
+        config = cls(block_n, block_k, split_k, min(4, steps), "registers")
+        while config.max_concurrent_steps > 1 and config.smem_bytes(batch, layout) > SMEM_BYTES:
+            config = dataclasses.replace(config, max_concurrent_steps=config.max_concurrent_steps - 1)
+        return config
+

@@ -1,21 +1,29 @@
-"""Pallas N:M matmul: stream packed values + index words, expand in registers, dense dot.
+"""Mosaic GPU (sm90) N:M matmul: stream packed planes, expand on chip, dense ``wgmma``.
 
-No JAX path reaches the 2:4 sparse tensor cores, so the kernel saves memory traffic instead:
-it reads ``K*N*n/m`` values and ``K*N*n/m*bits/8`` bytes of indices instead of ``K*N``
-values (9/16 of the dense bytes for bf16 2:4, a 1.78x ceiling for bandwidth-bound shapes).
+No JAX path reaches Hopper's 2:4 sparse tensor cores (Mosaic GPU's ``wgmma`` has no sparse
+form), so the kernel saves memory traffic instead: it reads the value planes and index
+words of :class:`~jaxcompress.kernels.PackedNM` (9/16 of the dense bytes for bf16 2:4) and
+expands them to dense tiles next to the tensor cores.
 
-Program ``(i, j, s)`` owns the output tile ``y[i*bm:(i+1)*bm, j*bn:(j+1)*bn]`` and the
-``s``-th of ``split_k`` slices of ``K``. Each inner step consumes ``block_k`` rows of ``W``:
-it loads the step's index words once, then for every phase ``q`` (groups ``g = q mod
-period_groups``) and slot ``c < m`` it builds the dense rows ``g*m + c`` of ``W`` with
-``n`` selects on the loaded values, loads the matching strided columns of ``x`` and
-accumulates one ``(bm, block_k/period_dense) @ (block_k/period_dense, bn)`` dot in float32:
+The product is computed transposed, ``y^T = W^T x^T`` ("swap AB"): a block owns
+``block_n`` output units (the ``wgmma`` M side) and the padded batch is the ``wgmma`` N
+side, so a decode step uses the tensor cores with no padding of the weight side. ``K`` is
+visited in sub-tiles of ``KERNEL_STRIDE`` (16) groups; for sub-tile ``q`` the indices of
+slot ``t`` are field ``q mod per_word`` of one 16-wide tile of index words, so
 
-.. math:: y = \\sum_{q, c} x_{[:, \\{g m + c\\}]}\\; W_{[\\{g m + c\\}, :]}
+.. math:: W^T_c = \\sum_{t<n} [\\mathrm{idx}_t = c]\\, V_t,\\qquad
+   y^T \\mathrel{+}= \\sum_{c<m} W^T_c\\, X_c
 
-which is ``x @ W`` with ``K`` visited in a permuted order. Loads are strided refs (rows of
-``values``/``meta`` stay contiguous along ``N``), so the kernel needs no reshape, gather or
-concatenate; every tensor has power-of-two dimensions as Triton requires.
+where ``V_t`` is the ``(block_n, 16)`` tile of value plane ``t``, ``W^T_c`` holds the dense
+rows ``g*m + c`` of the 16 groups and ``X_c`` the matching rows of ``x^T``. Every operation
+of the expansion is elementwise on tiles of one shape and bit width (16-bit values and
+16-bit words), so no in-register reshape or layout change is needed. ``x`` is permuted once
+per call (:func:`x_planes`) so that each ``X_c`` is a contiguous tile.
+
+A ``max_concurrent_steps``-deep ``emit_pipeline`` streams ``block_k`` dense rows per step
+with TMA; ``split_k`` blocks share an output tile and their float32 partial sums are added
+after the kernel. The semantics are tested on CPU through the Mosaic GPU interpreter
+(``implementation='interpret'``).
 """
 
 from __future__ import annotations
@@ -24,57 +32,121 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas import triton as pltriton
+from jax import lax
 
-from jaxcompress.kernels._common import (
-    MetaLayout,
-    load_words,
-    phase_fields,
-    pl,
-    triton_compiler_params,
-)
-from jaxcompress.kernels._nm_matmul.config import NMMatmulConfig
+try:  # Pallas is public as jax.pallas in newer JAX; jax 0.10 has only jax.experimental.pallas.
+    from jax import pallas as pl  # pyrefly: ignore[missing-module-attribute]
+except ImportError:
+    from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
-_PRECISION = jax.lax.Precision.HIGHEST
-"""IEEE float32 dots for float32 inputs (Triton would use TF32, ~1e-3 relative error);
-no effect on 16-bit inputs."""
+from jaxcompress.kernels._common import KERNEL_STRIDE, MetaLayout
+from jaxcompress.kernels._nm_matmul.config import NMMatmulConfig, padded_batch
+
+_S = KERNEL_STRIDE
 
 
-def _matmul_kernel(
-    x_ref, v_ref, meta_ref, o_ref, *, layout: MetaLayout, block_k: int, steps: int, valid_rows
+def interpret_params():
+    """The Mosaic GPU interpreter's parameters (a private jax API, present since 0.10)."""
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    return InterpretGPUParams()
+
+
+def _mma_transforms(minor: int, itemsize: int) -> tuple:
+    """Tiling + swizzle for a tile whose rows hold ``minor`` elements of ``itemsize``."""
+    swizzle = next(s for s in (128, 64, 32) if (minor * itemsize) % s == 0)
+    return plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle)
+
+
+def x_planes(x: jax.Array, m: int) -> jax.Array:
+    """``x (B, K)`` -> ``(K/(m*16), m*16, padded_batch(B))`` with
+    ``planes[q, c*16 + p, b] = x[b, (q*16 + p)*m + c]``: sub-tile ``q``'s rows for member
+    ``c`` are the contiguous rows ``c*16 .. c*16+15``."""
+    batch, k = x.shape
+    q = k // (m * _S)
+    planes = x.reshape(batch, q, _S, m).transpose(1, 3, 2, 0).reshape(q, m * _S, batch)
+    return jnp.pad(planes, ((0, 0), (0, 0), (0, padded_batch(batch) - batch)))
+
+
+def _body(
+    x_gmem,
+    values_gmem,
+    meta_gmem,
+    out_gmem,
+    out_smem,
+    *expand_smem,
+    layout: MetaLayout,
+    config: NMMatmulConfig,
+    groups: int,
 ):
-    n, m = layout.n, layout.m
-    rows = block_k // layout.period_dense
-    value_step = block_k // m * n
-    word_step = value_step // layout.per_word
-    block_m = x_ref.shape[0]
-    block_n = v_ref.shape[-1]
+    n, m, per, bits = layout.n, layout.m, layout.per_word, layout.bits
+    bn, sk = config.block_n, config.split_k
+    step_groups = config.block_k // m
+    split_groups = groups // sk
+    steps = split_groups // step_groups
+    i, s = lax.axis_index("n"), lax.axis_index("s")
+    rows = pl.ds(i * bn, bn)
+    value_cols = pl.ds(s * split_groups, split_groups)
+    word_cols = pl.ds(s * (split_groups // per), split_groups // per)
+    subtiles = pl.ds(s * (split_groups // _S), split_groups // _S)
 
-    def step(s, acc):
-        x0, v0, w0 = s * block_k, s * value_step, s * word_step
-        words = load_words(meta_ref, w0, rows, layout)
-        for q in range(layout.period_groups):
-            idx, vals = phase_fields(words, v_ref, v0, q, rows, layout)
-            for c in range(m):
-                w_rows = jnp.zeros_like(vals[0])
-                for t in range(n):
-                    w_rows = jnp.where(idx[t] == c, vals[t], w_rows)
-                x_cols = x_ref[:, pl.ds(x0 + q * m + c, rows, stride=layout.period_dense)]
-                acc = acc + jnp.dot(
-                    x_cols, w_rows, precision=_PRECISION, preferred_element_type=jnp.float32
-                )
-        return acc
+    value_spec = plgpu.BlockSpec(
+        (bn, step_groups), lambda k: (0, k), transforms=_mma_transforms(_S, layout.itemsize)
+    )
+    word_spec = plgpu.BlockSpec(
+        (bn, step_groups // per), lambda k: (0, k), transforms=_mma_transforms(_S, 2)
+    )
+    x_spec = plgpu.BlockSpec(
+        (step_groups // _S, m * _S, x_gmem.shape[-1]),
+        lambda k: (k, 0, 0),
+        transforms=_mma_transforms(x_gmem.shape[-1], layout.itemsize),
+    )
+    def compute(acc_ref):
+        def step(_, *tiles):
+            v_tiles, w_tiles, x_tile = tiles[:n], tiles[n : 2 * n], tiles[2 * n]
+            for q in range(step_groups // _S):
+                period, field = divmod(q, per)
+                idx = [
+                    (w[:, pl.ds(period * _S, _S)] >> (field * bits)) & layout.field_mask
+                    for w in w_tiles
+                ]
+                vals = [v[:, pl.ds(q * _S, _S)] for v in v_tiles]
+                for c in range(m):
+                    dense = jnp.zeros_like(vals[0])
+                    for t in range(n):
+                        dense = jnp.where(idx[t] == c, vals[t], dense)
+                    rhs = x_tile.at[q, pl.ds(c * _S, _S), :]
+                    if config.expand == "registers":
+                        plgpu.wgmma(acc_ref, dense, rhs)
+                        plgpu.wgmma_wait(0)  # the A registers must outlive the async wgmma
+                    else:  # slot c is free: each wgmma waits for all but the last issued one
+                        expand_smem[0][c] = dense
+                        plgpu.commit_smem()
+                        plgpu.wgmma(acc_ref, expand_smem[0].at[c], rhs)
+            plgpu.wgmma_wait(0)  # the stage's tiles are released after this step
 
-    acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((block_m, block_n), jnp.float32))
-    if valid_rows is None:
-        o_ref[...] = acc.astype(o_ref.dtype)
-    else:  # rows of x beyond the batch are zero padding: do not spend bandwidth on them
-        row = pl.program_id(0) * block_m + jax.lax.broadcasted_iota(jnp.int32, acc.shape, 0)
-        pltriton.store(o_ref, acc.astype(o_ref.dtype), mask=row < valid_rows)
+        plgpu.emit_pipeline(
+            step,
+            grid=(steps,),
+            in_specs=[value_spec] * n + [word_spec] * n + [x_spec],
+            max_concurrent_steps=config.max_concurrent_steps,
+        )(
+            *[values_gmem.at[t, rows, value_cols] for t in range(n)],
+            *[meta_gmem.at[t, rows, word_cols] for t in range(n)],
+            x_gmem.at[subtiles],
+        )
+        return acc_ref[...]
+
+    acc = pl.run_scoped(compute, plgpu.ACC((bn, x_gmem.shape[-1]), jnp.float32))
+    out_smem[...] = acc
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[s, rows])
+    plgpu.wait_smem_to_gmem(0)
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "n", "m", "config", "interpret"))
-def nm_matmul_pallas(
+def nm_matmul_mosaic(
     x: jax.Array,
     values: jax.Array,
     meta: jax.Array,
@@ -85,56 +157,31 @@ def nm_matmul_pallas(
     config: NMMatmulConfig,
     interpret: bool,
 ) -> jax.Array:
-    """``x (M, K) @ W (K, N)`` with ``W`` packed; float32 accumulation, ``x.dtype`` output.
-
-    ``config`` must already be checked for this shape (:meth:`NMMatmulConfig.check`).
-    ``x`` is zero-padded along ``M`` to a multiple of ``block_m``; the output rows of the
-    padding are masked out of the stores (with ``split_k > 1`` the float32 partial sums of
-    a batch-1 call would otherwise move ``16x`` the bytes they need).
-    """
-    layout = MetaLayout(n, m)
+    """``x (B, K) @ W (K, N)`` with ``W`` packed at stride 16; float32 accumulation,
+    ``x.dtype`` output. ``config`` must already be checked for this problem
+    (:meth:`NMMatmulConfig.check`)."""
+    layout = MetaLayout(n, m, x.dtype.itemsize)
     k, cols = shape
-    out_dtype = x.dtype
-    rows_x = x.shape[0]
-    bm, bn, bk, sk = config.block_m, config.block_n, config.block_k, config.split_k
-    padded = -(-rows_x // bm) * bm
-    if padded != rows_x:
-        x = jnp.pad(x, ((0, padded - rows_x), (0, 0)))
-    k_split = k // sk
-    v_split = k_split // m * n
-    w_split = v_split // layout.per_word
-    steps = k_split // bk
-    kernel = functools.partial(
-        _matmul_kernel,
-        layout=layout,
-        block_k=bk,
-        steps=steps,
-        valid_rows=None if padded == rows_x else rows_x,
+    batch = x.shape[0]
+    planes = x_planes(x, m)
+    bp = planes.shape[-1]
+    scratch = [plgpu.SMEM((config.block_n, bp), jnp.float32)]
+    if config.expand == "smem":
+        scratch.append(
+            plgpu.SMEM(
+                (m, config.block_n, _S), x.dtype, transforms=_mma_transforms(_S, x.dtype.itemsize)
+            )
+        )
+    kernel = plgpu.kernel(
+        functools.partial(_body, layout=layout, config=config, groups=k // m),
+        out_type=jax.ShapeDtypeStruct((config.split_k, cols, bp), jnp.float32),
+        scratch_types=scratch,
+        grid=(cols // config.block_n, config.split_k),
+        grid_names=("n", "s"),
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup
+        ),
+        interpret=interpret_params() if interpret else None,
     )
-    grid = (padded // bm, cols // bn, sk)
-    in_specs = [
-        pl.BlockSpec((bm, k_split), lambda i, j, s: (i, s)),
-        pl.BlockSpec((v_split, bn), lambda i, j, s: (s, j)),
-        pl.BlockSpec((w_split, bn), lambda i, j, s: (s, j)),
-    ]
-    if sk == 1:
-        out_shape = jax.ShapeDtypeStruct((padded, cols), out_dtype)
-        out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
-    else:
-        out_shape = jax.ShapeDtypeStruct((sk, padded, cols), jnp.float32)
-        out_spec = pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j))
-    y = pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=grid,
-        in_specs=in_specs,
-        out_specs=out_spec,
-        interpret=interpret,
-        compiler_params=None
-        if interpret
-        else triton_compiler_params(num_warps=config.num_warps, num_stages=config.num_stages),
-        name="nm_matmul",
-    )(x, values, meta)
-    if sk > 1:  # slice first: the padded rows were never written
-        return jnp.sum(y[:, :rows_x], axis=0).astype(out_dtype)
-    return y[:rows_x]
+    partials = kernel(planes, values, meta)
+    return jnp.sum(partials, axis=0)[:, :batch].T.astype(x.dtype)

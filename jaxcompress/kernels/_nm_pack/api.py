@@ -1,14 +1,13 @@
-"""Public pack / unpack entry points with ``implementation=`` dispatch."""
+"""Public pack / unpack entry points (fused XLA on every backend)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from jaxcompress.kernels._common import check_array, check_nm, resolve_implementation
+from jaxcompress.kernels._common import MetaLayout, check_array, check_nm
 from jaxcompress.kernels._nm_mask.reference import nm_violations_reference
 from jaxcompress.kernels._nm_pack.format import PackedNM, check_packed
-from jaxcompress.kernels._nm_pack.kernel import pack_pallas, unpack_pallas
 from jaxcompress.kernels._nm_pack.reference import pack_reference, unpack_reference
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -18,15 +17,16 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def pack_nm(w: jax.Array, n: int = 2, m: int = 4, *, implementation: str | None = None) -> PackedNM:
-    """Packs an N:M-sparse ``(K, N)`` weight into values + 2-bit (m=4) index metadata.
+def pack_nm(w: jax.Array, n: int = 2, m: int = 4) -> PackedNM:
+    """Packs an N:M-sparse ``(K, N)`` weight into value planes + index words (layout v2).
 
     Groups are ``m`` consecutive rows of the contracting axis ``K`` (the ``in`` axis of a
     Flax Dense kernel), per column. Of every group the ``n`` kept entries are stored in index
-    order in ``values`` ``(K*n/m, N)`` and their in-group indices in ``meta`` (layout in
-    :class:`PackedNM`). Bytes: ``K*N*(n/m)*itemsize + K*N*(n/m)*bits/8``; for bf16 2:4 that
-    is 9/16 of the dense weight (36 of 64 bits per group), the 1.78x bandwidth ceiling of
-    Mishra et al. (2021), arXiv:2104.08378.
+    order in ``values`` ``(n, N, K/m)`` and their in-group indices in ``meta`` (layout in
+    :class:`PackedNM` and :class:`MetaLayout`). Bytes: ``K*N*(n/m)*itemsize`` of values plus
+    ``K*N*(n/m)*bits/8`` of indices; for bf16 2:4 that is 9/16 of the dense weight (36 of
+    64 bits per group), the 1.78x bandwidth ceiling of Mishra et al. (2021),
+    arXiv:2104.08378. Runs as one fused XLA computation on every backend.
 
     Other layouts reshape to 2-D first: a Conv kernel ``(kh, kw, in, out)`` becomes
     ``w.reshape(kh*kw*in, out)`` (its im2col order; when ``in % m == 0`` the groups are the
@@ -38,7 +38,6 @@ def pack_nm(w: jax.Array, n: int = 2, m: int = 4, *, implementation: str | None 
       w: ``(K, N)`` float32/bfloat16/float16 weight with ``K % m == 0``.
       n: entries kept per group, ``1 <= n < m``.
       m: group size, ``2 <= m <= 16``.
-      implementation: ``'xla'``, ``'pallas'``, ``'interpret'`` or ``None`` (by platform).
 
     Returns:
       :class:`PackedNM` with ``unpack_nm(pack_nm(w)) == w`` bit for bit.
@@ -60,7 +59,6 @@ def pack_nm(w: jax.Array, n: int = 2, m: int = 4, *, implementation: str | None 
             f"w.shape[0]={k} (the contracting axis K of a (K, N) weight) must be divisible by "
             f"m={m}; got w of shape {tuple(w.shape)}"
         )
-    impl = resolve_implementation(implementation)
     if _is_concrete(w) and w.size:
         bad = int(nm_violations_reference(w, n, m))
         if bad:
@@ -68,29 +66,26 @@ def pack_nm(w: jax.Array, n: int = 2, m: int = 4, *, implementation: str | None 
                 f"w is not {n}:{m} sparse along axis 0: {bad} of {k // m * cols} groups of {m} "
                 f"have more than {n} nonzeros; apply nm_mask first (w * nm_mask(w, {n}, {m}))"
             )
-    if w.size == 0 or impl == "xla":
-        values, meta = pack_reference(w, n, m)
+    layout = MetaLayout(n, m, jnp.dtype(w.dtype).itemsize)
+    stride = layout.stride(k // m)
+    if w.size == 0:
+        groups = k // m
+        values = jnp.zeros((n, cols, groups), w.dtype)
+        meta = jnp.zeros((n, cols, layout.words(groups, stride)), layout.word_dtype)
     else:
-        values, meta = pack_pallas(w, n, m, interpret=impl == "interpret")
-    return PackedNM(values=values, meta=meta, shape=(int(k), int(cols)), n=n, m=m)
+        values, meta = pack_reference(w, n, m)
+    return PackedNM(values=values, meta=meta, shape=(int(k), int(cols)), n=n, m=m, stride=stride)
 
 
-def unpack_nm(packed: PackedNM, *, implementation: str | None = None) -> jax.Array:
+def unpack_nm(packed: PackedNM) -> jax.Array:
     """Dense ``(K, N)`` weight of a :class:`PackedNM`; the exact inverse of :func:`pack_nm`.
 
     Args:
       packed: output of :func:`pack_nm` (or a pytree-mapped copy of one).
-      implementation: ``'xla'``, ``'pallas'``, ``'interpret'`` or ``None`` (by platform).
     """
     packed = check_packed("packed", packed)
-    impl = resolve_implementation(implementation)
-    if impl == "xla" or packed.values.size == 0:
-        return unpack_reference(packed.values, packed.meta, packed.shape, packed.n, packed.m)
-    return unpack_pallas(
-        packed.values,
-        packed.meta,
-        shape=packed.shape,
-        n=packed.n,
-        m=packed.m,
-        interpret=impl == "interpret",
+    if packed.values.size == 0:
+        return jnp.zeros(packed.shape, packed.values.dtype)
+    return unpack_reference(
+        packed.values, packed.meta, packed.shape, packed.n, packed.m, packed.stride
     )

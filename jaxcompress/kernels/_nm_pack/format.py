@@ -1,34 +1,45 @@
-"""``PackedNM``: a 2-D weight in compressed N:M form, registered as a pytree."""
+"""``PackedNM``: a 2-D weight in compressed N:M form (layout v2), registered as a pytree."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress.kernels._common import META_DTYPE, MetaLayout, check_nm
+from jaxcompress.kernels._common import MetaLayout, check_nm
+
+_VALUE_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16))
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PackedNM:
-    """An N:M-sparse ``(K, N)`` weight ``W`` stored as kept values plus packed indices.
+    """An N:M-sparse ``(K, N)`` weight ``W`` stored as value planes plus index planes.
 
-    Pytree children: ``values`` and ``meta``; static aux data: ``shape``, ``n``, ``m``
-    (so ``jit``, ``grad``, Orbax and shardings see two arrays).
+    The layout streams: every plane is output-major ``(N, ...)`` with the groups of the
+    contracting axis contiguous, so a kernel tile of output units by groups is one
+    rectangular copy from each plane, and the expansion to dense is elementwise on
+    equally shaped tiles (:class:`~jaxcompress.kernels.MetaLayout`).
+
+    Pytree children: ``values`` and ``meta``; static aux data: ``shape``, ``n``, ``m``,
+    ``stride`` (so ``jit``, ``grad``, Orbax and shardings see two arrays).
 
     Attributes:
-      values: ``(K*n/m, N)`` kept entries, row ``g*n + t`` = the ``t``-th kept entry (in
-        increasing index order) of group ``g`` (rows ``g*m .. g*m+m-1`` of ``W``).
-      meta: ``(ceil(K*n/m / per_word), N)`` ``uint8`` words of in-group indices; bit layout
-        in :class:`jaxcompress.kernels._common.MetaLayout` (2:4: four 2-bit indices per
-        byte, index of value row ``4w+f`` at bits ``2f..2f+1`` of ``meta[w]``).
+      values: ``(n, N, K/m)``; ``values[t, j, g]`` is the ``t``-th kept entry (in increasing
+        index order) of group ``g`` (rows ``g*m .. g*m+m-1`` of ``W``) of column ``j``.
+      meta: ``(n, N, words)`` unsigned words of ``values``' bit width holding the in-group
+        indices, bit layout in :class:`~jaxcompress.kernels.MetaLayout`.
       shape: ``(K, N)`` of the dense weight; ``K`` is the contracting axis.
       n, m: the pattern (``n`` kept per group of ``m``).
+      stride: interleave stride of the index fields (``MetaLayout.stride(K/m)``).
 
-    ``dtype`` is ``values.dtype``. Conv or stacked weights are packed after a reshape to
-    2-D, see :func:`jaxcompress.kernels.pack_nm`.
+    Bytes (:attr:`nbytes`): ``K*N*n/m*itemsize`` of values plus ``n*N*words*itemsize`` of
+    words, ``K*N*n/m*bits/8`` when ``K/m`` is a multiple of ``per_word``: for bf16 2:4,
+    36 bits per 4 weights instead of 64 (9/16 of dense, a 1.78x bandwidth ceiling).
+    Conv or stacked weights are packed after a reshape to 2-D, see
+    :func:`jaxcompress.kernels.pack_nm`.
     """
 
     values: jax.Array
@@ -36,6 +47,7 @@ class PackedNM:
     shape: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
     n: int = dataclasses.field(metadata=dict(static=True))
     m: int = dataclasses.field(metadata=dict(static=True))
+    stride: int = dataclasses.field(metadata=dict(static=True))
 
     @property
     def dtype(self):
@@ -43,12 +55,33 @@ class PackedNM:
 
     @property
     def layout(self) -> MetaLayout:
-        return MetaLayout(self.n, self.m)
+        return MetaLayout(self.n, self.m, np.dtype(self.values.dtype).itemsize)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the packed form (values + metadata)."""
-        return int(self.values.size * np.dtype(self.values.dtype).itemsize + self.meta.size)
+        """Bytes of the packed form (values + index words)."""
+        return int(
+            self.values.size * np.dtype(self.values.dtype).itemsize
+            + self.meta.size * np.dtype(self.meta.dtype).itemsize
+        )
+
+    def astype(self, dtype) -> PackedNM:
+        """The same weight with values cast to ``dtype``; the index words are re-laid out
+        when the value width changes (words share the values' bit width)."""
+        from jaxcompress.kernels._nm_pack.reference import pack_fields, unpack_fields
+
+        dtype = jnp.dtype(dtype)
+        if dtype not in _VALUE_DTYPES:
+            raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        values = self.values.astype(dtype)
+        if dtype.itemsize == np.dtype(self.values.dtype).itemsize:
+            return dataclasses.replace(self, values=values)
+        groups = self.shape[0] // self.m
+        new = MetaLayout(self.n, self.m, dtype.itemsize)
+        stride = new.stride(groups)
+        idx = unpack_fields(self.meta, groups, self.layout, self.stride)
+        meta = pack_fields(idx, new, stride)
+        return dataclasses.replace(self, values=values, meta=meta, stride=stride)
 
     @property
     def dense_nbytes(self) -> int:
@@ -71,17 +104,27 @@ def check_packed(name: str, packed) -> PackedNM:
     k, cols = shape
     if k % m:
         raise ValueError(f"{name}.shape[0]={k} must be divisible by {name}.m={m}")
-    layout = MetaLayout(n, m)
-    want_values = (layout.value_rows(k), cols)
-    want_meta = (layout.meta_rows(k), cols)
+    dtype = jnp.dtype(packed.values.dtype)
+    if dtype not in _VALUE_DTYPES:
+        raise TypeError(f"{name}.values must be float32, bfloat16 or float16, got {dtype}")
+    layout = MetaLayout(n, m, dtype.itemsize)
+    groups = k // m
+    if packed.stride != layout.stride(groups):
+        raise ValueError(
+            f"{name}.stride={packed.stride!r} does not match the layout of shape={shape}, "
+            f"{n}:{m}, {dtype} (expected {layout.stride(groups)}); repack with pack_nm"
+        )
+    want_values = (n, cols, groups)
+    want_meta = (n, cols, layout.words(groups, packed.stride))
     if tuple(packed.values.shape) != want_values:
         raise ValueError(
             f"{name}.values must have shape {want_values} for shape={shape}, {n}:{m}; got "
             f"{tuple(packed.values.shape)}"
         )
-    if tuple(packed.meta.shape) != want_meta or packed.meta.dtype != META_DTYPE:
+    word = jnp.dtype(layout.word_dtype)
+    if tuple(packed.meta.shape) != want_meta or jnp.dtype(packed.meta.dtype) != word:
         raise ValueError(
-            f"{name}.meta must be {np.dtype(META_DTYPE).name}{want_meta} for shape={shape}, "
-            f"{n}:{m}; got {packed.meta.dtype}{tuple(packed.meta.shape)}"
+            f"{name}.meta must be {word.name}{want_meta} for shape={shape}, {n}:{m}, "
+            f"{dtype}; got {packed.meta.dtype}{tuple(packed.meta.shape)}"
         )
     return packed
