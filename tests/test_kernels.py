@@ -1,7 +1,9 @@
-"""Tests for jaxcompress.kernels: N:M mask, pack/unpack, matmul, dispatch.
+"""Tests for jaxcompress.kernels: N:M mask, pack/unpack (layout v2), matmul, dispatch.
 
-Every Pallas kernel is checked against its pure-jnp reference in interpret mode (CPU);
-tests marked ``gpu`` run the compiled Triton path and are excluded by default.
+The Mosaic GPU kernel runs on CPU through the Mosaic GPU interpreter
+(``implementation='interpret'``) and is checked bit for bit against the float32 product;
+its lowering to Mosaic GPU for an abstract H100 is checked without a GPU; tests marked
+``gpu`` run the compiled kernel and are excluded by default.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from jaxcompress.kernels import (
     select_implementation,
     unpack_nm,
 )
+from jaxcompress.kernels._nm_matmul.api import INTERPRETER_TAKES_REGISTER_A
+from jaxcompress.kernels._nm_matmul.config import MAX_BATCH, SMEM_BYTES
 
 PATTERNS = [(2, 4), (1, 4), (4, 8), (2, 8), (1, 2), (3, 4)]
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
@@ -47,7 +51,7 @@ def _weight(key, shape, dtype=jnp.float32):
 
 def _nm_weight(key, k, cols, n, m, dtype=jnp.float32):
     w = _weight(key, (k, cols), dtype)
-    return w * nm_mask(w, n, m, implementation="xla")
+    return jnp.where(nm_mask(w, n, m), w, 0)
 
 
 def _dense_mm(x, w):
@@ -90,9 +94,6 @@ def test_mask_ties_go_to_the_lowest_index_and_nan_ranks_first():
     np.testing.assert_array_equal(mask[:, 0], [1, 1, 0, 0, 1, 1, 0, 0])
     w = jnp.array([[1.0], [jnp.inf], [jnp.nan], [-5.0]])
     np.testing.assert_array_equal(np.asarray(nm_mask(w))[:, 0], [0, 1, 1, 0])
-    np.testing.assert_array_equal(
-        np.asarray(nm_mask(w, implementation="interpret"))[:, 0], [0, 1, 1, 0]
-    )
 
 
 def test_mask_agrees_with_library_masks_nm():
@@ -108,29 +109,6 @@ def test_mask_agrees_with_library_masks_nm():
         for name in params:
             w = params[name]["kernel"]
             np.testing.assert_array_equal(np.asarray(nm_mask(w, n, m)), lib[name]["kernel"])
-    lib = masks.nm(params, 2, 4)["dense"]["kernel"]
-    kernel = nm_mask(params["dense"]["kernel"], implementation="interpret")
-    np.testing.assert_array_equal(np.asarray(kernel), lib)
-
-
-def _tiles(max_groups: int):
-    """Hypothesis: an N:M ``pattern``, 1..``max_groups`` groups, 1..9 columns, a dtype."""
-    return given(
-        pattern=st.sampled_from(PATTERNS),
-        groups=st.integers(1, max_groups),
-        cols=st.integers(1, 9),
-        dtype=st.sampled_from(DTYPES),
-    )
-
-
-@SETTINGS
-@_tiles(max_groups=6)
-def test_mask_kernel_matches_reference(pattern, groups, cols, dtype):
-    n, m = pattern
-    w = _weight(groups * 31 + cols, (groups * m, cols), dtype)
-    np.testing.assert_array_equal(
-        nm_mask(w, n, m, implementation="interpret"), nm_mask(w, n, m, implementation="xla")
-    )
 
 
 def test_violations_counts_groups_with_too_many_nonzeros():
@@ -145,59 +123,103 @@ def test_violations_counts_groups_with_too_many_nonzeros():
 # --------------------------------------------------------------------------- pack/unpack
 
 
+def _pack_oracle(w: np.ndarray, n: int, m: int, per: int, bits: int, stride: int):
+    """Independent statement of layout v2 with Python loops: ``(values, words)``."""
+    k, cols = w.shape
+    groups = k // m
+    values = np.zeros((n, cols, groups), w.dtype)
+    words = np.zeros((n, cols, -(-groups // (per * stride)) * stride), np.uint64)
+    for j in range(cols):
+        for g in range(groups):
+            members = w[g * m : (g + 1) * m, j]
+            order = sorted(range(m), key=lambda c: (-abs(float(members[c])), c))
+            kept = sorted(order[:n])
+            b, r = divmod(g, per * stride)
+            f, p = divmod(r, stride)
+            for t, c in enumerate(kept):
+                values[t, j, g] = members[c]
+                words[t, j, b * stride + p] |= np.uint64(c) << np.uint64(f * bits)
+    return values, words
+
+
 def test_pack_bit_layout_2_4():
     # groups (rows 0-3, rows 4-7) keep in-group indices (1, 3) and (0, 2)
     w = jnp.array([0.0, 1.0, 0.0, 2.0, 3.0, 0.0, 4.0, 0.0])[:, None]
     packed = pack_nm(w)
-    np.testing.assert_array_equal(np.asarray(packed.values)[:, 0], [1, 2, 3, 4])
-    assert packed.meta.dtype == jnp.uint8 and packed.meta.shape == (1, 1)
-    assert int(packed.meta[0, 0]) == 1 | 3 << 2 | 0 << 4 | 2 << 6
-    assert int(pack_nm(w, implementation="interpret").meta[0, 0]) == 141
+    np.testing.assert_array_equal(np.asarray(packed.values)[:, 0], [[1, 3], [2, 4]])
+    assert packed.meta.dtype == jnp.uint32 and packed.meta.shape == (2, 1, 1)
+    assert packed.stride == 1
+    assert int(packed.meta[0, 0, 0]) == 1 | 0 << 2  # slot 0 of groups 0, 1
+    assert int(packed.meta[1, 0, 0]) == 3 | 2 << 2  # slot 1
+    bf16 = pack_nm(w.astype(jnp.bfloat16))
+    assert bf16.meta.dtype == jnp.uint16 and int(bf16.meta[1, 0, 0]) == 11
+
+
+def test_pack_interleaves_fields_at_the_kernel_stride():
+    layout = MetaLayout(2, 4, 2)
+    assert (layout.bits, layout.per_word, layout.stride(256)) == (2, 8, 16)
+    assert (layout.stride(64), layout.stride(196)) == (8, 1)
+    # group g keeps members (g mod 3, 3): slot 0 holds g mod 3 at field (g // 16) % 8 of
+    # word (g // 128) * 16 + g % 16
+    k = 1024
+    g = np.arange(k // 4)
+    w = np.zeros((k, 2), np.float32)
+    w[g * 4 + g % 3, :] = 1.0
+    w[g * 4 + 3, :] = -2.0
+    packed = pack_nm(jnp.asarray(w, jnp.bfloat16))
+    assert packed.stride == 16 and packed.meta.shape == (2, 2, 32)
+    word = np.asarray(packed.meta[0, 0], np.int64)
+    for gi in (0, 17, 130, 255):
+        field = (word[(gi // 128) * 16 + gi % 16] >> (2 * ((gi // 16) % 8))) & 3
+        assert field == gi % 3
+    assert (np.asarray(packed.meta[1]) == 0xFFFF).all()  # slot 1 is index 3 everywhere
 
 
 def test_pack_bit_layout_4_bit_fields_for_m_8():
-    layout = MetaLayout(2, 8)
-    assert (layout.bits, layout.per_word) == (4, 2)
+    layout = MetaLayout(2, 8, 4)
+    assert (layout.bits, layout.per_word) == (4, 8)
     w = jnp.zeros((8, 1)).at[2, 0].set(1.0).at[5, 0].set(-1.0)
     packed = pack_nm(w, 2, 8)
-    assert int(packed.meta[0, 0]) == 2 | 5 << 4
+    assert int(packed.meta[0, 0, 0]) == 2 and int(packed.meta[1, 0, 0]) == 5
 
 
 def test_pack_zero_fills_groups_and_unused_fields():
-    w = jnp.zeros((4, 3)).at[3, 1].set(2.0)  # one group, 2 of 4 fields used
-    for impl in ("xla", "interpret"):
-        packed = pack_nm(w, implementation=impl)
-        meta = np.asarray(packed.meta)
-        assert meta.shape == (1, 3)
-        # column 0: no nonzeros -> lowest-index zeros (0, 1); column 1: (0, 3)
-        np.testing.assert_array_equal(meta[0], [0 | 1 << 2, 0 | 3 << 2, 0 | 1 << 2])
-        np.testing.assert_array_equal(unpack_nm(packed), w)
+    w = jnp.zeros((4, 3)).at[3, 1].set(2.0)  # one group
+    packed = pack_nm(w)
+    meta = np.asarray(packed.meta)
+    assert meta.shape == (2, 3, 1)
+    # column 0: no nonzeros -> lowest-index zeros (0, 1); column 1: (0, 3)
+    np.testing.assert_array_equal(meta[:, :, 0], [[0, 0, 0], [1, 3, 1]])
+    np.testing.assert_array_equal(unpack_nm(packed), w)
 
 
 @SETTINGS
-@_tiles(max_groups=7)
-def test_pack_kernels_match_reference_and_round_trip(pattern, groups, cols, dtype):
+@given(
+    pattern=st.sampled_from(PATTERNS),
+    groups=st.sampled_from([1, 3, 8, 24, 256]),
+    cols=st.integers(1, 5),
+    dtype=st.sampled_from(DTYPES),
+)
+def test_pack_matches_the_oracle_and_round_trips(pattern, groups, cols, dtype):
     n, m = pattern
     w = _nm_weight(groups * 17 + cols, groups * m, cols, n, m, dtype)
-    ref = pack_nm(w, n, m, implementation="xla")
-    ker = pack_nm(w, n, m, implementation="interpret")
-    np.testing.assert_array_equal(ker.values, ref.values)
-    np.testing.assert_array_equal(ker.meta, ref.meta)
-    assert ref.values.shape == (groups * n, cols) and ref.dtype == dtype
-    dense = np.asarray(w)
-    for impl in ("xla", "interpret"):
-        back = unpack_nm(ref, implementation=impl)
-        assert back.dtype == dtype
-        np.testing.assert_array_equal(np.asarray(back), dense)
+    packed = pack_nm(w, n, m)
+    layout = packed.layout
+    values, words = _pack_oracle(np.asarray(w), n, m, layout.per_word, layout.bits, packed.stride)
+    np.testing.assert_array_equal(np.asarray(packed.values), values)
+    np.testing.assert_array_equal(np.asarray(packed.meta).astype(np.uint64), words)
+    assert packed.values.shape == (n, cols, groups) and packed.dtype == dtype
+    back = unpack_nm(packed)
+    assert back.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(back), np.asarray(w))
 
 
 def test_round_trip_is_bitwise_including_negative_zero():
     # group 0 keeps 3.0 and its lowest-index zero (-0.0); group 1 drops its -0.0
     w = jnp.array([-0.0, 3.0, 0.0, 0.0, 1.0, -0.0, 0.0, -2.0])[:, None]
-    for impl in ("xla", "interpret"):
-        back = np.asarray(unpack_nm(pack_nm(w, implementation=impl), implementation=impl))
-        np.testing.assert_array_equal(back, np.asarray(w))
-        np.testing.assert_array_equal(np.signbit(back[:, 0]), [1, 0, 0, 0, 0, 0, 0, 1])
+    back = np.asarray(unpack_nm(pack_nm(w)))
+    np.testing.assert_array_equal(back, np.asarray(w))
+    np.testing.assert_array_equal(np.signbit(back[:, 0]), [1, 0, 0, 0, 0, 0, 0, 1])
 
 
 def test_packed_is_a_pytree_with_static_shape():
@@ -205,12 +227,27 @@ def test_packed_is_a_pytree_with_static_shape():
     leaves, treedef = jax.tree_util.tree_flatten(packed)
     assert len(leaves) == 2
     rebuilt = jax.tree_util.tree_unflatten(treedef, leaves)
-    assert (rebuilt.shape, rebuilt.n, rebuilt.m) == ((8, 4), 2, 4)
+    assert (rebuilt.shape, rebuilt.n, rebuilt.m, rebuilt.stride) == ((8, 4), 2, 4, 1)
     doubled = jax.tree.map(lambda x: x, packed)
     assert isinstance(doubled, PackedNM)
     out = jax.jit(lambda p: unpack_nm(p))(packed)
     np.testing.assert_array_equal(out, unpack_nm(packed))
-    assert packed.nbytes == 4 * 4 * 4 + 1 * 4 and packed.dense_nbytes == 8 * 4 * 4
+    assert packed.nbytes == 2 * 4 * 2 * 4 + 2 * 4 * 1 * 4 and packed.dense_nbytes == 8 * 4 * 4
+
+
+def test_packed_bytes_are_nine_sixteenths_of_dense_for_bf16_2_4():
+    packed = pack_nm(_nm_weight(4, 2048, 64, 2, 4, jnp.bfloat16))
+    assert packed.nbytes * 16 == packed.dense_nbytes * 9
+
+
+@pytest.mark.parametrize("src,dst", [(jnp.float32, jnp.bfloat16), (jnp.bfloat16, jnp.float32)])
+def test_astype_re_lays_out_the_index_words(src, dst):
+    w = _nm_weight(5, 2048, 8, 2, 4, src)
+    cast = pack_nm(w).astype(dst)
+    direct = pack_nm(w.astype(dst))
+    assert cast.stride == direct.stride and cast.meta.dtype == direct.meta.dtype
+    np.testing.assert_array_equal(cast.meta, direct.meta)
+    np.testing.assert_array_equal(unpack_nm(cast), w.astype(dst))
 
 
 def test_pack_rejects_non_nm_weights_with_a_count():
@@ -230,6 +267,28 @@ def test_pack_under_jit_projects_by_magnitude():
 
 # --------------------------------------------------------------------------- nm_matmul
 
+# jax < 0.12's Mosaic GPU interpreter reads wgmma's A operand only from shared memory
+_EXPANSIONS = ["smem"] + (["registers"] if INTERPRETER_TAKES_REGISTER_A else [])
+
+
+def _int_weight(key, k, cols, dtype=jnp.bfloat16):
+    """Small integers: every product and partial sum is exact in float32, so any order of
+    accumulation gives the same float32 result (bit-exact comparisons)."""
+    rng = np.random.default_rng(key)
+    w = jnp.asarray(rng.integers(-4, 5, (k, cols)), dtype)
+    return jnp.where(nm_mask(w), w, 0)
+
+
+def _int_x(key, batch, k, dtype=jnp.bfloat16):
+    """Dense small-integer activations."""
+    return jnp.asarray(np.random.default_rng(key).integers(-4, 5, (batch, k)), dtype)
+
+
+def _exact(x, w):
+    """``x @ w`` in float32 (exact for small integers), rounded once to ``x.dtype``."""
+    y = np.asarray(x, np.float32) @ np.asarray(w, np.float32)
+    return np.asarray(jnp.asarray(y).astype(x.dtype), np.float32)
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_matmul_reference_equals_dense(dtype):
@@ -240,34 +299,32 @@ def test_matmul_reference_equals_dense(dtype):
     _close(y, _dense_mm(x, w), dtype)
 
 
-@SETTINGS
-@given(
-    pattern=st.sampled_from([(2, 4), (1, 4), (4, 8), (1, 2)]),
-    rows=st.integers(1, 5),
-    periods=st.integers(1, 3),
-    cols_log=st.integers(0, 4),
-    dtype=st.sampled_from(DTYPES),
+@pytest.mark.parametrize("expand", _EXPANSIONS)
+@pytest.mark.parametrize(
+    "k,cols,batch,split_k,dtype",
+    [
+        (512, 64, 1, 1, jnp.bfloat16),
+        (1024, 128, 5, 2, jnp.bfloat16),
+        (1536, 64, 17, 1, jnp.float16),
+    ],
 )
-def test_matmul_kernel_matches_reference(pattern, rows, periods, cols_log, dtype):
-    n, m = pattern
-    k = MetaLayout(n, m).period_dense * periods
-    cols = 3 << cols_log  # not a power of two: exercises the column tile choice
-    w = _nm_weight(rows + periods, k, cols, n, m, dtype)
-    x = _weight(rows * 7 + cols, (rows, k), dtype)
-    packed = pack_nm(w, n, m)
-    ref = nm_matmul(x, packed, implementation="xla")
-    got = nm_matmul(x, packed, implementation="interpret")
-    assert got.dtype == dtype and got.shape == (rows, cols)
-    _close(got, ref, dtype)
+def test_kernel_is_bit_exact_in_the_interpreter(k, cols, batch, split_k, dtype, expand):
+    w = _int_weight(k + cols, k, cols, dtype)
+    x = _int_x(batch, batch, k, dtype)
+    config = NMMatmulConfig(split_k=split_k, max_concurrent_steps=2, expand=expand)
+    y = nm_matmul(x, pack_nm(w), implementation="interpret", config=config)
+    assert y.dtype == dtype and y.shape == (batch, cols)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), _exact(x, w))
 
 
-def test_matmul_kernel_with_split_k_and_padded_rows():
-    w = _nm_weight(8, 64, 32, 2, 4)
-    x = _weight(9, (5, 64))
-    packed = pack_nm(w)
-    config = NMMatmulConfig(block_m=4, block_n=16, block_k=16, split_k=2)
-    got = nm_matmul(x, packed, implementation="interpret", config=config)
-    _close(got, _dense_mm(x, w), jnp.float32)
+def test_kernel_default_config_in_the_interpreter_on_a_3d_batch():
+    w = _int_weight(30, 1024, 64)
+    x = _int_x(31, 6, 1024).reshape(2, 3, 1024)
+    y = nm_matmul(x, pack_nm(w), implementation="interpret")
+    assert y.shape == (2, 3, 64)
+    np.testing.assert_array_equal(
+        np.asarray(y, np.float32).reshape(6, 64), _exact(x.reshape(6, 1024), w)
+    )
 
 
 def test_matmul_handles_vector_and_empty_batches():
@@ -279,103 +336,91 @@ def test_matmul_handles_vector_and_empty_batches():
     assert nm_matmul(jnp.zeros((0, 16)), packed).shape == (0, 8)
 
 
-@pytest.mark.parametrize("implementation", ["xla", "interpret"])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(
+    "implementation,dtype",
+    [("xla", jnp.float32), ("xla", jnp.bfloat16), ("interpret", jnp.bfloat16)],
+)
 def test_matmul_gradients_match_dense(implementation, dtype):
-    w = _nm_weight(12, 16, 16, 2, 4, dtype)
+    k = 512 if implementation == "interpret" else 16
+    cols = 64 if implementation == "interpret" else 16
+    w = _int_weight(12, k, cols, dtype)
     packed = pack_nm(w)
-    x = _weight(13, (3, 16), dtype)
+    x = _int_x(13, 3, k, dtype)
+    config = NMMatmulConfig(max_concurrent_steps=1, expand="smem")
 
     def loss_sparse(x, values):
-        p = PackedNM(values, packed.meta, packed.shape, packed.n, packed.m)
-        y = nm_matmul(x, p, implementation=implementation).astype(jnp.float32)
-        return jnp.sum(jnp.sin(y))
+        p = PackedNM(values, packed.meta, packed.shape, packed.n, packed.m, packed.stride)
+        y = nm_matmul(x, p, implementation=implementation, config=config)
+        return jnp.sum(y.astype(jnp.float32) ** 2) / 1e3
 
     def loss_dense(x, w):
-        return jnp.sum(jnp.sin(_dense_mm(x, w).astype(jnp.float32)))
+        return jnp.sum(_dense_mm(x, w).astype(jnp.float32) ** 2) / 1e3
 
     gx, gv = jax.grad(loss_sparse, argnums=(0, 1))(x, packed.values)
     gx_ref, gw_ref = jax.grad(loss_dense, argnums=(0, 1))(x, w)
     _close(gx, gx_ref, dtype)
-    gw = unpack_nm(PackedNM(gv, packed.meta, packed.shape, 2, 4))
+    gw = unpack_nm(PackedNM(gv, packed.meta, packed.shape, 2, 4, packed.stride))
     _close(gw, jnp.where(nm_mask(w), gw_ref, 0), dtype)
     # and through the pytree: the cotangent of PackedNM carries values only
     gp = jax.grad(
-        lambda p: jnp.sum(nm_matmul(x, p, implementation=implementation)), allow_int=True
+        lambda p: jnp.sum(nm_matmul(x, p, implementation="xla").astype(jnp.float32)),
+        allow_int=True,
     )(packed)
     assert isinstance(gp, PackedNM) and gp.meta.dtype == jax.dtypes.float0
 
 
 def test_matmul_jit_does_not_recompile():
     packed = pack_nm(_nm_weight(14, 16, 8, 2, 4))
-    f = jit_counting(lambda x, p: nm_matmul(x, p, implementation="interpret"))
+    f = jit_counting(lambda x, p: nm_matmul(x, p, implementation="xla"))
     f(_weight(15, (2, 16)), packed)
     with count_compiles() as counter:
         f(_weight(16, (2, 16)), packed)
     assert f.traces == 1 and counter.compiles == 0
 
 
-def test_default_config_tiles_fit_the_gpu_shapes_of_the_benchmark():
-    layout = MetaLayout(2, 4)
-    for k, cols in [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)]:
-        for batch in (1, 4, 16, 64, 256, 1024, 4096):
+_BENCH_SHAPES = [(4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672)]
+
+
+def test_default_config_fits_the_benchmark_shapes_and_shared_memory():
+    layout = MetaLayout(2, 4, 2)
+    for k, cols in _BENCH_SHAPES:
+        for batch in (1, 2, 4, 8, 16, 64):
             cfg = NMMatmulConfig.default(batch, k, cols, layout)
-            cfg.check(k, cols, layout, min_dot=16)
-            assert cfg.block_k // layout.period_dense >= 16
-    with pytest.raises(ValueError, match="no Pallas N:M matmul tiling"):
-        NMMatmulConfig.default(1, 24, 16, layout)
+            cfg.check(batch, k, cols, layout, layout.stride(k // 4))
+            assert cfg.smem_bytes(batch, layout) <= SMEM_BYTES
+            assert (cols // cfg.block_n) * cfg.split_k >= 132 or k // cfg.split_k == 512
+    with pytest.raises(ValueError, match="must be a multiple of 512"):
+        NMMatmulConfig.default(1, 1000, 64, layout)
 
 
-@pytest.mark.parametrize("n,m", [(2, 4), (4, 8)])
-def test_kernels_lower_to_triton_for_cuda(n, m):
-    """Without a GPU, check every kernel passes the Pallas -> Triton (TTIR) lowering for the
-    benchmark shapes (op coverage, power-of-two tensor sizes, Triton backend selected).
+@pytest.mark.parametrize(
+    "k,cols,batch,dtype,expand",
+    [(4096, 14336, 1, jnp.bfloat16, "registers"), (14336, 4096, 64, jnp.float16, "smem")],
+)
+def test_kernel_lowers_to_mosaic_gpu_for_an_h100(k, cols, batch, dtype, expand):
+    """Without a GPU, check the kernel passes the whole Pallas -> Mosaic GPU lowering for an
+    abstract H100 (layout inference, TMA descriptors, shared-memory budget, and the PTX of
+    ``wgmma`` with the A operand from registers or shared memory)."""
+    from jaxcompress.kernels._nm_matmul.kernel import nm_matmul_mosaic
 
-    The lowering targets an abstract H100 (``jax.sharding.AbstractDevice`` on an abstract
-    mesh): jax >= 0.12 asks the device for its compute capability and refuses to lower for
-    CUDA on a machine without one unless the target is named this way.
-    """
-    from jaxcompress.kernels._nm_mask.kernel import nm_mask_pallas
-    from jaxcompress.kernels._nm_matmul.kernel import nm_matmul_pallas
-    from jaxcompress.kernels._nm_pack.kernel import pack_pallas, unpack_pallas
-
-    layout = MetaLayout(n, m)
+    layout = MetaLayout(2, 4, 2)
+    cfg = NMMatmulConfig.default(batch, k, cols, layout)
+    cfg = NMMatmulConfig(cfg.block_n, cfg.block_k, cfg.split_k, cfg.max_concurrent_steps, expand)
     spec = jax.ShapeDtypeStruct
-
     h100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
     target = AbstractMesh((1,), ("x",), abstract_device=h100)
 
-    def lowered(fn, *args):
-        with use_abstract_mesh(target):
-            traced = jax.jit(fn).trace(*args)
-            return traced.lower(lowering_platforms=("cuda",)).as_text()
+    def fn(x, v, meta):
+        return nm_matmul_mosaic(x, v, meta, shape=(k, cols), n=2, m=4, config=cfg, interpret=False)
 
-    cases = [(4096, 11008, 1, jnp.bfloat16), (11008, 4096, 16, jnp.float16)]
-    cases += [(4096, 4096, 4096, jnp.float32)]
-    for k, cols, batch, dtype in cases:
-        cfg = NMMatmulConfig.default(batch, k, cols, layout)
-        text = lowered(
-            lambda x, v, meta, k=k, cols=cols, cfg=cfg: nm_matmul_pallas(
-                x, v, meta, shape=(k, cols), n=n, m=m, config=cfg, interpret=False
-            ),
+    with use_abstract_mesh(target):
+        traced = jax.jit(fn).trace(
             spec((batch, k), dtype),
-            spec((layout.value_rows(k), cols), dtype),
-            spec((layout.meta_rows(k), cols), jnp.uint8),
+            spec((2, cols, k // 4), dtype),
+            spec((2, cols, k // 32), jnp.uint16),
         )
-        assert "xla.gpu.triton" in text
-    w = spec((96, 40), jnp.bfloat16)
-    for fn, args in [
-        (lambda w: nm_mask_pallas(w, n, m, interpret=False), (w,)),
-        (lambda w: pack_pallas(w, n, m, interpret=False), (w,)),
-        (
-            lambda v, meta: unpack_pallas(v, meta, shape=(96, 40), n=n, m=m, interpret=False),
-            (
-                spec((layout.value_rows(96), 40), jnp.bfloat16),
-                spec((layout.meta_rows(96), 40), jnp.uint8),
-            ),
-        ),
-    ]:
-        assert "xla.gpu.triton" in lowered(fn, *args)
+        text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text and "wgmma.mma_async" in text
 
 
 # --------------------------------------------------------------------------- errors
@@ -409,9 +454,9 @@ def test_bad_inputs_are_rejected_with_clear_messages():
         pack_nm(jnp.zeros((2, 8, 4)))
     with pytest.raises(TypeError, match="floating"):
         nm_mask(jnp.zeros((8, 4), jnp.int32))
-    with pytest.raises(ValueError, match="implementation must be one of"):
-        nm_mask(jnp.zeros((8, 4)), implementation="cuda")
     packed = pack_nm(jnp.zeros((8, 4)))
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        nm_matmul(jnp.zeros((2, 8)), packed, implementation="pallas")
     with pytest.raises(ValueError, match=r"x.shape\[-1\]=16 must equal K=8"):
         nm_matmul(jnp.zeros((2, 16)), packed)
     with pytest.raises(TypeError, match=r"x.dtype \(bfloat16\) must equal packed.dtype"):
@@ -419,25 +464,47 @@ def test_bad_inputs_are_rejected_with_clear_messages():
     with pytest.raises(TypeError, match="packed must be a PackedNM"):
         nm_matmul(jnp.zeros((2, 8)), jnp.zeros((8, 4)))
     with pytest.raises(ValueError, match="packed.values must have shape"):
-        nm_matmul(jnp.zeros((2, 8)), PackedNM(jnp.zeros((3, 4)), packed.meta, (8, 4), 2, 4))
-    with pytest.raises(ValueError, match="block_k=12"):
-        nm_matmul(
-            jnp.zeros((2, 8)),
-            packed,
-            implementation="interpret",
-            config=NMMatmulConfig(block_k=12, block_n=4, block_m=2),
-        )
-    with pytest.raises(ValueError, match="block_n must be a power of two"):
+        bad = PackedNM(jnp.zeros((3, 4, 2)), packed.meta, (8, 4), 2, 4, 1)
+        nm_matmul(jnp.zeros((2, 8)), bad)
+    with pytest.raises(ValueError, match="packed.stride=4 does not match"):
+        nm_matmul(jnp.zeros((2, 8)), PackedNM(packed.values, packed.meta, (8, 4), 2, 4, 4))
+    with pytest.raises(ValueError, match="block_n must be 64 or 128"):
         NMMatmulConfig(block_n=48)
+    with pytest.raises(ValueError, match="expand must be one of"):
+        NMMatmulConfig(expand="tmem")
 
 
-@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the error off GPU")
-def test_pallas_without_gpu_is_a_clear_error():
-    with pytest.raises(ValueError, match="implementation='pallas' needs a GPU"):
-        nm_mask(jnp.zeros((8, 4)), implementation="pallas")
-    packed = pack_nm(jnp.zeros((8, 4)))
-    with pytest.raises(ValueError, match="needs a GPU"):
-        nm_matmul(jnp.zeros((2, 8)), packed, implementation="pallas")
+def test_kernel_limits_are_clear_errors_before_any_launch():
+    run = lambda x, p, **kw: nm_matmul(x, p, implementation="interpret", **kw)
+    w = _int_weight(40, 512, 64)
+    packed = pack_nm(w)
+    with pytest.raises(ValueError, match="bfloat16 or float16 operands"):
+        run(jnp.zeros((1, 512)), pack_nm(w.astype(jnp.float32)))
+    with pytest.raises(ValueError, match="stride 16.*K=96"):
+        run(jnp.zeros((1, 96), jnp.bfloat16), pack_nm(_int_weight(41, 96, 64)))
+    with pytest.raises(ValueError, match=f"at most {MAX_BATCH} rows"):
+        run(jnp.zeros((MAX_BATCH + 1, 512), jnp.bfloat16), packed)
+    with pytest.raises(ValueError, match="block_k=256 must be a multiple of the layout period 512"):
+        run(jnp.zeros((1, 512), jnp.bfloat16), packed, config=NMMatmulConfig(block_k=256))
+    with pytest.raises(ValueError, match=r"K=512 must be divisible by block_k\*split_k"):
+        run(jnp.zeros((1, 512), jnp.bfloat16), packed, config=NMMatmulConfig(split_k=2))
+    with pytest.raises(ValueError, match="N=64 must be divisible by NMMatmulConfig.block_n=128"):
+        run(jnp.zeros((1, 512), jnp.bfloat16), packed, config=NMMatmulConfig(block_n=128))
+    with pytest.raises(ValueError, match="bytes of shared memory"):
+        big = NMMatmulConfig(max_concurrent_steps=8)
+        run(jnp.zeros((64, 512), jnp.bfloat16), packed, config=big)
+    with pytest.raises(TypeError, match="expected an NMMatmulConfig"):
+        run(jnp.zeros((1, 512), jnp.bfloat16), packed, config={"block_k": 512})
+    if not INTERPRETER_TAKES_REGISTER_A:
+        with pytest.raises(ValueError, match="expand='smem'"):
+            run(jnp.zeros((1, 512), jnp.bfloat16), packed, config=NMMatmulConfig())
+
+
+@pytest.mark.skipif(K._common.is_hopper(), reason="checks the error off an sm90 GPU")
+def test_mosaic_without_an_sm90_gpu_is_a_clear_error():
+    packed = pack_nm(_int_weight(42, 512, 64))
+    with pytest.raises(ValueError, match="implementation='mosaic' needs an sm90 NVIDIA GPU"):
+        nm_matmul(jnp.zeros((2, 512), jnp.bfloat16), packed, implementation="mosaic")
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -455,31 +522,37 @@ _TABLE = {
 }
 
 
+def _device(kind, capability="9.0"):
+    return types.SimpleNamespace(platform="gpu", device_kind=kind, compute_capability=capability)
+
+
 def test_select_implementation_on_cpu_is_dense():
     assert select_implementation(1, (4096, 4096), jnp.bfloat16) == "dense"
     # every GPU entry of the shipped policy is a measurement (experiments/benchmarks/results)
-    assert set(K.load_policy()["devices"]) == {"cpu", "NVIDIA H100 80GB HBM3"}
+    assert set(K.load_policy()["devices"]) == {"cpu"}
 
 
-def test_shipped_policy_keeps_the_h100_dense():
-    """The H100 entry comes from experiments/benchmarks/results/nm_kernels_h100: the kernel
-    lost to dense jnp.dot at every measured point, so every batch must stay dense."""
-    h100 = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")
-    for dtype in (jnp.bfloat16, jnp.float16):
-        for shape in [(4096, 4096), (11008, 4096), (8192, 8192), (1024, 1024)]:
-            for batch in (1, 16, 4096):
-                assert select_implementation(batch, shape, dtype, h100) == "dense"
+def test_unmeasured_hopper_stays_dense():
+    for kind in ("NVIDIA H100 80GB HBM3", "NVIDIA H200"):
+        for batch in (1, 16, 64):
+            assert select_implementation(batch, (4096, 4096), jnp.bfloat16, _device(kind)) == (
+                "dense"
+            )
 
 
 def test_select_implementation_follows_the_measured_table():
-    gpu = types.SimpleNamespace(platform="gpu", device_kind="Fake GPU")
+    gpu = _device("Fake GPU")
     pick = lambda b, s, dt=jnp.bfloat16: select_implementation(b, s, dt, gpu, policy=_TABLE)
-    assert pick(16, (4096, 4096)) == "pallas"
+    assert pick(16, (4096, 4096)) == "mosaic"
     assert pick(17, (4096, 4096)) == "dense"
-    assert pick(64, (8192, 8192)) == "pallas"
+    assert pick(64, (8192, 8192)) == "mosaic"
     assert pick(1, (4096, 4096), jnp.float16) == "dense"  # no fp16 measurement
-    assert pick(1, (4096, 4100)) == "dense"  # no tiling for N=4100
-    other = types.SimpleNamespace(platform="gpu", device_kind="Unmeasured GPU")
+    assert pick(1, (4096, 4100)) == "dense"  # N not a multiple of block_n: no kernel tiling
+    assert pick(1, (4000, 4096)) == "dense"  # K not a multiple of 512: no kernel tiling
+    assert pick(1, (4096, 4096), jnp.float32) == "dense"  # the kernel takes 16-bit only
+    ampere = _device("Fake GPU", capability="8.0")  # no wgmma: dense whatever the table says
+    assert select_implementation(1, (4096, 4096), jnp.bfloat16, ampere, policy=_TABLE) == "dense"
+    other = _device("Unmeasured GPU")
     assert select_implementation(1, (4096, 4096), jnp.bfloat16, other, policy=_TABLE) == "dense"
     with pytest.raises(ValueError, match="mode must be 'dense' or 'table'"):
         select_implementation(1, (8, 8), jnp.float32, gpu, policy={"devices": {"x": {}}})
@@ -501,33 +574,24 @@ def test_nm_linear_equals_dense_with_bias_and_gradients():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("batch", [1, 16, 300])
-def test_gpu_pallas_matches_reference(dtype, batch):
-    assert jax.default_backend() == "gpu"
-    # XLA's float32 GEMMs on GPU default to TF32 (~1e-3 relative): make the references exact
-    with jax.default_matmul_precision("highest"):
-        _check_gpu_pallas_against_reference(dtype, batch)
-
-
-def _check_gpu_pallas_against_reference(dtype, batch):
-    k, cols = 1024, 768
-    w = _nm_weight(20, k, cols, 2, 4, dtype)
-    x = _weight(21, (batch, k), dtype)
-    packed = pack_nm(w, implementation="pallas")
-    ref = pack_nm(w, implementation="xla")
-    np.testing.assert_array_equal(packed.values, ref.values)
-    np.testing.assert_array_equal(packed.meta, ref.meta)
-    np.testing.assert_array_equal(unpack_nm(packed, implementation="pallas"), w)
-    np.testing.assert_array_equal(
-        nm_mask(w, implementation="pallas"), nm_mask(w, implementation="xla")
-    )
-    _close(nm_matmul(x, packed), nm_matmul(x, packed, implementation="xla"), dtype)
+@pytest.mark.parametrize("expand", ["registers", "smem"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("batch", [1, 16, 64])
+def test_gpu_mosaic_is_bit_exact(dtype, batch, expand):
+    assert K._common.is_hopper(), "the gpu tests need an H100/H200"
+    k, cols = 2048, 1024
+    w = _int_weight(20, k, cols, dtype)
+    x = _int_x(21, batch, k, dtype)
+    packed = pack_nm(w)
+    cfg = NMMatmulConfig.default(batch, k, cols, packed.layout)
+    cfg = NMMatmulConfig(cfg.block_n, cfg.block_k, cfg.split_k, cfg.max_concurrent_steps, expand)
+    y = nm_matmul(x, packed, implementation="mosaic", config=cfg)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), _exact(x, w))
     gx = jax.grad(lambda x: jnp.sum(nm_matmul(x, packed).astype(jnp.float32)))(x)
     gx_ref = jax.grad(lambda x: jnp.sum(_dense_mm(x, w).astype(jnp.float32)))(x)
     _close(gx, gx_ref, dtype)
 
 
 @pytest.mark.gpu
-def test_gpu_default_implementation_is_pallas():
-    assert K._common.resolve_implementation(None) == "pallas"
+def test_gpu_default_implementation_is_mosaic():
+    assert K._common.resolve_implementation(None) == "mosaic"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -9,11 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.kernels._common import MetaLayout, check_array, resolve_implementation
-from jaxcompress.kernels._nm_matmul.config import NMMatmulConfig
+from jaxcompress.kernels._nm_matmul.config import NMMatmulConfig, check_problem
 from jaxcompress.kernels._nm_matmul.kernel import nm_matmul_mosaic
 from jaxcompress.kernels._nm_matmul.reference import nm_matmul_reference
 from jaxcompress.kernels._nm_pack.format import PackedNM, check_packed
 from jaxcompress.kernels._nm_pack.reference import unpack_fields, unpack_reference
+
+INTERPRETER_TAKES_REGISTER_A = jax.__version_info__ >= (0, 12)
+"""Whether the Mosaic GPU interpreter runs ``wgmma`` with its A operand in registers."""
 
 _FLOAT_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16))
 
@@ -41,8 +45,17 @@ def resolve_config(
     k, cols = packed.shape
     layout = packed.layout
     if config is None:
+        check_problem(batch, k, layout, packed.stride)
         config = NMMatmulConfig.default(batch, k, cols, layout)
+        if impl == "interpret" and not INTERPRETER_TAKES_REGISTER_A:
+            config = dataclasses.replace(config, expand="smem")
     config.check(batch, k, cols, layout, packed.stride)
+    if impl == "interpret" and config.expand == "registers" and not INTERPRETER_TAKES_REGISTER_A:
+        raise ValueError(
+            f"the Mosaic GPU interpreter of jax {jax.__version__} reads wgmma's A operand only "
+            "from shared memory; use NMMatmulConfig(expand='smem') for "
+            "implementation='interpret' (jax >= 0.12 interprets both)"
+        )
     return config
 
 

@@ -9,8 +9,10 @@ from jaxcompress.kernels._common import KERNEL_STRIDE, MetaLayout
 SMEM_BYTES = 227 * 1024
 """Shared memory one block may use on an H100/H200 (sm90)."""
 
-MAX_BATCH = 256
-"""Largest padded batch: the batch is the ``N`` side of ``wgmma`` (at most 256)."""
+MAX_BATCH = 64
+"""Most rows of ``x`` the kernel takes: the padded batch is the ``wgmma`` N side and its
+activation tile (``block_k`` rows of it per stage) must fit two pipeline stages in shared
+memory. Larger batches are compute bound, where dense ``jnp.dot`` is the right path."""
 
 EXPANSIONS = ("registers", "smem")
 
@@ -28,6 +30,26 @@ def padded_batch(batch: int) -> int:
 def period(layout: MetaLayout) -> int:
     """Dense rows of ``K`` covered by one period of index words at the kernel's stride."""
     return layout.m * layout.per_word * KERNEL_STRIDE
+
+
+def check_problem(batch: int, k: int, layout: MetaLayout, stride: int) -> None:
+    """Raises ``ValueError`` unless the kernel takes this problem with some tiles."""
+    if layout.itemsize != 2:
+        raise ValueError(
+            f"the Mosaic GPU N:M kernel takes bfloat16 or float16 operands, got "
+            f"{8 * layout.itemsize}-bit values; use implementation='xla'"
+        )
+    if stride != KERNEL_STRIDE:
+        raise ValueError(
+            f"the Mosaic GPU N:M kernel reads index words of stride {KERNEL_STRIDE}, this "
+            f"weight has stride {stride} (K={k} is not a multiple of {period(layout)}); use "
+            "implementation='xla'"
+        )
+    if batch > MAX_BATCH:
+        raise ValueError(
+            f"the Mosaic GPU N:M kernel takes at most {MAX_BATCH} rows of x (decode "
+            f"batches), got {batch}; use implementation='xla'"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +93,9 @@ class NMMatmulConfig:
         if not _is_pow2(self.split_k):
             raise ValueError(f"NMMatmulConfig.split_k must be a power of two, got {self.split_k}")
         if self.expand not in EXPANSIONS:
-            raise ValueError(f"NMMatmulConfig.expand must be one of {EXPANSIONS}, got {self.expand!r}")
+            raise ValueError(
+                f"NMMatmulConfig.expand must be one of {EXPANSIONS}, got {self.expand!r}"
+            )
 
     def stage_bytes(self, batch: int, layout: MetaLayout) -> int:
         """Shared-memory bytes of one pipeline stage (values, index words, activations)."""
@@ -93,22 +117,7 @@ class NMMatmulConfig:
 
     def check(self, batch: int, k: int, n_cols: int, layout: MetaLayout, stride: int) -> None:
         """Raises ``ValueError`` unless the kernel can run this problem with these tiles."""
-        if layout.itemsize != 2:
-            raise ValueError(
-                f"the Mosaic GPU N:M kernel takes bfloat16 or float16 operands, got "
-                f"{8 * layout.itemsize}-bit values; use implementation='xla'"
-            )
-        if stride != KERNEL_STRIDE:
-            raise ValueError(
-                f"the Mosaic GPU N:M kernel reads index words of stride {KERNEL_STRIDE}, this "
-                f"weight has stride {stride} (K={k} is not a multiple of "
-                f"{period(layout)}); use implementation='xla'"
-            )
-        if batch > MAX_BATCH:
-            raise ValueError(
-                f"the Mosaic GPU N:M kernel takes at most {MAX_BATCH} rows of x, got {batch}; "
-                "use implementation='xla' (dense is compute bound there anyway)"
-            )
+        check_problem(batch, k, layout, stride)
         if self.block_k % period(layout):
             raise ValueError(
                 f"NMMatmulConfig.block_k={self.block_k} must be a multiple of the layout period "
@@ -162,6 +171,6 @@ class NMMatmulConfig:
         steps = k // (block_k * split_k)
         config = cls(block_n, block_k, split_k, min(4, steps), "registers")
         while config.max_concurrent_steps > 1 and config.smem_bytes(batch, layout) > SMEM_BYTES:
-            config = dataclasses.replace(config, max_concurrent_steps=config.max_concurrent_steps - 1)
+            steps = config.max_concurrent_steps - 1
+            config = dataclasses.replace(config, max_concurrent_steps=steps)
         return config
-

@@ -100,8 +100,9 @@ def _body(
     x_spec = plgpu.BlockSpec(
         (step_groups // _S, m * _S, x_gmem.shape[-1]),
         lambda k: (k, 0, 0),
-        transforms=_mma_transforms(x_gmem.shape[-1], layout.itemsize),
+        transforms=_mma_transforms(_S, layout.itemsize),  # wgmma: K=16 rows -> 32B swizzle
     )
+
     def compute(acc_ref):
         def step(_, *tiles):
             v_tiles, w_tiles, x_tile = tiles[:n], tiles[n : 2 * n], tiles[2 * n]
@@ -178,9 +179,7 @@ def nm_matmul_mosaic(
         scratch_types=scratch,
         grid=(cols // config.block_n, config.split_k),
         grid_names=("n", "s"),
-        compiler_params=plgpu.CompilerParams(
-            lowering_semantics=plgpu.LoweringSemantics.Warpgroup
-        ),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret_params() if interpret else None,
     )
     partials = kernel(planes, values, meta)
