@@ -19,8 +19,8 @@
 # 8 minutes of the issue). Every step runs under `timeout`; the tests may not eat the
 # benchmark's minimum (BENCH_MIN_S, default 240 s); the benchmark's own --budget-s (where its
 # optional --sweep stops) is set from the time it gets, unless given in the arguments. A step
-# that fails or times out (status 124) does not stop the others; the exit status is that of
-# the first failing step. OUT_DIR/summary.txt lists every step with its status and seconds,
+# that fails, times out (status 124) or is skipped for lack of time (125) does not stop the
+# others; the exit status is that of the first failing step. OUT_DIR/summary.txt lists every step with its status and seconds,
 # OUT_DIR/<step>.log its output. Environment: PYTHON (default python3), JAX_PLATFORMS
 # (default cuda), GPU_CHECKS_BUDGET_S, BENCH_MIN_S, TESTS_MAX_S (default 150).
 set -u -o pipefail
@@ -45,7 +45,8 @@ step() {
     shift 2
     t0=$(date +%s)
     if [ "$limit" -lt 10 ]; then
-        echo "== $name: skipped, ${limit}s left" | tee -a "$out/summary.txt"
+        echo "== $name: skipped, ${limit}s left (status 125)" | tee -a "$out/summary.txt"
+        [ "$status" -eq 0 ] && status=125
         return 0
     fi
     echo "== $name (limit ${limit}s, t=$((t0 - start))s)"
