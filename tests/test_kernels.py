@@ -547,6 +547,20 @@ def test_select_implementation_follows_the_measured_table():
     assert pick(17, (4096, 4096)) == "dense"
     assert pick(64, (8192, 8192)) == "mosaic"
     assert pick(1, (4096, 4096), jnp.float16) == "dense"  # no fp16 measurement
+    table = {
+        "devices": {
+            "Fake GPU": {
+                "mode": "table",
+                "entries": [
+                    {"k": 4096, "n": 14336, "dtype": "bfloat16", "nm": "2:4", "max_batch": 0},
+                    {"k": 14336, "n": 4096, "dtype": "bfloat16", "nm": "2:4", "max_batch": 16},
+                ],
+            }
+        }
+    }  # same K*N: the exact shape decides, and a tie elsewhere takes the cautious entry
+    assert select_implementation(8, (14336, 4096), jnp.bfloat16, gpu, policy=table) == "mosaic"
+    assert select_implementation(8, (4096, 14336), jnp.bfloat16, gpu, policy=table) == "dense"
+    assert select_implementation(8, (7168, 8192), jnp.bfloat16, gpu, policy=table) == "dense"
     assert pick(1, (4096, 4100)) == "dense"  # N not a multiple of block_n: no kernel tiling
     assert pick(1, (4000, 4096)) == "dense"  # K not a multiple of 512: no kernel tiling
     assert pick(1, (4096, 4096), jnp.float32) == "dense"  # the kernel takes 16-bit only

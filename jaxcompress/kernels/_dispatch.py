@@ -128,7 +128,8 @@ def select_implementation(
 
     ``'dense'`` on any device but an sm90 GPU, on a GPU kind without a table entry, for
     problems the kernel cannot run, and for batches above the measured ``max_batch`` of the
-    nearest entry (same dtype and ``n:m``, nearest ``K*N`` on a log scale). Pure Python on
+    nearest entry (same dtype and ``n:m``; the same ``(K, N)``, else the nearest ``K*N`` on a
+    log scale, ties to the smaller ``max_batch``). Pure Python on
     static values: call it at trace time.
     """
     device = jax.devices()[0] if device is None else device
@@ -146,8 +147,13 @@ def select_implementation(
     entries = [e for e in rule.get("entries", ()) if e["dtype"] == name and e["nm"] == f"{n}:{m}"]
     if not entries:
         return "dense"
+    exact = [e for e in entries if (e["k"], e["n"]) == tuple(shape)]
     size = math.log(max(1, shape[0] * shape[1]))
-    best = min(entries, key=lambda e: abs(math.log(max(1, e["k"] * e["n"])) - size))
+    # the measured shape itself, else the nearest K*N (log scale); ties: the cautious entry
+    best = min(
+        exact or entries,
+        key=lambda e: (abs(math.log(max(1, e["k"] * e["n"])) - size), e["max_batch"]),
+    )
     return "mosaic" if batch <= best["max_batch"] else "dense"
 
 
