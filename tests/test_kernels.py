@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _util import count_compiles, jit_counting
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
@@ -314,6 +314,29 @@ def test_kernel_is_bit_exact_in_the_interpreter(k, cols, batch, split_k, dtype, 
     config = NMMatmulConfig(split_k=split_k, max_concurrent_steps=2, expand=expand)
     y = nm_matmul(x, pack_nm(w), implementation="interpret", config=config)
     assert y.dtype == dtype and y.shape == (batch, cols)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), _exact(x, w))
+
+
+@settings(max_examples=4, deadline=None, derandomize=True, phases=[Phase.generate])
+@given(
+    periods=st.sampled_from([1, 2]),
+    blocks=st.integers(1, 2),
+    batch=st.integers(1, MAX_BATCH),
+    split_k=st.sampled_from([1, 2]),
+    depth=st.integers(1, 3),
+    block_n=st.sampled_from([64, 128]),
+    expand=st.sampled_from(_EXPANSIONS),
+    dtype=st.sampled_from([jnp.bfloat16, jnp.float16]),
+)
+def test_kernel_is_bit_exact_on_random_problems(
+    periods, blocks, batch, split_k, depth, block_n, expand, dtype
+):
+    k, cols = 512 * periods * split_k, block_n * blocks
+    w = _int_weight(k * cols + batch, k, cols, dtype)
+    x = _int_x(batch + k, batch, k, dtype)
+    config = NMMatmulConfig(block_n, 512, split_k, depth, expand)
+    assume(config.smem_bytes(batch, MetaLayout(2, 4, 2)) <= SMEM_BYTES)
+    y = nm_matmul(x, pack_nm(w), implementation="interpret", config=config)
     np.testing.assert_array_equal(np.asarray(y, np.float32), _exact(x, w))
 
 

@@ -149,9 +149,13 @@ class NMMatmulConfig:
 
         ``block_n`` 64 and one period per step; ``split_k`` doubles while the grid has
         fewer than two blocks per SM, ``K`` still divides, and the float32 partial sums
-        (``4*split_k*N*padded_batch`` bytes) stay under a tenth of the packed weight; the
-        pipeline is as deep as shared memory allows (at most 4). Unmeasured on hardware:
-        see ``experiments/benchmarks/results``.
+        (``4*split_k*N*padded_batch`` bytes) stay under a tenth of the packed weight. The
+        pipeline depth keeps two blocks resident per SM when two stages or more fit in half
+        the shared memory (each block is one warpgroup that both expands and issues
+        ``wgmma``, so a second block hides its ALU latency; 2-4 stages of 36-52 KB keep
+        enough bytes in flight), else as many stages as fit one block (at most 4).
+        Unmeasured on hardware: ``experiments/benchmarks/nm_kernels.py --sweep`` measures
+        the alternatives.
         """
         block_n, block_k = 64, period(layout)
         if k % block_k:
@@ -169,8 +173,15 @@ class NMMatmulConfig:
         ):
             split_k *= 2
         steps = k // (block_k * split_k)
-        config = cls(block_n, block_k, split_k, min(4, steps), "registers")
-        while config.max_concurrent_steps > 1 and config.smem_bytes(batch, layout) > SMEM_BYTES:
-            steps = config.max_concurrent_steps - 1
-            config = dataclasses.replace(config, max_concurrent_steps=steps)
-        return config
+        depth = max(1, min(4, steps))
+        config = cls(block_n, block_k, split_k, depth, "registers")
+        for budget in (SMEM_BYTES // 2, SMEM_BYTES):
+            fits = [
+                d
+                for d in range(depth, 0, -1)
+                if dataclasses.replace(config, max_concurrent_steps=d).smem_bytes(batch, layout)
+                <= budget
+            ]
+            if fits and (fits[0] >= min(2, depth) or budget == SMEM_BYTES):
+                return dataclasses.replace(config, max_concurrent_steps=fits[0])
+        return dataclasses.replace(config, max_concurrent_steps=1)

@@ -106,26 +106,29 @@ def _body(
     def compute(acc_ref):
         def step(_, *tiles):
             v_tiles, w_tiles, x_tile = tiles[:n], tiles[n : 2 * n], tiles[2 * n]
+            words = []
             for q in range(step_groups // _S):
                 period, field = divmod(q, per)
-                idx = [
-                    (w[:, pl.ds(period * _S, _S)] >> (field * bits)) & layout.field_mask
-                    for w in w_tiles
-                ]
+                if field == 0:  # one load of the words serves the period's per_word sub-tiles
+                    words = [w[:, pl.ds(period * _S, _S)] for w in w_tiles]
+                idx = [(word >> (field * bits)) & layout.field_mask for word in words]
                 vals = [v[:, pl.ds(q * _S, _S)] for v in v_tiles]
+                tiles_q = []
                 for c in range(m):
                     dense = jnp.zeros_like(vals[0])
                     for t in range(n):
                         dense = jnp.where(idx[t] == c, vals[t], dense)
-                    rhs = x_tile.at[q, pl.ds(c * _S, _S), :]
-                    if config.expand == "registers":
-                        plgpu.wgmma(acc_ref, dense, rhs)
-                        plgpu.wgmma_wait(0)  # the A registers must outlive the async wgmma
-                    else:  # slot c is free: each wgmma waits for all but the last issued one
-                        expand_smem[0][c] = dense
-                        plgpu.commit_smem()
-                        plgpu.wgmma(acc_ref, expand_smem[0].at[c], rhs)
-            plgpu.wgmma_wait(0)  # the stage's tiles are released after this step
+                    tiles_q.append(dense)
+                if config.expand == "smem":
+                    for c in range(m):
+                        expand_smem[0][c] = tiles_q[c]
+                    plgpu.commit_smem()
+                    tiles_q = [expand_smem[0].at[c] for c in range(m)]
+                for c in range(m):
+                    plgpu.wgmma(acc_ref, tiles_q[c], x_tile.at[q, pl.ds(c * _S, _S), :])
+                # every operand (registers or the shared-memory slots) is reused only after
+                # the wgmmas that read it have completed: race-free by construction
+                plgpu.wgmma_wait(0)
 
         plgpu.emit_pipeline(
             step,
