@@ -33,7 +33,7 @@ from jaxcompress.kernels import (
     unpack_nm,
 )
 from jaxcompress.kernels._nm_matmul.api import INTERPRETER_TAKES_REGISTER_A
-from jaxcompress.kernels._nm_matmul.config import MAX_BATCH, SMEM_BYTES
+from jaxcompress.kernels._nm_matmul.config import MAX_BATCH, SMEM_BYTES, period
 
 PATTERNS = [(2, 4), (1, 4), (4, 8), (2, 8), (1, 2), (3, 4)]
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
@@ -317,8 +317,9 @@ def test_kernel_is_bit_exact_in_the_interpreter(k, cols, batch, split_k, dtype, 
     np.testing.assert_array_equal(np.asarray(y, np.float32), _exact(x, w))
 
 
-@settings(max_examples=4, deadline=None, derandomize=True, phases=[Phase.generate])
+@settings(max_examples=5, deadline=None, derandomize=True, phases=[Phase.generate])
 @given(
+    pattern=st.sampled_from([(2, 4), (1, 4), (3, 4), (4, 8), (2, 8)]),
     periods=st.sampled_from([1, 2]),
     blocks=st.integers(1, 2),
     batch=st.integers(1, MAX_BATCH),
@@ -329,14 +330,19 @@ def test_kernel_is_bit_exact_in_the_interpreter(k, cols, batch, split_k, dtype, 
     dtype=st.sampled_from([jnp.bfloat16, jnp.float16]),
 )
 def test_kernel_is_bit_exact_on_random_problems(
-    periods, blocks, batch, split_k, depth, block_n, expand, dtype
+    pattern, periods, blocks, batch, split_k, depth, block_n, expand, dtype
 ):
-    k, cols = 512 * periods * split_k, block_n * blocks
-    w = _int_weight(k * cols + batch, k, cols, dtype)
+    n, m = pattern
+    layout = MetaLayout(n, m, 2)
+    block_k = period(layout)  # 512 for every pattern here
+    k, cols = block_k * periods * split_k, block_n * blocks
+    rng = np.random.default_rng(k * cols + batch)
+    w = jnp.asarray(rng.integers(-4, 5, (k, cols)), dtype)
+    w = jnp.where(nm_mask(w, n, m), w, 0)
     x = _int_x(batch + k, batch, k, dtype)
-    config = NMMatmulConfig(block_n, 512, split_k, depth, expand)
-    assume(config.smem_bytes(batch, MetaLayout(2, 4, 2)) <= SMEM_BYTES)
-    y = nm_matmul(x, pack_nm(w), implementation="interpret", config=config)
+    config = NMMatmulConfig(block_n, block_k, split_k, depth, expand)
+    assume(config.smem_bytes(batch, layout) <= SMEM_BYTES)
+    y = nm_matmul(x, pack_nm(w, n, m), implementation="interpret", config=config)
     np.testing.assert_array_equal(np.asarray(y, np.float32), _exact(x, w))
 
 

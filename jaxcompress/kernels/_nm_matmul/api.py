@@ -162,9 +162,10 @@ def nm_matmul(
     Raises:
       TypeError: ``config`` not an ``NMMatmulConfig`` or ``None``; operand types/dtypes.
       ValueError: on the kernel paths, a problem the kernel cannot run (16-bit operands
-        only, ``K`` a multiple of 512 for 2:4, at most 256 rows) or a config whose tiles
-        do not fit it; mismatched shapes; an unknown ``implementation``; ``'mosaic'`` on
-        a device that is not an sm90 GPU. All raised before any launch.
+        only, ``K`` a multiple of the layout period, 512 for 2:4, at most 64 rows) or a
+        config whose tiles do not fit it; mismatched shapes; an unknown
+        ``implementation``; ``'mosaic'`` on a device that is not an sm90 GPU. All raised
+        before any launch.
     """
     config = check_config(config)
     x, packed = check_operands(x, packed)

@@ -65,7 +65,8 @@ class NMMatmulConfig:
     Attributes:
       block_n: output units per block (64 or 128: one ``wgmma`` M).
       block_k: dense rows of ``K`` per pipeline step, a multiple of the layout period
-        (:func:`period`: ``m * per_word * 16``, 512 for 16-bit 2:4).
+        (:func:`period`: ``m * per_word * 16``; 512 for 16-bit 2:4, 1:4, 4:8, 2:8 and
+        1:2, 1024 for m = 16).
       split_k: blocks sharing an output tile along ``K`` (float32 partial sums added
         afterwards): raises the number of blocks in flight at decode batch sizes.
       max_concurrent_steps: pipeline depth (TMA stages in flight).

@@ -22,8 +22,9 @@ per call (:func:`x_planes`) so that each ``X_c`` is a contiguous tile.
 
 A ``max_concurrent_steps``-deep ``emit_pipeline`` streams ``block_k`` dense rows per step
 with TMA; ``split_k`` blocks share an output tile and their float32 partial sums are added
-after the kernel. The semantics are tested on CPU through the Mosaic GPU interpreter
-(``implementation='interpret'``).
+after the kernel. Any N:M pattern of the layout runs (the loops are over ``n`` slots and
+``m`` members; 2:4 is the target). The semantics are tested on CPU through the Mosaic GPU
+interpreter (``implementation='interpret'``).
 """
 
 from __future__ import annotations
