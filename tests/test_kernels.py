@@ -538,17 +538,14 @@ def test_mosaic_without_an_sm90_gpu_is_a_clear_error():
 
 # --------------------------------------------------------------------------- dispatch
 
-_TABLE = {
-    "devices": {
-        "Fake GPU": {
-            "mode": "table",
-            "entries": [
-                {"k": 4096, "n": 4096, "dtype": "bfloat16", "nm": "2:4", "max_batch": 16},
-                {"k": 8192, "n": 8192, "dtype": "bfloat16", "nm": "2:4", "max_batch": 64},
-            ],
-        }
-    }
-}
+
+def _table(*entries):
+    """A policy with one GPU kind, ``Fake GPU``, and bf16 2:4 entries ``(k, n, max_batch)``."""
+    rows = [dict(k=k, n=n, dtype="bfloat16", nm="2:4", max_batch=b) for k, n, b in entries]
+    return {"devices": {"Fake GPU": {"mode": "table", "entries": rows}}}
+
+
+_TABLE = _table((4096, 4096, 16), (8192, 8192, 64))
 
 
 def _device(kind, capability="9.0"):
@@ -576,17 +573,8 @@ def test_select_implementation_follows_the_measured_table():
     assert pick(17, (4096, 4096)) == "dense"
     assert pick(64, (8192, 8192)) == "mosaic"
     assert pick(1, (4096, 4096), jnp.float16) == "dense"  # no fp16 measurement
-    table = {
-        "devices": {
-            "Fake GPU": {
-                "mode": "table",
-                "entries": [
-                    {"k": 4096, "n": 14336, "dtype": "bfloat16", "nm": "2:4", "max_batch": 0},
-                    {"k": 14336, "n": 4096, "dtype": "bfloat16", "nm": "2:4", "max_batch": 16},
-                ],
-            }
-        }
-    }  # same K*N: the exact shape decides, and a tie elsewhere takes the cautious entry
+    table = _table((4096, 14336, 0), (14336, 4096, 16))
+    # same K*N: the exact shape decides, and a tie elsewhere takes the cautious entry
     assert select_implementation(8, (14336, 4096), jnp.bfloat16, gpu, policy=table) == "mosaic"
     assert select_implementation(8, (4096, 14336), jnp.bfloat16, gpu, policy=table) == "dense"
     assert select_implementation(8, (7168, 8192), jnp.bfloat16, gpu, policy=table) == "dense"
