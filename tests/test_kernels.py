@@ -626,3 +626,18 @@ def test_gpu_mosaic_is_bit_exact(dtype, batch, expand):
 @pytest.mark.gpu
 def test_gpu_default_implementation_is_mosaic():
     assert K._common.resolve_implementation(None) == "mosaic"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "block_n,split_k,depth,expand",
+    [(64, 1, 4, "registers"), (128, 2, 2, "registers"), (64, 4, 3, "smem"), (128, 8, 1, "smem")],
+)
+def test_gpu_configs_are_bit_exact(block_n, split_k, depth, expand):
+    assert K._common.is_hopper(), "the gpu tests need an H100/H200"
+    k, cols, batch = 4096, 1024, 8
+    w = _int_weight(22, k, cols)
+    x = _int_x(23, batch, k)
+    config = NMMatmulConfig(block_n, 512, split_k, depth, expand)
+    y = nm_matmul(x, pack_nm(w), implementation="mosaic", config=config)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), _exact(x, w))

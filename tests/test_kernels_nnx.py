@@ -172,3 +172,21 @@ def test_kernels_import_is_flax_free_until_an_nnx_name_is_used():
         "    raise SystemExit('no AttributeError')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.gpu
+def test_gpu_converted_layer_is_bit_exact_with_the_kernel_and_the_dispatcher():
+    from jaxcompress.kernels._common import is_hopper
+
+    assert is_hopper(), "the gpu tests need an H100/H200"
+    # no bias: XLA may add a bias in a GEMM's float32 epilogue, before the bf16 rounding
+    kw = dict(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, use_bias=False)
+    layer = nnx.Linear(4096, 4096, **kw, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    k = jnp.asarray(rng.integers(-3, 4, (4096, 4096)), jnp.bfloat16)
+    layer.kernel[...] = jnp.where(nm_mask(k), k, 0)
+    x = jnp.asarray(rng.integers(-3, 4, (4, 4096)), jnp.bfloat16)
+    want = np.asarray(layer(x), np.float32)
+    for implementation in ("mosaic", None):
+        sparse, _ = sparsify_for_inference(layer, implementation=implementation)
+        np.testing.assert_array_equal(np.asarray(sparse(x), np.float32), want)
