@@ -12,28 +12,34 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress.kernels._common import MetaLayout
-from jaxcompress.kernels._nm_mask.reference import nm_mask_reference
+from jaxcompress.masks._nm import magnitude_ranks
 
 
-def selected_indices(w: jax.Array, n: int, m: int) -> jax.Array:
-    """In-group indices of the ``n`` entries kept per group, ascending: ``(G, n, N)`` int32.
+def kept_slots(w: jax.Array, n: int, m: int) -> tuple[list[jax.Array], list[jax.Array]]:
+    """The ``n`` kept entries of every group and their in-group indices, slot by slot.
 
-    The kept set is the N:M magnitude mask (:func:`nm_mask_reference`: largest ``|w|``, ties
-    to the lowest index). For a weight that already satisfies N:M this is every nonzero plus
-    the lowest-index zeros of the group, so packing is lossless. Slot ``t`` of a group holds
-    the member ``c`` that is kept and has exactly ``t`` kept members before it.
+    Returns ``(values, indices)``: two lists of ``n`` arrays ``(K/m, N)``. The kept set is the
+    N:M magnitude mask (largest ``|w|``, ties to the lowest index; the ranks of
+    :func:`jaxcompress.masks._nm.magnitude_ranks`, the rule of .
+    For a weight that already satisfies N:M this is every nonzero plus the lowest-index zeros
+    of the group, so packing is lossless. Slot ``t`` holds the kept member with exactly ``t``
+    kept members before it. Only elementwise compares and selects over the ``m`` members
+    (no sort, scan or gather), so XLA fuses it with the reads of ``w``.
     """
     k, cols = w.shape
-    keep = nm_mask_reference(w, n, m).reshape(k // m, m, cols)
-    kept = [keep[:, c, :] for c in range(m)]
-    before = jnp.cumsum(keep.astype(jnp.int32), axis=1)
-    slots = []
-    for t in range(n):
-        idx = jnp.zeros((k // m, cols), jnp.int32)
-        for c in range(m):
-            idx = jnp.where(kept[c] & (before[:, c, :] == t + 1), c, idx)
-        slots.append(idx)
-    return jnp.stack(slots, axis=1)
+    groups = w.reshape(k // m, m, cols)
+    members = [groups[:, c, :] for c in range(m)]
+    kept = [rank < n for rank in magnitude_ranks(members)]
+    values = [jnp.zeros_like(members[0]) for _ in range(n)]
+    indices = [jnp.zeros(members[0].shape, jnp.int32) for _ in range(n)]
+    before = jnp.zeros(members[0].shape, jnp.int32)  # kept members before member c
+    for c in range(m):
+        for t in range(n):
+            here = kept[c] & (before == t)
+            values[t] = jnp.where(here, members[c], values[t])
+            indices[t] = jnp.where(here, c, indices[t])
+        before = before + kept[c].astype(jnp.int32)
+    return values, indices
 
 
 def pack_fields(idx: jax.Array, layout: MetaLayout, stride: int) -> jax.Array:
@@ -63,16 +69,14 @@ def unpack_fields(meta: jax.Array, groups: int, layout: MetaLayout, stride: int)
 def pack_reference(w: jax.Array, n: int, m: int) -> tuple[jax.Array, jax.Array]:
     """Packs a ``(K, N)`` weight into ``(values, meta)``; see :class:`PackedNM`.
 
-    ``values[t, j, g] = w[g*m + idx[g, t, j], j]`` with ``idx`` from
-    :func:`selected_indices`, and ``meta`` = :func:`pack_fields` of ``idx``.
+    ``values[t, j, g] = w[g*m + idx[t, j, g], j]`` with the slots of :func:`kept_slots`,
+    and ``meta`` = :func:`pack_fields` of ``idx``.
     """
-    k, cols = w.shape
+    k, _ = w.shape
     layout = MetaLayout(n, m, w.dtype.itemsize)
-    stride = layout.stride(k // m)
-    idx = selected_indices(w, n, m)  # (G, n, N)
-    groups = w.reshape(k // m, m, cols)
-    values = jnp.take_along_axis(groups, idx, axis=1).transpose(1, 2, 0)
-    meta = pack_fields(idx.transpose(1, 2, 0), layout, stride)
+    values, indices = kept_slots(w, n, m)
+    values = jnp.stack(values).transpose(0, 2, 1)  # (n, N, G)
+    meta = pack_fields(jnp.stack(indices).transpose(0, 2, 1), layout, layout.stride(k // m))
     return values, meta
 
 
