@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _results import machine_info, write_json
 from flax import nnx
 
 from jaxcompress import structure, train
-from jaxcompress.checkpoint import write_json_atomic
 from jaxcompress.models import SmallCNN, resnet8
 from jaxcompress.spdy import time_callables
 
@@ -40,17 +38,6 @@ __all__ = [
 ]
 
 
-def machine_info() -> dict:
-    """Platform, first device, jax version, CPU count and load average, for a result JSON."""
-    return {
-        "platform": platform.platform(),
-        "device": str(jax.devices()[0]),
-        "jax": jax.__version__,
-        "cpu_count": os.cpu_count(),
-        "loadavg": os.getloadavg(),
-    }
-
-
 def report(benchmark: str, args, rows: dict, summary: dict, line) -> dict:
     """Print ``line(name, row)`` per row and the summary; write the result JSON to ``args.out``
     (with the config, the machine, the rows and the summary) and return it."""
@@ -66,14 +53,6 @@ def report(benchmark: str, args, rows: dict, summary: dict, line) -> dict:
     print(json.dumps(summary, indent=1))
     write_json(args.out, result)
     return result
-
-
-def write_json(path: str | None, result: dict, indent: int = 1) -> None:
-    """Write ``result`` to ``path`` atomically (:func:`jaxcompress.checkpoint.write_json_atomic`),
-    creating its folder; nothing when ``path`` is None."""
-    if path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        write_json_atomic(path, result, indent=indent)
 
 
 def benchmark_model(name: str, seed: int) -> nnx.Module:

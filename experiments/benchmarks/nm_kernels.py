@@ -67,7 +67,7 @@ import traceback
 
 import jax
 import jax.numpy as jnp
-from _timing import machine_info, write_json
+from _results import machine_info, write_json
 
 from jaxcompress.kernels import NMMatmulConfig, nm_mask, nm_matmul, pack_nm
 from jaxcompress.kernels._common import is_hopper
