@@ -12,11 +12,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxcompress import _checks
 
 __all__ = [
+    "FLOAT_DTYPES",
     "IMPLEMENTATIONS",
     "KERNEL_STRIDE",
     "MAX_M",
@@ -40,6 +40,9 @@ MAX_STRIDE = 16
 KERNEL_STRIDE = 16
 """The stride the Mosaic GPU kernel reads: one index word per value in a 16-wide sub-tile,
 i.e. 32-byte rows of 16-bit values (one ``wgmma`` K step)."""
+
+FLOAT_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16))
+"""Value dtypes the N:M kernels take (weights and activations)."""
 
 _GPU_BACKENDS = ("gpu", "cuda", "rocm")
 _WORD_DTYPES = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
@@ -171,11 +174,3 @@ class MetaLayout:
         """Index words per output unit and slot."""
         period = self.per_word * stride
         return -(-groups // period) * stride
-
-
-def word_dtype_for(dtype) -> Any:
-    """The index-word dtype of values of ``dtype`` (unsigned, same bit width)."""
-    itemsize = np.dtype(dtype).itemsize
-    if itemsize not in _WORD_DTYPES:
-        raise TypeError(f"no N:M index word for values of dtype {np.dtype(dtype)}")
-    return _WORD_DTYPES[itemsize]

@@ -9,7 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress.kernels._common import MetaLayout, check_array, resolve_implementation
+from jaxcompress.kernels._common import (
+    FLOAT_DTYPES,
+    MetaLayout,
+    check_array,
+    resolve_implementation,
+)
 from jaxcompress.kernels._nm_matmul.config import NMMatmulConfig, check_problem
 from jaxcompress.kernels._nm_matmul.kernel import nm_matmul_mosaic
 from jaxcompress.kernels._nm_matmul.reference import nm_matmul_reference
@@ -18,8 +23,6 @@ from jaxcompress.kernels._nm_pack.reference import unpack_fields, unpack_referen
 
 INTERPRETER_TAKES_REGISTER_A = jax.__version_info__ >= (0, 12)
 """Whether the Mosaic GPU interpreter runs ``wgmma`` with its A operand in registers."""
-
-_FLOAT_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16))
 
 
 def check_config(config: object) -> NMMatmulConfig | None:
@@ -112,7 +115,7 @@ def check_operands(x, packed) -> tuple[jax.Array, PackedNM]:
     packed = check_packed("packed", packed)
     x = check_array("x", x, min_ndim=1)
     dtype = jnp.dtype(x.dtype)
-    if dtype not in _FLOAT_DTYPES:
+    if dtype not in FLOAT_DTYPES:
         raise TypeError(f"x must be float32, bfloat16 or float16, got dtype {dtype}")
     if jnp.dtype(packed.values.dtype) != dtype:
         raise TypeError(

@@ -37,7 +37,8 @@ def check_problem(batch: int, k: int, layout: MetaLayout, stride: int) -> None:
     if layout.itemsize != 2:
         raise ValueError(
             f"the Mosaic GPU N:M kernel takes bfloat16 or float16 operands, got "
-            f"{8 * layout.itemsize}-bit values; use implementation='xla'"
+            f"{8 * layout.itemsize}-bit values (x.dtype = packed.dtype = float32); use "
+            "implementation='xla'"
         )
     if stride != KERNEL_STRIDE:
         raise ValueError(

@@ -5,12 +5,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxcompress.kernels._common import MetaLayout, check_array, check_nm
+from jaxcompress.kernels._common import FLOAT_DTYPES, MetaLayout, check_array, check_nm
 from jaxcompress.kernels._nm_mask.reference import nm_violations_reference
 from jaxcompress.kernels._nm_pack.format import PackedNM, check_packed
 from jaxcompress.kernels._nm_pack.reference import pack_reference, unpack_reference
-
-_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 def _is_concrete(x) -> bool:
@@ -51,7 +49,7 @@ def pack_nm(w: jax.Array, n: int = 2, m: int = 4) -> PackedNM:
     """
     n, m = check_nm(n, m)
     w = check_array("w", w, ndim=2)
-    if jnp.dtype(w.dtype) not in [jnp.dtype(d) for d in _FLOAT_DTYPES]:
+    if jnp.dtype(w.dtype) not in FLOAT_DTYPES:
         raise TypeError(f"w must be float32, bfloat16 or float16, got dtype {w.dtype}")
     k, cols = w.shape
     if k % m:

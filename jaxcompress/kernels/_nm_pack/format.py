@@ -8,9 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress.kernels._common import MetaLayout, check_nm
-
-_VALUE_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16))
+from jaxcompress.kernels._common import FLOAT_DTYPES, MetaLayout, check_nm
 
 
 @jax.tree_util.register_dataclass
@@ -71,7 +69,7 @@ class PackedNM:
         from jaxcompress.kernels._nm_pack.reference import pack_fields, unpack_fields
 
         dtype = jnp.dtype(dtype)
-        if dtype not in _VALUE_DTYPES:
+        if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
         values = self.values.astype(dtype)
         if dtype.itemsize == np.dtype(self.values.dtype).itemsize:
@@ -105,7 +103,7 @@ def check_packed(name: str, packed) -> PackedNM:
     if k % m:
         raise ValueError(f"{name}.shape[0]={k} must be divisible by {name}.m={m}")
     dtype = jnp.dtype(packed.values.dtype)
-    if dtype not in _VALUE_DTYPES:
+    if dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}.values must be float32, bfloat16 or float16, got {dtype}")
     layout = MetaLayout(n, m, dtype.itemsize)
     groups = k // m
