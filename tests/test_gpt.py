@@ -157,6 +157,65 @@ def test_generate_greedy_matches_a_python_loop_past_the_context():
     assert [int(t) for t in out[0]] == seq
 
 
+def _decode_incrementally(model, toks, prefill):
+    cache = model.init_cache(toks.shape[0])
+    logits, cache = model.extend(toks[:, :prefill], cache, 0)
+    out = [logits]
+    step = jax.jit(lambda t, c, i: model.extend(t, c, i))
+    columns = [toks[:, i : i + 1] for i in range(prefill, toks.shape[1])]
+    logits, cache = step(columns[0], cache, jnp.int32(prefill))
+    out.append(logits)
+    with count_compiles() as counter:  # the traced start serves every later position
+        for i, column in enumerate(columns[1:], prefill + 1):
+            logits, cache = step(column, cache, jnp.int32(i))
+            out.append(logits)
+    return jnp.concatenate(out, axis=1), cache, counter
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_kv_cache_prefill_and_decode_equal_the_full_forward(tie):
+    model = small(tie_embeddings=tie)
+    toks = tokens(3, C, seed=2)
+    logits, cache, counter = _decode_incrementally(model, toks, prefill=3)
+    np.testing.assert_allclose(logits, model(toks), atol=2e-6, rtol=1e-5)
+    assert counter.compiles == 0
+    # the cache holds exactly the keys of the full sequence, per block
+    attn = model.blocks[0].attn
+    keys = attn.key(model.blocks[0].ln1(model.embed(toks) + model.pos_embed[...]))
+    np.testing.assert_allclose(
+        cache[0][0], keys.reshape(3, C, attn.num_heads, attn.head_dim), atol=2e-6
+    )
+    assert len(cache) == model.num_layers
+
+
+@pytest.mark.parametrize("prompt_len, steps", [(1, 5), (2, C + 4), (C, 3), (C + 2, 3), (3, C - 2)])
+@pytest.mark.parametrize("temperature", [0.0, 1.5])
+def test_cached_generate_equals_window_recompute(prompt_len, steps, temperature):
+    # (C, 3): only the prefill step is cached; (C + 2, 3): no step is; (2, C + 4) crosses the
+    # context, where the window starts to slide and generation recomputes it.
+    model = small()
+    prompt = tokens(2, prompt_len, seed=prompt_len)
+    key = jax.random.key(3)
+    cached = generate(model, prompt, steps, key, temperature)
+    window = generate(model, prompt, steps, key, temperature, use_cache=False)
+    np.testing.assert_array_equal(cached, window)
+
+
+def test_cached_generate_of_a_bfloat16_model_with_a_bfloat16_cache():
+    model = small(num_layers=1)
+    state = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(lambda x: x.astype(jnp.bfloat16), state))
+    prompt = tokens(2, 2, seed=9)
+    out = generate(model, prompt, 4, jax.random.key(0), 0.0, cache_dtype=jnp.bfloat16)
+    assert out.shape == (2, 6)
+    np.testing.assert_array_equal(out[:, :2], prompt)
+    logits, cache = model.extend(prompt, model.init_cache(2, jnp.bfloat16), 0)
+    assert cache[0][0].dtype == jnp.bfloat16
+    np.testing.assert_allclose(
+        logits.astype(jnp.float32), model(prompt).astype(jnp.float32), atol=1e-2
+    )
+
+
 def test_generate_samples_from_the_softmax():
     # Every row has the same one-token prompt, so every draw is from softmax(logits / T).
     model = small(num_layers=1)
@@ -193,3 +252,16 @@ def test_bad_arguments_raise_clear_errors():
         generate(model, tokens(1, 2), 0, jax.random.key(0))
     with pytest.raises(ValueError, match="temperature"):
         generate(model, tokens(1, 2), 2, jax.random.key(0), temperature=-1.0)
+    with pytest.raises(TypeError, match="use_cache"):
+        generate(model, tokens(1, 2), 2, jax.random.key(0), use_cache=1)
+    with pytest.raises(ValueError, match="cache_dtype"):
+        generate(model, tokens(1, 2), 2, jax.random.key(0), cache_dtype=jnp.int32)
+    cache = model.init_cache(1)
+    with pytest.raises(ValueError, match=r"start must lie in \[0, context - T\] = \[0, 6\]"):
+        model.extend(tokens(1, 2), cache, 7)
+    with pytest.raises(ValueError, match="one \\(keys, values\\) pair per block \\(2\\)"):
+        model.extend(tokens(1, 2), cache[:1], 0)
+    with pytest.raises(ValueError, match="GPT.extend expects integer tokens"):
+        model.extend(jnp.zeros((1, 2)), cache, 0)
+    with pytest.raises(ValueError, match="batch"):
+        model.init_cache(0)

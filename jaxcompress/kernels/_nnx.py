@@ -43,10 +43,15 @@ __all__ = [
 
 
 class NMMeta(nnx.Variable):
-    """Packed N:M index words (``uint8``): state, but not a trainable parameter."""
+    """Packed N:M index words (:class:`~jaxcompress.kernels.PackedNM` ``meta``, unsigned words
+    of the values' width): state, but not a trainable parameter."""
 
 
 def _leaf_nbytes(x) -> int:
+    """Bytes of an array or ``ShapeDtypeStruct``; a PRNG key array counts its key data."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = jax.eval_shape(jax.random.key_data, x)
+        return int(math.prod(data.shape) * np.dtype(data.dtype).itemsize)
     return int(math.prod(x.shape) * np.dtype(x.dtype).itemsize)
 
 

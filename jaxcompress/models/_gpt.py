@@ -19,7 +19,10 @@ from jaxcompress.models._common import (
     token_embeddings,
 )
 
-__all__ = ["GPT", "GPTBlock", "CausalSelfAttention", "generate"]
+__all__ = ["GPT", "GPTBlock", "CausalSelfAttention", "KVCache", "generate"]
+
+KVCache = tuple[tuple[jax.Array, jax.Array], ...]
+"""Per decoder block, ``(keys, values)`` each ``(batch, context, heads, head_dim)``."""
 
 # GPT-2 initialisation (Radford et al., 2019; as nanoGPT): N(0, 0.02) for every weight matrix and
 # embedding, zero biases, and N(0, 0.02 / sqrt(2 L)) for the two residual projections of each of
@@ -77,6 +80,28 @@ class CausalSelfAttention(nnx.Module):
         y = dot_product_attention(q, k, v, causal=True, dropout=self.attn_dropout, prescale=False)
         return self.out(y.reshape(b, t, d))
 
+    def extend(
+        self, x: jax.Array, cache: tuple[jax.Array, jax.Array], start: jax.Array | int
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """:meth:`__call__` for the ``T`` new positions ``start .. start + T - 1`` of ``x``
+        ``(B, T, d)``, attending to the cached keys and values of the earlier positions.
+
+        ``cache`` is ``(keys, values)``, each ``(B, S, H, d_h)``; the new keys and values are
+        written at ``start`` (cast to the cache's dtype) and position ``start + t`` attends to
+        the cached positions ``<= start + t``. Returns ``(y, cache)``.
+        """
+        b, t, d = x.shape
+        heads = (b, t, self.num_heads, self.head_dim)
+        q, k, v = (proj(x).reshape(heads) for proj in (self.query, self.key, self.value))
+        keys, values = cache
+        at = (0, start, 0, 0)
+        keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), at)
+        values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), at)
+        query_pos = start + jnp.arange(t)[:, None]
+        mask = jnp.arange(keys.shape[1])[None, :] <= query_pos  # (T, S): cached and causal
+        y = dot_product_attention(q, keys, values, mask, dropout=self.attn_dropout, prescale=False)
+        return self.out(y.reshape(b, t, d)), (keys, values)
+
 
 class GPTBlock(nnx.Module):
     r"""Pre-LN decoder block (Radford et al., 2019; Xiong et al., 2020, arXiv:2002.04745):
@@ -115,7 +140,18 @@ class GPTBlock(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.dropout(self.attn(self.ln1(x)))
+        return self._mlp(x)
+
+    def _mlp(self, x: jax.Array) -> jax.Array:
         return x + self.dropout(self.fc2(jax.nn.gelu(self.fc1(self.ln2(x)))))
+
+    def extend(
+        self, x: jax.Array, cache: tuple[jax.Array, jax.Array], start: jax.Array | int
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """:meth:`__call__` on new positions with cached keys and values (see
+        :meth:`CausalSelfAttention.extend`). Returns ``(y, cache)``."""
+        h, cache = self.attn.extend(self.ln1(x), cache, start)
+        return self._mlp(x + self.dropout(h)), cache
 
 
 class GPT(nnx.Module):
@@ -219,10 +255,68 @@ class GPT(nnx.Module):
         x = embed_tokens(self, tokens, "context", self.context)
         for block in self.blocks:
             x = block(x)
+        return self._logits(x)
+
+    def _logits(self, x: jax.Array) -> jax.Array:
         x = self.final_ln(x)
         if self.head is None:
             return self.embed.attend(x)
         return self.head(x)
+
+    def init_cache(self, batch: int, dtype=jnp.float32) -> KVCache:
+        """An empty key/value cache for :meth:`extend`: per block, ``(keys, values)`` of zeros,
+        each ``(batch, context, H, d_h)`` with that block's heads (structured pruning may have
+        left blocks with different head counts or widths)."""
+        batch = check_int("batch", batch)
+        return tuple(
+            (
+                jnp.zeros((batch, self.context, blk.attn.num_heads, blk.attn.head_dim), dtype),
+                jnp.zeros((batch, self.context, blk.attn.num_heads, blk.attn.head_dim), dtype),
+            )
+            for blk in self.blocks
+        )
+
+    def extend(
+        self, tokens: jax.Array, cache: KVCache, start: jax.Array | int = 0
+    ) -> tuple[jax.Array, KVCache]:
+        r"""Logits of ``tokens`` ``(B, T)`` placed at positions ``start .. start + T - 1``, given
+        the keys and values of positions ``< start`` in ``cache`` (from :meth:`init_cache` and
+        earlier calls): incremental decoding with a key/value cache.
+
+        ``extend(t, init_cache(B), 0)`` is a prefill and equals ``model(t)`` up to float
+        rounding; ``extend(t[:, i:i+1], cache, i)`` after it decodes one position, reading
+        every weight once for ``B`` rows instead of recomputing the window: the memory-bound
+        regime of the N:M kernel (:func:`jaxcompress.kernels.nm_linear`). ``start`` may be
+        traced (one compile serves every position); the caller keeps
+        ``start + T <= context`` (checked when ``start`` is a Python int).
+
+        Returns:
+          ``(logits, cache)``: float32 logits ``(B, T, vocab_size)`` and the cache with the new
+          positions written.
+        """
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(
+                f"GPT.extend expects integer tokens of shape (batch, length), got shape "
+                f"{tokens.shape} and dtype {tokens.dtype}"
+            )
+        b, t = tokens.shape
+        if len(cache) != len(self.blocks):
+            raise ValueError(
+                f"cache must hold one (keys, values) pair per block ({len(self.blocks)}), got "
+                f"{len(cache)}: build it with init_cache"
+            )
+        if isinstance(start, int) and not 0 <= start <= self.context - t:
+            raise ValueError(
+                f"start must lie in [0, context - T] = [0, {self.context - t}] for {t} tokens "
+                f"with context={self.context}, got start={start}"
+            )
+        pos = jax.lax.dynamic_slice_in_dim(self.pos_embed[...], start, t, axis=0)
+        x = self.embed_dropout(self.embed(tokens) + pos)
+        new_cache = []
+        for block, layer_cache in zip(self.blocks, cache, strict=True):
+            x, layer_cache = block.extend(x, layer_cache, start)
+            new_cache.append(layer_cache)
+        return self._logits(x), tuple(new_cache)
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,8 +324,20 @@ class GPT(nnx.Module):
 # --------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "temperature"))
-def _generate(graphdef, state, prompt, key, *, steps: int, temperature: float):
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "steps", "temperature", "use_cache", "cache_dtype")
+)
+def _generate(
+    graphdef,
+    state,
+    prompt,
+    key,
+    *,
+    steps: int,
+    temperature: float,
+    use_cache: bool,
+    cache_dtype,
+):
     model = nnx.merge(graphdef, state)
     batch, prompt_len = prompt.shape
     context = model.context
@@ -239,21 +345,40 @@ def _generate(graphdef, state, prompt, key, *, steps: int, temperature: float):
     length = max(prompt_len + steps, context)
     buffer = jnp.zeros((batch, length), jnp.int32).at[:, :prompt_len].set(prompt)
 
-    def body(i, buffer):
+    def pick(logits, i):  # logits (B, V) of the last position -> the token of step i
+        if temperature == 0.0:
+            token = jnp.argmax(logits, axis=-1)
+        else:
+            token = jax.random.categorical(
+                jax.random.fold_in(key, i), logits.astype(jnp.float32) / temperature, axis=-1
+            )
+        return token.astype(jnp.int32)[:, None]
+
+    def window_step(i, buffer):
         pos = prompt_len + i  # the position written at this step
         start = jnp.clip(pos - context, 0, length - context)
         window = jax.lax.dynamic_slice(buffer, (0, start), (batch, context))
         logits = model(window)  # (B, context, V); causal, so the zeros after pos are unseen
         last = jax.lax.dynamic_index_in_dim(logits, pos - 1 - start, axis=1, keepdims=False)
-        if temperature == 0.0:
-            token = jnp.argmax(last, axis=-1)
-        else:
-            token = jax.random.categorical(
-                jax.random.fold_in(key, i), last.astype(jnp.float32) / temperature, axis=-1
-            )
-        return jax.lax.dynamic_update_slice(buffer, token.astype(jnp.int32)[:, None], (0, pos))
+        return jax.lax.dynamic_update_slice(buffer, pick(last, i), (0, pos))
 
-    buffer = jax.lax.fori_loop(0, steps, body, buffer)
+    # Steps whose window starts at position 0 (token position <= context) can reuse the keys
+    # and values of earlier positions; later windows slide, which shifts every position
+    # embedding, so those steps recompute the window as nanoGPT does.
+    cached = min(steps, context + 1 - prompt_len) if use_cache and prompt_len <= context else 0
+    if cached > 0:
+        logits, cache = model.extend(prompt, model.init_cache(batch, cache_dtype), 0)
+        buffer = jax.lax.dynamic_update_slice(buffer, pick(logits[:, -1], 0), (0, prompt_len))
+
+        def cached_step(i, carry):
+            buffer, cache = carry
+            pos = prompt_len + i
+            last_token = jax.lax.dynamic_slice(buffer, (0, pos - 1), (batch, 1))
+            logits, cache = model.extend(last_token, cache, pos - 1)
+            return jax.lax.dynamic_update_slice(buffer, pick(logits[:, 0], i), (0, pos)), cache
+
+        buffer, _ = jax.lax.fori_loop(1, cached, cached_step, (buffer, cache))
+    buffer = jax.lax.fori_loop(cached, steps, window_step, buffer)
     return buffer[:, : prompt_len + steps]
 
 
@@ -263,6 +388,9 @@ def generate(
     steps: int,
     key: jax.Array,
     temperature: float = 1.0,
+    *,
+    use_cache: bool = True,
+    cache_dtype=jnp.float32,
 ) -> jax.Array:
     r"""Sample ``steps`` tokens after ``prompt_ids`` autoregressively (as nanoGPT's
     ``GPT.generate``).
@@ -273,9 +401,16 @@ def generate(
     argmax. Step ``i`` uses the key ``jax.random.fold_in(key, i)``, so the result is a pure
     function of ``key``.
 
-    The whole loop is one jitted ``lax.fori_loop`` over a fixed-size token buffer; it compiles
-    once per ``(model structure, prompt shape, steps, temperature)`` and runs the model in eval
-    mode (dropout off) without modifying ``model``.
+    With ``use_cache`` (the default) the prompt is run once (:meth:`GPT.extend`) and each new
+    token while the sequence fits the context costs one position: a ``(B, d)`` row per weight
+    and attention over the cached keys and values (:meth:`GPT.init_cache`, ``cache_dtype``).
+    Past the context the window slides, every position embedding shifts, and those steps
+    recompute the window as nanoGPT does. ``use_cache=False`` recomputes the window at every
+    step; both give the same tokens up to float rounding of the logits.
+
+    The whole loop is jitted (``lax.fori_loop`` over a fixed-size token buffer); it compiles
+    once per ``(model structure, prompt shape, steps, temperature, use_cache)`` and runs the
+    model in eval mode (dropout off) without modifying ``model``.
 
     Args:
       model: a :class:`GPT`.
@@ -283,6 +418,8 @@ def generate(
       steps: number of tokens to generate (``>= 1``).
       key: a PRNG key (``jax.random.key`` or a raw ``uint32[2]`` key).
       temperature: sampling temperature ``>= 0``.
+      use_cache: decode with a key/value cache (see above).
+      cache_dtype: dtype of the cached keys and values.
 
     Returns:
       ``int32`` ids ``(B, P + steps)``: the prompt followed by the generated tokens.
@@ -305,6 +442,11 @@ def generate(
         raise TypeError(f"temperature must be a float >= 0, got {temperature!r}")
     if not (math.isfinite(float(temperature)) and float(temperature) >= 0.0):
         raise ValueError(f"temperature must be a finite float >= 0, got {temperature!r}")
+    if not isinstance(use_cache, bool):
+        raise TypeError(f"use_cache must be a bool, got {use_cache!r}")
+    cache_dtype = jnp.dtype(cache_dtype)
+    if not jnp.issubdtype(cache_dtype, jnp.floating):
+        raise ValueError(f"cache_dtype must be a float dtype, got {cache_dtype}")
     graphdef, state = nnx.split(nnx.view(model, deterministic=True, raise_if_not_found=False))
     return _generate(
         graphdef,
@@ -313,4 +455,6 @@ def generate(
         key,
         steps=steps,
         temperature=float(temperature),
+        use_cache=use_cache,
+        cache_dtype=cache_dtype,
     )
