@@ -213,3 +213,44 @@ def test_converted_2_4_gpt_decodes_like_the_masked_dense_gpt():
     np.testing.assert_array_equal(
         generate(sparse, prompt, 20, key, 0.0), generate(model, prompt, 20, key, 0.0)
     )
+
+
+def test_batch_converts_only_the_layers_the_policy_runs_on_the_kernel(tmp_path, monkeypatch):
+    import json
+    import types
+
+    kw = dict(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    model = nnx.Sequential(nnx.Linear(512, 512, **kw), nnx.Linear(512, 12, **kw))
+    for layer in model.layers:
+        layer.kernel[...] = layer.kernel[...] * nm_mask(layer.kernel[...]).astype(jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(0), (3, 512), jnp.bfloat16)
+
+    # on this CPU the policy is dense everywhere: batch= keeps the model as it is
+    sparse, report = sparsify_for_inference(model, batch=1)
+    assert [r.status.split(":")[0] for r in report.layers] == ["kept dense"] * 2
+    assert "at batch 1 on 'cpu'" in report.layers[0].status
+    assert report.packed_bytes == 0 and report.model_bytes_after == report.model_bytes_before
+    assert all(type(layer) is nnx.Linear for layer in sparse.layers)
+    np.testing.assert_array_equal(sparse(x), model(x))
+
+    # a (fake) measured Hopper: the kernel for 512x512 up to batch 8; 512x12 has no tiling
+    entry = {"k": 512, "n": 512, "dtype": "bfloat16", "nm": "2:4", "max_batch": 8}
+    policy = {"devices": {"Fake H100": {"mode": "table", "entries": [entry]}}}
+    (tmp_path / "policy.json").write_text(json.dumps(policy))
+    monkeypatch.setenv("JAXCOMPRESS_NM_POLICY", str(tmp_path / "policy.json"))
+    gpu = types.SimpleNamespace(platform="gpu", device_kind="Fake H100", compute_capability="9.0")
+    sparse, report = sparsify_for_inference(model, batch=8, device=gpu)
+    assert [r.status.split(":")[0] for r in report.layers] == ["packed", "kept dense"]
+    assert isinstance(sparse.layers[0], NMLinear) and type(sparse.layers[1]) is nnx.Linear
+    np.testing.assert_allclose(
+        np.asarray(sparse(x), np.float32), np.asarray(model(x), np.float32), rtol=2e-2, atol=2e-2
+    )
+    _, report = sparsify_for_inference(model, batch=9, device=gpu)
+    assert [r.status.split(":")[0] for r in report.layers] == ["kept dense"] * 2
+
+    with pytest.raises(ValueError, match="batch must be an int >= 1 or None, got batch=0"):
+        sparsify_for_inference(model, batch=0)
+    with pytest.raises(ValueError, match="implementation='xla' overrides"):
+        sparsify_for_inference(model, batch=1, implementation="xla")
+    with pytest.raises(ValueError, match="device= is only used with batch="):
+        sparsify_for_inference(model, device=gpu)

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from jaxcompress.kernels._common import check_nm
-from jaxcompress.kernels._dispatch import nm_linear
+from jaxcompress.kernels._dispatch import nm_linear, select_implementation
 from jaxcompress.kernels._nm_mask.api import nm_violations
 from jaxcompress.kernels._nm_matmul.api import nm_matmul
 from jaxcompress.kernels._nm_pack.api import pack_nm
@@ -158,7 +158,7 @@ class LayerReport:
     path: str
     kind: str
     shape: tuple[int, ...]
-    status: str  # 'packed' or 'skipped: <reason>'
+    status: str  # 'packed', 'kept dense: <reason>' or 'skipped: <reason>'
     dense_bytes: int
     packed_bytes: int
 
@@ -264,6 +264,8 @@ def sparsify_for_inference(
     where: Callable[[str, nnx.Module], bool] | None = None,
     strict: bool = True,
     implementation: str | None = None,
+    batch: int | None = None,
+    device: jax.Device | None = None,
 ) -> tuple[nnx.Module, SparsifyReport]:
     """Converts the N:M-sparse ``nnx.Linear`` and 1x1 ``nnx.Conv`` layers of ``model`` into
     packed :class:`NMLinear` / :class:`NMConv1x1` layers for inference.
@@ -284,6 +286,16 @@ def sparsify_for_inference(
         stays dense and the report says why.
       implementation: passed to the new layers (``None``: measured dispatch via
         :func:`~jaxcompress.kernels.nm_linear`).
+      batch: the rows per call the model will serve (the decode batch; for a 1x1 conv,
+        batch x output pixels). When given, a layer is converted only where
+        :func:`~jaxcompress.kernels.select_implementation` picks the kernel for its shape and
+        compute dtype on ``device`` at that batch; the others keep their dense kernel and
+        the report says ``'kept dense: ...'``. ``None`` (default) converts every candidate:
+        the packed weights take 9/16 of the bytes (bf16 2:4), but a layer whose dispatch is
+        dense unpacks its weight at every call, which on a CPU or an unmeasured GPU is
+        slower than the dense model (``experiments/benchmarks/lm_decode.py`` measures both).
+        Not allowed together with ``implementation``.
+      device: where the model will run, for ``batch`` (default ``jax.devices()[0]``).
 
     Returns:
       ``(sparse_model, report)``: the converted model and a :class:`SparsifyReport`.
@@ -297,6 +309,17 @@ def sparsify_for_inference(
         raise TypeError(f"model must be an nnx.Module, got {type(model).__name__}")
     if where is not None and not callable(where):
         raise TypeError(f"where must be callable (path, layer) -> bool, got {where!r}")
+    if batch is not None:
+        if isinstance(batch, bool) or not isinstance(batch, int | np.integer) or batch < 1:
+            raise ValueError(f"batch must be an int >= 1 or None, got batch={batch!r}")
+        if implementation is not None:
+            raise ValueError(
+                f"batch={batch} chooses layers by the measured dispatch, which a fixed "
+                f"implementation={implementation!r} overrides: pass one of them"
+            )
+        device = jax.devices()[0] if device is None else device
+    elif device is not None:
+        raise ValueError("device= is only used with batch=: pass the batch the model will serve")
     before = _state_nbytes(model)
     new = nnx.clone(model)
     candidates = [
@@ -334,6 +357,17 @@ def sparsify_for_inference(
             continue
         if layer.dtype is not None and jnp.dtype(layer.dtype) != w2d.dtype:
             w2d = w2d.astype(layer.dtype)  # what the layer computes with: same outputs
+        if batch is not None:
+            shape2d = (int(w2d.shape[0]), int(w2d.shape[1]))
+            choice = select_implementation(batch, shape2d, w2d.dtype, device, n=n, m=m)
+            if choice != "mosaic":
+                device_kind = getattr(device, "device_kind", str(device))
+                status = (
+                    f"kept dense: the policy picks dense jnp.dot for {shape2d[0]}x{shape2d[1]} "
+                    f"{w2d.dtype} at batch {batch} on {device_kind!r}"
+                )
+                reports.append(LayerReport(name, kind, tuple(kernel.shape), status, dense_bytes, 0))
+                continue
         packed = pack_nm(w2d, n, m)
         bias = None if layer.bias is None else layer.bias[...]
         if isinstance(layer, nnx.Conv):
