@@ -216,6 +216,29 @@ def test_cached_generate_of_a_bfloat16_model_with_a_bfloat16_cache():
     )
 
 
+def test_whole_heads_prune_structurally_and_the_pruned_model_decodes_with_the_cache():
+    model = small(d_model=24, num_heads=3)
+    x = jnp.zeros((1, C), jnp.int32)
+    groups = jc.structure.groups(model, x)
+    heads = [name for name, g in groups.items() if g.prunable and g.size == 3]
+    assert heads == ["blocks/0/attn/query:1.0", "blocks/1/attn/query:1.0"]
+    keep = {heads[0]: np.array([True, False, True]), heads[1]: np.array([False, True, False])}
+    pruned = jc.structure.prune(model, keep, x)
+    zeroed = jc.structure.zero(model, keep, x)
+    toks = tokens(2, C, seed=5)
+    np.testing.assert_allclose(pruned(toks), zeroed(toks), atol=1e-5)
+    attn = [block.attn for block in pruned.blocks]
+    assert [a.query.kernel.shape for a in attn] == [(24, 16), (24, 8)]
+    assert [a.out.kernel.shape for a in attn] == [(16, 24), (8, 24)]
+    assert [c[0].shape for c in pruned.init_cache(2)] == [(2, C, 2, 8), (2, C, 1, 8)]
+    key = jax.random.key(0)
+    cached = generate(pruned, toks[:, :2], C + 2, key, 0.0)
+    np.testing.assert_array_equal(
+        cached, generate(pruned, toks[:, :2], C + 2, key, 0.0, use_cache=False)
+    )
+    np.testing.assert_array_equal(cached, generate(zeroed, toks[:, :2], C + 2, key, 0.0))
+
+
 def test_generate_samples_from_the_softmax():
     # Every row has the same one-token prompt, so every draw is from softmax(logits / T).
     model = small(num_layers=1)

@@ -12,17 +12,20 @@
 # 3. runs the GPU tests: pytest -m gpu tests/test_kernels.py tests/test_kernels_nnx.py;
 # 4. runs experiments/benchmarks/nm_kernels.py with the given arguments into
 #    OUT_DIR/nm_kernels (results.json/csv, speedup.png, nm_policy.json);
-# 5. with the time left: the SPDY DP tests (tests/test_spdy_dp.py) and, when
+# 5. experiments/benchmarks/lm_decode.py into OUT_DIR/lm_decode: greedy decoding of a 2-block
+#    2:4 GPT of width 4096, dense vs packed (dispatch, kernel, batch-aware conversion), with the
+#    key/value cache, at batch 1 and 16 (LM_MIN_S seconds are kept for it, default 75);
+# 6. with the time left: the SPDY DP tests (tests/test_spdy_dp.py) and, when
 #    $JAXCOMPRESS_DATA_DIR/spdy_timings exists (carry a copy), the DP benchmark.
 #
 # Time: the whole script stops within GPU_CHECKS_BUDGET_S seconds (default 460, under the
 # 8 minutes of the issue). Every step runs under `timeout`; the tests may not eat the
-# benchmark's minimum (BENCH_MIN_S, default 240 s); the benchmark's own --budget-s (where its
+# benchmark's minimum (BENCH_MIN_S, default 210 s); the benchmark's own --budget-s (where its
 # optional --sweep stops) is set from the time it gets, unless given in the arguments. A step
 # that fails, times out (status 124) or is skipped for lack of time (125) does not stop the
 # others; the exit status is that of the first failing step. OUT_DIR/summary.txt lists every step with its status and seconds,
 # OUT_DIR/<step>.log its output. Environment: PYTHON (default python3), JAX_PLATFORMS
-# (default cuda), GPU_CHECKS_BUDGET_S, BENCH_MIN_S, TESTS_MAX_S (default 150).
+# (default cuda), GPU_CHECKS_BUDGET_S, BENCH_MIN_S, TESTS_MAX_S (default 150), LM_MIN_S.
 set -u -o pipefail
 out="${1:?usage: gpu_checks.sh OUT_DIR [benchmark args...]}"
 shift
@@ -33,7 +36,8 @@ export JAX_PLATFORMS="${JAX_PLATFORMS:-cuda}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_BREAK_SYSTEM_PACKAGES=1 PIP_NO_INPUT=1
 start=$(date +%s)
 deadline=$((start + ${GPU_CHECKS_BUDGET_S:-460}))
-bench_min=${BENCH_MIN_S:-240}
+bench_min=${BENCH_MIN_S:-210}
+lm_min=${LM_MIN_S:-75}
 status=0
 : >"$out/summary.txt"
 
@@ -123,16 +127,21 @@ for name in ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda13-plugin", "numpy",
         print(f"{name:20s} missing")
 EOF
 
-# 3. GPU tests, leaving the benchmark at least $bench_min seconds
-step gpu_tests "$(min "${TESTS_MAX_S:-150}" $(($(left) - bench_min)))" \
+# 3. GPU tests, leaving the benchmarks at least $bench_min + $lm_min seconds
+step gpu_tests "$(min "${TESTS_MAX_S:-150}" $(($(left) - bench_min - lm_min)))" \
     "$py" -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_kernels_nnx.py
 
 # 4. the benchmark (its sweep, if asked for, stops 60 s before its time runs out)
-bench_limit=$(min 330 "$(left)")
+bench_limit=$(min 330 $(($(left) - lm_min)))
 step nm_kernels "$bench_limit" "$py" experiments/benchmarks/nm_kernels.py \
     --out "$out/nm_kernels" --budget-s $((bench_limit - 60)) "$@"
 
-# 5. the SPDY DP checks, only with the time left
+# 5. LM decoding, dense vs packed
+step lm_decode "$(min 180 "$(left)")" "$py" experiments/benchmarks/lm_decode.py \
+    --out "$out/lm_decode" --layers 2 --reps 3 \
+    --variants dense_cached packed_cached packed_for_batch packed_mosaic
+
+# 6. the SPDY DP checks, only with the time left
 if [ "$(left)" -ge 90 ]; then
     step spdy_dp_tests $(($(left) - 5)) "$py" -m pytest -q -p no:cacheprovider tests/test_spdy_dp.py
 fi

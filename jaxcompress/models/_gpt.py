@@ -46,7 +46,9 @@ class CausalSelfAttention(nnx.Module):
         y = \operatorname{concat}_h(\mathrm{Drop}(A_h) V_h)\, W_o + b_o,
 
     with :math:`C_{ts} = -\infty` for :math:`s > t` (a position never sees later ones). Scores
-    and softmax are float32.
+    and softmax are float32. The head count is read from the projections' widths
+    (``out_features // head_dim``), so :func:`jaxcompress.structure.prune` can remove whole
+    heads; ``num_heads`` records the count the module was built with.
     """
 
     def __init__(
@@ -73,12 +75,19 @@ class CausalSelfAttention(nnx.Module):
         self.out = linear(out_std)
         self.attn_dropout = nnx.Dropout(dropout, rngs=rngs)
 
+    def _heads(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        # the head count comes from the projections' widths, so that structured pruning of
+        # whole heads (jaxcompress.structure) leaves a model that runs
+        b, t, _ = x.shape
+        return tuple(
+            p(x).reshape(b, t, -1, self.head_dim) for p in (self.query, self.key, self.value)
+        )
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        b, t, d = x.shape
-        heads = (b, t, self.num_heads, self.head_dim)
-        q, k, v = (proj(x).reshape(heads) for proj in (self.query, self.key, self.value))
+        b, t, _ = x.shape
+        q, k, v = self._heads(x)
         y = dot_product_attention(q, k, v, causal=True, dropout=self.attn_dropout, prescale=False)
-        return self.out(y.reshape(b, t, d))
+        return self.out(y.reshape(b, t, -1))
 
     def extend(
         self, x: jax.Array, cache: tuple[jax.Array, jax.Array], start: jax.Array | int
@@ -90,9 +99,8 @@ class CausalSelfAttention(nnx.Module):
         written at ``start`` (cast to the cache's dtype) and position ``start + t`` attends to
         the cached positions ``<= start + t``. Returns ``(y, cache)``.
         """
-        b, t, d = x.shape
-        heads = (b, t, self.num_heads, self.head_dim)
-        q, k, v = (proj(x).reshape(heads) for proj in (self.query, self.key, self.value))
+        b, t, _ = x.shape
+        q, k, v = self._heads(x)
         keys, values = cache
         at = (0, start, 0, 0)
         keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), at)
@@ -100,7 +108,7 @@ class CausalSelfAttention(nnx.Module):
         query_pos = start + jnp.arange(t)[:, None]
         mask = jnp.arange(keys.shape[1])[None, :] <= query_pos  # (T, S): cached and causal
         y = dot_product_attention(q, keys, values, mask, dropout=self.attn_dropout, prescale=False)
-        return self.out(y.reshape(b, t, d)), (keys, values)
+        return self.out(y.reshape(b, t, -1)), (keys, values)
 
 
 class GPTBlock(nnx.Module):
@@ -268,13 +276,17 @@ class GPT(nnx.Module):
         each ``(batch, context, H, d_h)`` with that block's heads (structured pruning may have
         left blocks with different head counts or widths)."""
         batch = check_int("batch", batch)
-        return tuple(
-            (
-                jnp.zeros((batch, self.context, blk.attn.num_heads, blk.attn.head_dim), dtype),
-                jnp.zeros((batch, self.context, blk.attn.num_heads, blk.attn.head_dim), dtype),
+        caches = []
+        for block in self.blocks:
+            attn = block.attn
+            keys, values = (
+                jnp.zeros(
+                    (batch, self.context, p.out_features // attn.head_dim, attn.head_dim), dtype
+                )
+                for p in (attn.key, attn.value)
             )
-            for blk in self.blocks
-        )
+            caches.append((keys, values))
+        return tuple(caches)
 
     def extend(
         self, tokens: jax.Array, cache: KVCache, start: jax.Array | int = 0
