@@ -7,7 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxcompress.kernels._nm_pack.reference import unpack_reference
+from jaxcompress.kernels._nm_pack.reference import unpack_rows
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "n", "m", "stride"))
@@ -24,8 +24,11 @@ def nm_matmul_reference(
 
     .. math:: y_{bj} = \\sum_{g}\\sum_{t<n} x_{b,\\,gm + \\mathrm{idx}_{t j g}}\\, v_{t j g}
 
-    computed as ``jnp.dot(x, unpack(values, meta))`` with ``preferred_element_type=float32``
-    and cast back to ``x.dtype``.
+    computed as ``x @ unpack(values, meta)`` with ``preferred_element_type=float32`` and cast
+    back to ``x.dtype``. The product contracts ``x`` with the rows of the transposed weight
+    (:func:`unpack_rows`), so no transpose is materialised: on a CPU, fusing the transpose
+    into the unpacking made a batch-1 product of a 4096x4096 weight 5x slower.
     """
-    w = unpack_reference(values, meta, shape, n, m, stride)
-    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    w_t = unpack_rows(values, meta, shape, n, m, stride)  # (N, K)
+    y = jax.lax.dot_general(x, w_t, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return y.astype(x.dtype)

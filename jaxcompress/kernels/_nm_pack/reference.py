@@ -80,15 +80,13 @@ def pack_reference(w: jax.Array, n: int, m: int) -> tuple[jax.Array, jax.Array]:
     return values, meta
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "n", "m", "stride"))
-def unpack_reference(
+def unpack_rows(
     values: jax.Array, meta: jax.Array, shape: tuple[int, int], n: int, m: int, stride: int
 ) -> jax.Array:
-    """Dense ``(K, N)`` weight from ``(values, meta)``: the exact inverse of packing.
-
-    ``W[g*m + c, j] = values[t, j, g]`` where ``idx[t, j, g] = c``, zero elsewhere (built
-    with selects, so values round-trip bit for bit, including ``-0.0``).
-    """
+    """The dense weight transposed, ``(N, K)``: ``W^T[j, g*m + c] = values[t, j, g]`` where
+    ``idx[t, j, g] = c``, zero elsewhere (built with selects, so values round-trip bit for
+    bit, including ``-0.0``). Row ``j`` is output ``j``'s groups in order, so this is
+    elementwise over the planes with no transpose."""
     k, cols = shape
     layout = MetaLayout(n, m, values.dtype.itemsize)
     idx = unpack_fields(meta, k // m, layout, stride)
@@ -98,4 +96,13 @@ def unpack_reference(
         for t in range(n):
             slot = jnp.where(idx[t] == c, values[t], slot)
         dense.append(slot)  # (N, G)
-    return jnp.stack(dense, axis=-1).reshape(cols, k).T
+    return jnp.stack(dense, axis=-1).reshape(cols, k)
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "n", "m", "stride"))
+def unpack_reference(
+    values: jax.Array, meta: jax.Array, shape: tuple[int, int], n: int, m: int, stride: int
+) -> jax.Array:
+    """Dense ``(K, N)`` weight from ``(values, meta)``: the exact inverse of packing,
+    ``unpack_rows(...).T``."""
+    return unpack_rows(values, meta, shape, n, m, stride).T
