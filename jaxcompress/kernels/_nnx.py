@@ -292,7 +292,7 @@ def sparsify_for_inference(
         compute dtype on ``device`` at that batch; the others keep their dense kernel and
         the report says ``'kept dense: ...'``. ``None`` (default) converts every candidate:
         the packed weights take 9/16 of the bytes (bf16 2:4), but a layer whose dispatch is
-        dense unpacks its weight at every call, which on a CPU or an unmeasured GPU is
+        dense unpacks its weight at every call, which on a CPU or an unmeasured GPU makes it
         slower than the dense model (``experiments/benchmarks/lm_decode.py`` measures both).
         Not allowed together with ``implementation``.
       device: where the model will run, for ``batch`` (default ``jax.devices()[0]``).
