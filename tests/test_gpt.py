@@ -239,6 +239,27 @@ def test_whole_heads_prune_structurally_and_the_pruned_model_decodes_with_the_ca
     np.testing.assert_array_equal(cached, generate(zeroed, toks[:, :2], C + 2, key, 0.0))
 
 
+def test_structured_one_shot_pruning_halves_heads_and_mlp_units():
+    model = small(d_model=32, num_heads=4)
+    x = jnp.zeros((1, C), jnp.int32)
+    pruned, keep = jc.prune.structured(model, 0.5, x)
+    assert {name: int(mask.sum()) for name, mask in keep.items()} == {
+        "blocks/0/attn/query:1.0": 2,
+        "blocks/0/fc1": 64,
+        "blocks/1/attn/query:1.0": 2,
+        "blocks/1/fc1": 64,
+    }
+    for block in pruned.blocks:
+        assert block.attn.query.kernel.shape == block.attn.value.kernel.shape == (32, 16)
+        assert block.fc1.kernel.shape == (32, 64)
+    prompt = tokens(2, 3, seed=6)
+    key = jax.random.key(1)
+    np.testing.assert_array_equal(
+        generate(pruned, prompt, 6, key, 0.0),
+        generate(pruned, prompt, 6, key, 0.0, use_cache=False),
+    )
+
+
 def test_generate_samples_from_the_softmax():
     # Every row has the same one-token prompt, so every draw is from softmax(logits / T).
     model = small(num_layers=1)
