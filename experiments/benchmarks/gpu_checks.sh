@@ -14,7 +14,8 @@
 #    OUT_DIR/nm_kernels (results.json/csv, speedup.png, nm_policy.json);
 # 5. experiments/benchmarks/lm_decode.py into OUT_DIR/lm_decode: greedy decoding of a 2-block
 #    2:4 GPT of width 4096, dense vs packed (dispatch, kernel, batch-aware conversion), with the
-#    key/value cache, at batch 1 and 16 (LM_MIN_S seconds are kept for it, default 75);
+#    key/value cache, at batch 1 and 16, dispatching with the policy of step 4 (LM_MIN_S
+#    seconds are kept for it, default 75);
 # 6. with the time left: the SPDY DP tests (tests/test_spdy_dp.py) and, when
 #    $JAXCOMPRESS_DATA_DIR/spdy_timings exists (carry a copy), the DP benchmark.
 #
@@ -136,9 +137,13 @@ bench_limit=$(min 330 $(($(left) - lm_min)))
 step nm_kernels "$bench_limit" "$py" experiments/benchmarks/nm_kernels.py \
     --out "$out/nm_kernels" --budget-s $((bench_limit - 60)) "$@"
 
-# 5. LM decoding, dense vs packed
+# 5. LM decoding, dense vs packed, dispatching with the policy step 4 just measured
+if [ -f "$out/nm_kernels/nm_policy.json" ]; then
+    export JAXCOMPRESS_NM_POLICY="$PWD/$out/nm_kernels/nm_policy.json"
+    case "$out" in /*) export JAXCOMPRESS_NM_POLICY="$out/nm_kernels/nm_policy.json" ;; esac
+fi
 step lm_decode "$(min 180 "$(left)")" "$py" experiments/benchmarks/lm_decode.py \
-    --out "$out/lm_decode" --layers 2 --reps 3 \
+    --out "$out/lm_decode" --layers 2 --reps 3 --prompt-len 4 --steps 124 \
     --variants dense_cached packed_cached packed_for_batch packed_mosaic
 
 # 6. the SPDY DP checks, only with the time left

@@ -19,7 +19,10 @@ a ``--prompt-len`` prompt (greedy, ``temperature=0``):
 - ``packed_for_batch``: ``sparsify_for_inference(model, batch=B)``: only the layers whose
   dispatch at batch ``B`` takes the kernel are converted, the rest stay dense (on a CPU or an
   unmeasured GPU: the dense model itself);
-- ``packed_mosaic``: the converted model forced onto the kernel (sm90 GPUs only).
+- ``packed_mosaic``: the converted model forced onto the kernel (sm90 GPUs only); the
+  kernel takes at most 64 rows, so the prefill's ``batch x prompt_len`` rows must fit
+  (``gpu_checks.sh`` passes ``--prompt-len 4``); a batch where they do not is recorded as a
+  failure of that variant.
 
 Per row: milliseconds per generated token (median over ``--reps`` timed ``generate`` calls,
 each including its prefill, divided by ``--steps``), tokens per second over the batch, the
@@ -53,6 +56,7 @@ from flax import nnx
 
 from jaxcompress.kernels import nm_mask, sparsify_for_inference
 from jaxcompress.kernels._common import is_hopper
+from jaxcompress.kernels._nm_matmul.config import MAX_BATCH
 from jaxcompress.models import GPT, generate
 
 VARIANTS = ("dense_window", "dense_cached", "packed_cached", "packed_for_batch", "packed_mosaic")
@@ -183,6 +187,7 @@ def main(argv=None) -> int:
         "note": None
         if on_gpu
         else "no sm90 GPU: packed_cached runs the dense path (unpack + jnp.dot per call)",
+        "policy": os.environ.get("JAXCOMPRESS_NM_POLICY") or "shipped nm_policy.json",
         "rows": [],
         "failures": [],
     }
@@ -203,6 +208,14 @@ def main(argv=None) -> int:
             )
         for name in variants:
             model, use_cache = models[name]
+            if name == "packed_mosaic" and batch * args.prompt_len > MAX_BATCH:
+                error = (
+                    f"the prefill has batch x prompt_len = {batch * args.prompt_len} rows, more "
+                    f"than the kernel's {MAX_BATCH}: pass a shorter --prompt-len"
+                )
+                result["failures"].append({"variant": name, "batch": batch, "error": error})
+                print(f"{name} batch {batch}: skipped: {error}", file=sys.stderr)
+                continue
             try:
                 tokens[name], times[name] = _time_generate(
                     model, prompt, args.steps, args.reps, use_cache, dtype
