@@ -43,6 +43,8 @@ def _tiny(**changes) -> Config:
         sample_chars=12,
         checkpoint_every=5,
         spdy_speedups=None,
+        structured_keeps=(0.5,),
+        structured_finetune=5,
         progress=False,
     )
     return config.replace(**changes)
@@ -70,8 +72,19 @@ def _check_schema(results, trainers, pruners):
                     assert row["sparsity"] == pytest.approx(0.5, abs=1e-6), (trainer, label)
                 assert len(row["sample"]) == 12
     assert "dense_val_loss" in results["targets"]
+    structured = results["structured"]
+    assert structured["dense"]["val_loss"] == pytest.approx(results["models"]["adamw"]["val_loss"])
+    half = structured["0.5"]
+    # the one block keeps 1 of its 2 heads and 32 of its 64 MLP units
+    assert half["kept_units"] == {"blocks/0/attn/query:1.0": 1, "blocks/0/fc1": 32}
+    assert half["block_params"] < 0.6 * structured["dense"]["block_params"]
+    assert half["block_params_fraction"] == pytest.approx(
+        half["block_params"] / structured["dense"]["block_params"]
+    )
+    assert half["increase"] == pytest.approx(half["val_loss"] - structured["dense"]["val_loss"])
+    assert half["decode_ms_per_token"] > 0 and half["finetune_seconds"] > 0
     table = format_table(results)
-    assert "AdamW" in table and "2:4" in table
+    assert "AdamW" in table and "2:4" in table and "keep   0.5" in table
 
 
 def test_run_writes_schema_and_resumes(tmp_path):

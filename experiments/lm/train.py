@@ -28,7 +28,11 @@ Pipeline of :func:`run`, for every trainer in ``config.trainers``:
    sample text from every pruned model;
 4. with ``spdy_speedups``: SPDY profiles of the AdamW model over an OBS (SparseGPT) database
    against uniform sparsity at the same modelled speedup (:func:`spdy_stage`);
-5. write ``results.json`` (atomically, after every stage) and ``loss_increase.png``.
+5. with ``structured_keeps``: the AdamW model with whole attention heads and MLP units removed
+   (group L2 norm, :func:`jaxcompress.prune.structured`), before and after
+   ``structured_finetune`` AdamW steps, with its block parameters and greedy decoding time
+   (:func:`structured_stage`);
+6. write ``results.json`` (atomically, after every stage) and ``loss_increase.png``.
 
 Finished stages are cached under ``<out>/stages`` (keyed by a hash of the settings they depend
 on), so a rerun only computes what is missing.
@@ -71,7 +75,15 @@ from jaxcompress import train as jtrain
 from jaxcompress.checkpoint import Checkpointer
 from jaxcompress.models import GPT, generate
 
-__all__ = ["block_kernels", "criteria", "format_table", "run", "spdy_stage", "write_plot"]
+__all__ = [
+    "block_kernels",
+    "criteria",
+    "format_table",
+    "run",
+    "spdy_stage",
+    "structured_stage",
+    "write_plot",
+]
 
 LOG_EVERY = 50
 EVAL_BATCH = 100
@@ -126,6 +138,7 @@ _MODEL_FIELDS = (
 )
 _TRAINER_FIELDS = {"adamw": (), "cram": ("cram_rho", "cram_sparsities"), "acdc": ("acdc_sparsity",)}
 _SPDY_FIELDS = ("spdy_speedups", "calib_windows", "eval_windows")
+_STRUCTURED_FIELDS = ("structured_keeps", "structured_finetune", "eval_windows")
 _PRUNE_FIELDS = (
     "sparsities",
     "nm_patterns",
@@ -458,6 +471,95 @@ def spdy_stage(
     return out
 
 
+def _block_params(model: GPT) -> int:
+    params = nnx.state(model, nnx.Param)
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return sum(int(np.prod(x.shape)) for p, x in flat if jmasks.path_str(p).startswith("blocks/"))
+
+
+def _decode_ms_per_token(model: GPT, context: int) -> float:
+    """Milliseconds per token of greedy cached decoding of one sequence filling the context
+    (median of 3 timed ``generate`` calls after a compile)."""
+    prompt = jnp.zeros((1, 1), jnp.int32)
+    steps = context - 1
+
+    def call():
+        return jax.block_until_ready(generate(model, prompt, steps, jax.random.key(0), 0.0))
+
+    call()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times)) / steps
+
+
+def _finetune(model: GPT, config: Config, train: jdata.CharCorpus) -> float:
+    """``config.structured_finetune`` AdamW steps on ``model`` in place (nanoGPT's optimizer,
+    its warm-up and cosine shrunk to the fine-tuning steps); returns the seconds taken."""
+    steps = config.structured_finetune
+    ft_config = config.replace(iters=steps, warmup_iters=steps // 10)
+    graphdef, params, rest = jtrain.split_model(jtrain.train_view(model))
+    # the train step donates its inputs; structure.prune shares the arrays it did not slice
+    # (embeddings, norms) with the model it pruned, so train on copies
+    params, rest = jax.tree.map(jnp.copy, (params, rest))
+    tx = make_adamw(ft_config)
+    opt_state = tx.init(params)
+    step_fn = jtrain.make_train_step(graphdef, tx)
+    start = time.perf_counter()
+    for t in range(steps):
+        x, y = jdata.windows(train, config.batch_size, config.context, (config.seed, 3, t))
+        params, rest, opt_state, _ = step_fn(params, rest, opt_state, x, y)
+    params = jax.block_until_ready(params)
+    nnx.update(model, params)
+    model.eval()
+    return time.perf_counter() - start
+
+
+def structured_stage(
+    model: GPT, config: Config, train: jdata.CharCorpus, val_xy: tuple[np.ndarray, np.ndarray]
+) -> dict[str, Any]:
+    """Structured one-shot pruning of ``model`` at every kept fraction of
+    ``config.structured_keeps``.
+
+    :func:`jaxcompress.prune.structured` traces the GPT's dependency groups: per block the
+    attention heads (query, key, value and output projections of a head together) and the MLP
+    units (``fc1`` columns with ``fc2`` rows). It keeps the fraction of each with the largest
+    group L2 norm and rebuilds a physically smaller model. Per fraction: the validation loss
+    before and after ``structured_finetune`` AdamW steps, the block parameters kept, and the
+    time per token of greedy cached decoding against the dense model's (this machine, one
+    sequence).
+    """
+    x = jnp.zeros((1, config.context), jnp.int32)
+    dense_params = _block_params(model)
+    base = evaluate(model, *val_xy)
+    out: dict[str, Any] = {
+        "dense": {
+            "val_loss": base,
+            "block_params": dense_params,
+            "decode_ms_per_token": _decode_ms_per_token(model, config.context),
+        }
+    }
+    for keep in config.structured_keeps:
+        pruned, masks = prune.structured(model, keep, x)
+        oneshot = evaluate(pruned, *val_xy)
+        seconds = _finetune(pruned, config, train) if config.structured_finetune else 0.0
+        loss = evaluate(pruned, *val_xy)
+        out[f"{keep:g}"] = {
+            "kept_units": {name: int(mask.sum()) for name, mask in masks.items()},
+            "block_params": _block_params(pruned),
+            "block_params_fraction": _block_params(pruned) / dense_params,
+            "oneshot_val_loss": oneshot,
+            "oneshot_increase": oneshot - base,
+            "val_loss": loss,
+            "increase": loss - base,
+            "finetune_seconds": seconds,
+            "decode_ms_per_token": _decode_ms_per_token(pruned, config.context),
+        }
+    return out
+
+
 def _targets(models: dict[str, Any], spdy_results: dict[str, Any] | None) -> dict[str, Any]:
     """The issue's targets, each ``{"value": ..., "target": ..., "met": bool}`` (absent when a
     model or pruner needed for it was not run)."""
@@ -594,6 +696,8 @@ def run(
             write_json_atomic(os.path.join(out, "results.json"), results)
     if config.spdy_speedups is not None:
         results["spdy"] = _spdy_results(config, train, calib_xy, val_xy, out)
+    if config.structured_keeps is not None:
+        results["structured"] = _structured_results(config, train, val_xy, out)
     results["targets"] = _targets(results["models"], results.get("spdy"))
     results["timing"]["total_seconds"] = time.perf_counter() - t0
     results["complete"] = True
@@ -619,6 +723,24 @@ def _spdy_results(config, train, calib_xy, val_xy, out) -> dict[str, Any]:
     with stage_bar(1, "spdy adamw", config.progress) as bar:
         result = spdy_stage(model, config, (jnp.asarray(calib_xy[0]), calib_xy[1]), val_xy)
         bar.update(1)
+    if stage_file is not None:
+        write_json_atomic(stage_file, result)
+    return result
+
+
+def _structured_results(config, train, val_xy, out) -> dict[str, Any]:
+    """The structured stage on the AdamW model, cached in ``<out>/stages``."""
+    fingerprint = _fingerprint(config, _MODEL_FIELDS + _STRUCTURED_FIELDS)
+    stage_file = (
+        None if out is None else os.path.join(out, "stages", f"structured-{fingerprint}.json")
+    )
+    if stage_file is not None and os.path.isfile(stage_file):
+        with open(stage_file) as f:
+            return json.load(f)
+    model, _ = train_model("adamw", config, train, out)
+    with stage_bar(len(config.structured_keeps), "structured adamw", config.progress) as bar:
+        result = structured_stage(model, config, train, val_xy)
+        bar.update(len(config.structured_keeps))
     if stage_file is not None:
         write_json_atomic(stage_file, result)
     return result
@@ -657,6 +779,22 @@ def format_table(results: dict[str, Any]) -> str:
                 f"(modelled speedups {uni['modelled_speedup']:.3f} / "
                 f"{found['modelled_speedup']:.3f}, {found['evaluations']} profiles scored)"
             )
+    structured = results.get("structured") or {}
+    if structured:
+        dense = structured["dense"]
+        lines.append(
+            f"\nstructured (AdamW model: heads and MLP units by group L2 norm, then "
+            f"fine-tuned); dense {dense['block_params']:,} block params, "
+            f"{dense['decode_ms_per_token']:.2f} ms/token"
+        )
+        for key, row in structured.items():
+            if key != "dense":
+                lines.append(
+                    f"  keep {key:>5}: {row['block_params_fraction']:.2f} of the params, "
+                    f"one-shot {row['oneshot_val_loss']:.4f} ({row['oneshot_increase']:+.3f}), "
+                    f"fine-tuned {row['val_loss']:.4f} ({row['increase']:+.3f}), "
+                    f"{row['decode_ms_per_token']:.2f} ms/token"
+                )
     targets = results.get("targets", {})
     if targets:
         lines.append("\ntargets:")

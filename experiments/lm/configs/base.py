@@ -58,6 +58,14 @@ class Config(ConfigBase):
     spdy_speedups: tuple[float, ...] | None = field(
         (1.5, 2.0), "modelled speedups of the SPDY profiles of the AdamW model (none: skip)"
     )
+    structured_keeps: tuple[float, ...] | None = field(
+        (0.75, 0.5),
+        "kept fractions of every block's attention heads and MLP units in structured one-shot "
+        "pruning of the AdamW model (none: skip)",
+    )
+    structured_finetune: int = field(
+        200, "AdamW steps that fine-tune each structurally pruned model (0: none)"
+    )
     calib_windows: int = field(128, "calibration windows (context long) for Wanda and SparseGPT")
     eval_windows: int = field(1000, "validation windows the loss is averaged over")
     sample_chars: int = field(200, "characters sampled from every model (0: none)")
@@ -146,5 +154,16 @@ class Config(ConfigBase):
                 "spdy_speedups must be None or a non-empty tuple of distinct numbers in (1, 100), "
                 f"got {self.spdy_speedups!r}"
             )
+        if self.structured_keeps is not None and (
+            not isinstance(self.structured_keeps, tuple)
+            or not self.structured_keeps
+            or not all(is_real(v) and 0.0 < v <= 1.0 for v in self.structured_keeps)
+            or len(set(self.structured_keeps)) != len(self.structured_keeps)
+        ):
+            raise ValueError(
+                "structured_keeps must be None or a non-empty tuple of distinct fractions in "
+                f"(0, 1], got {self.structured_keeps!r}"
+            )
+        check_ints(self, ("structured_finetune",), minimum=0)
         check_bools(self, ("progress",))
         return self
