@@ -83,6 +83,7 @@ def _check_schema(results, trainers, pruners):
     )
     assert half["increase"] == pytest.approx(half["val_loss"] - structured["dense"]["val_loss"])
     assert half["decode_ms_per_token"] > 0 and half["finetune_seconds"] > 0
+    assert 2.0 < structured["dense"]["finetuned_val_loss"] < 5.0
     table = format_table(results)
     assert "AdamW" in table and "2:4" in table and "keep   0.5" in table
 

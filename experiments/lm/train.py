@@ -529,7 +529,8 @@ def structured_stage(
     group L2 norm and rebuilds a physically smaller model. Per fraction: the validation loss
     before and after ``structured_finetune`` AdamW steps, the block parameters kept, and the
     time per token of greedy cached decoding against the dense model's (this machine, one
-    sequence).
+    sequence). The unpruned model gets the same fine-tuning (``dense.finetuned_val_loss``), so
+    the recovered loss is not mistaken for the effect of more training.
     """
     x = jnp.zeros((1, config.context), jnp.int32)
     dense_params = _block_params(model)
@@ -541,6 +542,10 @@ def structured_stage(
             "decode_ms_per_token": _decode_ms_per_token(model, config.context),
         }
     }
+    if config.structured_finetune:  # the same fine-tuning of the unpruned model, for reference
+        tuned = nnx.clone(model)
+        _finetune(tuned, config, train)
+        out["dense"]["finetuned_val_loss"] = evaluate(tuned, *val_xy)
     for keep in config.structured_keeps:
         pruned, masks = prune.structured(model, keep, x)
         oneshot = evaluate(pruned, *val_xy)
@@ -786,6 +791,11 @@ def format_table(results: dict[str, Any]) -> str:
             f"\nstructured (AdamW model: heads and MLP units by group L2 norm, then "
             f"fine-tuned); dense {dense['block_params']:,} block params, "
             f"{dense['decode_ms_per_token']:.2f} ms/token"
+            + (
+                f", fine-tuned unpruned {dense['finetuned_val_loss']:.4f}"
+                if "finetuned_val_loss" in dense
+                else ""
+            )
         )
         for key, row in structured.items():
             if key != "dense":
