@@ -183,7 +183,8 @@ def test_experiment_configs_are_thin_and_their_ablations_valid(name):
         for kind in ("default", "quick")
     }
     fields = dataclasses.fields(base.Config)
-    assert len(fields) <= 25, [f.name for f in fields]
+    # lm runs five stages (train, one-shot, SPDY, structured, report): one field more
+    assert len(fields) <= (26 if name == "lm" else 25), [f.name for f in fields]
     assert all(f.metadata.get("help") for f in fields)  # one flag each, with its help
     for module in configs.values():
         assert isinstance(module.get_config().validate(), base.Config)

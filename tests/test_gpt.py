@@ -188,8 +188,10 @@ def test_kv_cache_prefill_and_decode_equal_the_full_forward(tie):
     assert len(cache) == model.num_layers
 
 
-@pytest.mark.parametrize("prompt_len, steps", [(1, 5), (2, C + 4), (C, 3), (C + 2, 3), (3, C - 2)])
-@pytest.mark.parametrize("temperature", [0.0, 1.5])
+@pytest.mark.parametrize(
+    "prompt_len, steps, temperature",
+    [(2, C + 4, 0.0), (2, C + 4, 1.5), (C, 3, 0.0), (C + 2, 3, 1.5)],
+)
 def test_cached_generate_equals_window_recompute(prompt_len, steps, temperature):
     # (C, 3): only the prefill step is cached; (C + 2, 3): no step is; (2, C + 4) crosses the
     # context, where the window starts to slide and generation recomputes it.

@@ -29,8 +29,8 @@ Pipeline of :func:`run`, for every trainer in ``config.trainers``:
 4. with ``spdy_speedups``: SPDY profiles of the AdamW model over an OBS (SparseGPT) database
    against uniform sparsity at the same modelled speedup (:func:`spdy_stage`);
 5. with ``structured_keeps``: the AdamW model with whole attention heads and MLP units removed
-   (group L2 norm, :func:`jaxcompress.prune.structured`), before and after
-   ``structured_finetune`` AdamW steps, with its block parameters and greedy decoding time
+   (group L2 norm, :func:`jaxcompress.prune.structured`), before and after ``iters // 10``
+   AdamW steps of fine-tuning, with its block parameters and greedy decoding time
    (:func:`structured_stage`);
 6. write ``results.json`` (atomically, after every stage) and ``loss_increase.png``.
 
@@ -138,7 +138,7 @@ _MODEL_FIELDS = (
 )
 _TRAINER_FIELDS = {"adamw": (), "cram": ("cram_rho", "cram_sparsities"), "acdc": ("acdc_sparsity",)}
 _SPDY_FIELDS = ("spdy_speedups", "calib_windows", "eval_windows")
-_STRUCTURED_FIELDS = ("structured_keeps", "structured_finetune", "eval_windows")
+_STRUCTURED_FIELDS = ("structured_keeps", "eval_windows")
 _PRUNE_FIELDS = (
     "sparsities",
     "nm_patterns",
@@ -495,10 +495,15 @@ def _decode_ms_per_token(model: GPT, context: int) -> float:
     return 1e3 * float(np.median(times)) / steps
 
 
+def finetune_steps(config: Config) -> int:
+    """AdamW steps of the structured stage's fine-tuning: a tenth of the training run."""
+    return config.iters // 10
+
+
 def _finetune(model: GPT, config: Config, train: jdata.CharCorpus) -> float:
-    """``config.structured_finetune`` AdamW steps on ``model`` in place (nanoGPT's optimizer,
-    its warm-up and cosine shrunk to the fine-tuning steps); returns the seconds taken."""
-    steps = config.structured_finetune
+    """:func:`finetune_steps` AdamW steps on ``model`` in place (nanoGPT's optimizer, its
+    warm-up and cosine shrunk to the fine-tuning steps); returns the seconds taken."""
+    steps = finetune_steps(config)
     ft_config = config.replace(iters=steps, warmup_iters=steps // 10)
     graphdef, params, rest = jtrain.split_model(jtrain.train_view(model))
     # the train step donates its inputs; structure.prune shares the arrays it did not slice
@@ -527,7 +532,7 @@ def structured_stage(
     attention heads (query, key, value and output projections of a head together) and the MLP
     units (``fc1`` columns with ``fc2`` rows). It keeps the fraction of each with the largest
     group L2 norm and rebuilds a physically smaller model. Per fraction: the validation loss
-    before and after ``structured_finetune`` AdamW steps, the block parameters kept, and the
+    before and after :func:`finetune_steps` AdamW steps, the block parameters kept, and the
     time per token of greedy cached decoding against the dense model's (this machine, one
     sequence). The unpruned model gets the same fine-tuning (``dense.finetuned_val_loss``), so
     the recovered loss is not mistaken for the effect of more training.
@@ -542,14 +547,14 @@ def structured_stage(
             "decode_ms_per_token": _decode_ms_per_token(model, config.context),
         }
     }
-    if config.structured_finetune:  # the same fine-tuning of the unpruned model, for reference
+    if finetune_steps(config):  # the same fine-tuning of the unpruned model, for reference
         tuned = nnx.clone(model)
         _finetune(tuned, config, train)
         out["dense"]["finetuned_val_loss"] = evaluate(tuned, *val_xy)
     for keep in config.structured_keeps:
         pruned, masks = prune.structured(model, keep, x)
         oneshot = evaluate(pruned, *val_xy)
-        seconds = _finetune(pruned, config, train) if config.structured_finetune else 0.0
+        seconds = _finetune(pruned, config, train) if finetune_steps(config) else 0.0
         loss = evaluate(pruned, *val_xy)
         out[f"{keep:g}"] = {
             "kept_units": {name: int(mask.sum()) for name, mask in masks.items()},

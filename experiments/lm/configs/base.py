@@ -61,10 +61,7 @@ class Config(ConfigBase):
     structured_keeps: tuple[float, ...] | None = field(
         (0.75, 0.5),
         "kept fractions of every block's attention heads and MLP units in structured one-shot "
-        "pruning of the AdamW model (none: skip)",
-    )
-    structured_finetune: int = field(
-        200, "AdamW steps that fine-tune each structurally pruned model (0: none)"
+        "pruning of the AdamW model, then fine-tuned for iters // 10 steps (none: skip)",
     )
     calib_windows: int = field(128, "calibration windows (context long) for Wanda and SparseGPT")
     eval_windows: int = field(1000, "validation windows the loss is averaged over")
@@ -164,6 +161,5 @@ class Config(ConfigBase):
                 "structured_keeps must be None or a non-empty tuple of distinct fractions in "
                 f"(0, 1], got {self.structured_keeps!r}"
             )
-        check_ints(self, ("structured_finetune",), minimum=0)
         check_bools(self, ("progress",))
         return self
