@@ -79,9 +79,10 @@ class CausalSelfAttention(nnx.Module):
         # the head count comes from the projections' widths, so that structured pruning of
         # whole heads (jaxcompress.structure) leaves a model that runs
         b, t, _ = x.shape
-        return tuple(
+        q, k, v = (
             p(x).reshape(b, t, -1, self.head_dim) for p in (self.query, self.key, self.value)
         )
+        return q, k, v
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, t, _ = x.shape
