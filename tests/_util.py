@@ -177,6 +177,23 @@ jax.monitoring.register_event_duration_secs_listener(_on_event)
 
 
 @contextlib.contextmanager
+def benchmark_script(name: str) -> Iterator[Any]:
+    """The module of ``experiments/benchmarks/<name>.py``, imported with that folder on
+    ``sys.path`` (the scripts import their helpers, e.g. ``_results``, by name), which is
+    removed again afterwards."""
+    import importlib
+
+    folder = os.path.abspath(
+        os.path.join(os.path.dirname(__file__), "..", "experiments", "benchmarks")
+    )
+    sys.path.insert(0, folder)
+    try:
+        yield importlib.import_module(name)
+    finally:
+        sys.path.remove(folder)
+
+
+@contextlib.contextmanager
 def count_compiles() -> Iterator[CompileCounter]:
     """Count XLA compilations (``jax.monitoring``), including recompiles that reuse a trace
     (e.g. a changed input sharding or committedness), which a trace counter does not see."""

@@ -3,24 +3,16 @@ variant with its fields and token agreement. No timing is asserted."""
 
 from __future__ import annotations
 
-import importlib
 import json
-import os
 
 import pytest
-
-BENCH_DIR = os.path.join(os.path.dirname(__file__), "..", "experiments", "benchmarks")
+from _util import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    import sys
-
-    sys.path.insert(0, os.path.abspath(BENCH_DIR))
-    try:
-        yield importlib.import_module("lm_decode")
-    finally:
-        sys.path.remove(os.path.abspath(BENCH_DIR))
+    with benchmark_script("lm_decode") as module:
+        yield module
 
 
 def test_quick_cpu_run_records_every_variant(bench, tmp_path):

@@ -5,15 +5,14 @@ their fields, and a policy table the dispatcher loads. No timing is asserted."""
 from __future__ import annotations
 
 import csv
-import importlib
 import json
 import os
 
 import pytest
+from _util import benchmark_script
 
 from jaxcompress.kernels import load_policy, select_implementation
 
-BENCH_DIR = os.path.join(os.path.dirname(__file__), "..", "experiments", "benchmarks")
 QUICK = ["--quick", "--no-plot", "--interpret-check", "off", "--reps", "1", "--copy-mib", "4"]
 QUICK += ["--e2e-width", "128", "--e2e-hidden", "256", "--e2e-depth", "1"]
 ROW_FIELDS = {
@@ -25,13 +24,8 @@ ROW_FIELDS = {
 
 @pytest.fixture(scope="module")
 def bench():
-    import sys
-
-    sys.path.insert(0, os.path.abspath(BENCH_DIR))
-    try:
-        yield importlib.import_module("nm_kernels")
-    finally:
-        sys.path.remove(os.path.abspath(BENCH_DIR))
+    with benchmark_script("nm_kernels") as module:
+        yield module
 
 
 @pytest.fixture(scope="module")

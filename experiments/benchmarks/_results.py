@@ -4,6 +4,7 @@ the machine record and atomic JSON writes. ``_timing`` re-exports both."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 
@@ -11,7 +12,7 @@ import jax
 
 from jaxcompress._io import write_json_atomic
 
-__all__ = ["machine_info", "write_json"]
+__all__ = ["machine_info", "package_versions", "write_json"]
 
 
 def machine_info() -> dict:
@@ -23,6 +24,17 @@ def machine_info() -> dict:
         "cpu_count": os.cpu_count(),
         "loadavg": os.getloadavg(),
     }
+
+
+def package_versions(names) -> dict:
+    """``{distribution name: installed version, or None when it is not installed}``."""
+    out = {}
+    for name in names:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def write_json(path: str | None, result: dict, indent: int = 1) -> None:

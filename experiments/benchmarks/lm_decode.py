@@ -41,7 +41,6 @@ is cached.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
 import statistics
@@ -51,7 +50,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _results import machine_info, write_json
+from _results import machine_info, package_versions, write_json
 from flax import nnx
 
 from jaxcompress.kernels import nm_mask, sparsify_for_inference
@@ -146,16 +145,6 @@ def _first_divergence(tokens: np.ndarray, ref: np.ndarray, prompt_len: int) -> i
     return None if differs.size == 0 else int(differs[0]) - prompt_len
 
 
-def _versions() -> dict:
-    out = {}
-    for name in ("jax", "jaxlib", "flax", "numpy"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
 def main(argv=None) -> int:
     args = _parse_args(argv)
     on_gpu = is_hopper()
@@ -175,7 +164,7 @@ def main(argv=None) -> int:
         "benchmark": "lm_decode",
         "config": vars(args),
         "machine": machine_info(),
-        "versions": _versions(),
+        "versions": package_versions(("jax", "jaxlib", "flax", "numpy")),
         "model": {
             "kernels": len(report.layers),
             "kernel_shapes": sorted({r.shape for r in report.layers}),

@@ -56,7 +56,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import importlib.metadata
 import json
 import os
 import platform as _platform
@@ -67,7 +66,7 @@ import traceback
 
 import jax
 import jax.numpy as jnp
-from _results import machine_info, write_json
+from _results import machine_info, package_versions, write_json
 
 from jaxcompress.kernels import NMMatmulConfig, nm_mask, nm_matmul, pack_nm
 from jaxcompress.kernels._common import is_hopper
@@ -761,13 +760,6 @@ def _plot(rows: list[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def _version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def _write_csv(path: str, rows: list[dict]) -> None:
     fields = list(rows[0]) if rows else ["dtype", "k", "n", "batch"]
     tmp = path + ".tmp"
@@ -811,7 +803,7 @@ def main(argv=None) -> dict:
         "machine": machine_info(),
         "versions": {
             "python": _platform.python_version(),
-            **{p: _version(p) for p in ("jax", "jaxlib", "flax", "numpy", "jax-cuda12-plugin")},
+            **package_versions(("jax", "jaxlib", "flax", "numpy", "jax-cuda12-plugin")),
         },
         "implementation": impl,
         "pattern": f"{n}:{m}",

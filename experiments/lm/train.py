@@ -556,10 +556,11 @@ def structured_stage(
         oneshot = evaluate(pruned, *val_xy)
         seconds = _finetune(pruned, config, train) if finetune_steps(config) else 0.0
         loss = evaluate(pruned, *val_xy)
+        kept_params = _block_params(pruned)
         out[f"{keep:g}"] = {
             "kept_units": {name: int(mask.sum()) for name, mask in masks.items()},
-            "block_params": _block_params(pruned),
-            "block_params_fraction": _block_params(pruned) / dense_params,
+            "block_params": kept_params,
+            "block_params_fraction": kept_params / dense_params,
             "oneshot_val_loss": oneshot,
             "oneshot_increase": oneshot - base,
             "val_loss": loss,

@@ -19,9 +19,9 @@ from jaxcompress.models._common import (
     token_embeddings,
 )
 
-__all__ = ["GPT", "GPTBlock", "CausalSelfAttention", "KVCache", "generate"]
+__all__ = ["GPT", "GPTBlock", "CausalSelfAttention", "generate"]
 
-KVCache = tuple[tuple[jax.Array, jax.Array], ...]
+_KVCache = tuple[tuple[jax.Array, jax.Array], ...]
 """Per decoder block, ``(keys, values)`` each ``(batch, context, heads, head_dim)``."""
 
 # GPT-2 initialisation (Radford et al., 2019; as nanoGPT): N(0, 0.02) for every weight matrix and
@@ -272,7 +272,7 @@ class GPT(nnx.Module):
             return self.embed.attend(x)
         return self.head(x)
 
-    def init_cache(self, batch: int, dtype=jnp.float32) -> KVCache:
+    def init_cache(self, batch: int, dtype=jnp.float32) -> _KVCache:
         """An empty key/value cache for :meth:`extend`: per block, ``(keys, values)`` of zeros,
         each ``(batch, context, H, d_h)`` with that block's heads (structured pruning may have
         left blocks with different head counts or widths)."""
@@ -290,8 +290,8 @@ class GPT(nnx.Module):
         return tuple(caches)
 
     def extend(
-        self, tokens: jax.Array, cache: KVCache, start: jax.Array | int = 0
-    ) -> tuple[jax.Array, KVCache]:
+        self, tokens: jax.Array, cache: _KVCache, start: jax.Array | int = 0
+    ) -> tuple[jax.Array, _KVCache]:
         r"""Logits of ``tokens`` ``(B, T)`` placed at positions ``start .. start + T - 1``, given
         the keys and values of positions ``< start`` in ``cache`` (from :meth:`init_cache` and
         earlier calls): incremental decoding with a key/value cache.
